@@ -1,0 +1,169 @@
+"""The Python API: ``remap.load`` and ``remap.plan``. The CLI is a thin shell over these.
+
+>>> import torch, remap
+>>> model = torch.nn.Linear(4, 2)
+>>> ckpt = {"module.weight": torch.ones(2, 4), "module.bias": torch.zeros(2)}
+>>> report = remap.load(model, ckpt, rules={"version": 1, "rules": [{"strip_prefix": "module."}]})
+>>> report.ok, report.totals.loaded
+(True, 2)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import CheckError, UsageError
+from .planner import Plan, make_plan
+from .rules import Rules, load_rules, parse_rules
+
+if TYPE_CHECKING:
+    import torch
+
+    from .report import Report
+    from .sources import Source
+
+__all__ = ["load", "plan", "resolve_rules", "build_target", "open_rules_source"]
+
+def resolve_rules(rules: Any) -> Rules:
+    """A path (str or PathLike), a dict, :class:`Rules`, or None (no steps: names must match)."""
+    if rules is None:
+        return parse_rules({"version": 1})
+    if isinstance(rules, Rules):
+        return rules
+    if isinstance(rules, Mapping):
+        return parse_rules(rules)
+    if isinstance(rules, os.PathLike) or (isinstance(rules, str) and "\n" not in rules):
+        return load_rules(rules)
+    if isinstance(rules, str):
+        return parse_rules(rules)
+    raise UsageError(f"rules: expected a path, a dict or Rules, found {type(rules).__name__}")
+
+
+def build_target(model: Any, rules: Rules) -> Any:
+    """The module (or metadata mapping) to plan for: ``model`` when given, else ``target.model``."""
+    if model is not None:
+        return model
+    if rules.target.model is None:
+        raise UsageError("no target: pass a module, give --target, or set target.model in the rules")
+    from .factories import build
+
+    return build(rules.target.model, rules.target.args, dict(rules.target.kwargs), what="target.model")
+
+
+def open_rules_source(source: Any, rules: Rules, *, key: str | None = None, trust_pickle: bool | None = None) -> Source:
+    """Open ``source`` (path, state_dict, metadata mapping, Source), else the rules' ``source``."""
+    from .sources import Source, open_source
+
+    if isinstance(source, Source):
+        return source
+    spec = rules.source
+    key = key if key is not None else spec.key
+    trust = spec.trust_pickle if trust_pickle is None else trust_pickle
+    base_dir = None  # a path given by the caller is relative to the working directory
+    if source is None:
+        base_dir = rules.base_dir  # a path written in the rules is relative to the rules file
+        if spec.path is not None:
+            source = spec.path
+        elif spec.model is not None:
+            source = {"model": spec.model, "args": list(spec.args), "kwargs": dict(spec.kwargs)}
+        else:
+            raise UsageError("no source: pass one, give --source, or set source.path in the rules")
+    return open_source(source, key=key, trust_pickle=trust, base_dir=base_dir)
+
+
+def plan(
+    model: torch.nn.Module | Mapping[str, Any] | None = None,
+    source: Any = None,
+    rules: Any = None,
+    *,
+    key: str | None = None,
+    trust_pickle: bool | None = None,
+) -> Plan:
+    """Plan a load without touching anything: ``model`` is a module or a mapping of key ->
+    shape; ``source`` a path, a state_dict, a mapping of key -> shape, or None for the
+    rules' ``source``. ``plan.report`` is the dry-run report; ``plan.apply(model)`` loads.
+    """
+    r = resolve_rules(rules)
+    target = build_target(model, r)
+    src = open_rules_source(source, r, key=key, trust_pickle=trust_pickle)
+    return _make(r, target, src)
+
+
+def _make(rules: Rules, target: Any, src: Source) -> Plan:
+    from .meta import target_meta_of_module
+
+    if isinstance(target, Mapping):
+        meta, description, bn = target, {"kind": "metadata", "keys": len(target)}, {}
+    elif hasattr(target, "state_dict") and hasattr(target, "named_modules"):
+        from .freeze import batchnorm_modules
+
+        cls = type(target)
+        meta = target_meta_of_module(target)
+        description = {"kind": "module", "class": f"{cls.__module__}.{cls.__qualname__}", "factory": rules.target.model}
+        bn = batchnorm_modules(target)
+    else:
+        raise UsageError(f"target: expected a torch.nn.Module or a mapping of key -> shape, found {type(target).__name__}")
+    return make_plan(rules, src.meta, meta, source_description=src.description, target_description=description,
+                     batchnorm_modules=bn, source_handle=src)  # fmt: skip
+
+
+def load(
+    model: torch.nn.Module | None = None,
+    source: Any = None,
+    rules: Any = None,
+    *,
+    dry_run: bool = False,
+    key: str | None = None,
+    trust_pickle: bool | None = None,
+    save: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | None = None,
+) -> Report:
+    """Plan, check, load with ``strict=False`` and freeze; returns the :class:`Report`.
+
+    Raises :class:`~remap.errors.CheckError` (its ``report`` says why) and leaves the
+    module untouched when any check fails. ``save``/``report`` (or the rules' ``output``)
+    write the loaded state_dict and the JSON report atomically.
+    """
+    r = resolve_rules(rules)
+    module = build_target(model, r)
+    if isinstance(module, Mapping):
+        raise UsageError("remap.load needs a module to load into; use remap.plan for a mapping of shapes")
+    report_path = _output(report, r.output.report, r)
+    save_path = _output(save, r.output.save, r)
+    src = open_rules_source(source, r, key=key, trust_pickle=trust_pickle)
+    try:
+        p = _make(r, module, src)
+        try:
+            result = p.apply(module, dry_run=dry_run)
+        except CheckError as exc:
+            if report_path:
+                _write_report(exc.report, report_path)
+            raise
+    finally:
+        src.close()
+    if save_path and not dry_run:
+        from .saving import save_state_dict
+
+        saved = save_state_dict(module, save_path)
+        result = result.replace(target={**result.target, "saved": saved})
+    if report_path:
+        _write_report(result, report_path)
+    return result
+
+
+def _output(given: str | os.PathLike[str] | None, from_rules: str | None, rules: Rules) -> Path | None:
+    if given is not None:
+        return Path(given)
+    if from_rules is None:
+        return None
+    path = Path(from_rules)
+    return path if path.is_absolute() or rules.base_dir is None else Path(rules.base_dir) / path
+
+
+def _write_report(report: Report, path: Path) -> None:
+    from .saving import write_text_atomic
+
+    write_text_atomic(path, report.to_json() + "\n")

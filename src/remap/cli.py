@@ -1,0 +1,144 @@
+"""The ``remap`` command: a thin shell over the Python API.
+
+Exit codes: 0 loaded (or planned) as declared; 1 a check failed; 2 bad rules or usage;
+3 unreadable source or target; 4 internal error (a bug); 130 interrupted.
+
+>>> main(["validate", "--help"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from . import __version__
+from .errors import CheckError, RemapError, UsageError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting, so main() owns every exit code."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}\n{self.format_usage().strip()}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="remap", description="Selective and transfer loading of PyTorch weights from a rules file.")
+    p.add_argument("--version", action="version", version=f"remap {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    a = sub.add_parser("apply", help="plan, check and load a rules file; print the report")
+    a.add_argument("rules", metavar="RULES.yaml")
+    a.add_argument("--source", metavar="PATH", help="checkpoint file or folder (overrides source in the rules)")
+    a.add_argument("--target", metavar="MODULE:CALLABLE", help="target factory (overrides target.model)")
+    a.add_argument("--key", metavar="A.B", help="where the weights sit inside a checkpoint dict")
+    a.add_argument("--trust-pickle", action="store_true", help="unpickle with weights_only=False: runs code from the file")
+    a.add_argument("--dry-run", action="store_true", help="plan and check only: read no tensor, touch no module")
+    a.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    a.add_argument("--save", metavar="FILE", help="write the loaded state_dict here (.safetensors, or .pt/.pth)")
+    a.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    a.add_argument("--explain", metavar="KEY", action="append", default=[], help="print the journey of a key (repeatable)")
+    a.add_argument("-v", "--verbose", action="store_true", help="show every key group")
+    a.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+
+    v = sub.add_parser("validate", help="check a rules file without loading anything")
+    v.add_argument("rules", metavar="RULES.yaml")
+
+    i = sub.add_parser("inspect", help="keys, shapes, dtypes and parameter counts of a checkpoint, as a tree")
+    i.add_argument("checkpoint", metavar="CHECKPOINT")
+    i.add_argument("--key", metavar="A.B", help="where the weights sit inside a checkpoint dict")
+    i.add_argument("--trust-pickle", action="store_true", help="unpickle with weights_only=False: runs code from the file")
+    i.add_argument("--depth", type=int, default=None, help="show the tree down to this depth")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code instead of exiting."""
+    out, err = sys.stdout, sys.stderr
+    try:
+        args = _parser().parse_args(argv)
+        return {"apply": _apply, "validate": _validate, "inspect": _inspect}[args.command](args, out)
+    except SystemExit as exc:  # --help and --version
+        return int(exc.code or 0)
+    except CheckError as exc:
+        _render(exc.report, out, args)
+        print(f"remap: {exc.message.splitlines()[0]}", file=err)
+        return exc.exit_code
+    except RemapError as exc:
+        print(f"remap: error: {exc}", file=err)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("remap: interrupted", file=err)
+        return 130
+    except Exception:  # a bug: say so, with the traceback that a bug report needs
+        import traceback
+
+        traceback.print_exc(file=err)
+        print("remap: internal error: this is a bug in remap; please report it with the command and rules file", file=err)
+        return 4
+
+
+def _apply(args: argparse.Namespace, out: TextIO) -> int:
+    from .api import load
+    from .rules import TargetSpec, load_rules
+
+    rules = load_rules(args.rules)
+    if args.target:
+        rules = dataclasses.replace(rules, target=TargetSpec(model=args.target))
+    if args.explain:
+        from .api import plan
+
+        p = plan(None, args.source, rules, key=args.key, trust_pickle=args.trust_pickle or None)
+        for key in args.explain:
+            print(p.explain(key), file=out)
+    report = load(None, args.source, rules, dry_run=args.dry_run, key=args.key,
+                  trust_pickle=args.trust_pickle or None, save=args.save, report=args.report)  # fmt: skip
+    _render(report, out, args)
+    return 0
+
+
+def _render(report: Any, out: TextIO, args: Any) -> None:
+    if getattr(args, "quiet", False):
+        return
+    if getattr(args, "json", False):
+        print(report.to_json(), file=out)
+        return
+    from .render import format_report, print_report
+
+    if out.isatty():
+        print_report(report, verbose=getattr(args, "verbose", False))
+    else:
+        print(format_report(report, verbose=getattr(args, "verbose", False)), file=out)
+
+
+def _validate(args: argparse.Namespace, out: TextIO) -> int:
+    from .rules import load_rules
+
+    rules = load_rules(args.rules)
+    print(f"{args.rules}: OK, version {rules.version}, {len(rules.steps)} step(s)", file=out)
+    for step in rules.steps:
+        optional = " (optional)" if step.optional else ""
+        print(f"  {step.index}. {step.summary()}{optional}", file=out)
+    return 0
+
+
+def _inspect(args: argparse.Namespace, out: TextIO) -> int:
+    import json
+
+    from .sources import open_source
+    from .tree import format_tree, inspect_source, tree_to_dict
+
+    with open_source(args.checkpoint, key=args.key, trust_pickle=args.trust_pickle) as src:
+        tree = inspect_source(src)
+    if args.json:
+        print(json.dumps(tree_to_dict(tree), indent=2), file=out)
+    else:
+        print(format_tree(tree, max_depth=args.depth), file=out)
+    return 0

@@ -1,0 +1,82 @@
+"""``Plan.explain(key)``: the journey of one key through the steps, as text.
+
+    target 'fc.weight' [10, 512] float32 parameter: loaded, trainable
+      from source 'module.fc.weight' [10, 512] float32
+        step 1 (strip_prefix 'module.'): -> 'fc.weight'
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import TYPE_CHECKING
+
+from .errors import UsageError
+from .report import DROPPED, DUPLICATE, SKIPPED, UNUSED, USED
+
+if TYPE_CHECKING:
+    from .planner import Plan
+
+__all__ = ["explain"]
+
+
+def explain(plan: Plan, key: str) -> str:
+    """Explain a source key, a target key, or both when the name is both."""
+    parts = []
+    if key in plan.target_meta:
+        parts.append(_explain_target(plan, key))
+    if key in plan.source_meta:
+        parts.append(_explain_source(plan, key, indent=""))
+    if not parts:
+        near = difflib.get_close_matches(key, [*plan.target_meta, *plan.source_meta], n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+        raise UsageError(f"{key!r} is neither a source nor a target key{hint}")
+    return "\n".join(parts)
+
+
+def _shape(shape: tuple[int, ...], dtype: str) -> str:
+    return f"{list(shape)} {dtype}"
+
+
+def _explain_target(plan: Plan, key: str) -> str:
+    rec = plan.report.target_record(key)
+    state = rec.status
+    if rec.trainable is not None:
+        state += ", trainable" if rec.trainable else ", frozen"
+    if rec.declared and rec.status not in ("loaded", "tied"):
+        state += " (allowed by expect.missing)"
+    lines = [f"target {key!r} {_shape(rec.shape, rec.dtype)} {rec.kind}: {state}"]
+    if rec.tied_to:
+        lines.append(f"  tied to {rec.tied_to!r}: loaded once, under that name")
+    for src in rec.sources:
+        lines.append(_explain_source(plan, src, indent="  ", prefix="from "))
+    if rec.status == "mismatched" and rec.source_shape is not None:
+        lines.append(f"  not written: the source has shape {list(rec.source_shape)}, the target {list(rec.shape)}")
+    if rec.status == "missing" and not rec.sources:
+        lines.append("  no source key reaches this name")
+    return "\n".join(lines)
+
+
+def _explain_source(plan: Plan, key: str, *, indent: str, prefix: str = "") -> str:
+    meta = plan.source_meta[key]
+    fate = plan.fates.get(key)
+    lines = [f"{indent}{prefix}source {key!r} {_shape(meta.shape, meta.dtype)}"]
+    summaries = {s.index: f"step {s.index} ({s.summary()})" for s in plan.rules.steps}
+    for step, after in fate.hops if fate else ():
+        lines.append(f"{indent}  {summaries[step]}: -> {after!r}")
+    lines.append(f"{indent}  => {_fate_words(fate, summaries)}")
+    return "\n".join(lines)
+
+
+def _fate_words(fate, summaries: dict[int, str]) -> str:  # type: ignore[no-untyped-def]
+    if fate is None or fate.fate == UNUSED:
+        final = fate.final if fate else None
+        return f"unused: no target key named {final!r}" if final else "unused"
+    if fate.fate == DROPPED:
+        return f"dropped by {summaries[fate.step]}"
+    if fate.fate == USED:
+        return f"loaded into {', '.join(map(repr, fate.targets))}"
+    if fate.fate == SKIPPED:
+        return f"not loaded: shape differs from target {', '.join(map(repr, fate.targets))}"
+    if fate.fate == DUPLICATE:
+        return f"duplicate of a tied parameter {', '.join(map(repr, fate.targets))}: checked equal, loaded once"
+    return fate.fate

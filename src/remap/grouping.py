@@ -1,0 +1,213 @@
+"""Folding long lists of dotted keys so that a person can read them.
+
+Two folds, the way fvcore prints ``backbone.conv1.{bias, weight}`` and transformers
+prints ``layers.{0...31}``:
+
+1. keys that differ only in their last component fold into ``prefix.{a, b}``;
+2. keys (or groups) that differ only in one integer component fold into
+   ``layers.{0..11}.attn.qkv.{bias, weight}``, but only when everything else is the
+   same for every index, so a folded line never claims a key that does not exist.
+
+>>> group_keys(["conv1.weight", "bn1.weight", "bn1.bias"])
+['conv1.weight', 'bn1.{bias, weight}']
+>>> group_keys(f"layers.{i}.attn.qkv.{p}" for i in range(12) for p in ("weight", "bias"))
+['layers.{0..11}.attn.qkv.{bias, weight}']
+
+Groups come out in the order their first key came in. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+__all__ = ["KeyGroup", "fold_keys", "group_keys", "group_counts", "format_indices"]
+
+# A component of a folded key: a literal name, or the sorted names it stands for.
+Segment = str | tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KeyGroup:
+    """One folded line: its ``text`` and the ``keys`` it stands for, in input order.
+
+    >>> fold_keys(["a.x", "a.y"])[0]
+    KeyGroup(text='a.{x, y}', keys=('a.x', 'a.y'))
+    """
+
+    text: str
+    keys: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
+class _Group:
+    segments: tuple[Segment, ...]
+    members: list[int]  # indices into the de-duplicated input, ascending
+    indexed: frozenset[int] = frozenset()  # positions of integer components; none for a key without dots
+
+
+def fold_keys(keys: Iterable[str]) -> list[KeyGroup]:
+    """Fold ``keys`` into groups, each with its text and the keys behind it.
+
+    >>> [(g.text, len(g)) for g in fold_keys(["stem.0.weight", "stem.1.weight", "head"])]
+    [('stem.{0, 1}.weight', 2), ('head', 1)]
+    """
+    unique = list(dict.fromkeys(keys))
+    groups = _fold_integers(_fold_leaves(unique))
+    groups.sort(key=lambda g: g.members[0])
+    return [
+        KeyGroup(unique[g.members[0]] if len(g.members) == 1 else _render(g.segments), tuple(unique[i] for i in g.members))
+        for g in groups
+    ]
+
+
+def group_keys(keys: Iterable[str]) -> list[str]:
+    """Fold dotted keys into readable groups (see the module docstring).
+
+    >>> group_keys(["layers.0.x", "layers.1.y"])   # not the same structure: no fold
+    ['layers.0.x', 'layers.1.y']
+    >>> group_keys(["blocks.0.w", "blocks.2.w", "blocks.5.w", "fc"])
+    ['blocks.{0, 2, 5}.w', 'fc']
+    """
+    return [g.text for g in fold_keys(keys)]
+
+
+def group_counts(keys: Iterable[str]) -> list[tuple[str, int]]:
+    """Each group's text with the number of keys it stands for.
+
+    >>> group_counts(["a.b", "a.c", "d"])
+    [('a.{b, c}', 2), ('d', 1)]
+    """
+    return [(g.text, len(g)) for g in fold_keys(keys)]
+
+
+def format_indices(indices: Iterable[int]) -> str:
+    """Integers as sorted runs: three or more in a row become ``first..last``.
+
+    >>> format_indices([7, 0, 1, 2, 3])
+    '0..3, 7'
+    >>> format_indices([0, 1, 4])
+    '0, 1, 4'
+    """
+    values = sorted(set(indices))
+    parts: list[str] = []
+    start = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[i - 1] + 1:
+            run = values[start:i]
+            if len(run) >= 3:
+                parts.append(f"{run[0]}..{run[-1]}")
+            else:
+                parts.extend(str(v) for v in run)
+            start = i
+    return ", ".join(parts)
+
+
+@lru_cache(maxsize=65536)
+def _is_index(name: str) -> bool:
+    """A component that is a canonical non-negative integer (``"07"`` is a name, not 7)."""
+    return name.isascii() and name.isdigit() and (name == "0" or name[0] != "0")
+
+
+def _name_order(name: str) -> tuple[int, int, str]:
+    return (0, int(name), "") if _is_index(name) else (1, 0, name)
+
+
+def _alternatives(names: Iterable[str]) -> Segment:
+    unique = sorted(set(names), key=_name_order)
+    return unique[0] if len(unique) == 1 else tuple(unique)
+
+
+def _fold_leaves(keys: Sequence[str]) -> list[_Group]:
+    """Fold keys that share everything but their last component."""
+    groups: list[_Group] = []
+    by_prefix: dict[str, tuple[_Group, list[str]]] = {}
+    for index, key in enumerate(keys):
+        prefix, dot, leaf = key.rpartition(".")
+        if not dot:
+            groups.append(_Group((key,), [index]))
+            continue
+        if prefix not in by_prefix:
+            by_prefix[prefix] = (_Group((), []), [])
+            groups.append(by_prefix[prefix][0])
+        group, leaves = by_prefix[prefix]
+        group.members.append(index)
+        leaves.append(leaf)
+    for prefix, (group, leaves) in by_prefix.items():
+        parts = prefix.split(".")
+        last = leaves[0] if len(leaves) == 1 else _alternatives(leaves)
+        group.segments = (*parts, last)
+        indexed = [i for i, part in enumerate(parts) if _is_index(part)]
+        if _index_segment(last):
+            indexed.append(len(parts))
+        group.indexed = frozenset(indexed)
+    return groups
+
+
+def _index_segment(segment: Segment) -> bool:
+    if isinstance(segment, str):
+        return _is_index(segment)
+    return all(_is_index(s) for s in segment)
+
+
+def _fold_integers(groups: list[_Group]) -> list[_Group]:
+    """Fold groups that differ in one integer component only, innermost first, until stable."""
+    changed = True
+    while changed:
+        changed = False
+        positions = set().union(*(g.indexed for g in groups))
+        for pos in sorted(positions, reverse=True):
+            groups, folded = _fold_at(groups, pos)
+            changed = changed or folded
+    return groups
+
+
+def _fold_at(groups: list[_Group], pos: int) -> tuple[list[_Group], bool]:
+    buckets: dict[tuple[int, tuple[Segment, ...], tuple[Segment, ...]], list[_Group]] = {}
+    out: list[_Group] = []
+    for group in groups:
+        segs = group.segments
+        if pos not in group.indexed:
+            out.append(group)
+            continue
+        signature = (len(segs), segs[:pos], segs[pos + 1 :])
+        bucket = buckets.setdefault(signature, [])
+        if not bucket:
+            out.append(group)  # placeholder: the bucket's first group stands for the fold
+        bucket.append(group)
+    folded = False
+    for bucket in buckets.values():
+        if len(bucket) > 1:
+            _merge_into_first(bucket, pos)
+            folded = True
+    return out, folded
+
+
+def _merge_into_first(bucket: list[_Group], pos: int) -> None:
+    first = bucket[0]
+    names: list[str] = []
+    members: list[int] = []
+    for group in bucket:
+        seg = group.segments[pos]
+        names.extend((seg,) if isinstance(seg, str) else seg)
+        members.extend(group.members)
+    segs = list(first.segments)
+    segs[pos] = _alternatives(names)
+    first.segments = tuple(segs)
+    first.members = sorted(members)
+
+
+def _render_segment(segment: Segment) -> str:
+    if isinstance(segment, str):
+        return segment
+    if all(_is_index(s) for s in segment):
+        return "{" + format_indices(int(s) for s in segment) + "}"
+    return "{" + ", ".join(segment) + "}"
+
+
+def _render(segments: tuple[Segment, ...]) -> str:
+    return ".".join(_render_segment(s) for s in segments)

@@ -1,0 +1,201 @@
+"""Key patterns (regexes from the ``regex`` package) and rename templates.
+
+Patterns are compiled once and cached; a rename replacement is parsed once into a
+:class:`Template` that can add integers to captured indices.
+
+>>> t = Template.parse(r"conv\\1.", compile_regex(r"^encoder\\.(\\d+)\\."), add={1: 1})
+>>> t.sub(compile_regex(r"^encoder\\.(\\d+)\\."), "encoder.0.weight")
+'conv1.weight'
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import regex
+
+__all__ = ["quote", "compile_regex", "PatternError", "Template", "CaptureError", "REGEX_TIMEOUT"]
+
+REGEX_TIMEOUT = 1.0  # seconds one match may take before the pattern is called catastrophic
+
+
+def quote(text: str) -> str:
+    """Quote a pattern for a message without doubling its backslashes: ``'^fc\\.'``."""
+    return f"'{text}'"
+
+
+def quotes(texts: Any) -> str:
+    return ", ".join(quote(t) for t in texts)
+
+
+class PatternError(ValueError):
+    """A pattern or template is invalid; the caller adds file/step context."""
+
+
+class CaptureError(ValueError):
+    """A captured group cannot take part in index arithmetic (not an integer)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_regex(pattern: str) -> regex.Pattern[str]:
+    """Compile ``pattern`` (cached). Raises :class:`PatternError` saying what is wrong and where."""
+    try:
+        return regex.compile(pattern)
+    except regex.error as exc:
+        pos = f" at position {exc.pos}" if getattr(exc, "pos", None) is not None else ""
+        raise PatternError(f"bad regex '{pattern}': {exc.msg}{pos}") from None
+
+
+def search(compiled: regex.Pattern[str], key: str) -> regex.Match[str] | None:
+    """``compiled.search(key)`` with a timeout, so a catastrophic pattern fails instead of hanging."""
+    try:
+        return compiled.search(key, timeout=REGEX_TIMEOUT)
+    except TimeoutError:
+        raise PatternError(
+            f"regex '{compiled.pattern}' took more than {REGEX_TIMEOUT}s on key '{key}' (catastrophic backtracking?)"
+        ) from None
+
+
+# A template is a tuple of parts: str literals and int/str group references.
+Part = str | int
+
+
+@dataclass(frozen=True)
+class Template:
+    """A parsed replacement: literals and group references, plus integers to add to groups."""
+
+    text: str
+    parts: tuple[tuple[str, Any], ...]
+    add: tuple[tuple[Any, int], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str, compiled: regex.Pattern[str], add: Mapping[Any, int] | None = None) -> Template:
+        """Parse ``\\1``, ``\\g<1>`` and ``\\g<name>`` references; check them against the pattern."""
+        parts = _parse_parts(text)
+        used = set()
+        for kind, ref in parts:
+            if kind == "group":
+                used.add(_check_group(ref, compiled, f"replacement '{text}'"))
+        shifts = []
+        for ref, delta in (add or {}).items():
+            ref = int(ref) if isinstance(ref, str) and _is_number(ref) else ref
+            if _check_group(ref, compiled, "add") not in used:
+                raise PatternError(f"add changes group {_show(ref)}, which replacement '{text}' does not use")
+            shifts.append((ref, delta))
+        return cls(text, tuple(parts), tuple(shifts))
+
+    def expand(self, match: regex.Match[str]) -> str:
+        """The replacement for one match; raises :class:`CaptureError` for arithmetic on a non-integer."""
+        shifted: dict[Any, str] = {}
+        for ref, delta in self.add:
+            captured = match.group(ref)
+            if captured is None:
+                raise CaptureError(f"group {_show(ref)} took no part in the match, so there is no integer to add {delta} to")
+            if not _is_number(captured):
+                raise CaptureError(f"group {_show(ref)} captured '{captured}', which is not a non-negative integer")
+            value = int(captured) + delta
+            if value < 0:
+                raise CaptureError(f"group {_show(ref)} captured {captured}; adding {delta} gives {value} < 0")
+            shifted[ref] = str(value)
+            shifted[_other_name(ref, match)] = str(value)
+        out = []
+        for kind, value in self.parts:
+            if kind == "text":
+                out.append(value)
+            else:
+                out.append(shifted[value] if value in shifted else (match.group(value) or ""))
+        return "".join(out)
+
+    def sub(self, compiled: regex.Pattern[str], key: str) -> str:
+        """Replace every match of ``compiled`` in ``key``."""
+        try:
+            return compiled.sub(self.expand, key, timeout=REGEX_TIMEOUT)
+        except TimeoutError:
+            raise PatternError(f"regex '{compiled.pattern}' took more than {REGEX_TIMEOUT}s on key '{key}'") from None
+
+
+def _other_name(ref: Any, match: regex.Match[str]) -> Any:
+    """The index of a named group or the name of an indexed one, so either reference sees an addition."""
+    index = match.re.groupindex
+    if isinstance(ref, str):
+        return index.get(ref, ref)
+    return next((name for name, i in index.items() if i == ref), ref)
+
+
+def _is_number(text: str) -> bool:
+    """Only ASCII digits: ``str.isdigit`` also accepts '²', which ``int`` refuses."""
+    return text.isascii() and text.isdigit()
+
+
+def _show(ref: Any) -> str:
+    return str(ref) if isinstance(ref, int) else f"'{ref}'"
+
+
+def _check_group(ref: Any, compiled: regex.Pattern[str], what: str) -> int:
+    """The index of group ``ref`` (a number or a name) in ``compiled``; ``what`` refers to it in the error."""
+    if isinstance(ref, int) and not isinstance(ref, bool):
+        if not 0 <= ref <= compiled.groups:
+            raise PatternError(
+                f"{what} refers to group {ref}, but pattern '{compiled.pattern}' has {compiled.groups} group(s)"
+            )
+        return ref
+    if isinstance(ref, str) and _is_number(ref):
+        return _check_group(int(ref), compiled, what)
+    if ref not in compiled.groupindex:
+        names = ", ".join(compiled.groupindex) or "none"
+        raise PatternError(
+            f"{what} refers to group {_show(ref)}, but pattern '{compiled.pattern}' has no such group (named groups: {names})"
+        )
+    return compiled.groupindex[ref]
+
+
+def _parse_parts(text: str) -> list[tuple[str, Any]]:
+    parts: list[tuple[str, Any]] = []
+    literal: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch != "\\":
+            literal.append(ch)
+            i += 1
+            continue
+        nxt = text[i + 1 : i + 2]
+        if nxt == "\\":
+            literal.append("\\")
+            i += 2
+        elif nxt and nxt in "0123456789":
+            j = i + 1
+            while j < len(text) and j < i + 3 and text[j] in "0123456789":
+                j += 1
+            _flush(parts, literal)
+            parts.append(("group", int(text[i + 1 : j])))
+            i = j
+        elif nxt == "g" and text[i + 2 : i + 3] == "<":
+            end = text.find(">", i + 3)
+            if end < 0:
+                raise PatternError(f"replacement '{text}': unterminated \\g<...> at position {i}")
+            name = text[i + 3 : end]
+            _flush(parts, literal)
+            parts.append(("group", int(name) if _is_number(name) else name))
+            i = end + 1
+        elif not nxt:
+            raise PatternError(
+                f"replacement '{text}' ends with a lone backslash: write \\\\ for a backslash, "
+                f"\\1 or \\g<name> for a group"
+            )
+        else:
+            raise PatternError(
+                f"replacement '{text}' has the escape '{ch + nxt}' at position {i}: "
+                f"replacements are plain text with \\1 or \\g<name> references (write '{nxt}', not '{ch + nxt}')"
+            )
+    _flush(parts, literal)
+    return parts
+
+
+def _flush(parts: list[tuple[str, Any]], literal: list[str]) -> None:
+    if literal:
+        parts.append(("text", "".join(literal)))
+        literal.clear()

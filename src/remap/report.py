@@ -1,0 +1,240 @@
+"""The account of one load (or dry run): what happened to every target and source key.
+
+A :class:`Report` is plain data: frozen records, ``to_dict()`` / ``to_json()`` in the
+versioned schema documented in ``docs/report.md`` (and ``remap/report.schema.json``),
+and no printing. ``remap.render`` draws it for a terminal.
+
+>>> r = Report.empty(dry_run=True)
+>>> r.ok, r.to_dict()["schema"]
+(True, 1)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+__all__ = [
+    "REPORT_SCHEMA_VERSION",
+    "TargetRecord",
+    "SourceRecord",
+    "StepRecord",
+    "Failure",
+    "Totals",
+    "FreezeRecord",
+    "Report",
+]
+
+REPORT_SCHEMA_VERSION = 1
+
+# Target statuses
+LOADED = "loaded"  # written from the source
+MISSING = "missing"  # no source key reaches it: keeps its initial value
+MISMATCHED = "mismatched"  # a source key reaches it with another shape: not written
+TIED = "tied"  # an alias of a tied parameter that is loaded under its first name
+
+# Source fates
+USED = "used"
+DROPPED = "dropped"
+UNUSED = "unused"
+SKIPPED = "skipped"  # reached a target key with another shape (shapes: skip / error)
+DUPLICATE = "duplicate"  # a second copy of a tied parameter, checked equal instead of loaded
+
+
+@dataclass(frozen=True)
+class TargetRecord:
+    """One key of the target state_dict.
+
+    ``declared`` is true when a key that is not loaded is allowed by ``expect.missing``.
+    ``trainable`` is ``None`` for buffers, else whether the parameter has requires_grad
+    after freezing.
+    """
+
+    key: str
+    status: str
+    shape: tuple[int, ...]
+    dtype: str
+    kind: str
+    numel: int
+    sources: tuple[str, ...] = ()
+    steps: tuple[str, ...] = ()
+    ops: tuple[str, ...] = ()
+    source_shape: tuple[int, ...] | None = None
+    source_dtype: str | None = None
+    declared: bool = False
+    trainable: bool | None = None
+    tied_to: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One tensor of the source: ``fate`` is used, dropped, unused, skipped or duplicate.
+
+    ``final_key`` is its name after the last step (for an unused key: the name that
+    found no target); ``step`` is the 1-based step that dropped it.
+    """
+
+    key: str
+    fate: str
+    shape: tuple[int, ...]
+    dtype: str
+    targets: tuple[str, ...] = ()
+    final_key: str | None = None
+    step: int | None = None
+    step_kind: str | None = None
+    declared: bool = False
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step of the rules pipeline and how many keys it matched."""
+
+    index: int
+    kind: str
+    summary: str
+    matched: int
+    optional: bool = False
+    patterns: tuple[tuple[str, int], ...] = ()
+    where: str | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A check that failed: ``kind`` is one of ``FAILURE_KINDS``; ``keys`` are the keys it names."""
+
+    kind: str
+    message: str
+    keys: tuple[str, ...] = ()
+
+
+FAILURE_KINDS = (
+    "unmatched_step",  # a step (or one of its patterns) matched no key
+    "collision",  # two source keys end on one target key
+    "bad_capture",  # rename arithmetic on a group that is not an integer
+    "op",  # a tensor op cannot apply to a key's shape
+    "shape_mismatch",  # a mapped key's shape differs from the target's (shapes: error)
+    "missing",  # target keys not loaded and not in expect.missing
+    "unused",  # source keys reaching no target and not in expect.unused
+    "min_loaded",  # the loaded share of parameter elements is below expect.min_loaded
+    "freeze",  # a freeze pattern matched nothing, or batchnorm cannot apply
+    "tied_conflict",  # two source tensors for one tied parameter differ
+)
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Counts in keys and in parameter elements (parameters only, buffers excluded)."""
+
+    target_keys: int = 0
+    loaded: int = 0
+    missing: int = 0
+    mismatched: int = 0
+    source_keys: int = 0
+    used: int = 0
+    dropped: int = 0
+    unused: int = 0
+    param_elements: int = 0
+    loaded_elements: int = 0
+    frozen_elements: int = 0
+    trainable_elements: int = 0
+    frozen_params: int = 0
+    trainable_params: int = 0
+
+    @property
+    def loaded_fraction(self) -> float:
+        return self.loaded_elements / self.param_elements if self.param_elements else 1.0
+
+
+@dataclass(frozen=True)
+class FreezeRecord:
+    """What ``freeze`` did: BatchNorm mode and the BatchNorm modules it applied to."""
+
+    batchnorm: str = "keep"
+    batchnorm_modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Report:
+    """The full account of one apply or dry run. ``ok`` is true iff ``failures`` is empty."""
+
+    dry_run: bool
+    source: dict[str, Any] = field(default_factory=dict)
+    target: dict[str, Any] = field(default_factory=dict)
+    rules: str | None = None
+    steps: tuple[StepRecord, ...] = ()
+    targets: tuple[TargetRecord, ...] = ()
+    sources: tuple[SourceRecord, ...] = ()
+    failures: tuple[Failure, ...] = ()
+    warnings: tuple[str, ...] = ()
+    totals: Totals = field(default_factory=Totals)
+    freeze: FreezeRecord = field(default_factory=FreezeRecord)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @classmethod
+    def empty(cls, *, dry_run: bool) -> Report:
+        return cls(dry_run=dry_run)
+
+    def target_record(self, key: str) -> TargetRecord:
+        """The record of one target key (KeyError when it is not a target key)."""
+        for rec in self.targets:
+            if rec.key == key:
+                return rec
+        raise KeyError(key)
+
+    def source_record(self, key: str) -> SourceRecord:
+        """The record of one source key (KeyError when it is not a source key)."""
+        for rec in self.sources:
+            if rec.key == key:
+                return rec
+        raise KeyError(key)
+
+    def keys_with(self, status: str) -> list[str]:
+        """Target keys with the given status, in target order."""
+        return [r.key for r in self.targets if r.status == status]
+
+    def replace(self, **changes: Any) -> Report:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (schema version ``REPORT_SCHEMA_VERSION``, see docs/report.md)."""
+        totals = asdict(self.totals)
+        totals["loaded_fraction"] = self.totals.loaded_fraction
+        return {
+            "schema": REPORT_SCHEMA_VERSION,
+            "ok": self.ok,
+            "dry_run": self.dry_run,
+            "rules": self.rules,
+            "source": self.source,
+            "target": self.target,
+            "totals": totals,
+            "failures": [asdict(f) for f in self.failures],
+            "warnings": list(self.warnings),
+            "steps": [_step_dict(s) for s in self.steps],
+            "freeze": asdict(self.freeze),
+            "targets": {r.key: _without_key(asdict(r)) for r in self.targets},
+            "sources": {r.key: _without_key(asdict(r)) for r in self.sources},
+        }
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=_jsonable)
+
+
+def _without_key(d: dict[str, Any]) -> dict[str, Any]:
+    d.pop("key")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _step_dict(step: StepRecord) -> dict[str, Any]:
+    d = asdict(step)
+    d["patterns"] = [{"pattern": p, "matched": n} for p, n in step.patterns]
+    return d
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value)

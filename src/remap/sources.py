@@ -1,0 +1,844 @@
+"""Reading sources: names, shapes and dtypes first, tensor data one key at a time.
+
+:func:`open_source` accepts a checkpoint path (torch.save file, safetensors file, sharded
+``*.index.json`` or a folder holding one), an in-memory state_dict, a mapping of key ->
+shape (metadata only), or a model factory ``{"model": "module.path:callable"}``. The
+:class:`Source` it returns gives the planner ``meta`` without reading any tensor data;
+the engine then calls :meth:`Source.read` for each key it needs.
+
+>>> import torch
+>>> src = open_source({"fc.weight": torch.zeros(2, 3)})
+>>> src.meta
+{'fc.weight': TensorMeta(shape=(2, 3), dtype='float32')}
+>>> src.read("fc.weight").shape
+torch.Size([2, 3])
+
+Every failure is a :class:`~remap.errors.SourceError` (exit code 3) whose message names
+the file (and key) and says what was found and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import SourceError, TargetError, UsageError
+from .factories import build, describe_call
+from .meta import TensorMeta, meta_of_tensor, source_meta
+
+__all__ = ["Source", "open_source", "CANDIDATE_KEYS", "FOLDER_FILES", "ACCEPTED_FORMATS"]
+
+#: Names under which checkpoints commonly nest their weights, searched two levels deep.
+CANDIDATE_KEYS = (
+    "state_dict", "model", "model_state", "model_state_dict", "module", "ema", "model_ema",
+    "state_dict_ema", "net", "network", "params", "weights",
+)  # fmt: skip
+#: What a folder is searched for, in order.
+FOLDER_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+ACCEPTED_FORMATS = (
+    "a torch.save file (.pt .pth .bin .ckpt .tar), a .safetensors file, "
+    "a sharded *.safetensors.index.json or *.bin.index.json, or a folder holding one"
+)
+_TRUST_HINT = "`source.trust_pickle: true` in the rules or `--trust-pickle` on the command line"
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "C64": "complex64", "C128": "complex128",
+}  # fmt: skip
+_FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_SHORT = 80  # longest repr kept in description["entries"]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _describe(kind: str, **fields: Any) -> dict[str, Any]:
+    """The description every source carries, with every field present."""
+    out: dict[str, Any] = {
+        "kind": kind, "path": None, "format": None, "key": None, "key_detected": False,
+        "files": 0, "factory": None, "entries": {}, "notes": [], "folder": None,
+    }  # fmt: skip
+    out.update(fields)
+    return out
+
+
+def _did_you_mean(name: str, options: Any) -> str:
+    """``"; did you mean 'fc.weight'?"`` or ``""``."""
+    matches = difflib.get_close_matches(name, [str(o) for o in options], n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(repr(m) for m in matches)}?" if matches else ""
+
+
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    """``_plural(1, "tensor")`` -> ``"1 tensor"``; ``_plural(3, "entry", "entries")`` -> ``"3 entries"``."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _tensor_meta(tensor: torch.Tensor) -> TensorMeta:
+    """TensorMeta of a tensor; dtypes the planner does not know keep torch's name."""
+    try:
+        return meta_of_tensor(tensor)
+    except UsageError:
+        return TensorMeta(tuple(int(d) for d in tensor.shape), str(tensor.dtype).removeprefix("torch."))
+
+
+def _count_tensors(value: Any, depth: int = 0) -> int:
+    if isinstance(value, torch.Tensor):
+        return 1
+    if isinstance(value, torch.nn.Module):
+        return len(value.state_dict())
+    if depth >= 4:
+        return 0
+    if isinstance(value, Mapping):
+        return sum(_count_tensors(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_count_tensors(v, depth + 1) for v in value)
+    return 0
+
+
+def _short(value: Any) -> str:
+    """A bounded, JSON-able summary of a non-weights checkpoint entry.
+
+    >>> _short({"lr": 0.1})
+    "{'lr': 0.1}"
+    """
+    if isinstance(value, torch.Tensor):
+        return f"tensor {list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, torch.nn.Module):
+        return f"{type(value).__name__} module, {_plural(_count_tensors(value), 'tensor')}"
+    if isinstance(value, (Mapping, list, tuple)):
+        n = _count_tensors(value)
+        if n:
+            return f"{type(value).__name__} of {_plural(len(value), 'entry', 'entries')}, {_plural(n, 'tensor')}"
+    text = repr(value)
+    return text if len(text) <= _SHORT else text[: _SHORT - 1] + "…"
+
+
+def _kind_of(value: Any) -> str:
+    """``"int"``, ``"dict, 62 tensors"``: an entry's type as error messages list it."""
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    n = _count_tensors(value) if isinstance(value, (Mapping, list, tuple, torch.nn.Module)) else 0
+    return f"{type(value).__name__}, {_plural(n, 'tensor')}" if n else type(value).__name__
+
+
+def _list_entries(mapping: Mapping[Any, Any], limit: int = 12) -> str:
+    items = [f"{k!r} ({_kind_of(v)})" for k, v in list(mapping.items())[:limit]]
+    more = f" and {len(mapping) - limit} more" if len(mapping) > limit else ""
+    return ", ".join(items) + more if items else "nothing"
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+# ---------------------------------------------------------------------------- nesting
+
+
+def _as_mapping(value: Any) -> Any:
+    """A pickled module stands for its state_dict; anything else is itself."""
+    return value.state_dict() if isinstance(value, torch.nn.Module) else value
+
+
+def _is_weights(value: Any) -> bool:
+    """A dict holding tensors, and nothing else but ``*_extra_state`` entries."""
+    value = _as_mapping(value)
+    if not isinstance(value, Mapping) or not value:
+        return False
+    has_tensor = False
+    for k, v in value.items():
+        if isinstance(v, torch.Tensor):
+            has_tensor = True
+        elif not (isinstance(k, str) and k.endswith("_extra_state")):
+            return False
+    return has_tensor
+
+
+def _candidates(obj: Mapping[Any, Any]) -> list[list[str]]:
+    """Paths (one or two keys) to dicts of tensors under the usual names."""
+    found: list[list[str]] = []
+    for k, v in obj.items():
+        if k in CANDIDATE_KEYS and _is_weights(v):
+            found.append([k])
+            continue
+        inner = _as_mapping(v)
+        if isinstance(inner, Mapping):
+            found += [[k, k2] for k2, v2 in inner.items() if k2 in CANDIDATE_KEYS and _is_weights(v2)]
+    return found
+
+
+def _walk(obj: Any, parts: Sequence[str]) -> Any:
+    for part in parts:
+        obj = _as_mapping(obj)[part]
+    return _as_mapping(obj)
+
+
+def _follow_key(obj: Mapping[Any, Any], key: str) -> list[str]:
+    """The entries that ``key`` ("a.b") names; an entry may itself contain dots."""
+    parts, taken, cur, i = key.split("."), [], obj, 0
+    while i < len(parts):
+        cur = _as_mapping(cur)
+        if not isinstance(cur, Mapping):
+            raise SourceError(
+                f"source.key {key!r}: {'.'.join(taken)!r} holds a {type(cur).__name__}, not a dict, "
+                f"so it has no entry {parts[i]!r}"
+            )
+        for j in range(len(parts), i, -1):
+            name = ".".join(parts[i:j])
+            if name in cur:
+                break
+        else:
+            at = f"under {'.'.join(taken)!r}" if taken else "at the top level"
+            raise SourceError(
+                f"source.key {key!r}: no entry {parts[i]!r} {at}; found {_list_entries(cur)}"
+                f"{_did_you_mean(parts[i], cur.keys())}"
+            )
+        taken.append(name)
+        cur, i = cur[name], j
+    return taken
+
+
+def _locate(obj: Any, key: str | None) -> tuple[Mapping[Any, Any], list[str], bool]:
+    """Find the weights dict in a loaded checkpoint: (weights, path taken, auto-detected).
+
+    >>> import torch
+    >>> _locate({"model": {"w": torch.ones(1)}, "epoch": 3}, None)[1:]
+    (['model'], True)
+    """
+    top = _as_mapping(obj)
+    if not isinstance(top, Mapping):
+        raise SourceError(
+            f"holds a {type(obj).__name__}, expected a dict of tensors (a state_dict) or a checkpoint dict holding one"
+        )
+    if key is not None:
+        parts = _follow_key(top, key)
+        weights = _walk(top, parts)
+        if not isinstance(weights, Mapping):
+            raise SourceError(f"source.key {key!r} holds a {type(weights).__name__}, expected a dict of tensors")
+        if not any(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise SourceError(
+                f"source.key {key!r} holds a dict with no tensors directly in it; found {_list_entries(weights)}"
+            )
+        return weights, parts, False
+    if _is_weights(top):
+        return top, [], False
+    found = _candidates(top)
+    if len(found) == 1:
+        return _walk(top, found[0]), found[0], True
+    if found:
+        names = [f"{'.'.join(p)!r} ({_plural(len(_tensors_meta(_walk(top, p))), 'tensor')})" for p in found]
+        raise SourceError(
+            f"the checkpoint holds several sets of weights: {', '.join(names[:-1])} and {names[-1]}; "
+            f"say which to load with `source.key` (e.g. `key: {'.'.join(found[0])}`)"
+        )
+    if not top:
+        raise SourceError("the checkpoint is an empty dict: it holds no tensors")
+    best = max(top, key=lambda k: _count_tensors(top[k]))
+    example = f" (e.g. `key: {best}`)" if _count_tensors(top[best]) else ""
+    raise SourceError(
+        f"no weights found: no entry named {', '.join(CANDIDATE_KEYS)} (searched two levels deep) is a dict "
+        f"of tensors; the checkpoint's top-level entries are {_list_entries(top)}. "
+        f"Say where the weights are with `source.key`{example}"
+    )
+
+
+def _entries(obj: Any, parts: Sequence[str]) -> dict[str, str]:
+    """Short reprs of the checkpoint's top-level entries that are not the weights."""
+    top = _as_mapping(obj)
+    if not isinstance(top, Mapping):
+        return {}
+    if not parts:
+        return {str(k): _short(v) for k, v in top.items() if not isinstance(v, torch.Tensor)}
+    return {str(k): _short(v) for k, v in top.items() if k != parts[0]}
+
+
+def _tensors_meta(weights: Mapping[Any, Any]) -> dict[str, TensorMeta]:
+    return {str(k): _tensor_meta(v) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+
+
+# ---------------------------------------------------------------------------- Source
+
+
+class Source:
+    """Tensor metadata of a source, and its tensors one at a time.
+
+    ``meta`` maps every tensor key to its :class:`TensorMeta`, in file order;
+    ``description`` says what was opened (JSON-able). Use as a context manager or call
+    :meth:`close` to release open files.
+
+    >>> with open_source({"w": ([2], "float16")}) as src:
+    ...     src.description["kind"], src.meta["w"].dtype
+    ('metadata', 'float16')
+    """
+
+    def __init__(self, meta: dict[str, TensorMeta], description: dict[str, Any], where: str) -> None:
+        self.meta = meta
+        self.description = description
+        self._where = where
+
+    def read(self, key: str) -> torch.Tensor:
+        """Materialise the tensor ``key`` on the CPU."""
+        if key not in self.meta:
+            raise SourceError(
+                f"no tensor {key!r} in this source ({len(self.meta)} tensors){_did_you_mean(key, self.meta)}",
+                where=self._where,
+            )
+        return self._read(key)
+
+    def _read(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release open files and loaded data; ``meta`` stays usable."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        d = self.description
+        at = d["path"] or d["factory"] or "<memory>"
+        return f"<Source {d['kind']} {d['format'] or ''} {at} ({len(self.meta)} tensors)>".replace("  ", " ")
+
+
+class _StateDictSource(Source):
+    def __init__(self, tensors: Mapping[str, torch.Tensor], description: dict[str, Any]) -> None:
+        super().__init__(_tensors_meta(tensors), description, "source (state_dict)")
+        self._tensors = tensors
+
+    def _read(self, key: str) -> torch.Tensor:
+        tensor = self._tensors[key]
+        if tensor.device.type == "meta":
+            raise SourceError(f"tensor {key!r} is on the meta device: it has no data to load", where=self._where)
+        return tensor
+
+
+class _MetadataSource(Source):
+    def _read(self, key: str) -> torch.Tensor:
+        raise SourceError(
+            f"cannot read {key!r}: this source is metadata only (shapes and dtypes), it has no tensor data",
+            where=self._where,
+        )
+
+
+class _FactorySource(Source):
+    """A model built on the meta device for metadata, and for real on the first read."""
+
+    def __init__(self, spec: str | Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        self._call = (spec, list(args), dict(kwargs))
+        where = f"source.model {describe_call(spec, args, kwargs)}"
+        with torch.device("meta"):
+            state = self._state_dict()
+        name = spec if isinstance(spec, str) else describe_call(spec).removesuffix("()")
+        super().__init__(_tensors_meta(state), _describe("factory", factory=name), where)
+        self._state: dict[str, Any] | None = None
+
+    def _state_dict(self) -> dict[str, Any]:
+        spec, args, kwargs = self._call
+        try:
+            module = build(spec, args, kwargs, what="source.model")
+        except TargetError as exc:
+            raise SourceError(exc.message, where=exc.where) from exc.__cause__
+        if not callable(getattr(module, "state_dict", None)):
+            raise SourceError(
+                f"{describe_call(spec, args, kwargs)} returned a {type(module).__name__}, expected a torch.nn.Module",
+                where="source.model",
+            )
+        return dict(module.state_dict())
+
+    def _read(self, key: str) -> torch.Tensor:
+        if self._state is None:
+            state = self._state_dict()
+            real = _tensors_meta(state)
+            if real != self.meta:
+                diff = sorted(set(real.items()) ^ set(self.meta.items()))[:3]
+                raise SourceError(
+                    f"built for real, the model's state_dict differs from the one built on the meta device: {diff}",
+                    where=self._where,
+                )
+            self._state = state
+        return self._state[key]
+
+    def close(self) -> None:
+        self._state = None
+
+
+class _FileSource(Source):
+    """One or more files (shards); at most one of them holds open data at a time."""
+
+    def __init__(self, readers: dict[str, _Reader], meta: dict[str, TensorMeta], description: dict[str, Any],
+                 where: str) -> None:  # fmt: skip
+        super().__init__(meta, description, where)
+        self._owner = readers  # key -> reader of the file holding it
+        self._active: _Reader | None = None
+
+    def _read(self, key: str) -> torch.Tensor:
+        reader = self._owner[key]
+        if reader is not self._active:
+            if self._active is not None:
+                self._active.release()
+            self._active = reader
+        return reader.read(key)
+
+    def close(self) -> None:
+        if self._active is not None:
+            self._active.release()
+            self._active = None
+
+
+# ---------------------------------------------------------------------------- file readers
+
+
+class _Reader:
+    """One file: ``meta`` at construction, data on the first :meth:`read`."""
+
+    path: Path
+    meta: dict[str, TensorMeta]
+    entries: dict[str, str]
+
+    def read(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def _check_unchanged(self) -> None:
+        try:
+            now = _stamp(self.path)
+        except OSError as exc:
+            raise SourceError(f"cannot read it any more: {exc.strerror or exc}", where=str(self.path)) from None
+        if now != self._stamp:
+            raise SourceError("the file changed on disk since its metadata was read; plan again", where=str(self.path))
+
+    def _fail_read(self, key: str, exc: Exception) -> SourceError:
+        return SourceError(f"cannot read tensor {key!r}: {type(exc).__name__}: {_first_line(exc)}", where=str(self.path))
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str, str]]:
+    """Names, shapes and dtypes from a safetensors header, without touching tensor data."""
+    where, size = str(path), path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SourceError(f"truncated safetensors file: {size} bytes, too short for the 8-byte header length", where=where)
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            raise SourceError(
+                f"truncated or not a safetensors file: the header claims {length} bytes but only {size - 8} follow",
+                where=where,
+            )
+        raw = f.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"the safetensors header is not valid JSON: {exc}", where=where) from None
+    if not isinstance(header, dict):
+        raise SourceError(f"the safetensors header is a JSON {type(header).__name__}, expected an object", where=where)
+    extra = header.pop("__metadata__", None) or {}
+    meta, end = {}, 0
+    for key, info in header.items():
+        try:
+            code, shape, (start, stop) = info["dtype"], info["shape"], info["data_offsets"]
+            shape = tuple(int(d) for d in shape)
+            end = max(end, int(stop))
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(
+                f"tensor {key!r}: malformed header entry {info!r}, expected dtype, shape and data_offsets", where=where
+            ) from None
+        if code not in _SAFETENSORS_DTYPES:
+            raise SourceError(
+                f"tensor {key!r} has dtype {code!r}, which remap cannot read; known: {', '.join(_SAFETENSORS_DTYPES)}",
+                where=where,
+            )
+        meta[key] = TensorMeta(shape, _SAFETENSORS_DTYPES[code])
+    if 8 + length + end > size:
+        raise SourceError(f"truncated: the tensor data ends at byte {8 + length + end} but the file has {size} bytes", where=where)
+    entries = {str(k): _short(v) for k, v in extra.items()} if isinstance(extra, dict) else {}
+    return meta, entries
+
+
+def _open_safetensors(path: Path) -> Any:
+    """A ``safe_open`` handle on ``path`` (the only way tensor data is read)."""
+    from safetensors import safe_open
+
+    return safe_open(str(path), framework="pt", device="cpu")
+
+
+class _SafetensorsReader(_Reader):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp = _stamp(path)
+        self.meta, self.entries = _read_safetensors_header(path)
+        self._handle: Any = None
+
+    def read(self, key: str) -> torch.Tensor:
+        if self._handle is None:
+            self._check_unchanged()
+            try:
+                self._handle = _open_safetensors(self.path)
+            except Exception as exc:  # safetensors raises its own error types
+                raise self._fail_read(key, exc) from None
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as exc:
+            raise self._fail_read(key, exc) from None
+
+    def release(self) -> None:
+        self._handle = None
+
+
+class _PickleRefused(SourceError):
+    """torch.load(weights_only=True) refused the pickle; trust_pickle may override."""
+
+
+def _refused(path: Path, exc: BaseException) -> SourceError:
+    """The error for a pickle that ``torch.load(weights_only=True)`` refuses."""
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        what = f"it needs the global {found.group(1)!r}, which loading with weights_only=True does not allow"
+    else:
+        detail = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+        what = f"weights_only loading failed: {detail.group(1) if detail else _first_line(exc)}"
+    return _PickleRefused(
+        f"torch.load refused this pickle: {what}. Unpickling it could run arbitrary code. "
+        f"Only if you trust this file, opt in with {_TRUST_HINT}",
+        where=str(path),
+    )
+
+
+def _torch_load(path: Path, *, meta: bool, weights_only: bool, mmap: bool) -> Any:
+    """``torch.load`` with its failures turned into SourceError."""
+    options: dict[str, Any] = {"map_location": "meta"} if meta else {"map_location": "cpu", "mmap": mmap}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+            return torch.load(path, weights_only=weights_only, **options)
+    except (pickle.UnpicklingError, RuntimeError) as exc:
+        if weights_only and "Weights only load failed" in str(exc):
+            raise _refused(path, exc) from None
+        raise SourceError(f"torch.load cannot read it: {type(exc).__name__}: {_first_line(exc)}", where=str(path)) from None
+    except Exception as exc:  # EOFError, ModuleNotFoundError (trusted pickles), ...
+        raise SourceError(f"torch.load cannot read it: {type(exc).__name__}: {_first_line(exc)}", where=str(path)) from None
+
+
+class _TorchReader(_Reader):
+    """A torch.save file: metadata through a meta-device load, data through mmap."""
+
+    def __init__(self, path: Path, fmt: str, *, key: str | None, trust_pickle: bool) -> None:
+        self.path, self.format = path, fmt
+        self._stamp = _stamp(path)
+        self._weights_only = True
+        self.notes: list[str] = []
+        try:
+            obj = _torch_load(path, meta=True, weights_only=True, mmap=False)
+        except _PickleRefused:
+            if not trust_pickle:
+                raise
+            warnings.warn(
+                f"{path}: loaded with torch.load(weights_only=False) because trust_pickle is set; "
+                "unpickling runs code from the file",
+                UserWarning,
+                stacklevel=4,
+            )
+            self._weights_only = False
+            self.notes.append("trusted pickle: loaded with weights_only=False")
+            obj = _torch_load(path, meta=True, weights_only=False, mmap=False)
+        try:
+            weights, self.parts, self.detected = _locate(obj, key)
+        except SourceError as exc:
+            raise SourceError(exc.message, where=str(path)) from None
+        self.meta = _tensors_meta(weights)
+        self.entries = _entries(obj, self.parts)
+        if fmt == "torch-legacy":
+            self.notes.append("legacy torch.save format cannot be memory-mapped: the whole file is loaded on the first read")
+        self._tensors: Mapping[Any, Any] | None = None
+
+    def read(self, key: str) -> torch.Tensor:
+        if self._tensors is None:
+            self._check_unchanged()
+            obj = _torch_load(self.path, meta=False, weights_only=self._weights_only, mmap=self.format == "torch-zip")
+            try:
+                self._tensors = _walk(obj, self.parts)
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise self._fail_read(key, exc) from None
+        tensor = self._tensors.get(key) if isinstance(self._tensors, Mapping) else None
+        if not isinstance(tensor, torch.Tensor):
+            raise SourceError(f"cannot read tensor {key!r}: the loaded file holds {type(tensor).__name__} there", where=str(self.path))
+        return tensor
+
+    def release(self) -> None:
+        self._tensors = None
+
+
+class _TorchScriptReader(_Reader):
+    """A TorchScript archive, read with torch.jit.load (runs code: trusted only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # torch.jit raises many types
+            raise SourceError(f"torch.jit.load cannot read it: {type(exc).__name__}: {_first_line(exc)}", where=str(path)) from None
+        self._tensors = dict(module.state_dict())
+        self.meta = _tensors_meta(self._tensors)
+        self.entries = {}
+        self.notes = ["TorchScript archive: loaded with torch.jit.load (runs its code) because trust_pickle is set"]
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def release(self) -> None:
+        """The tensors were read at open: nothing to release."""
+
+
+# ---------------------------------------------------------------------------- formats
+
+
+def _sniff(path: Path) -> str:
+    """``"torch-zip"``, ``"torch-legacy"`` or ``"safetensors"`` from a file's first bytes."""
+    size = path.stat().st_size
+    if size == 0:
+        raise SourceError(f"the file is empty (0 bytes); expected {ACCEPTED_FORMATS}", where=str(path))
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5) or head[257:262] == b"ustar":
+        return "torch-legacy"
+    raise SourceError(
+        f"not a checkpoint remap can read: it starts with {head[:16]!r}, which is neither a zip archive "
+        f"(torch.save), a pickle (legacy torch.save) nor a safetensors header; expected {ACCEPTED_FORMATS}",
+        where=str(path),
+    )
+
+
+def _zip_kind(path: Path) -> str:
+    """``"torch-zip"`` or ``"torchscript"`` for a zip archive; SourceError for others."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise SourceError(f"looks like a torch.save zip archive but is truncated or corrupt ({exc})", where=str(path)) from None
+    inner = {name.split("/", 1)[-1] for name in names}
+    if "constants.pkl" in inner or any(name.startswith("code/") for name in inner):
+        return "torchscript"
+    if "data.pkl" not in inner:
+        raise SourceError(f"is a zip archive but not a torch.save checkpoint (no data.pkl in it); expected {ACCEPTED_FORMATS}", where=str(path))
+    return "torch-zip"
+
+
+def _open_reader(path: Path, *, key: str | None, trust_pickle: bool) -> tuple[_Reader, str]:
+    """Open one file by its content: (reader, format)."""
+    fmt = _sniff(path)
+    if fmt == "safetensors":
+        if key is not None:
+            raise SourceError(
+                f"source.key {key!r} applies only to torch.save checkpoints; a safetensors file holds its tensors "
+                "at the top level, so leave `key` out",
+                where=str(path),
+            )
+        return _SafetensorsReader(path), fmt
+    if fmt == "torch-zip" and _zip_kind(path) == "torchscript":
+        if not trust_pickle:
+            raise SourceError(
+                "is a TorchScript archive (torch.jit.save); reading it runs its code, so remap reads one only "
+                f"when you opt in with {_TRUST_HINT}. Better: save `model.state_dict()` with torch.save or "
+                "safetensors and load that",
+                where=str(path),
+            )
+        warnings.warn(f"{path}: TorchScript archive loaded with torch.jit.load because trust_pickle is set", UserWarning, stacklevel=3)
+        return _TorchScriptReader(path), "torchscript"
+    return _TorchReader(path, fmt, key=key, trust_pickle=trust_pickle), fmt
+
+
+def _resolve_folder(folder: Path) -> Path:
+    """The file in ``folder`` that holds the weights (see :data:`FOLDER_FILES`)."""
+    for name in FOLDER_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    for group in ([p for p in files if p.name.endswith(".index.json")], [p for p in files if p.suffix in WEIGHT_SUFFIXES]):
+        if len(group) == 1:
+            return group[0]
+        if group:
+            break
+    listing = ", ".join(p.name for p in files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
+    raise SourceError(
+        f"cannot tell which file in this folder holds the weights: found {listing or 'no files'}; expected one of "
+        f"{', '.join(FOLDER_FILES)}, or exactly one *.index.json, *.safetensors, *.pt, *.pth, *.bin or *.ckpt file",
+        where=str(folder),
+    )
+
+
+def _load_index(path: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """An index's shards in order of first appearance, each with its keys; other entries."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"not a valid JSON index: {exc}", where=str(path)) from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SourceError(
+            "not a sharded checkpoint index: expected a JSON object with a `weight_map` of tensor name -> shard file",
+            where=str(path),
+        )
+    shards: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        shards.setdefault(shard, []).append(key)
+    return shards, {str(k): _short(v) for k, v in data.items() if k != "weight_map"}
+
+
+def _open_index(path: Path, *, key: str | None, trust_pickle: bool, folder: Path | None) -> Source:
+    """A sharded checkpoint: only the shards' headers are read here."""
+    if key is not None:
+        raise SourceError(f"source.key {key!r} does not apply to a sharded checkpoint; leave `key` out", where=str(path))
+    shards, entries = _load_index(path)
+    owner: dict[str, _Reader] = {}
+    meta: dict[str, TensorMeta] = {}
+    formats, notes = set(), []
+    for shard, keys in shards.items():
+        shard_path = path.parent / shard
+        if not shard_path.is_file():
+            raise SourceError(
+                f"shard {shard!r} (holding {len(keys)} tensors, e.g. {keys[0]!r}) is missing: no file {shard_path}",
+                where=str(path),
+            )
+        try:
+            reader, fmt = _open_reader(shard_path, key=None, trust_pickle=trust_pickle)
+        except SourceError as exc:
+            raise SourceError(f"shard {shard!r}: {exc}", where=str(path)) from None
+        formats.add(fmt)
+        notes += [n for n in getattr(reader, "notes", []) if n not in notes]
+        for k in keys:
+            if k not in reader.meta:
+                raise SourceError(
+                    f"the weight_map puts {k!r} in shard {shard!r}, but that shard holds no such tensor"
+                    f"{_did_you_mean(k, reader.meta)}",
+                    where=str(path),
+                )
+            owner[k], meta[k] = reader, reader.meta[k]
+    fmt = "safetensors-index" if formats <= {"safetensors"} else "torch-index"
+    desc = _describe("file", path=str(path), format=fmt, files=len(shards), entries=entries, notes=notes,
+                     folder=str(folder) if folder else None)  # fmt: skip
+    return _FileSource(owner, meta, desc, str(path))
+
+
+def _open_path(path: Path, *, key: str | None, trust_pickle: bool) -> Source:
+    folder = None
+    if not path.exists():
+        raise SourceError(f"no such file or folder; expected {ACCEPTED_FORMATS}", where=str(path))
+    try:
+        if path.is_dir():
+            folder, path = path, _resolve_folder(path)
+        if path.name.endswith(".json"):
+            return _open_index(path, key=key, trust_pickle=trust_pickle, folder=folder)
+        reader, fmt = _open_reader(path, key=key, trust_pickle=trust_pickle)
+    except OSError as exc:  # permissions, a folder where a file was expected, I/O errors
+        raise SourceError(f"cannot read it: {exc.strerror or exc}", where=str(exc.filename or path)) from None
+    parts = getattr(reader, "parts", [])
+    desc = _describe(
+        "file", path=str(path), format=fmt, files=1, entries=reader.entries, notes=list(getattr(reader, "notes", [])),
+        key=".".join(parts) or None, key_detected=bool(getattr(reader, "detected", False)),
+        folder=str(folder) if folder else None,
+    )  # fmt: skip
+    return _FileSource(dict.fromkeys(reader.meta, reader), dict(reader.meta), desc, str(path))
+
+
+# ---------------------------------------------------------------------------- in memory
+
+
+def _is_factory(source: Mapping[Any, Any]) -> bool:
+    model = source.get("model")
+    return (isinstance(model, str) or (callable(model) and not isinstance(model, torch.nn.Module))) and set(
+        source
+    ) <= {"model", "args", "kwargs"}
+
+
+def _open_mapping(source: Mapping[Any, Any], key: str | None) -> Source:
+    values = list(source.values())
+    if key is None and all(isinstance(v, torch.Tensor) for v in values):
+        return _StateDictSource(source, _describe("state_dict"))
+    if key is None and not any(isinstance(v, (torch.Tensor, Mapping, torch.nn.Module)) for v in values):
+        return _MetadataSource(source_meta(source), _describe("metadata"), "source (metadata)")
+    try:
+        weights, parts, detected = _locate(source, key)
+    except SourceError as exc:
+        raise SourceError(exc.message, where="source (state_dict)") from None
+    desc = _describe("state_dict", key=".".join(parts) or None, key_detected=detected, entries=_entries(source, parts))
+    return _StateDictSource(weights, desc)
+
+
+def _looks_like_factory(text: str) -> bool:
+    return bool(_FACTORY_RE.match(text)) and not Path(text).exists()
+
+
+def open_source(
+    source: Any,
+    *,
+    key: str | None = None,
+    trust_pickle: bool = False,
+    factory_args: Sequence[Any] = (),
+    factory_kwargs: Mapping[str, Any] | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> Source:
+    """Open ``source`` for planning (metadata now) and applying (tensors on demand).
+
+    ``source`` is a path (relative ones resolve against ``base_dir``), a state_dict, a
+    mapping of key -> shape / (shape, dtype) / TensorMeta, a module, a factory spec
+    ``"module.path:callable"`` or ``{"model": spec, "args": [...], "kwargs": {...}}``.
+    ``key`` says where the weights sit inside a torch checkpoint dict ("a.b").
+
+    >>> open_source({"fc.weight": [10, 512]}).meta["fc.weight"].shape
+    (10, 512)
+    """
+    if key is not None and (not isinstance(key, str) or not key.strip(".")):
+        raise UsageError(f"source.key must be a non-empty string such as 'state_dict', found {key!r}")
+    if isinstance(source, str) and _looks_like_factory(source):
+        source = {"model": source}
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = Path(base_dir) / path
+        return _open_path(path, key=key, trust_pickle=trust_pickle)
+    if isinstance(source, torch.nn.Module):
+        if key is not None:
+            raise SourceError(f"source.key {key!r} does not apply to a module; leave `key` out", where="source")
+        return _StateDictSource(source.state_dict(), _describe("state_dict", entries={"module": type(source).__name__}))
+    if isinstance(source, Mapping) and _is_factory(source):
+        if key is not None:
+            raise SourceError(f"source.key {key!r} does not apply to a model factory; leave `key` out", where="source.model")
+        args = source.get("args", factory_args)
+        kwargs = {**dict(factory_kwargs or {}), **dict(source.get("kwargs") or {})}
+        return _FactorySource(source["model"], args if args is not None else (), kwargs)
+    if isinstance(source, Mapping):
+        return _open_mapping(source, key)
+    raise UsageError(
+        "a source must be a path, a state_dict, a mapping of key -> shape, a module or "
+        f"{{'model': 'module.path:callable'}}; found {type(source).__name__}"
+    )
+

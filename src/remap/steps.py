@@ -1,0 +1,382 @@
+"""The steps of a rules pipeline, and the registry that maps a step name to its class.
+
+A step is a frozen recipe parsed from one item of ``rules:``. Planning runs every step,
+in order, over :class:`Item` records (a key as named at that step, the source keys it
+came from, its metadata and its trail); a step returns the items that go on, the items
+it dropped, how many keys each of its patterns matched, and any failures. Steps never
+read tensor data: a tensor op (added by later steps) records an :class:`Op` that the
+engine runs at apply time.
+
+>>> step = STEPS["strip_prefix"].parse("module.", index=1, where=None, optional=False)
+>>> out = step.run([Item.source("module.fc.weight", TensorMeta((10, 4)))])
+>>> [i.key for i in out.items], out.counts
+(['fc.weight'], (('module.', 1),))
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import regex
+
+from .errors import describe_value
+from .meta import TensorMeta
+from .patterns import CaptureError, PatternError, Template, compile_regex, quote, quotes, search
+from .report import Failure
+
+__all__ = ["Item", "Op", "StepResult", "Step", "STEPS", "register", "StepSpecError", "close_keys"]
+
+
+class StepSpecError(ValueError):
+    """A step's configuration is invalid; ``field`` names the offending field (or None)."""
+
+    def __init__(self, message: str, field: Any = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Op:
+    """A tensor operation recorded at planning time and run at apply time.
+
+    ``fn`` takes the input tensors (one per source of the item) and returns one tensor.
+    """
+
+    name: str
+    describe: str
+    fn: Callable[..., Any] = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """A key on its way through the pipeline.
+
+    ``hops`` records ``(step index, key after that step)`` for every step that renamed it.
+    """
+
+    key: str
+    sources: tuple[str, ...]
+    meta: TensorMeta
+    hops: tuple[tuple[int, str], ...] = ()
+    ops: tuple[Op, ...] = ()
+
+    @classmethod
+    def source(cls, key: str, meta: TensorMeta) -> Item:
+        return cls(key, (key,), meta)
+
+    def renamed(self, key: str, step: int) -> Item:
+        if key == self.key:
+            return self
+        return Item(key, self.sources, self.meta, (*self.hops, (step, key)), self.ops)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    items: list[Item]
+    dropped: list[Item] = field(default_factory=list)
+    counts: tuple[tuple[str, int], ...] = ()
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def matched(self) -> int:
+        return sum(n for _, n in self.counts)
+
+
+@dataclass(frozen=True)
+class Step:
+    """Base of every step: its 1-based position, ``optional`` flag and location."""
+
+    index: int
+    where: str | None
+    optional: bool
+
+    kind: ClassVar[str] = ""
+    schema: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        return f"step {self.index} ({self.kind})"
+
+    def summary(self) -> str:
+        raise NotImplementedError
+
+    def run(self, items: list[Item]) -> StepResult:
+        raise NotImplementedError
+
+    def unmatched(self, counts: Sequence[tuple[str, int]], items: list[Item]) -> list[Failure]:
+        """A failure for every pattern of this step that matched no key (unless optional)."""
+        if self.optional:
+            return []
+        failures = []
+        for label, n in counts:
+            if n == 0:
+                near = close_keys(label, [i.key for i in items])
+                hint = f"; closest keys at this step: {', '.join(map(repr, near))}" if near else ""
+                where = f" ({self.where})" if self.where else ""
+                failures.append(
+                    Failure(
+                        "unmatched_step",
+                        f"{self.label}{where}: {quote(label)} matched no key{hint}. "
+                        "Fix the pattern, or add `optional: true` beside the step if that is expected.",
+                    )
+                )
+        return failures
+
+
+STEPS: dict[str, type[Step]] = {}
+
+
+def register(cls: type[Step]) -> type[Step]:
+    """Class decorator adding a step to the registry under ``cls.kind``."""
+    STEPS[cls.kind] = cls
+    return cls
+
+
+def close_keys(pattern: str, keys: Sequence[str], n: int = 3) -> list[str]:
+    """Keys that look most like a pattern's literal text, for "matched no key" hints."""
+    literal = regex.sub(r"\\(.)", r"\1", regex.sub(r"[\^\$\(\)\[\]\*\+\?\{\}\|]|\\d|\\w|\\s", "", pattern))
+    sample = keys if len(keys) <= 5000 else keys[:5000]
+    fragments = {k[: len(literal) + 8] for k in sample} | set(sample)
+    near = difflib.get_close_matches(literal, list(fragments), n=n, cutoff=0.5)
+    return near
+
+
+def _patterns(value: Any, what: str) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else tuple(value)
+    if not items:
+        raise StepSpecError(f"expected at least one {what}, found an empty list")
+    for i, p in enumerate(items):
+        try:
+            compile_regex(p)
+        except PatternError as exc:
+            raise StepSpecError(str(exc), field=i if not isinstance(value, str) else None) from None
+    return items
+
+
+STRINGS = {"type": ["string", "array"], "items": {"type": "string"}, "minItems": 1}
+
+
+# --------------------------------------------------------------------------- prefixes
+
+
+@register
+@dataclass(frozen=True)
+class StripPrefix(Step):
+    """``strip_prefix: module.`` or a list: every listed prefix at the start of a key is
+    removed, repeatedly, so ``module._orig_mod.fc.weight`` loses both."""
+
+    prefixes: tuple[str, ...] = ()
+    kind: ClassVar[str] = "strip_prefix"
+    schema: ClassVar[dict[str, Any]] = STRINGS
+
+    @classmethod
+    def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        prefixes = (value,) if isinstance(value, str) else tuple(value)
+        if any(p == "" for p in prefixes):
+            raise StepSpecError("expected a non-empty prefix, found ''")
+        return cls(index, where, optional, prefixes)
+
+    def summary(self) -> str:
+        return f"strip_prefix {quotes(self.prefixes)}"
+
+    def run(self, items: list[Item]) -> StepResult:
+        counts = dict.fromkeys(self.prefixes, 0)
+        out = []
+        for item in items:
+            key = item.key
+            seen = set()
+            while True:
+                hit = next((p for p in self.prefixes if key.startswith(p) and len(key) > len(p)), None)
+                if hit is None:
+                    break
+                key = key[len(hit) :]
+                seen.add(hit)
+            for p in seen:
+                counts[p] += 1
+            out.append(item.renamed(key, self.index))
+        pairs = tuple(counts.items())
+        return StepResult(out, counts=pairs, failures=self.unmatched(pairs, items))
+
+
+@register
+@dataclass(frozen=True)
+class AddPrefix(Step):
+    """``add_prefix: backbone.`` on every key, or ``{prefix: backbone., match: [regex]}``
+    on the keys matching any of the patterns."""
+
+    prefix: str = ""
+    match: tuple[str, ...] = ()
+    kind: ClassVar[str] = "add_prefix"
+    schema: ClassVar[dict[str, Any]] = {
+        "type": ["string", "object"],
+        "properties": {"prefix": {"type": "string"}, "match": STRINGS},
+        "required": ["prefix"],
+        "additionalProperties": False,
+    }
+
+    @classmethod
+    def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        if isinstance(value, str):
+            return cls(index, where, optional, value)
+        match = _patterns(value["match"], "pattern") if "match" in value else ()
+        return cls(index, where, optional, value["prefix"], match)
+
+    def summary(self) -> str:
+        scope = f" on {quotes(self.match)}" if self.match else ""
+        return f"add_prefix {quote(self.prefix)}{scope}"
+
+    def run(self, items: list[Item]) -> StepResult:
+        if not self.match:
+            out = [i.renamed(self.prefix + i.key, self.index) for i in items]
+            pairs = ((self.prefix, len(items)),)
+            return StepResult(out, counts=pairs, failures=self.unmatched(pairs, items))
+        compiled = [compile_regex(p) for p in self.match]
+        counts = dict.fromkeys(self.match, 0)
+        out = []
+        for item in items:
+            hit = next((p for p, c in zip(self.match, compiled) if search(c, item.key)), None)
+            if hit is not None:
+                counts[hit] += 1
+                item = item.renamed(self.prefix + item.key, self.index)
+            out.append(item)
+        pairs = tuple(counts.items())
+        return StepResult(out, counts=pairs, failures=self.unmatched(pairs, items))
+
+
+# --------------------------------------------------------------------------- rename
+
+
+@dataclass(frozen=True)
+class _Rule:
+    pattern: str
+    template: Template
+
+
+@register
+@dataclass(frozen=True)
+class Rename(Step):
+    """Regex renames. Mapping form ``{pattern: replacement, ...}``: for each key the first
+    pattern that is found anywhere in it (anchor with ^ $) replaces every occurrence.
+    Long form ``{from, to, add}``: ``add: {1: 1}`` adds to captured integer indices."""
+
+    rules: tuple[_Rule, ...] = ()
+    kind: ClassVar[str] = "rename"
+    schema: ClassVar[dict[str, Any]] = {"type": "object", "minProperties": 1}
+    LONG: ClassVar[frozenset[str]] = frozenset({"from", "to", "add"})
+
+    @classmethod
+    def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        if "from" in value or "to" in value:
+            return cls(index, where, optional, (cls._long(value),))
+        return cls(index, where, optional, tuple(cls._rule(p, r, None, field=p) for p, r in value.items()))
+
+    @classmethod
+    def _long(cls, value: dict[str, Any]) -> _Rule:
+        extra = sorted(set(map(str, value)) - cls.LONG)
+        if extra:
+            raise StepSpecError(
+                f"unknown field {extra[0]!r} in the from/to form; expected: from, to, add", field=extra[0]
+            )
+        for name in ("from", "to"):
+            if name not in value:
+                raise StepSpecError(f"missing field {name!r}: the long form needs both 'from' and 'to'")
+            if not isinstance(value[name], str):
+                raise StepSpecError(f"expected a string, found {describe_value(value[name])}", field=name)
+        add = value.get("add")
+        if add is not None and (not isinstance(add, dict) or not add):
+            raise StepSpecError(f"expected a mapping of group -> integer, found {describe_value(add)}", field="add")
+        for group, delta in (add or {}).items():
+            if not isinstance(delta, int) or isinstance(delta, bool):
+                raise StepSpecError(f"group {group!r}: expected an integer to add, found {describe_value(delta)}", field="add")
+        return cls._rule(value["from"], value["to"], add, field="from")
+
+    @staticmethod
+    def _rule(pattern: Any, replacement: Any, add: dict[Any, int] | None, *, field: Any) -> _Rule:
+        if not isinstance(pattern, str):
+            raise StepSpecError(f"expected a regex string as pattern, found {describe_value(pattern)}", field=field)
+        if not isinstance(replacement, str):
+            what = "use `drop` to remove keys" if replacement is None else f"found {describe_value(replacement)}"
+            raise StepSpecError(f"pattern {quote(pattern)}: expected a replacement string; {what}", field=field)
+        try:
+            compiled = compile_regex(pattern)
+            return _Rule(pattern, Template.parse(replacement, compiled, add))
+        except PatternError as exc:
+            raise StepSpecError(str(exc), field=field) from None
+
+    def summary(self) -> str:
+        parts = []
+        for r in self.rules:
+            add = f" add {dict(r.template.add)}" if r.template.add else ""
+            parts.append(f"{quote(r.pattern)} -> {quote(r.template.text)}{add}")
+        return "rename " + "; ".join(parts)
+
+    def run(self, items: list[Item]) -> StepResult:
+        compiled = [compile_regex(r.pattern) for r in self.rules]
+        counts = [0] * len(self.rules)
+        out, failures = [], []
+        for item in items:
+            for n, (rule, c) in enumerate(zip(self.rules, compiled)):
+                if search(c, item.key) is None:
+                    continue
+                counts[n] += 1
+                try:
+                    item = item.renamed(rule.template.sub(c, item.key), self.index)
+                except CaptureError as exc:
+                    failures.append(Failure("bad_capture", f"{self.label}: key {item.key!r}: {exc}", item.sources))
+                break
+            out.append(item)
+        pairs = tuple((r.pattern, n) for r, n in zip(self.rules, counts))
+        return StepResult(out, counts=pairs, failures=failures + self.unmatched(pairs, items))
+
+
+# --------------------------------------------------------------------------- filters
+
+
+@dataclass(frozen=True)
+class _Filter(Step):
+    patterns: tuple[str, ...] = ()
+    schema: ClassVar[dict[str, Any]] = STRINGS
+    keep_matching: ClassVar[bool] = False
+
+    @classmethod
+    def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        return cls(index, where, optional, _patterns(value, "pattern"))
+
+    def summary(self) -> str:
+        return f"{self.kind} {quotes(self.patterns)}"
+
+    def run(self, items: list[Item]) -> StepResult:
+        compiled = [compile_regex(p) for p in self.patterns]
+        counts = [0] * len(self.patterns)
+        out, dropped = [], []
+        for item in items:
+            hit = next((n for n, c in enumerate(compiled) if search(c, item.key)), None)
+            if hit is not None:
+                counts[hit] += 1
+            (out if (hit is not None) == self.keep_matching else dropped).append(item)
+        pairs = tuple(zip(self.patterns, counts))
+        return StepResult(out, dropped, pairs, self.unmatched(pairs, items))
+
+
+@register
+@dataclass(frozen=True)
+class Drop(_Filter):
+    """``drop: [regex, ...]``: keys matching any pattern leave (reported as dropped here)."""
+
+    kind: ClassVar[str] = "drop"
+
+
+@register
+@dataclass(frozen=True)
+class Keep(_Filter):
+    """``keep: [regex, ...]``: every key matching none of the patterns leaves."""
+
+    kind: ClassVar[str] = "keep"
+    keep_matching: ClassVar[bool] = True

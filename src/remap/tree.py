@@ -1,0 +1,331 @@
+"""What ``remap inspect CHECKPOINT`` shows: the dotted key hierarchy of a source as a tree.
+
+Leaves show shape, dtype and element count; inner nodes their totals. Runs of numbered
+siblings with identical structure collapse into one node (``layers.{0..11} ×12``) and
+chains of single children join (``conv1.weight``), so a 300-key model fits a screen.
+Only metadata is used: no tensor data is read.
+
+>>> from remap.sources import open_source
+>>> src = open_source({"blocks.0.w": [4, 4], "blocks.1.w": [4, 4], "head.bias": [2]})
+>>> print(format_tree(inspect_source(src)))  # doctest: +NORMALIZE_WHITESPACE
+source   in-memory metadata
+tensors  3 · 34 elements · 136 B
+         float32  3 tensors  34 elements  136 B
+<BLANKLINE>
+├── blocks.{0..1}.w ×2  [4, 4]  float32  32
+└── head.bias           [2]     float32   2
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .meta import TensorMeta
+
+if TYPE_CHECKING:
+    from .sources import Source
+
+__all__ = ["Node", "Tree", "inspect_source", "format_tree", "tree_to_dict"]
+
+_ITEMSIZE = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "float8_e8m0fnu": 1, "complex64": 8, "complex128": 16, "int64": 8, "int32": 4, "int16": 2,
+    "int8": 1, "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1,
+}  # fmt: skip
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a dtype named as torch names it (0 when unknown).
+
+    >>> itemsize("bfloat16")
+    2
+    """
+    if dtype in _ITEMSIZE:
+        return _ITEMSIZE[dtype]
+    import torch
+
+    found = getattr(torch, dtype, None)
+    return int(found.itemsize) if isinstance(found, torch.dtype) else 0
+
+
+@dataclass
+class Node:
+    """One node of the key hierarchy.
+
+    ``name`` is the part of the key this node adds (``"layer1"``, ``"{0..11}"``,
+    ``"conv1.weight"`` after joining single children). ``tensors``/``numel``/``nbytes``
+    count one copy; a collapsed node stands for ``repeat`` siblings named ``members``.
+    """
+
+    name: str
+    meta: TensorMeta | None = None
+    children: list[Node] = field(default_factory=list)
+    repeat: int = 1
+    members: tuple[str, ...] = ()
+    tensors: int = 0
+    numel: int = 0
+    nbytes: int = 0
+
+    @property
+    def total_tensors(self) -> int:
+        return self.tensors * self.repeat
+
+    @property
+    def total_numel(self) -> int:
+        return self.numel * self.repeat
+
+    @property
+    def total_nbytes(self) -> int:
+        return self.nbytes * self.repeat
+
+
+@dataclass
+class Tree:
+    """A source's tree plus the header: its description and totals by dtype."""
+
+    description: dict[str, Any]
+    nodes: list[Node]
+    tensors: int
+    numel: int
+    nbytes: int
+    dtypes: dict[str, dict[str, int]]  # dtype -> {"tensors", "numel", "bytes"}
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _insert(root: Node, key: str, meta: TensorMeta, index: dict[tuple[int, str], Node]) -> None:
+    node = root
+    for part in key.split("."):
+        child = index.get((id(node), part))
+        if child is None:
+            child = Node(part)
+            node.children.append(child)
+            index[(id(node), part)] = child
+        node = child
+    node.meta = meta
+
+
+def _count(node: Node) -> None:
+    for child in node.children:
+        _count(child)
+    own = node.meta
+    node.tensors = (own is not None) + sum(c.total_tensors for c in node.children)
+    node.numel = (own.numel if own else 0) + sum(c.total_numel for c in node.children)
+    node.nbytes = (own.numel * itemsize(own.dtype) if own else 0) + sum(c.total_nbytes for c in node.children)
+
+
+_NUMBERED = re.compile(r"^(.*?)(\d+)$")
+
+
+def _signature(node: Node, memo: dict[int, Any]) -> Any:
+    """What makes two siblings the same: everything below them, not their names."""
+    sig = memo.get(id(node))
+    if sig is None:
+        kids = tuple((c.name, c.repeat, _signature(c, memo)) for c in node.children)
+        sig = memo[id(node)] = (node.meta, kids)
+    return sig
+
+
+def _members_name(stem: str, members: tuple[str, ...]) -> str:
+    """``layers.{0..11}`` for a contiguous numbered run, ``{0,2,4}`` otherwise."""
+    numbers = sorted(int(m[len(stem):]) for m in members)
+    if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+        return f"{stem}{{{numbers[0]}..{numbers[-1]}}}"
+    return f"{stem}{{{','.join(map(str, numbers))}}}"
+
+
+def _stem(node: Node) -> str | None:
+    found = _NUMBERED.match(node.name)
+    return found.group(1) if found and node.repeat == 1 else None
+
+
+def _merge_runs(children: list[Node], same: Any) -> list[Node]:
+    """Merge consecutive siblings for which ``same(last, child)`` holds."""
+    merged: list[Node] = []
+    for child in children:
+        last = merged[-1] if merged else None
+        if last is not None and same(last, child):
+            last.members = (*(last.members or (last.name,)), child.name)
+            last.repeat = len(last.members)
+        else:
+            merged.append(child)
+    return merged
+
+
+def _collapse(node: Node, memo: dict[int, Any]) -> None:
+    """Bottom-up: merge runs of numbered siblings with identical structure
+    (``layers.{0..11}``), then runs of leaves with one shape and dtype (``{weight,bias}``).
+    """
+    for child in node.children:
+        _collapse(child, memo)
+    if node.children and all(c.name.isdigit() for c in node.children):
+        node.children.sort(key=lambda c: int(c.name))
+    stems = {id(c): _stem(c) for c in node.children}
+    numbered = _merge_runs(
+        node.children,
+        lambda a, b: stems[id(b)] is not None and stems[id(a)] == stems[id(b)] and _signature(a, memo) == _signature(b, memo),
+    )
+    runs = {id(c) for c in numbered if c.repeat > 1}
+    for child in numbered:
+        if id(child) in runs:
+            child.name = _members_name(stems[id(child)] or "", child.members)
+
+    def same_leaf(a: Node, b: Node) -> bool:
+        return not (a.children or b.children or id(a) in runs or id(b) in runs) and a.meta == b.meta
+
+    node.children = _merge_runs(numbered, same_leaf)
+    for child in node.children:
+        if child.repeat > 1 and id(child) not in runs:
+            child.name = "{" + ",".join(child.members) + "}"
+
+
+def _join_chains(node: Node) -> None:
+    """``conv1`` -> ``weight`` becomes ``conv1.weight`` (a node with one child and no tensor)."""
+    for child in node.children:
+        _join_chains(child)
+        while child.meta is None and len(child.children) == 1 and 1 in (child.repeat, child.children[0].repeat):
+            only = child.children[0]
+            child.name = f"{child.name}.{only.name}"
+            child.meta, child.children = only.meta, only.children
+            if only.repeat > 1:
+                child.repeat, child.members = only.repeat, only.members
+            child.tensors, child.numel, child.nbytes = only.tensors, only.numel, only.nbytes
+
+
+def inspect_source(source: Source) -> Tree:
+    """The tree of ``source.meta`` with totals; reads no tensor data.
+
+    >>> from remap.sources import open_source
+    >>> inspect_source(open_source({"a.w": [2, 3]})).numel
+    6
+    """
+    root = Node("")
+    index: dict[tuple[int, str], Node] = {}
+    dtypes: dict[str, dict[str, int]] = {}
+    for key, meta in source.meta.items():
+        _insert(root, key, meta, index)
+        row = dtypes.setdefault(meta.dtype, {"tensors": 0, "numel": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["numel"] += meta.numel
+        row["bytes"] += meta.numel * itemsize(meta.dtype)
+    _count(root)
+    _collapse(root, {})
+    _join_chains(root)
+    return Tree(dict(source.description), root.children, root.tensors, root.numel, root.nbytes, dtypes)
+
+
+# ---------------------------------------------------------------------------- text
+
+
+def human_bytes(n: int) -> str:
+    """``46.8 MiB``-style sizes.
+
+    >>> human_bytes(1536)
+    '1.5 KiB'
+    """
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # unreachable
+
+
+def _header(tree: Tree) -> list[str]:
+    d = tree.description
+    kind = d.get("kind")
+    if kind == "factory":
+        where = f"factory {d.get('factory')}"
+    elif d.get("path"):
+        files = d.get("files") or 1
+        where = f"{d['path']}  ({d.get('format')}{f', {files} files' if files > 1 else ''})"
+    else:
+        where = "in-memory state_dict" if kind == "state_dict" else "in-memory metadata"
+    lines = [f"source   {where}"]
+    if d.get("folder"):
+        lines.append(f"folder   {d['folder']}")
+    if d.get("key"):
+        lines.append(f"key      {d['key']}{' (auto-detected)' if d.get('key_detected') else ''}")
+    for i, (name, text) in enumerate((d.get("entries") or {}).items()):
+        lines.append(f"{'entries' if i == 0 else '':<8} {name}: {text}")
+    for i, note in enumerate(d.get("notes") or []):
+        lines.append(f"{'note' if i == 0 else '':<8} {note}")
+    lines.append(f"tensors  {tree.tensors:,} · {tree.numel:,} elements · {human_bytes(tree.nbytes)}")
+    width = max((len(k) for k in tree.dtypes), default=0)
+    for dtype, row in tree.dtypes.items():
+        lines.append(
+            f"         {dtype:<{width}}  {row['tensors']:,} tensors  {row['numel']:,} elements  {human_bytes(row['bytes'])}"
+        )
+    return lines
+
+
+def _rows(nodes: list[Node], prefix: str, depth: int, max_depth: int | None) -> Iterator[tuple[str, Node, bool]]:
+    """(label, node, shows its children) for every visible node, depth first."""
+    for i, node in enumerate(nodes):
+        last = i == len(nodes) - 1
+        label = f"{prefix}{'└── ' if last else '├── '}{node.name}{f' ×{node.repeat}' if node.repeat > 1 else ''}"
+        open_ = max_depth is None or depth < max_depth
+        yield label, node, open_
+        if node.children and open_:
+            yield from _rows(node.children, prefix + ("    " if last else "│   "), depth + 1, max_depth)
+
+
+def format_tree(tree: Tree, *, max_depth: int | None = None) -> str:
+    """The header and the tree as plain text; ``max_depth`` limits the levels shown.
+
+    A leaf line reads ``name  shape  dtype  elements``; an inner line ``name  elements
+    tensors``, and for a collapsed node also what one copy holds.
+    """
+    rows = list(_rows(tree.nodes, "", 1, max_depth))
+    label_w = min(max((len(r[0]) for r in rows), default=0), 72)
+    shape_w = max((len(str(list(n.meta.shape))) for _, n, _ in rows if n.meta), default=0)
+    dtype_w = max((len(n.meta.dtype) for _, n, _ in rows if n.meta), default=0)
+    count_w = max((len(f"{n.total_numel:,}") for _, n, _ in rows), default=0)
+    lines = [*_header(tree), ""]
+    for label, node, open_ in rows:
+        shape = str(list(node.meta.shape)) if node.meta else ""
+        dtype = node.meta.dtype if node.meta else ""
+        line = f"{label:<{label_w}}  {shape:<{shape_w}}  {dtype:<{dtype_w}}  {node.total_numel:>{count_w},}"
+        if node.children:
+            line += f"  {node.total_tensors:,} tensors"
+            if node.repeat > 1:
+                line += f"  (each {node.numel:,} in {node.tensors:,})"
+            if not open_:
+                line += "  …"
+        lines.append(line.rstrip())
+    if not rows:
+        lines.append("(no tensors)")
+    return "\n".join(lines)
+
+
+def _node_dict(node: Node, path: str) -> dict[str, Any]:
+    key = f"{path}.{node.name}" if path else node.name
+    out: dict[str, Any] = {"name": node.name, "key": key, "repeat": node.repeat}
+    if node.repeat > 1:
+        out["members"] = list(node.members)
+    out.update(tensors=node.total_tensors, numel=node.total_numel, bytes=node.total_nbytes)
+    if node.meta is not None:
+        out.update(shape=list(node.meta.shape), dtype=node.meta.dtype)
+    if node.children:
+        out["each"] = {"tensors": node.tensors, "numel": node.numel, "bytes": node.nbytes}
+        out["children"] = [_node_dict(c, key) for c in node.children]
+    return out
+
+
+def tree_to_dict(tree: Tree) -> dict[str, Any]:
+    """JSON-able form of the tree for ``remap inspect --json``.
+
+    >>> from remap.sources import open_source
+    >>> tree_to_dict(inspect_source(open_source({"w": [2]})))["nodes"][0]["shape"]
+    [2]
+    """
+    return {
+        "source": tree.description,
+        "totals": {"tensors": tree.tensors, "numel": tree.numel, "bytes": tree.nbytes},
+        "dtypes": tree.dtypes,
+        "nodes": [_node_dict(n, "") for n in tree.nodes],
+    }
