@@ -147,7 +147,7 @@ def _expand(text: str) -> list[str]:
     ],
 )
 def test_ten_thousand_keys_are_fast(keys: list[str]) -> None:
-    best = min(_timed(keys) for _ in range(3))
+    best = min(_timed(keys) for _ in range(2))
     assert best < 0.5  # typically 30-50 ms; generous for loaded CI machines
 
 

@@ -161,6 +161,12 @@ def test_extra_state_entries_do_not_hide_a_state_dict(tmp_path: Path) -> None:
     assert src.description["entries"] == {"norm._extra_state": "{'v': 1}"}
 
 
+def test_top_level_tensors_with_a_few_other_entries(tmp_path: Path) -> None:
+    path = save({"w": torch.ones(2), "b": torch.zeros(1), "epoch": 3}, tmp_path / "w.pt")
+    src = open_source(path)
+    assert (list(src.meta), src.description["key"], src.description["entries"]) == (["w", "b"], None, {"epoch": "3"})
+
+
 def test_two_candidates_fail_naming_both(tmp_path: Path) -> None:
     state = perturb(Small()).state_dict()
     path = save({"model": state, "ema": {"module": state}, "epoch": 1}, tmp_path / "c.pt")
@@ -455,6 +461,24 @@ def test_factory_failures_are_source_errors() -> None:
     )
     err = source_error(open_source, {"model": "collections:OrderedDict"})
     assert str(err) == "source.model: collections:OrderedDict() returned a OrderedDict, expected a torch.nn.Module"
+
+
+def needs_real_tensors() -> torch.nn.Module:
+    """A factory that cannot run on the meta device."""
+    model = torch.nn.Linear(2, 2)
+    if model.weight.abs().sum().item() < 0:
+        raise AssertionError
+    return model
+
+
+def test_factory_that_fails_on_meta_is_built_for_real() -> None:
+    src = open_source({"model": needs_real_tensors})
+    assert src.meta == {"weight": TensorMeta((2, 2)), "bias": TensorMeta((2,))}
+    assert src.description["notes"] == [
+        "built for real: it failed on the meta device (needs_real_tensors() raised RuntimeError: "
+        "Tensor.item() cannot be called on meta tensors)"
+    ]
+    assert src.read("weight").device.type == "cpu"
 
 
 def test_a_module_is_a_source() -> None:

@@ -77,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("remap: interrupted", file=err)
         return 130
+    except BrokenPipeError:  # `remap inspect x | head`: the reader left, which is fine
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception:  # a bug: say so, with the traceback that a bug report needs
         import traceback
 

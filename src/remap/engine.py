@@ -48,7 +48,7 @@ def apply_plan(plan: Plan, module: torch.nn.Module, *, dry_run: bool = False) ->
     """
     _check_same_target(plan, module)
     if not plan.ok:
-        raise check_failed(plan.report)
+        raise check_failed(plan.report.replace(dry_run=dry_run))
     if dry_run:
         return plan.report
     if plan.source is None or plan.source.description.get("kind") == "metadata":
@@ -80,7 +80,8 @@ def _check_same_target(plan: Plan, module: torch.nn.Module) -> None:
 
 def _materialise(plan: Plan, source: Source) -> OrderedDict[str, torch.Tensor]:
     state: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for a in plan.assignments:
+    order = {k: n for n, k in enumerate(source.meta)}  # file order: one pass over each shard
+    for a in sorted(plan.assignments, key=lambda a: order.get(a.sources[0], 0)):
         tensors = [source.read(k) for k in a.sources]
         value = tensors[0]
         for op in a.ops:

@@ -146,8 +146,12 @@ def build(
     kwargs: Mapping[str, Any] | None = None,
     *,
     what: str = "target.model",
+    device: str | None = None,
 ) -> Any:
     """Import the factory ``spec`` (or take a callable) and call it with ``args``/``kwargs``.
+
+    With ``device`` (e.g. ``"meta"``) the call runs under ``with torch.device(device):``;
+    the import happens before, so module-level tensors are made as usual.
 
     >>> build("fractions:Fraction", [3, 6])
     Fraction(1, 2)
@@ -158,7 +162,12 @@ def build(
         raise TargetError(f"kwargs must be a mapping, found {type(kwargs).__name__} {kwargs!r}", where=what)
     fn = spec if callable(spec) else import_callable(spec, what=what)
     try:
-        return fn(*args, **dict(kwargs or {}))
+        if device is None:
+            return fn(*args, **dict(kwargs or {}))
+        import torch
+
+        with torch.device(device):
+            return fn(*args, **dict(kwargs or {}))
     except Exception as exc:  # the factory's own failure, reported without its traceback
         raise TargetError(
             f"{describe_call(spec, args, kwargs)} raised {type(exc).__name__}: {exc}", where=what

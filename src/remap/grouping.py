@@ -59,10 +59,12 @@ def fold_keys(keys: Iterable[str]) -> list[KeyGroup]:
     unique = list(dict.fromkeys(keys))
     groups = _fold_integers(_fold_leaves(unique))
     groups.sort(key=lambda g: g.members[0])
-    return [
-        KeyGroup(unique[g.members[0]] if len(g.members) == 1 else _render(g.segments), tuple(unique[i] for i in g.members))
-        for g in groups
-    ]
+    return [_key_group(g, unique) for g in groups]
+
+
+def _key_group(group: _Group, unique: Sequence[str]) -> KeyGroup:
+    keys = tuple(unique[i] for i in group.members)
+    return KeyGroup(keys[0] if len(keys) == 1 else _render(group.segments), keys)
 
 
 def group_keys(keys: Iterable[str]) -> list[str]:
@@ -167,6 +169,7 @@ def _fold_integers(groups: list[_Group]) -> list[_Group]:
 
 
 def _fold_at(groups: list[_Group], pos: int) -> tuple[list[_Group], bool]:
+    """Fold the groups that have an integer at ``pos`` and are the same everywhere else."""
     buckets: dict[tuple[int, tuple[Segment, ...], tuple[Segment, ...]], list[_Group]] = {}
     out: list[_Group] = []
     for group in groups:

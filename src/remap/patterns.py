@@ -111,10 +111,16 @@ class Template:
 
     def sub(self, compiled: regex.Pattern[str], key: str) -> str:
         """Replace every match of ``compiled`` in ``key``."""
+        return self.subn(compiled, key)[0]
+
+    def subn(self, compiled: regex.Pattern[str], key: str) -> tuple[str, int]:
+        """Replace every match of ``compiled`` in ``key``; also say how many there were (0: no match)."""
         try:
-            return compiled.sub(self.expand, key, timeout=REGEX_TIMEOUT)
+            return compiled.subn(self.expand, key, timeout=REGEX_TIMEOUT)
         except TimeoutError:
-            raise PatternError(f"regex '{compiled.pattern}' took more than {REGEX_TIMEOUT}s on key '{key}'") from None
+            raise PatternError(
+                f"regex '{compiled.pattern}' took more than {REGEX_TIMEOUT}s on key '{key}' (catastrophic backtracking?)"
+            ) from None
 
 
 def _other_name(ref: Any, match: regex.Match[str]) -> Any:

@@ -16,7 +16,8 @@ Target keys: 0
 <BLANKLINE>
 Source keys: 0
 <BLANKLINE>
-Freeze: frozen 0 params (0 tensors), trainable 0 (0 tensors); batchnorm keep
+Freeze: frozen 0 params (0 tensors), trainable 0 (0 tensors)
+  batchnorm: keep
 <BLANKLINE>
 Totals
   target  0 keys: 0 loaded, 0 missing, 0 mismatched
@@ -190,7 +191,10 @@ def _document(report: Report, *, verbose: bool, width: int) -> list[Block]:
 
 
 def _header(report: Report) -> list[Block]:
-    mode = ("DRY RUN", "bold cyan") if report.dry_run else ("APPLIED", "bold")
+    if report.dry_run:
+        mode = ("DRY RUN", "bold cyan")
+    else:
+        mode = ("APPLIED", "bold") if report.ok else ("NOT LOADED", FAIL_STYLE)
     source = _mapping(report.source)
     target = _mapping(report.target)
     lines: list[Block] = [
@@ -438,20 +442,19 @@ def _freeze(report: Report, verbose: bool) -> list[Block]:
     t = report.totals
     bn = report.freeze.batchnorm
     modules = report.freeze.batchnorm_modules
-    bn_text = f"batchnorm {bn}" + (f" ({len(modules)} module{'' if len(modules) == 1 else 's'})" if modules else "")
     text = (
         f"frozen {format_count(t.frozen_elements)} params ({_tensors(t.frozen_params)}), "
-        f"trainable {format_count(t.trainable_elements)} ({_tensors(t.trainable_params)}); {bn_text}"
+        f"trainable {format_count(t.trainable_elements)} ({_tensors(t.trainable_params)})"
     )
     lines: list[Block] = [(("Freeze: ", TITLE), (text, ""))]
-    params = [r for r in report.targets if r.trainable is not None]
-    if t.frozen_params and t.trainable_params:
-        trainable = [g.text for g in fold_keys(r.key for r in params if r.trainable)]
-        lines.append(_indented(2, ("trainable: ", MUTED), (", ".join(trainable[:5]), "")))
-        if len(trainable) > 5:
-            lines[-1] += ((f", … and {len(trainable) - 5} more", MUTED),)
+    if t.frozen_params and t.trainable_params:  # worth naming what stays trainable
+        groups = [g.text for g in fold_keys(r.key for r in report.targets if r.trainable)]
+        more = f", … and {len(groups) - 5} more" if len(groups) > 5 else ""
+        lines.append(_indented(2, ("trainable: ", MUTED), (", ".join(groups[:5]), ""), (more, MUTED)))
+    bn_text = str(bn) + (f" ({len(modules)} module{'' if len(modules) == 1 else 's'})" if modules else "")
+    lines.append(_indented(2, ("batchnorm: ", MUTED), (bn_text, "")))
     if verbose and modules:
-        lines.append(_indented(2, ("batchnorm modules: ", MUTED), (", ".join(g.text for g in fold_keys(modules)), "")))
+        lines.extend(_indented(4, (g.text, "")) for g in fold_keys(modules))
     return lines
 
 
@@ -463,23 +466,17 @@ def _totals(report: Report) -> list[Block]:
     t = report.totals
     extra_t = _extra_counts(r.status for r in report.targets if r.status not in (LOADED, MISSING, MISMATCHED))
     extra_s = _extra_counts(r.fate for r in report.sources if r.fate not in (USED, DROPPED, UNUSED))
+    target = f"{t.target_keys} keys: {t.loaded} loaded, {t.missing} missing, {t.mismatched} mismatched{extra_t}"
+    source = f"{t.source_keys} keys: {t.used} used, {t.dropped} dropped, {t.unused} unused{extra_s}"
+    params = (
+        f"{format_count(t.param_elements)} elements, {format_count(t.loaded_elements)} loaded "
+        f"({format_percent(t.loaded_fraction)})"
+    )
     return [
         (("Totals", TITLE),),
-        _indented(
-            2,
-            ("target  ", MUTED),
-            (f"{t.target_keys} keys: {t.loaded} loaded, {t.missing} missing, {t.mismatched} mismatched{extra_t}", ""),
-        ),
-        _indented(2, ("source  ", MUTED), (f"{t.source_keys} keys: {t.used} used, {t.dropped} dropped, {t.unused} unused{extra_s}", "")),
-        _indented(
-            2,
-            ("params  ", MUTED),
-            (
-                f"{format_count(t.param_elements)} elements, {format_count(t.loaded_elements)} loaded "
-                f"({format_percent(t.loaded_fraction)})",
-                "",
-            ),
-        ),
+        _indented(2, ("target  ", MUTED), (target, "")),
+        _indented(2, ("source  ", MUTED), (source, "")),
+        _indented(2, ("params  ", MUTED), (params, "")),
     ]
 
 
@@ -504,10 +501,21 @@ def _failures(report: Report, verbose: bool) -> list[Block]:
         return []
     lines: list[Block] = [((f"Failures ({len(report.failures)})", FAIL_STYLE),)]
     for f in report.failures:
-        lines.extend(_message_lines(f.message, "", label=f.kind))
+        lines.extend(_message_lines(f.message if verbose else _cap_message(f.message), "", label=f.kind))
         if verbose and f.keys:
             lines.append(_indented(4, ("keys: ", MUTED), (", ".join(g.text for g in fold_keys(f.keys)), "")))
     return lines
+
+
+def _cap_message(message: str, keep: int = 6) -> str:
+    """A long failure message (a list of key groups) cut to ``keep`` lines; hints and advice stay."""
+    first, *rest = message.splitlines() or [""]
+    body = [line for line in rest if line.startswith("  ")]
+    if len(body) <= keep + 2:
+        return message
+    tail = [line for line in rest if not line.startswith("  ")]
+    more = f"  … and {len(body) - keep} more (-v shows all)"
+    return "\n".join([first, *body[:keep], more, *tail])
 
 
 def _message_lines(message: str, style: str, *, label: str | None = None) -> list[Line]:
@@ -663,7 +671,7 @@ def _table_lines(table: _Table, width: int) -> list[Line]:
     rows = [header, *table.rows]
     widths = [max(len(row[i][0]) for row in rows) for i in range(len(table.columns))]
     fixed = table.indent + sum(widths[:-1]) - widths[1] + 2 * (len(widths) - 1)
-    widths[1] = max(min(widths[1], width - fixed), 12)
+    widths[1] = min(widths[1], max(width - fixed, 12))
     lines: list[Line] = []
     for row in rows:
         spans: list[Span] = [(" " * table.indent, "")]

@@ -203,7 +203,7 @@ class Report:
         """The JSON form (schema version ``REPORT_SCHEMA_VERSION``, see docs/report.md)."""
         totals = asdict(self.totals)
         totals["loaded_fraction"] = self.totals.loaded_fraction
-        return {
+        return _lists({
             "schema": REPORT_SCHEMA_VERSION,
             "ok": self.ok,
             "dry_run": self.dry_run,
@@ -217,10 +217,19 @@ class Report:
             "freeze": asdict(self.freeze),
             "targets": {r.key: _without_key(asdict(r)) for r in self.targets},
             "sources": {r.key: _without_key(asdict(r)) for r in self.sources},
-        }
+        })
 
     def to_json(self, *, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, default=_jsonable)
+
+
+def _lists(value: Any) -> Any:
+    """Tuples become lists all the way down, so the dict is exactly what JSON holds."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
 
 
 def _without_key(d: dict[str, Any]) -> dict[str, Any]:

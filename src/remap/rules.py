@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -158,26 +159,48 @@ class _Context:
     def __init__(self, locs: Locations) -> None:
         self.locs = locs
 
-    def error(self, message: str, path: tuple[Any, ...], *, key: bool = False, step: Step | str | None = None) -> RulesError:
-        """A RulesError at ``path``; ``key`` points at a mapping key (unknown field) rather than its value."""
+    def error(
+        self,
+        message: str,
+        path: tuple[Any, ...],
+        *,
+        key: bool = False,
+        step: Step | str | None = None,
+        fields: tuple[Any, ...] | None = None,
+    ) -> RulesError:
+        """A RulesError at ``path``; ``key`` points at a mapping key (unknown field) rather than its value.
+
+        The breadcrumb names the section (or ``step``) and then ``fields``, by default the
+        rest of the path: names read ``field 'a.b'``, list indices ``item N``.
+        """
         parent = path[:-1] if key else path
         if step is not None:
             crumbs, rest = [step.label if isinstance(step, Step) else step], parent[3:]
         else:
             crumbs, rest = [str(p) for p in parent[:1]], parent[1:]
-        if rest and isinstance(rest[0], int):
-            crumbs.append(f"item {rest[0] + 1}")
-            rest = rest[1:]
-        if rest:
-            dotted = str(rest[0]) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest[1:])
-            crumbs.append(f"field {dotted!r}")
+        names: list[str] = []
+        for p in rest if fields is None else fields:
+            if isinstance(p, int) and not isinstance(p, bool):
+                if names:
+                    crumbs.append(f"field '{'.'.join(names)}'")
+                    names = []
+                crumbs.append(f"item {p + 1}")
+            else:
+                names.append(str(p))
+        if names:
+            crumbs.append(f"field '{'.'.join(names)}'")
         text = ": ".join([*crumbs, message])
         return RulesError(text, where=self.locs.at(path, key=key))
 
 
 def _did_you_mean(word: Any, choices: Any) -> str:
     near = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {near[0]!r}?)" if near else ""
+    return f" (did you mean '{near[0]}'?)" if near and near[0] != word else ""
+
+
+def _show(name: Any) -> str:
+    """A field name in a message: quoted without doubling backslashes; a number as is."""
+    return f"'{name}'" if isinstance(name, str) else str(name)
 
 
 def _describe_schema_error(err: Any) -> tuple[str, tuple[Any, ...], bool]:
@@ -189,7 +212,7 @@ def _describe_schema_error(err: Any) -> tuple[str, tuple[Any, ...], bool]:
         extra = [k for k in inst if k not in allowed]
         key = extra[0]
         return (
-            f"unknown field {key!r}{_did_you_mean(key, allowed)}; expected one of: {', '.join(allowed)}",
+            f"unknown field {_show(key)}{_did_you_mean(key, allowed)}; expected one of: {', '.join(allowed)}",
             (*path, key),
             True,
         )
@@ -201,7 +224,7 @@ def _describe_schema_error(err: Any) -> tuple[str, tuple[Any, ...], bool]:
         return f"expected one of: {', '.join(map(str, options))}; found {describe_value(inst)}{hint}", path, False
     if v == "required":
         missing = [k for k in err.validator_value if k not in inst][0]
-        return f"missing required field {missing!r}", path, False
+        return f"missing required field '{missing}'", path, False
     if v in ("minimum", "maximum"):
         op = ">=" if v == "minimum" else "<="
         return f"expected a number {op} {err.validator_value}, found {describe_value(inst)}", path, False
@@ -265,6 +288,9 @@ def _target(d: dict[str, Any], ctx: _Context) -> TargetSpec:
 
 
 def _shapes(value: Any, ctx: _Context) -> ShapePolicy:
+    if not isinstance(value, (str, dict)):
+        modes = ", ".join(SHAPE_MODES)
+        raise ctx.error(f"expected one of: {modes}, or a mapping with 'default' and 'skip'; found {describe_value(value)}", ("shapes",))
     if isinstance(value, str):
         _check(value, {"enum": list(SHAPE_MODES)}, ("shapes",), ctx)
         return ShapePolicy(value)
@@ -284,7 +310,7 @@ def _step(item: dict[str, Any], n: int, ctx: _Context) -> Step:
     if unknown:
         names = list(STEPS) + list(STEP_OPTIONS)
         raise ctx.error(
-            f"unknown field {unknown[0]!r}{_did_you_mean(unknown[0], names)}; a step is one of: {', '.join(STEPS)}",
+            f"unknown field {_show(unknown[0])}{_did_you_mean(unknown[0], names)}; a step is one of: {', '.join(STEPS)}",
             (*path, unknown[0]),
             key=True,
             step=label,
@@ -297,32 +323,48 @@ def _step(item: dict[str, Any], n: int, ctx: _Context) -> Step:
     label = f"step {n + 1} ({kind})"
     optional = item.get("optional", False)
     if not isinstance(optional, bool):
-        raise ctx.error(f"expected true or false, found {describe_value(optional)}", (*path, "optional"), step=label)
+        raise ctx.error(
+            f"expected true or false, found {describe_value(optional)}", (*path, "optional"), step=label, fields=("optional",)
+        )
     _check(item[kind], cls.schema, (*path, kind), ctx, step=label)
+    where = ctx.locs.at((*path, kind), key=True) if ctx.locs.values else None  # a dict has no positions
     try:
-        return cls.parse(item[kind], index=n + 1, where=ctx.locs.at((*path, kind), key=True), optional=optional)
+        return cls.parse(item[kind], index=n + 1, where=where, optional=optional)
     except StepSpecError as exc:
-        field_path = (*path, kind) if exc.field is None else (*path, kind, exc.field)
-        raise ctx.error(str(exc), field_path, step=label) from None
+        raise ctx.error(str(exc), (*path, kind, *exc.at), key=exc.key, step=label, fields=exc.path) from None
 
 
 def _build(data: Any, ctx: _Context, filename: str | None, base_dir: str | None) -> Rules:
     if data is None:
         raise ctx.error("the rules file is empty; expected a mapping with at least `version: 1`", ())
     if not isinstance(data, dict):
-        raise ctx.error(f"expected a mapping with `version: 1` at the top, found {describe_value(data)}", ())
+        hint = ""
+        if isinstance(data, str) and data.endswith((".yaml", ".yml")):
+            hint = " (a path? read a rules file with load_rules)"
+        raise ctx.error(f"expected a mapping with `version: 1` at the top, found {describe_value(data)}{hint}", ())
     for key in data:
         if key not in SECTIONS:
             raise ctx.error(
-                f"unknown field {key!r}{_did_you_mean(key, SECTIONS)}; expected one of: {', '.join(SECTIONS)}",
+                f"unknown field {_show(key)}{_did_you_mean(key, SECTIONS)}; expected one of: {', '.join(SECTIONS)}",
                 (key,),
                 key=True,
             )
     if "version" not in data:
         raise ctx.error("missing required field 'version' (write `version: 1` at the top)", ())
+    version = data["version"]
+    if type(version) is not int or version != 1:  # 1.0 and true compare equal to 1
+        hint = ""
+        if isinstance(version, str) and version.strip() == "1":
+            hint = " (write it without quotes)"
+        elif type(version) is int:
+            hint = " (this remap reads version 1 of the rules language)"
+        raise ctx.error(f"expected 1, found {describe_value(version)}{hint}", ("version",))
     for name in SECTIONS:
         if name in data and name != "shapes":
             _check(data[name], SCHEMA[name], (name,), ctx)
+    min_loaded = data.get("expect", {}).get("min_loaded")
+    if isinstance(min_loaded, float) and math.isnan(min_loaded):  # passes both bounds of the schema
+        raise ctx.error("expected a number from 0 to 1, found a number nan", ("expect", "min_loaded"))
     freeze = data.get("freeze", {})
     return Rules(
         version=data["version"],
@@ -357,7 +399,9 @@ def parse_rules(rules: str | Mapping[str, Any] | Rules, *, filename: str = "<rul
         return _parse_text(rules, filename, base_dir)
     if isinstance(rules, Mapping):
         return _build(_plain(rules), _Context(Locations(filename)), None, base_dir)
-    raise RulesError(f"expected rules as a path, YAML text or a dict, found {describe_value(rules)}")
+    if isinstance(rules, os.PathLike):
+        raise RulesError(f"parse_rules takes YAML text or a dict; read the file {str(rules)!r} with load_rules(path)")
+    raise RulesError(f"expected rules as YAML text, a dict or Rules, found {describe_value(rules)}")
 
 
 def _plain(value: Any) -> Any:

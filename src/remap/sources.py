@@ -22,7 +22,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import pickle
 import re
 import warnings
 import zipfile
@@ -241,6 +240,9 @@ def _locate(obj: Any, key: str | None) -> tuple[Mapping[Any, Any], list[str], bo
     if _is_weights(top):
         return top, [], False
     found = _candidates(top)
+    tensors = sum(isinstance(v, torch.Tensor) for v in top.values())
+    if not found and tensors > len(top) - tensors:  # mostly tensors, plus a few other entries
+        return top, [], False
     if len(found) == 1:
         return _walk(top, found[0]), found[0], True
     if found:
@@ -347,16 +349,19 @@ class _FactorySource(Source):
     def __init__(self, spec: str | Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         self._call = (spec, list(args), dict(kwargs))
         where = f"source.model {describe_call(spec, args, kwargs)}"
-        with torch.device("meta"):
-            state = self._state_dict()
+        notes, self._state = [], None
+        try:
+            state = self._state_dict(device="meta")
+        except SourceError as exc:  # some factories cannot run on the meta device: build for real
+            state = self._state = self._state_dict()
+            notes.append(f"built for real: it failed on the meta device ({exc.message})")
         name = spec if isinstance(spec, str) else describe_call(spec).removesuffix("()")
-        super().__init__(_tensors_meta(state), _describe("factory", factory=name), where)
-        self._state: dict[str, Any] | None = None
+        super().__init__(_tensors_meta(state), _describe("factory", factory=name, notes=notes), where)
 
-    def _state_dict(self) -> dict[str, Any]:
+    def _state_dict(self, device: str | None = None) -> dict[str, Any]:
         spec, args, kwargs = self._call
         try:
-            module = build(spec, args, kwargs, what="source.model")
+            module = build(spec, args, kwargs, what="source.model", device=device)
         except TargetError as exc:
             raise SourceError(exc.message, where=exc.where) from exc.__cause__
         if not callable(getattr(module, "state_dict", None)):
@@ -371,9 +376,10 @@ class _FactorySource(Source):
             state = self._state_dict()
             real = _tensors_meta(state)
             if real != self.meta:
-                diff = sorted(set(real.items()) ^ set(self.meta.items()))[:3]
+                diff = sorted(k for k in {*real, *self.meta} if real.get(k) != self.meta.get(k))
                 raise SourceError(
-                    f"built for real, the model's state_dict differs from the one built on the meta device: {diff}",
+                    "built for real, the model's state_dict differs from the one built on the meta device, "
+                    f"at {', '.join(map(repr, diff[:5]))}",
                     where=self._where,
                 )
             self._state = state
@@ -440,7 +446,9 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[st
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise SourceError(f"truncated safetensors file: {size} bytes, too short for the 8-byte header length", where=where)
+            raise SourceError(
+                f"truncated safetensors file: {size} bytes, too short for the 8-byte header length", where=where
+            )
         length = int.from_bytes(head, "little")
         if length > size - 8:
             raise SourceError(
@@ -472,7 +480,9 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[st
             )
         meta[key] = TensorMeta(shape, _SAFETENSORS_DTYPES[code])
     if 8 + length + end > size:
-        raise SourceError(f"truncated: the tensor data ends at byte {8 + length + end} but the file has {size} bytes", where=where)
+        raise SourceError(
+            f"truncated: the tensor data ends at byte {8 + length + end} but the file has {size} bytes", where=where
+        )
     entries = {str(k): _short(v) for k, v in extra.items()} if isinstance(extra, dict) else {}
     return meta, entries
 
@@ -534,12 +544,11 @@ def _torch_load(path: Path, *, meta: bool, weights_only: bool, mmap: bool) -> An
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
             return torch.load(path, weights_only=weights_only, **options)
-    except (pickle.UnpicklingError, RuntimeError) as exc:
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ModuleNotFoundError (trusted pickles)...
         if weights_only and "Weights only load failed" in str(exc):
             raise _refused(path, exc) from None
-        raise SourceError(f"torch.load cannot read it: {type(exc).__name__}: {_first_line(exc)}", where=str(path)) from None
-    except Exception as exc:  # EOFError, ModuleNotFoundError (trusted pickles), ...
-        raise SourceError(f"torch.load cannot read it: {type(exc).__name__}: {_first_line(exc)}", where=str(path)) from None
+        message = f"torch.load cannot read it: {type(exc).__name__}: {_first_line(exc)}"
+        raise SourceError(message, where=str(path)) from None
 
 
 class _TorchReader(_Reader):
@@ -559,7 +568,7 @@ class _TorchReader(_Reader):
                 f"{path}: loaded with torch.load(weights_only=False) because trust_pickle is set; "
                 "unpickling runs code from the file",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
             self._weights_only = False
             self.notes.append("trusted pickle: loaded with weights_only=False")
@@ -571,7 +580,9 @@ class _TorchReader(_Reader):
         self.meta = _tensors_meta(weights)
         self.entries = _entries(obj, self.parts)
         if fmt == "torch-legacy":
-            self.notes.append("legacy torch.save format cannot be memory-mapped: the whole file is loaded on the first read")
+            self.notes.append(
+                "legacy torch.save format cannot be memory-mapped: the whole file is loaded on the first read"
+            )
         self._tensors: Mapping[Any, Any] | None = None
 
     def read(self, key: str) -> torch.Tensor:
@@ -584,7 +595,8 @@ class _TorchReader(_Reader):
                 raise self._fail_read(key, exc) from None
         tensor = self._tensors.get(key) if isinstance(self._tensors, Mapping) else None
         if not isinstance(tensor, torch.Tensor):
-            raise SourceError(f"cannot read tensor {key!r}: the loaded file holds {type(tensor).__name__} there", where=str(self.path))
+            message = f"cannot read tensor {key!r}: the loaded file holds {type(tensor).__name__} there"
+            raise SourceError(message, where=str(self.path))
         return tensor
 
     def release(self) -> None:
@@ -601,7 +613,8 @@ class _TorchScriptReader(_Reader):
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
                 module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # torch.jit raises many types
-            raise SourceError(f"torch.jit.load cannot read it: {type(exc).__name__}: {_first_line(exc)}", where=str(path)) from None
+            message = f"torch.jit.load cannot read it: {type(exc).__name__}: {_first_line(exc)}"
+            raise SourceError(message, where=str(path)) from None
         self._tensors = dict(module.state_dict())
         self.meta = _tensors_meta(self._tensors)
         self.entries = {}
@@ -643,12 +656,14 @@ def _zip_kind(path: Path) -> str:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError) as exc:
-        raise SourceError(f"looks like a torch.save zip archive but is truncated or corrupt ({exc})", where=str(path)) from None
+        message = f"looks like a torch.save zip archive but is truncated or corrupt ({exc})"
+        raise SourceError(message, where=str(path)) from None
     inner = {name.split("/", 1)[-1] for name in names}
     if "constants.pkl" in inner or any(name.startswith("code/") for name in inner):
         return "torchscript"
     if "data.pkl" not in inner:
-        raise SourceError(f"is a zip archive but not a torch.save checkpoint (no data.pkl in it); expected {ACCEPTED_FORMATS}", where=str(path))
+        message = f"is a zip archive but not a torch.save checkpoint (no data.pkl in it); expected {ACCEPTED_FORMATS}"
+        raise SourceError(message, where=str(path))
     return "torch-zip"
 
 
@@ -671,7 +686,9 @@ def _open_reader(path: Path, *, key: str | None, trust_pickle: bool) -> tuple[_R
                 "safetensors and load that",
                 where=str(path),
             )
-        warnings.warn(f"{path}: TorchScript archive loaded with torch.jit.load because trust_pickle is set", UserWarning, stacklevel=3)
+        if key is not None:
+            raise SourceError(f"source.key {key!r} does not apply to a TorchScript archive; leave `key` out", where=str(path))
+        warnings.warn(f"{path}: TorchScript archive loaded with torch.jit.load because trust_pickle is set", stacklevel=4)
         return _TorchScriptReader(path), "torchscript"
     return _TorchReader(path, fmt, key=key, trust_pickle=trust_pickle), fmt
 
@@ -682,7 +699,8 @@ def _resolve_folder(folder: Path) -> Path:
         if (folder / name).is_file():
             return folder / name
     files = sorted(p for p in folder.iterdir() if p.is_file())
-    for group in ([p for p in files if p.name.endswith(".index.json")], [p for p in files if p.suffix in WEIGHT_SUFFIXES]):
+    indexes = [p for p in files if p.name.endswith(".index.json")]
+    for group in (indexes, [p for p in files if p.suffix in WEIGHT_SUFFIXES]):
         if len(group) == 1:
             return group[0]
         if group:
@@ -793,10 +811,6 @@ def _open_mapping(source: Mapping[Any, Any], key: str | None) -> Source:
     return _StateDictSource(weights, desc)
 
 
-def _looks_like_factory(text: str) -> bool:
-    return bool(_FACTORY_RE.match(text)) and not Path(text).exists()
-
-
 def open_source(
     source: Any,
     *,
@@ -818,20 +832,21 @@ def open_source(
     """
     if key is not None and (not isinstance(key, str) or not key.strip(".")):
         raise UsageError(f"source.key must be a non-empty string such as 'state_dict', found {key!r}")
-    if isinstance(source, str) and _looks_like_factory(source):
-        source = {"model": source}
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if not path.is_absolute() and base_dir is not None:
             path = Path(base_dir) / path
-        return _open_path(path, key=key, trust_pickle=trust_pickle)
+        if not (isinstance(source, str) and _FACTORY_RE.match(source) and not path.exists()):
+            return _open_path(path, key=key, trust_pickle=trust_pickle)
+        source = {"model": source}  # "module.path:callable" names a factory, unless such a file exists
     if isinstance(source, torch.nn.Module):
         if key is not None:
             raise SourceError(f"source.key {key!r} does not apply to a module; leave `key` out", where="source")
         return _StateDictSource(source.state_dict(), _describe("state_dict", entries={"module": type(source).__name__}))
     if isinstance(source, Mapping) and _is_factory(source):
         if key is not None:
-            raise SourceError(f"source.key {key!r} does not apply to a model factory; leave `key` out", where="source.model")
+            message = f"source.key {key!r} does not apply to a model factory; leave `key` out"
+            raise SourceError(message, where="source.model")
         args = source.get("args", factory_args)
         kwargs = {**dict(factory_kwargs or {}), **dict(source.get("kwargs") or {})}
         return _FactorySource(source["model"], args if args is not None else (), kwargs)

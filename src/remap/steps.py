@@ -16,13 +16,14 @@ engine runs at apply time.
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import regex
 
-from .errors import describe_value
+from .errors import RulesError, describe_value
 from .meta import TensorMeta
 from .patterns import CaptureError, PatternError, Template, compile_regex, quote, quotes, search
 from .report import Failure
@@ -31,11 +32,20 @@ __all__ = ["Item", "Op", "StepResult", "Step", "STEPS", "register", "StepSpecErr
 
 
 class StepSpecError(ValueError):
-    """A step's configuration is invalid; ``field`` names the offending field (or None)."""
+    """A step's configuration is invalid.
 
-    def __init__(self, message: str, field: Any = None) -> None:
+    ``field`` names the offending field inside the step's value, for the message (a
+    name, a list index that reads "item N", or a tuple of them, as a path; None: the
+    message says enough). ``at`` is the path whose position the error points at
+    (default: ``field``); ``key`` points at that mapping key rather than its value.
+    """
+
+    def __init__(self, message: str, field: Any = None, *, at: tuple[Any, ...] | None = None, key: bool = False) -> None:
         super().__init__(message)
         self.field = field
+        self.path = () if field is None else field if isinstance(field, tuple) else (field,)
+        self.at = self.path if at is None else at
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,11 @@ class Step:
     kind: ClassVar[str] = ""
     schema: ClassVar[dict[str, Any]] = {}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "run" in cls.__dict__:
+            cls.run = _guarded(cls.__dict__["run"])  # type: ignore[method-assign]
+
     @classmethod
     def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
         raise NotImplementedError
@@ -130,6 +145,20 @@ class Step:
         return failures
 
 
+def _guarded(run: Callable[[Any, list[Item]], StepResult]) -> Callable[[Any, list[Item]], StepResult]:
+    """Every step's ``run``: a pattern that times out on a key (catastrophic backtracking)
+    is an error in the rules, reported with the step and its position."""
+
+    @functools.wraps(run)
+    def guarded(self: Step, items: list[Item]) -> StepResult:
+        try:
+            return run(self, items)
+        except PatternError as exc:
+            raise RulesError(f"{self.label}: {exc}", where=self.where) from None
+
+    return guarded
+
+
 STEPS: dict[str, type[Step]] = {}
 
 
@@ -158,6 +187,20 @@ def _patterns(value: Any, what: str) -> tuple[str, ...]:
         except PatternError as exc:
             raise StepSpecError(str(exc), field=i if not isinstance(value, str) else None) from None
     return items
+
+
+def _compile(pattern: str, field: Any = None, **where: Any) -> regex.Pattern[str]:
+    try:
+        return compile_regex(pattern)
+    except PatternError as exc:
+        raise StepSpecError(str(exc), field, **where) from None
+
+
+def _template(text: str, compiled: regex.Pattern[str], add: dict[Any, int] | None, field: Any = None, **where: Any) -> Template:
+    try:
+        return Template.parse(text, compiled, add)
+    except PatternError as exc:
+        raise StepSpecError(str(exc), field, **where) from None
 
 
 STRINGS = {"type": ["string", "array"], "items": {"type": "string"}, "minItems": 1}
@@ -224,8 +267,15 @@ class AddPrefix(Step):
     @classmethod
     def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
         if isinstance(value, str):
+            if not value:
+                raise StepSpecError("expected a non-empty prefix, found ''")
             return cls(index, where, optional, value)
-        match = _patterns(value["match"], "pattern") if "match" in value else ()
+        if not value["prefix"]:
+            raise StepSpecError("expected a non-empty prefix, found ''", "prefix")
+        try:
+            match = _patterns(value["match"], "pattern") if "match" in value else ()
+        except StepSpecError as exc:
+            raise StepSpecError(str(exc), ("match", *exc.path)) from None
         return cls(index, where, optional, value["prefix"], match)
 
     def summary(self) -> str:
@@ -275,40 +325,48 @@ class Rename(Step):
     def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
         if "from" in value or "to" in value:
             return cls(index, where, optional, (cls._long(value),))
-        return cls(index, where, optional, tuple(cls._rule(p, r, None, field=p) for p, r in value.items()))
+        rules = []
+        for pattern, replacement in value.items():
+            # the message names the pattern, so no field breadcrumb; a bad pattern points at its key
+            if not isinstance(pattern, str):
+                raise StepSpecError(f"expected a regex string as pattern, found {describe_value(pattern)}", at=(pattern,), key=True)
+            compiled = _compile(pattern, at=(pattern,), key=True)
+            if not isinstance(replacement, str):
+                hint = "; to remove keys, use `drop`" if replacement is None else ""
+                raise StepSpecError(
+                    f"pattern {quote(pattern)}: expected a replacement string, found {describe_value(replacement)}{hint}",
+                    at=(pattern,),
+                )
+            rules.append(_Rule(pattern, _template(replacement, compiled, None, at=(pattern,))))
+        return cls(index, where, optional, tuple(rules))
 
     @classmethod
     def _long(cls, value: dict[str, Any]) -> _Rule:
-        extra = sorted(set(map(str, value)) - cls.LONG)
+        extra = [k for k in value if k not in cls.LONG]
         if extra:
+            near = difflib.get_close_matches(str(extra[0]), sorted(cls.LONG), n=1, cutoff=0.6)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise StepSpecError(
-                f"unknown field {extra[0]!r} in the from/to form; expected: from, to, add", field=extra[0]
+                f"unknown field {quote(str(extra[0]))}{hint}; the from/to form takes: from, to, add", at=(extra[0],), key=True
             )
         for name in ("from", "to"):
             if name not in value:
-                raise StepSpecError(f"missing field {name!r}: the long form needs both 'from' and 'to'")
+                raise StepSpecError(f"missing required field '{name}': the from/to form needs both 'from' and 'to'")
             if not isinstance(value[name], str):
-                raise StepSpecError(f"expected a string, found {describe_value(value[name])}", field=name)
+                raise StepSpecError(f"expected a string, found {describe_value(value[name])}", name)
         add = value.get("add")
-        if add is not None and (not isinstance(add, dict) or not add):
-            raise StepSpecError(f"expected a mapping of group -> integer, found {describe_value(add)}", field="add")
+        if "add" in value and (not isinstance(add, dict) or not add):
+            raise StepSpecError(f"expected a mapping of group -> integer, found {describe_value(add)}", "add")
         for group, delta in (add or {}).items():
             if not isinstance(delta, int) or isinstance(delta, bool):
-                raise StepSpecError(f"group {group!r}: expected an integer to add, found {describe_value(delta)}", field="add")
-        return cls._rule(value["from"], value["to"], add, field="from")
-
-    @staticmethod
-    def _rule(pattern: Any, replacement: Any, add: dict[Any, int] | None, *, field: Any) -> _Rule:
-        if not isinstance(pattern, str):
-            raise StepSpecError(f"expected a regex string as pattern, found {describe_value(pattern)}", field=field)
-        if not isinstance(replacement, str):
-            what = "use `drop` to remove keys" if replacement is None else f"found {describe_value(replacement)}"
-            raise StepSpecError(f"pattern {quote(pattern)}: expected a replacement string; {what}", field=field)
-        try:
-            compiled = compile_regex(pattern)
-            return _Rule(pattern, Template.parse(replacement, compiled, add))
-        except PatternError as exc:
-            raise StepSpecError(str(exc), field=field) from None
+                raise StepSpecError(
+                    f"group {group}: expected an integer to add, found {describe_value(delta)}", "add", at=("add", group)
+                )
+        compiled = _compile(value["from"], field="from")
+        template = _template(value["to"], compiled, None, field="to")
+        if add:
+            template = _template(value["to"], compiled, add, at=("add",))  # the message starts with "add"
+        return _Rule(value["from"], template)
 
     def summary(self) -> str:
         parts = []
@@ -323,14 +381,16 @@ class Rename(Step):
         out, failures = [], []
         for item in items:
             for n, (rule, c) in enumerate(zip(self.rules, compiled)):
-                if search(c, item.key) is None:
-                    continue
-                counts[n] += 1
                 try:
-                    item = item.renamed(rule.template.sub(c, item.key), self.index)
-                except CaptureError as exc:
+                    key, hits = rule.template.subn(c, item.key)  # one pass: no search, then sub
+                except CaptureError as exc:  # raised only on a match
+                    counts[n] += 1
                     failures.append(Failure("bad_capture", f"{self.label}: key {item.key!r}: {exc}", item.sources))
-                break
+                    break
+                if hits:
+                    counts[n] += 1
+                    item = item.renamed(key, self.index)
+                    break
             out.append(item)
         pairs = tuple((r.pattern, n) for r, n in zip(self.rules, counts))
         return StepResult(out, counts=pairs, failures=failures + self.unmatched(pairs, items))

@@ -167,7 +167,9 @@ def _collapse(node: Node, memo: dict[int, Any]) -> None:
     stems = {id(c): _stem(c) for c in node.children}
     numbered = _merge_runs(
         node.children,
-        lambda a, b: stems[id(b)] is not None and stems[id(a)] == stems[id(b)] and _signature(a, memo) == _signature(b, memo),
+        lambda a, b: stems[id(b)] is not None
+        and stems[id(a)] == stems[id(b)]
+        and _signature(a, memo) == _signature(b, memo),
     )
     runs = {id(c) for c in numbered if c.repeat > 1}
     for child in numbered:
@@ -235,6 +237,11 @@ def human_bytes(n: int) -> str:
     return f"{n} B"  # unreachable
 
 
+def _plural(n: int, word: str, width: int = 0) -> str:
+    """``_plural(1, "tensor")`` -> ``"1 tensor"``; ``width`` right-aligns the number."""
+    return f"{n:>{width},} {word}{'' if n == 1 else 's'}"
+
+
 def _header(tree: Tree) -> list[str]:
     d = tree.description
     kind = d.get("kind")
@@ -254,11 +261,15 @@ def _header(tree: Tree) -> list[str]:
         lines.append(f"{'entries' if i == 0 else '':<8} {name}: {text}")
     for i, note in enumerate(d.get("notes") or []):
         lines.append(f"{'note' if i == 0 else '':<8} {note}")
-    lines.append(f"tensors  {tree.tensors:,} · {tree.numel:,} elements · {human_bytes(tree.nbytes)}")
-    width = max((len(k) for k in tree.dtypes), default=0)
-    for dtype, row in tree.dtypes.items():
+    lines.append(f"tensors  {tree.tensors:,} · {_plural(tree.numel, 'element')} · {human_bytes(tree.nbytes)}")
+    tw = max((len(f"{r['tensors']:,}") for r in tree.dtypes.values()), default=0)
+    nw = max((len(f"{r['numel']:,}") for r in tree.dtypes.values()), default=0)
+    rows = [(d, _plural(r["tensors"], "tensor", tw), _plural(r["numel"], "element", nw), human_bytes(r["bytes"]))
+            for d, r in tree.dtypes.items()]  # fmt: skip
+    widths = [max((len(row[c]) for row in rows), default=0) for c in range(4)]
+    for dtype, tensors, numel, size in rows:
         lines.append(
-            f"         {dtype:<{width}}  {row['tensors']:,} tensors  {row['numel']:,} elements  {human_bytes(row['bytes'])}"
+            f"         {dtype:<{widths[0]}}  {tensors:<{widths[1]}}  {numel:<{widths[2]}}  {size:>{widths[3]}}".rstrip()
         )
     return lines
 
@@ -267,7 +278,8 @@ def _rows(nodes: list[Node], prefix: str, depth: int, max_depth: int | None) -> 
     """(label, node, shows its children) for every visible node, depth first."""
     for i, node in enumerate(nodes):
         last = i == len(nodes) - 1
-        label = f"{prefix}{'└── ' if last else '├── '}{node.name}{f' ×{node.repeat}' if node.repeat > 1 else ''}"
+        times = f" ×{node.repeat}" if node.repeat > 1 else ""
+        label = f"{prefix}{'└── ' if last else '├── '}{node.name}{times}"
         open_ = max_depth is None or depth < max_depth
         yield label, node, open_
         if node.children and open_:
@@ -291,9 +303,9 @@ def format_tree(tree: Tree, *, max_depth: int | None = None) -> str:
         dtype = node.meta.dtype if node.meta else ""
         line = f"{label:<{label_w}}  {shape:<{shape_w}}  {dtype:<{dtype_w}}  {node.total_numel:>{count_w},}"
         if node.children:
-            line += f"  {node.total_tensors:,} tensors"
+            line += f"  {_plural(node.total_tensors, 'tensor')}"
             if node.repeat > 1:
-                line += f"  (each {node.numel:,} in {node.tensors:,})"
+                line += f"  (each: {node.numel:,} in {_plural(node.tensors, 'tensor')})"
             if not open_:
                 line += "  …"
         lines.append(line.rstrip())

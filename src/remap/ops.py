@@ -1,0 +1,283 @@
+"""Tensor operations of the rules language: each one a shape function and a tensor function.
+
+The planner calls ``*_shape`` on shapes alone, so an impossible op is caught before any
+tensor is read; the engine calls the tensor function at apply time. Both raise
+:class:`OpError` with what was found and what was expected.
+
+>>> transpose_shape((768, 2304), (0, 1))
+(2304, 768)
+>>> reshape_shape((768, 768), (768, 768, 1, 1))
+(768, 768, 1, 1)
+>>> split_shapes((2304, 768), 0, 3, None)
+[(768, 768), (768, 768), (768, 768)]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "OpError",
+    "transpose_shape",
+    "transpose",
+    "reshape_shape",
+    "reshape",
+    "slice_shape",
+    "slice_",
+    "pad_shape",
+    "pad",
+    "concat_shape",
+    "concat",
+    "split_shapes",
+    "split",
+    "in_channels_shape",
+    "adapt_in_channels",
+    "interpolate_shape",
+    "interpolate_grid",
+]
+
+Shape = tuple[int, ...]
+
+
+class OpError(ValueError):
+    """An op cannot apply to a shape; the planner adds the step and the key."""
+
+
+def _dim(dim: int, ndim: int, what: str = "dim") -> int:
+    if not -ndim <= dim < ndim:
+        raise OpError(f"{what} {dim} is out of range for a {ndim}-d tensor")
+    return dim % ndim
+
+
+# --------------------------------------------------------------------------- transpose
+
+
+def transpose_shape(shape: Shape, dims: Sequence[int]) -> Shape:
+    """Swap two dims, or permute all of them when ``dims`` names every dim."""
+    ndim = len(shape)
+    if ndim < 2 and len(dims) == 2:
+        raise OpError(f"cannot transpose a {ndim}-d tensor of shape {list(shape)}")
+    if len(dims) == 2:
+        a, b = (_dim(d, ndim) for d in dims)
+        out = list(shape)
+        out[a], out[b] = out[b], out[a]
+        return tuple(out)
+    perm = [_dim(d, ndim) for d in dims]
+    if sorted(perm) != list(range(ndim)):
+        raise OpError(f"permutation {list(dims)} does not name each of the {ndim} dims of shape {list(shape)} once")
+    return tuple(shape[d] for d in perm)
+
+
+def transpose(t: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    if len(dims) == 2:
+        return t.transpose(dims[0], dims[1]).contiguous()
+    return t.permute(*dims).contiguous()
+
+
+# --------------------------------------------------------------------------- reshape
+
+
+def reshape_shape(shape: Shape, new: Sequence[int]) -> Shape:
+    """``new`` may hold one -1, inferred from the element count."""
+    numel = math.prod(shape)
+    if sum(1 for d in new if d == -1) > 1:
+        raise OpError(f"shape {list(new)} has more than one -1")
+    if any(d < -1 for d in new):
+        raise OpError(f"shape {list(new)} has a negative size")
+    known = math.prod(d for d in new if d != -1)
+    if -1 in new:
+        if known == 0 or numel % known:
+            raise OpError(f"cannot reshape {list(shape)} ({numel} elements) to {list(new)}")
+        new = [numel // known if d == -1 else d for d in new]
+    elif known != numel:
+        raise OpError(f"cannot reshape {list(shape)} ({numel} elements) to {list(new)} ({known} elements)")
+    return tuple(new)
+
+
+def reshape(t: torch.Tensor, new: Sequence[int]) -> torch.Tensor:
+    return t.reshape(*new)
+
+
+# --------------------------------------------------------------------------- slice
+
+
+def _slice_indices(size: int, index: Sequence[int] | None, start: int | None, stop: int | None, step: int | None) -> list[int]:
+    if index is not None:
+        bad = [i for i in index if not -size <= i < size]
+        if bad:
+            raise OpError(f"index {bad[0]} is out of range for a dim of size {size}")
+        return [i % size for i in index]
+    if step == 0:
+        raise OpError("slice step cannot be 0")
+    return list(range(size))[slice(start, stop, step)]
+
+
+def slice_shape(shape: Shape, dim: int, index: Sequence[int] | None, start: int | None, stop: int | None, step: int | None) -> Shape:
+    d = _dim(dim, len(shape))
+    n = len(_slice_indices(shape[d], index, start, stop, step))
+    if n == 0:
+        raise OpError(f"the slice selects nothing from dim {dim} of size {shape[d]}")
+    return (*shape[:d], n, *shape[d + 1 :])
+
+
+def slice_(t: torch.Tensor, dim: int, index: Sequence[int] | None, start: int | None, stop: int | None, step: int | None) -> torch.Tensor:
+    import torch
+
+    d = _dim(dim, t.dim())
+    idx = _slice_indices(t.shape[d], index, start, stop, step)
+    return t.index_select(d, torch.tensor(idx, dtype=torch.long)).contiguous()
+
+
+# --------------------------------------------------------------------------- pad
+
+
+def pad_shape(shape: Shape, target: Shape) -> Shape:
+    """Pad at the end of each dim up to ``target``; no dim may shrink."""
+    if len(shape) != len(target):
+        raise OpError(f"cannot pad {list(shape)} to {list(target)}: different number of dims")
+    shrink = [i for i, (a, b) in enumerate(zip(shape, target)) if a > b]
+    if shrink:
+        raise OpError(f"cannot pad {list(shape)} to {list(target)}: dim {shrink[0]} would shrink (use slice)")
+    return tuple(target)
+
+
+def pad(t: torch.Tensor, target: Shape, fill: str | float) -> torch.Tensor:
+    """Grow ``t`` to ``target``; new entries are ``fill`` (a number), ``zeros``, or ``mean``:
+    the mean of the existing entries along each padded dim (new rows of a token embedding
+    start at the mean embedding, as ``resize_token_embeddings`` does)."""
+    import torch
+
+    out = t
+    for d, (have, want) in enumerate(zip(t.shape, target)):
+        if have == want:
+            continue
+        shape = list(out.shape)
+        shape[d] = want - have
+        if fill == "mean":
+            extra = out.float().mean(dim=d, keepdim=True).to(out.dtype).expand(*shape)
+        else:
+            extra = torch.full(shape, 0.0 if fill == "zeros" else float(fill), dtype=out.dtype)
+        out = torch.cat([out, extra], dim=d)
+    return out.contiguous()
+
+
+# --------------------------------------------------------------------------- merge / split
+
+
+def concat_shape(shapes: Sequence[Shape], dim: int, stack: bool) -> Shape:
+    first = shapes[0]
+    if stack:
+        if any(s != first for s in shapes):
+            raise OpError(f"cannot stack parts of different shapes: {[list(s) for s in shapes]}")
+        d = _dim(dim, len(first) + 1)
+        return (*first[:d], len(shapes), *first[d:])
+    if any(len(s) != len(first) for s in shapes):
+        raise OpError(f"cannot concatenate parts with different numbers of dims: {[list(s) for s in shapes]}")
+    d = _dim(dim, len(first))
+    if any(s[:d] + s[d + 1 :] != first[:d] + first[d + 1 :] for s in shapes):
+        raise OpError(f"cannot concatenate along dim {dim}: the other dims differ: {[list(s) for s in shapes]}")
+    return (*first[:d], sum(s[d] for s in shapes), *first[d + 1 :])
+
+
+def concat(tensors: Sequence[torch.Tensor], dim: int, stack: bool) -> torch.Tensor:
+    import torch
+
+    return torch.stack(list(tensors), dim=dim) if stack else torch.cat(list(tensors), dim=dim)
+
+
+def split_shapes(shape: Shape, dim: int, parts: int, sizes: Sequence[int] | None) -> list[Shape]:
+    d = _dim(dim, len(shape))
+    if sizes is not None:
+        if sum(sizes) != shape[d]:
+            raise OpError(f"sizes {list(sizes)} add up to {sum(sizes)}, but dim {dim} of {list(shape)} is {shape[d]}")
+        return [(*shape[:d], s, *shape[d + 1 :]) for s in sizes]
+    if shape[d] % parts:
+        raise OpError(f"dim {dim} of {list(shape)} ({shape[d]}) does not divide into {parts} equal parts")
+    return [(*shape[:d], shape[d] // parts, *shape[d + 1 :])] * parts
+
+
+def split(t: torch.Tensor, dim: int, parts: int, sizes: Sequence[int] | None, part: int) -> torch.Tensor:
+    if sizes is not None:
+        return t.split(list(sizes), dim=dim)[part].contiguous()
+    return t.chunk(parts, dim=dim)[part].contiguous()
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def in_channels_shape(shape: Shape, target: Shape) -> Shape:
+    """A conv weight [O, I, ...] fitted to the target's input channels."""
+    if len(shape) < 3 or len(target) != len(shape):
+        raise OpError(f"in_channels needs conv weights [out, in, ...] of equal rank; found {list(shape)} and target {list(target)}")
+    if shape[0] != target[0] or shape[2:] != target[2:]:
+        raise OpError(f"in_channels changes only dim 1: {list(shape)} cannot become {list(target)}")
+    return tuple(target)
+
+
+def adapt_in_channels(w: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Fit RGB stem filters to ``in_chans`` inputs: sum to 1 channel; for N channels repeat
+    the filters and rescale by 3/N so that activations keep their magnitude (timm's
+    ``adapt_input_conv``)."""
+    dtype = w.dtype
+    w = w.float()
+    have = w.shape[1]
+    if in_chans == have:
+        return w.to(dtype)
+    if in_chans == 1:
+        if have > 3 and have % 3 == 0:  # space-to-depth stems: sum each RGB triple
+            w = w.reshape(w.shape[0], have // 3, 3, *w.shape[2:]).sum(dim=2)
+        else:
+            w = w.sum(dim=1, keepdim=True)
+    else:
+        if have != 3:
+            raise OpError(f"in_channels can repeat 3-channel filters only; found {have} input channels")
+        repeat = math.ceil(in_chans / 3)
+        w = w.repeat(1, repeat, *([1] * (w.dim() - 2)))[:, :in_chans] * (3 / in_chans)
+    return w.to(dtype).contiguous()
+
+
+def _grid(n: int) -> tuple[int, int]:
+    side = math.isqrt(n)
+    if side * side != n:
+        raise OpError(f"{n} position tokens do not form a square grid")
+    return side, side
+
+
+def interpolate_shape(shape: Shape, target: Shape, prefix_tokens: int) -> Shape:
+    """Position embeddings [1, prefix + H*W, C] or [prefix + L, C] to the target's length."""
+    if len(shape) not in (2, 3) or len(target) != len(shape):
+        raise OpError(f"interpolate needs [1, tokens, dim] or [tokens, dim]; found {list(shape)} and target {list(target)}")
+    if shape[-1] != target[-1] or shape[:-2] != target[:-2]:
+        raise OpError(f"interpolate changes only the token dim: {list(shape)} cannot become {list(target)}")
+    for s in (shape, target):
+        if s[-2] <= prefix_tokens:
+            raise OpError(f"{list(s)} has no grid tokens after {prefix_tokens} prefix token(s)")
+    return tuple(target)
+
+
+def interpolate_grid(t: torch.Tensor, target_tokens: int, prefix_tokens: int, mode: str, grid: str) -> torch.Tensor:
+    """Resize a 1-D or 2-D (square) grid of position embeddings, prefix tokens kept aside."""
+    import torch
+    import torch.nn.functional as F
+
+    squeeze = t.dim() == 2
+    x = t.unsqueeze(0) if squeeze else t
+    prefix, body = x[:, :prefix_tokens], x[:, prefix_tokens:]
+    dtype, dim = body.dtype, body.shape[-1]
+    new_n = target_tokens - prefix_tokens
+    body = body.float()
+    if grid == "1d":
+        body = F.interpolate(body.transpose(1, 2), size=new_n, mode="linear" if mode == "bicubic" else mode, align_corners=False)
+        body = body.transpose(1, 2)
+    else:
+        (h, w), (nh, nw) = _grid(body.shape[1]), _grid(new_n)
+        body = body.reshape(1, h, w, dim).permute(0, 3, 1, 2)
+        body = F.interpolate(body, size=(nh, nw), mode=mode, align_corners=False, antialias=mode in ("bicubic", "bilinear"))
+        body = body.permute(0, 2, 3, 1).reshape(1, nh * nw, dim)
+    out = torch.cat([prefix, body.to(dtype)], dim=1)
+    return (out.squeeze(0) if squeeze else out).contiguous()
