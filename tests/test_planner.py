@@ -345,8 +345,7 @@ def test_collision_names_both_sources() -> None:
     plan = plan_of({"rules": [{"rename": {"^a": "c", "^b": "c"}}]}, {"a": [2], "b": [2]}, {"c": [2]})
     assert failures(plan) == [
         ("collision", "step 1 (rename): source keys 'a' and 'b' both become 'c'"),
-        ("unused", "1 source key(s) reach no target key and are not dropped or in expect.unused:\n  b"),
-    ]
+    ]  # 'b' is not reported a second time as unused: the collision explains it
     assert plan.failures[0].keys == ("a", "b")
     assert targets(plan) == {"c": ("loaded", ("a",))}  # the first one is kept
     assert fates(plan) == {"a": "used", "b": "unused"}
@@ -575,18 +574,20 @@ def test_tied_duplicate_after_rename_prefers_the_first_name() -> None:
     assert [(d.source, d.first) for d in plan.duplicates] == [("x", "y")]
 
 
+def test_tied_duplicate_of_another_shape_fails_the_plan() -> None:
+    target = {"a": TargetMeta((2,)), "b": TargetMeta((2,), tied_to="a")}
+    plan = make_plan(parse_rules({"version": 1}), {"a": [2], "b": [3]}, target)
+    assert not plan.ok
+    assert any({"a", "b"} <= set(f.keys) for f in plan.failures)
+
+
 def test_tied_neither_loaded_is_missing() -> None:
     target = {"a": TargetMeta((2,)), "b": TargetMeta((2,), tied_to="a")}
     plan = plan_of({"expect": {"missing": "^[ab]$"}}, {}, target)
     assert plan.ok
-    assert targets(plan) == {"a": ("missing", ()), "b": ("missing", ())}
+    assert targets(plan) == {"a": ("missing", ()), "b": ("tied", ())}  # an alias follows its first name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="planner: a tied alias whose first name is not loaded is counted as a missing key of its own "
-    "(must be declared again, and its elements count twice in param_elements)",
-)
 def test_tied_alias_follows_its_first_name() -> None:
     target = {"a": TargetMeta((3,)), "b": TargetMeta((3,), tied_to="a")}
     plan = make_plan(parse_rules({"version": 1, "shapes": {"skip": "^a$"}, "expect": {"missing": "^a$"}}), {"a": [2]}, target)
@@ -644,7 +645,6 @@ def test_freeze_pattern_matching_nothing_fails(freeze: dict[str, Any], messages:
     assert {f.kind for f in plan.failures} == {"freeze"}
 
 
-@pytest.mark.xfail(strict=True, reason="planner: patterns in freeze failures and expect.missing warnings are quoted with repr, doubling backslashes")
 def test_planner_messages_quote_patterns_without_doubling_backslashes() -> None:
     plan = make_plan(parse_rules({"version": 1, "freeze": {"params": r"^enc\."}, "expect": {"missing": r"^new\."}}), {"a": [1]}, {"a": [1]})
     assert [f.message for f in plan.failures] == [r"freeze.params: pattern '^enc\.' matched no parameter of the target"]
@@ -758,7 +758,6 @@ def test_explain_unknown_key_far_from_everything() -> None:
     assert str(info.value) == "'zzzzzzzz' is neither a source nor a target key"
 
 
-@pytest.mark.xfail(strict=True, reason="explain: a key that is both a source and a target key is suggested twice")
 def test_explain_did_you_mean_names_each_key_once() -> None:
     plan = plan_of({}, {"fc.w": [2]}, {"fc.w": [2]})
     with pytest.raises(UsageError) as info:
@@ -766,11 +765,6 @@ def test_explain_did_you_mean_names_each_key_once() -> None:
     assert str(info.value) == "'fc.x' is neither a source nor a target key; did you mean 'fc.w'?"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="planner/explain: a source key set aside by a collision is explained as "
-    "'unused: no target key named ...' although that target key exists and was loaded from the other source",
-)
 def test_explain_collided_source_names_the_collision() -> None:
     plan = plan_of({"rules": [{"rename": {"^a": "c"}}]}, {"a": [2], "c": [2]}, {"c": [2]})
     text = plan.explain("c").splitlines()

@@ -110,7 +110,7 @@ def small_report() -> Report:
 
 
 SMALL_REPORT_TEXT = r"""
-APPLIED  ckpt/r18.pth (torch, key "state_dict") -> tests.models:tiny
+NOT LOADED  ckpt/r18.pth (torch, key "state_dict") -> tests.models:tiny
 rules: rules.yaml
 
 Steps

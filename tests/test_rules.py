@@ -950,3 +950,8 @@ def test_yaml_anchor_reused() -> None:
     text = "version: 1\nexpect: {missing: &heads ['^fc\\.', '^cls']}\nfreeze: {params: '.*', except: *heads}\n"
     rules = parse_rules(text)
     assert rules.expect.missing == rules.freeze.except_ == ("^fc\\.", "^cls")
+
+
+def test_found_string_keeps_backslashes_single() -> None:
+    err = _error("version: 1\nrules:\n  - rename: 'a\\.b'\n", filename="rules.yaml")
+    assert str(err) == "rules.yaml:3:13: step 1 (rename): expected a mapping, found a string 'a\\.b'"

@@ -100,6 +100,6 @@ def describe_value(value: Any) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
     if value is None:
         return "nothing (null)"
-    text = repr(value)
+    text = f"'{value}'" if isinstance(value, str) else repr(value)
     text = text if len(text) <= 60 else text[:57] + "..."
     return f"{names.get(type(value), type(value).__name__)} {text}"

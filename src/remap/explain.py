@@ -27,7 +27,7 @@ def explain(plan: Plan, key: str) -> str:
     if key in plan.source_meta:
         parts.append(_explain_source(plan, key, indent=""))
     if not parts:
-        near = difflib.get_close_matches(key, [*plan.target_meta, *plan.source_meta], n=3, cutoff=0.6)
+        near = difflib.get_close_matches(key, list(dict.fromkeys([*plan.target_meta, *plan.source_meta])), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
         raise UsageError(f"{key!r} is neither a source nor a target key{hint}")
     return "\n".join(parts)
@@ -68,6 +68,8 @@ def _explain_source(plan: Plan, key: str, *, indent: str, prefix: str = "") -> s
 
 
 def _fate_words(fate, summaries: dict[int, str]) -> str:  # type: ignore[no-untyped-def]
+    if fate is not None and fate.note:
+        return f"unused: {fate.note}"
     if fate is None or fate.fate == UNUSED:
         final = fate.final if fate else None
         return f"unused: no target key named {final!r}" if final else "unused"

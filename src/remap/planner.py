@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .meta import TargetMeta, TensorMeta, source_meta, target_meta
-from .patterns import compile_regex
+from .patterns import compile_regex, quote
 from .report import (
     DROPPED,
     DUPLICATE,
@@ -79,6 +79,7 @@ class _Fate:
     step: int | None = None
     final: str | None = None
     targets: tuple[str, ...] = ()
+    note: str | None = None
 
 
 @dataclass
@@ -188,13 +189,14 @@ def _run_steps(steps: Iterable[Step], src: dict[str, TensorMeta]) -> tuple[list[
             for s in item.sources:
                 fates[s] = _Fate(item.hops, DROPPED, step.index, item.key)
         items, collided = _split_collisions(result.items, step, failures)
-        for item in collided:
+        for item, winner in collided:
+            note = f"{step.label} renamed it onto {item.key!r}, which {_names(winner.sources)} already holds (collision)"
             for s in item.sources:
-                fates[s] = _Fate(item.hops, UNUSED, None, item.key)
+                fates[s] = _Fate(item.hops, UNUSED, None, item.key, note=note)
     return records, items, failures, fates
 
 
-def _split_collisions(items: list[Item], step: Step, failures: list[Failure]) -> tuple[list[Item], list[Item]]:
+def _split_collisions(items: list[Item], step: Step, failures: list[Failure]) -> tuple[list[Item], list[tuple[Item, Item]]]:
     """Keep the first item per key; report and set aside every later one."""
     if len({i.key for i in items}) == len(items):
         return items, []
@@ -210,7 +212,7 @@ def _split_collisions(items: list[Item], step: Step, failures: list[Failure]) ->
                     (*a, *b),
                 )
             )
-            collided.append(item)
+            collided.append((item, first[item.key]))
         else:
             first[item.key] = item
             kept.append(item)
@@ -243,11 +245,20 @@ def _pair(items: list[Item], tgt: Mapping[str, TargetMeta], rules: Rules, fates:
     for canonical, group in by_canonical.items():
         group.sort(key=lambda i: i.key != canonical)  # the item named like the first name loads
         item, rest = group[0], group[1:]
+        want = tgt[canonical]
         for dup in rest:
             out.duplicates.append(Duplicate(dup.sources[0], item.sources[0], canonical))
             for s in dup.sources:
                 fates[s] = _Fate(dup.hops, DUPLICATE, None, dup.key, (canonical,))
-        want = tgt[canonical]
+            if dup.meta.shape != item.meta.shape:
+                out.failures.append(
+                    Failure(
+                        "tied_conflict",
+                        f"{canonical!r} is a tied parameter fed by two source tensors of different shapes: "
+                        f"{_names(item.sources)} {list(item.meta.shape)} and {_names(dup.sources)} {list(dup.meta.shape)}; drop one of them",
+                        (*item.sources, *dup.sources),
+                    )
+                )
         if item.meta.shape != want.shape:
             out.mismatched[canonical] = item
             for s in item.sources:
@@ -286,7 +297,7 @@ def _plan_freeze(rules: Rules, tgt: Mapping[str, TargetMeta], bn: Mapping[str, s
     for label, patterns in (("freeze.params", spec.params), ("freeze.except", spec.except_)):
         for p in patterns:
             if not any(compile_regex(p).search(k) for k in params):
-                failures.append(Failure("freeze", f"{label}: pattern {p!r} matched no parameter of the target"))
+                failures.append(Failure("freeze", f"{label}: pattern {quote(p)} matched no parameter of the target"))
     frozen = {k for k in params if _matches(spec.params, k) and not _matches(spec.except_, k)}
     bn_names = []
     if spec.batchnorm != "keep":
@@ -330,9 +341,8 @@ def _target_records(tgt: Mapping[str, TargetMeta], pairing: _Pairing, frozen: se
         if meta.is_param:
             trainable = meta.requires_grad and canonical not in frozen and key not in frozen and not key.startswith(bn_prefixes)
         base = dict(key=key, shape=meta.shape, dtype=meta.dtype, kind=meta.kind, numel=meta.numel, trainable=trainable)
-        if meta.tied_to is not None:
-            status = TIED if meta.tied_to in assigned else MISSING
-            records.append(TargetRecord(status=status, tied_to=meta.tied_to, declared=status == TIED or _matches(rules.expect.missing, key), **base))
+        if meta.tied_to is not None:  # an alias shares the fate of its first name, reported there
+            records.append(TargetRecord(status=TIED, tied_to=meta.tied_to, declared=True, **base))
         elif key in assigned:
             a = assigned[key]
             records.append(TargetRecord(status=LOADED, sources=a.sources, steps=_step_labels(a.sources, fates, rules), ops=tuple(o.describe for o in a.ops),
@@ -358,7 +368,7 @@ def _source_records(src: Mapping[str, TensorMeta], fates: dict[str, _Fate], rule
     for key, meta in src.items():
         f = fates.get(key) or _Fate((), UNUSED, None, key)
         declared = f.fate == UNUSED and _matches(rules.expect.unused, key, f.final)
-        records.append(SourceRecord(key, f.fate, meta.shape, meta.dtype, f.targets, f.final, f.step, kinds.get(f.step), declared))
+        records.append(SourceRecord(key, f.fate, meta.shape, meta.dtype, f.targets, f.final, f.step, kinds.get(f.step), declared, f.note))
     return records
 
 
@@ -399,7 +409,7 @@ def _expectations(targets: list[TargetRecord], sources: list[SourceRecord], tota
                 tuple(keys),
             )
         )
-    unused = [s.key for s in sources if s.fate == UNUSED and not s.declared]
+    unused = [s.key for s in sources if s.fate == UNUSED and not s.declared and s.note is None]  # collisions failed already
     if unused:
         failures.append(
             Failure(
@@ -463,7 +473,7 @@ def _warnings(rules: Rules, tgt: Mapping[str, TargetMeta], src: Mapping[str, Ten
     keys = list(tgt)
     for p in rules.expect.missing:
         if not any(compile_regex(p).search(k) for k in keys):
-            out.append(f"expect.missing: pattern {p!r} matched no target key")
+            out.append(f"expect.missing: pattern {quote(p)} matched no target key")
     casts = Counter((a.meta.dtype, tgt[a.target].dtype) for a in pairing.assignments if a.meta.dtype != tgt[a.target].dtype)
     for (a, b), n in casts.items():
         out.append(f"{n} tensor(s) will be cast from {a} to {b} by load_state_dict")

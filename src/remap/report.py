@@ -72,7 +72,8 @@ class SourceRecord:
     """One tensor of the source: ``fate`` is used, dropped, unused, skipped or duplicate.
 
     ``final_key`` is its name after the last step (for an unused key: the name that
-    found no target); ``step`` is the 1-based step that dropped it.
+    found no target); ``step`` is the 1-based step that dropped it; ``note`` says why an
+    unused key is unused when another check already failed for it (a collision).
     """
 
     key: str
@@ -84,6 +85,7 @@ class SourceRecord:
     step: int | None = None
     step_kind: str | None = None
     declared: bool = False
+    note: str | None = None
 
 
 @dataclass(frozen=True)
