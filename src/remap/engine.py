@@ -27,6 +27,7 @@ from .planner import _totals
 if TYPE_CHECKING:
     from .planner import Plan
     from .sources import Source
+    from .steps import Recipe
 
 __all__ = ["apply_plan", "check_failed"]
 
@@ -79,19 +80,24 @@ def _check_same_target(plan: Plan, module: torch.nn.Module) -> None:
 
 
 def _materialise(plan: Plan, source: Source) -> OrderedDict[str, torch.Tensor]:
+    """Every planned tensor, read and computed; source tensors no op touches are not copied."""
     state: OrderedDict[str, torch.Tensor] = OrderedDict()
     order = {k: n for n, k in enumerate(source.meta)}  # file order: one pass over each shard
+    memo: dict[int, torch.Tensor] = {}  # a tensor split into parts is read and computed once
     for a in sorted(plan.assignments, key=lambda a: order.get(a.sources[0], 0)):
-        tensors = [source.read(k) for k in a.sources]
-        value = tensors[0]
-        for op in a.ops:
-            value = op.fn(*tensors) if op is a.ops[0] else op.fn(value)
+        value = source.read(a.sources[0]) if a.recipe is None else _evaluate(a.recipe, source, memo)
         if tuple(value.shape) != tuple(plan.target_meta[a.target].shape):
-            raise InternalError(
-                f"{a.target!r}: planned shape {list(a.meta.shape)}, got {list(value.shape)} after {[o.describe for o in a.ops]}"
-            )
+            raise InternalError(f"{a.target!r}: planned shape {list(a.meta.shape)}, got {list(value.shape)} after {list(a.ops)}")
         state[a.target] = value
     return state
+
+
+def _evaluate(node: Recipe | str, source: Source, memo: dict[int, torch.Tensor]) -> torch.Tensor:
+    if isinstance(node, str):
+        return source.read(node)
+    if id(node) not in memo:
+        memo[id(node)] = node.op.fn(*(_evaluate(i, source, memo) for i in node.inputs))
+    return memo[id(node)]
 
 
 def _check_duplicates(plan: Plan, source: Source) -> None:

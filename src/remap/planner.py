@@ -40,7 +40,7 @@ from .report import (
     Totals,
 )
 from .rules import Rules
-from .steps import Item, Op, Step
+from .steps import Item, Recipe, Step, StepContext
 
 if TYPE_CHECKING:
     import torch
@@ -55,12 +55,19 @@ FROZEN_BN_SUPPORTED = ("BatchNorm2d", "SyncBatchNorm")
 
 @dataclass(frozen=True)
 class Assignment:
-    """One target key that will be written: from which source keys, through which ops."""
+    """One target key that will be written: from which source keys, through which ops.
+
+    ``recipe`` is None when the source tensor is loaded as it is (no op, no copy).
+    """
 
     target: str
     sources: tuple[str, ...]
-    ops: tuple[Op, ...]
+    recipe: Recipe | None
     meta: TensorMeta
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return self.recipe.ops() if self.recipe is not None else ()
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,7 @@ def make_plan(
     """
     src = source_meta(source)
     tgt = target if _all_target_meta(target) else target_meta(target)
-    steps, items, failures, fates = _run_steps(rules.steps, src)
+    steps, items, failures, fates = _run_steps(rules.steps, src, StepContext(tgt))
     pairing = _pair(items, tgt, rules, fates)
     failures += pairing.failures
     frozen, bn_names, freeze_failures = _plan_freeze(rules, tgt, batchnorm_modules or {})
@@ -154,6 +161,7 @@ def make_plan(
     sources = _source_records(src, fates, rules)
     totals = _totals(targets, sources)
     failures += _expectations(targets, sources, totals, rules)
+    failures += _unused_parts(pairing.unused_parts, rules)
     failures += _hints(failures, targets, sources)
     report = Report(
         dry_run=True,
@@ -176,23 +184,23 @@ def _all_target_meta(target: Mapping[str, Any]) -> bool:
     return isinstance(target, Mapping) and all(isinstance(v, TargetMeta) for v in target.values())
 
 
-def _run_steps(steps: Iterable[Step], src: dict[str, TensorMeta]) -> tuple[list[StepRecord], list[Item], list[Failure], dict[str, _Fate]]:
+def _run_steps(steps: Iterable[Step], src: dict[str, TensorMeta], ctx: StepContext) -> tuple[list[StepRecord], list[Item], list[Failure], dict[str, _Fate]]:
     items = [Item.source(k, m) for k, m in src.items()]
     records: list[StepRecord] = []
     failures: list[Failure] = []
     fates: dict[str, _Fate] = {}
     for step in steps:
-        result = step.run(items)
+        result = step.run(items, ctx)
         records.append(StepRecord(step.index, step.kind, step.summary(), result.matched, step.optional, result.counts, step.where))
         failures += result.failures
         for item in result.dropped:
             for s in item.sources:
-                fates[s] = _Fate(item.hops, DROPPED, step.index, item.key)
+                fates[s] = _Fate(item.hops_for(s), DROPPED, step.index, item.key)
         items, collided = _split_collisions(result.items, step, failures)
         for item, winner in collided:
             note = f"{step.label} renamed it onto {item.key!r}, which {_names(winner.sources)} already holds (collision)"
             for s in item.sources:
-                fates[s] = _Fate(item.hops, UNUSED, None, item.key, note=note)
+                fates[s] = _Fate(item.hops_for(s), UNUSED, None, item.key, note=note)
     return records, items, failures, fates
 
 
@@ -229,16 +237,34 @@ class _Pairing:
     mismatched: dict[str, Item] = field(default_factory=dict)
     duplicates: list[Duplicate] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    unused_parts: list[Item] = field(default_factory=list)  # split parts reaching no target
+
+
+FATE_ORDER = (USED, SKIPPED, DUPLICATE, UNUSED)  # a source split into parts takes its best part's fate
+
+
+def _settle(outcomes: list[tuple[Item, str, str | None]], fates: dict[str, _Fate], out: _Pairing) -> None:
+    """One fate per source key from the fates of the items it reached (several after a split)."""
+    by_source: dict[str, list[tuple[Item, str, str | None]]] = defaultdict(list)
+    for outcome in outcomes:
+        for s in outcome[0].sources:
+            by_source[s].append(outcome)
+    for s, reached in by_source.items():
+        best = min(reached, key=lambda o: FATE_ORDER.index(o[1]))
+        targets = tuple(dict.fromkeys(t for item, fate, t in reached if fate == best[1] and t))
+        fates[s] = _Fate(best[0].hops_for(s), best[1], None, best[0].key, targets)
+        if best[1] == USED:
+            out.unused_parts.extend(item for item, fate, _ in reached if fate == UNUSED and item not in out.unused_parts)
 
 
 def _pair(items: list[Item], tgt: Mapping[str, TargetMeta], rules: Rules, fates: dict[str, _Fate]) -> _Pairing:
     out = _Pairing()
+    outcomes: list[tuple[Item, str, str | None]] = []
     by_canonical: dict[str, list[Item]] = defaultdict(list)
     for item in items:
         meta = tgt.get(item.key)
         if meta is None:
-            for s in item.sources:
-                fates[s] = _Fate(item.hops, UNUSED, None, item.key)
+            outcomes.append((item, UNUSED, None))
             continue
         by_canonical[meta.tied_to or item.key].append(item)
     mismatches = []
@@ -248,8 +274,7 @@ def _pair(items: list[Item], tgt: Mapping[str, TargetMeta], rules: Rules, fates:
         want = tgt[canonical]
         for dup in rest:
             out.duplicates.append(Duplicate(dup.sources[0], item.sources[0], canonical))
-            for s in dup.sources:
-                fates[s] = _Fate(dup.hops, DUPLICATE, None, dup.key, (canonical,))
+            outcomes.append((dup, DUPLICATE, canonical))
             if dup.meta.shape != item.meta.shape:
                 out.failures.append(
                     Failure(
@@ -261,14 +286,13 @@ def _pair(items: list[Item], tgt: Mapping[str, TargetMeta], rules: Rules, fates:
                 )
         if item.meta.shape != want.shape:
             out.mismatched[canonical] = item
-            for s in item.sources:
-                fates[s] = _Fate(item.hops, SKIPPED, None, item.key, (canonical,))
+            outcomes.append((item, SKIPPED, canonical))
             if not rules.shapes.skips(canonical):
                 mismatches.append((canonical, item, want))
             continue
-        out.assignments.append(Assignment(canonical, item.sources, item.ops, item.meta))
-        for s in item.sources:
-            fates[s] = _Fate(item.hops, USED, None, item.key, (canonical,))
+        out.assignments.append(Assignment(canonical, item.sources, item.recipe, item.meta))
+        outcomes.append((item, USED, canonical))
+    _settle(outcomes, fates, out)
     if mismatches:
         lines = [f"{k}: checkpoint {list(i.meta.shape)} (from {_names(i.sources)}) vs model {list(w.shape)}" for k, i, w in mismatches]
         out.failures.append(
@@ -345,7 +369,7 @@ def _target_records(tgt: Mapping[str, TargetMeta], pairing: _Pairing, frozen: se
             records.append(TargetRecord(status=TIED, tied_to=meta.tied_to, declared=True, **base))
         elif key in assigned:
             a = assigned[key]
-            records.append(TargetRecord(status=LOADED, sources=a.sources, steps=_step_labels(a.sources, fates, rules), ops=tuple(o.describe for o in a.ops),
+            records.append(TargetRecord(status=LOADED, sources=a.sources, steps=_step_labels(a.sources, fates, rules), ops=a.ops,
                                         source_shape=a.meta.shape, source_dtype=a.meta.dtype, **base))  # fmt: skip
         elif key in pairing.mismatched:
             it = pairing.mismatched[key]
@@ -393,6 +417,22 @@ def _totals(targets: list[TargetRecord], sources: list[SourceRecord]) -> Totals:
         frozen_params=sum(1 for t in params if t.trainable is False),
         trainable_params=sum(1 for t in params if t.trainable),
     )
+
+
+def _unused_parts(parts: list[Item], rules: Rules) -> list[Failure]:
+    """Parts of a split source that reach no target: the source counts as used, but a
+    piece of it would be lost, so each part must be dropped or declared like a key."""
+    lost = [p for p in parts if not _matches(rules.expect.unused, p.key, *p.sources)]
+    if not lost:
+        return []
+    lines = [f"{p.key!r} (a part of {_names(p.sources)})" for p in lost]
+    return [
+        Failure(
+            "unused",
+            f"{len(lost)} part(s) of split source keys reach no target key and are not in expect.unused:\n  " + "\n  ".join(lines),
+            tuple(dict.fromkeys(s for p in lost for s in p.sources)),
+        )
+    ]
 
 
 def _expectations(targets: list[TargetRecord], sources: list[SourceRecord], totals: Totals, rules: Rules) -> list[Failure]:

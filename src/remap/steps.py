@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,7 +28,7 @@ from .meta import TensorMeta
 from .patterns import CaptureError, PatternError, Template, compile_regex, quote, quotes, search
 from .report import Failure
 
-__all__ = ["Item", "Op", "StepResult", "Step", "STEPS", "register", "StepSpecError", "close_keys"]
+__all__ = ["Item", "Op", "Recipe", "StepContext", "StepResult", "Step", "STEPS", "register", "StepSpecError", "close_keys"]
 
 
 class StepSpecError(ValueError):
@@ -52,7 +52,7 @@ class StepSpecError(ValueError):
 class Op:
     """A tensor operation recorded at planning time and run at apply time.
 
-    ``fn`` takes the input tensors (one per source of the item) and returns one tensor.
+    ``fn`` takes the input tensors of its :class:`Recipe` node and returns one tensor.
     """
 
     name: str
@@ -60,27 +60,75 @@ class Op:
     fn: Callable[..., Any] = field(compare=False, repr=False)
 
 
+@dataclass(frozen=True, eq=False)
+class Recipe:
+    """How to compute one tensor: ``op`` applied to ``inputs`` (source keys or recipes)."""
+
+    op: Op
+    inputs: tuple[Recipe | str, ...]
+
+    def ops(self) -> tuple[str, ...]:
+        """Op descriptions in the order they run (inputs first)."""
+        inner = tuple(d for i in self.inputs if isinstance(i, Recipe) for d in i.ops())
+        return (*inner, self.op.describe)
+
+    def describe(self) -> str:
+        """``split(dim=0)[1 of 3] of transpose(0, 1) of 'h.0.attn.c_attn.weight'``"""
+        args = ", ".join(i.describe() if isinstance(i, Recipe) else repr(i) for i in self.inputs)
+        return f"{self.op.describe} of {args if len(self.inputs) == 1 else '[' + args + ']'}"
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step may know besides the keys: the target's metadata (for ops that fit a
+    tensor to the target, such as ``pad`` and ``adapt``)."""
+
+    target: Mapping[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, slots=True)
 class Item:
     """A key on its way through the pipeline.
 
-    ``hops`` records ``(step index, key after that step)`` for every step that renamed it.
+    ``hops`` records ``(step index, key after that step)`` for every step that renamed it
+    since it was made; a merged or split item keeps the items it came from in ``parents``.
+    ``recipe`` is None while the item is a source tensor untouched by any op.
     """
 
     key: str
     sources: tuple[str, ...]
     meta: TensorMeta
     hops: tuple[tuple[int, str], ...] = ()
-    ops: tuple[Op, ...] = ()
+    recipe: Recipe | None = None
+    parents: tuple[Item, ...] = ()
 
     @classmethod
     def source(cls, key: str, meta: TensorMeta) -> Item:
         return cls(key, (key,), meta)
 
+    @property
+    def node(self) -> Recipe | str:
+        """This item as an input of a further op."""
+        return self.recipe if self.recipe is not None else self.sources[0]
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return self.recipe.ops() if self.recipe is not None else ()
+
     def renamed(self, key: str, step: int) -> Item:
         if key == self.key:
             return self
-        return Item(key, self.sources, self.meta, (*self.hops, (step, key)), self.ops)
+        return Item(key, self.sources, self.meta, (*self.hops, (step, key)), self.recipe, self.parents)
+
+    def with_op(self, op: Op, meta: TensorMeta) -> Item:
+        return Item(self.key, self.sources, meta, self.hops, Recipe(op, (self.node,)), self.parents)
+
+    def hops_for(self, source: str) -> tuple[tuple[int, str], ...]:
+        """The renames one source key went through to become this item."""
+        for parent in self.parents:
+            if source in parent.sources:
+                return (*parent.hops_for(source), *self.hops)
+        return self.hops
 
 
 @dataclass(frozen=True)
@@ -122,7 +170,7 @@ class Step:
     def summary(self) -> str:
         raise NotImplementedError
 
-    def run(self, items: list[Item]) -> StepResult:
+    def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
         raise NotImplementedError
 
     def unmatched(self, counts: Sequence[tuple[str, int]], items: list[Item]) -> list[Failure]:
@@ -145,14 +193,14 @@ class Step:
         return failures
 
 
-def _guarded(run: Callable[[Any, list[Item]], StepResult]) -> Callable[[Any, list[Item]], StepResult]:
+def _guarded(run: Callable[..., StepResult]) -> Callable[..., StepResult]:
     """Every step's ``run``: a pattern that times out on a key (catastrophic backtracking)
     is an error in the rules, reported with the step and its position."""
 
     @functools.wraps(run)
-    def guarded(self: Step, items: list[Item]) -> StepResult:
+    def guarded(self: Step, items: list[Item], ctx: StepContext | None = None) -> StepResult:
         try:
-            return run(self, items)
+            return run(self, items, ctx or StepContext())
         except PatternError as exc:
             raise RulesError(f"{self.label}: {exc}", where=self.where) from None
 
@@ -229,7 +277,7 @@ class StripPrefix(Step):
     def summary(self) -> str:
         return f"strip_prefix {quotes(self.prefixes)}"
 
-    def run(self, items: list[Item]) -> StepResult:
+    def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
         counts = dict.fromkeys(self.prefixes, 0)
         out = []
         for item in items:
@@ -282,7 +330,7 @@ class AddPrefix(Step):
         scope = f" on {quotes(self.match)}" if self.match else ""
         return f"add_prefix {quote(self.prefix)}{scope}"
 
-    def run(self, items: list[Item]) -> StepResult:
+    def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
         if not self.match:
             out = [i.renamed(self.prefix + i.key, self.index) for i in items]
             pairs = ((self.prefix, len(items)),)
@@ -375,7 +423,7 @@ class Rename(Step):
             parts.append(f"{quote(r.pattern)} -> {quote(r.template.text)}{add}")
         return "rename " + "; ".join(parts)
 
-    def run(self, items: list[Item]) -> StepResult:
+    def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
         compiled = [compile_regex(r.pattern) for r in self.rules]
         counts = [0] * len(self.rules)
         out, failures = [], []
@@ -412,7 +460,7 @@ class _Filter(Step):
     def summary(self) -> str:
         return f"{self.kind} {quotes(self.patterns)}"
 
-    def run(self, items: list[Item]) -> StepResult:
+    def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
         compiled = [compile_regex(p) for p in self.patterns]
         counts = [0] * len(self.patterns)
         out, dropped = [], []
