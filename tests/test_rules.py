@@ -38,7 +38,7 @@ def _error(rules: object, **kwargs: object) -> RulesError:
     return info.value
 
 
-STEP_NAMES = "strip_prefix, add_prefix, rename, drop, keep"
+STEP_NAMES = "strip_prefix, add_prefix, rename, drop, keep, transpose, reshape, slice, pad, cast, adapt, merge, split"
 TOP = "version, source, target, rules, shapes, expect, freeze, output"
 
 # (YAML text, the whole message). Columns are 1-based and point at the offending key
@@ -278,8 +278,8 @@ YAML_ERRORS = [
         id="step-unknown-did-you-mean",
     ),
     pytest.param(
-        "version: 1\nrules:\n  - transpose: x\n",
-        f"rules.yaml:3:5: step 1: unknown field 'transpose'; a step is one of: {STEP_NAMES}",
+        "version: 1\nrules:\n  - frobnicate: x\n",
+        f"rules.yaml:3:5: step 1: unknown field 'frobnicate'; a step is one of: {STEP_NAMES}",
         id="step-unknown",
     ),
     pytest.param(

@@ -26,6 +26,7 @@ from typing import Any
 
 from .errors import RulesError, describe_value
 from .patterns import PatternError, compile_regex
+from . import tensor_steps  # noqa: F401  (registers the tensor-op steps)
 from .steps import STEPS, Step, StepSpecError
 from .yaml_source import Locations, load_yaml
 
