@@ -49,6 +49,9 @@ def _explain_target(plan: Plan, key: str) -> str:
         lines.append(f"  tied to {rec.tied_to!r}: loaded once, under that name")
     for src in rec.sources:
         lines.append(_explain_source(plan, src, indent="  ", prefix="from "))
+    assignment = next((a for a in plan.assignments if a.target == key), None)
+    if assignment is not None and assignment.recipe is not None:
+        lines.append(f"  computed as {assignment.recipe.describe()}")
     if rec.status == "mismatched" and rec.source_shape is not None:
         lines.append(f"  not written: the source has shape {list(rec.source_shape)}, the target {list(rec.shape)}")
     if rec.status == "missing" and not rec.sources:
