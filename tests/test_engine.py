@@ -91,6 +91,9 @@ class FailingSource:
         self.inner = open_source(state)
         self.meta, self.description, self.reads = self.inner.meta, {"kind": "test"}, 0
 
+    def span(self, key):
+        return None  # no file bytes to map: the engine reads everything before writing
+
     def read(self, key):
         self.reads += 1
         if self.reads == 3:
@@ -277,18 +280,21 @@ def test_dtype_cast_is_reported_and_applied():
     assert dst.conv.weight.dtype == torch.float32 and torch.equal(dst.conv.weight, src["conv.weight"].float())
 
 
-class Sneaky(Small):
-    """Drops a key inside its own loading hook: torch then disagrees with the plan."""
+class SneakyLinear(nn.Linear):
+    """Drops its bias inside its own loading hook: torch then disagrees with the plan."""
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.pop(prefix + "fc.bias", None)
+        state_dict.pop(prefix + "bias", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def test_torch_disagreeing_with_the_plan_is_an_internal_error():
+    model = Small()
+    model.fc = SneakyLinear(4, 5)
     with pytest.raises(InternalError, match="torch and the plan disagree") as info:
-        remap.load(Sneaky(), {k: v.clone() for k, v in Small().state_dict().items()})
+        remap.load(model, {k: v.clone() for k, v in Small().state_dict().items()})
     assert info.value.exit_code == 4
+    assert info.value.details["planned_missing"] == [] and info.value.details["torch_missing"] == ["fc.bias"]
 
 
 def test_save_writes_loaded_state_atomically(tmp_path):

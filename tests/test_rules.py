@@ -83,7 +83,7 @@ YAML_ERRORS = [
     ),
     pytest.param(
         "version: 1\ntarget:\n  model: m:f\n  kwrags: {}\n",
-        "rules.yaml:4:3: target: unknown field 'kwrags' (did you mean 'kwargs'?); expected one of: model, args, kwargs",
+        "rules.yaml:4:3: target: unknown field 'kwrags' (did you mean 'kwargs'?); expected one of: model, args, kwargs, device, dtype",
         id="target-unknown",
     ),
     pytest.param(
@@ -98,7 +98,7 @@ YAML_ERRORS = [
     ),
     pytest.param(
         "version: 1\noutput: {reprt: x}\n",
-        "rules.yaml:2:10: output: unknown field 'reprt' (did you mean 'report'?); expected one of: report, save",
+        "rules.yaml:2:10: output: unknown field 'reprt' (did you mean 'report'?); expected one of: report, save, max_shard_size",
         id="output-unknown",
     ),
     pytest.param(

@@ -50,7 +50,13 @@ def build_target(model: Any, rules: Rules) -> Any:
         raise UsageError("no target: pass a module, give --target, or set target.model in the rules")
     from .factories import build
 
-    return build(rules.target.model, rules.target.args, dict(rules.target.kwargs), what="target.model")
+    spec = rules.target
+    module = build(spec.model, spec.args, dict(spec.kwargs), what="target.model", device=spec.device)
+    if spec.dtype is not None and spec.device != "meta":
+        import torch
+
+        module = module.to(getattr(torch, spec.dtype))
+    return module
 
 
 def open_rules_source(source: Any, rules: Rules, *, key: str | None = None, trust_pickle: bool | None = None) -> Source:
@@ -120,12 +126,21 @@ def load(
     trust_pickle: bool | None = None,
     save: str | os.PathLike[str] | None = None,
     report: str | os.PathLike[str] | None = None,
+    max_shard_size: int | str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_bytes: int | None = None,
+    progress: Any = None,
 ) -> Report:
     """Plan, check, load with ``strict=False`` and freeze; returns the :class:`Report`.
 
     Raises :class:`~remap.errors.CheckError` (its ``report`` says why) and leaves the
     module untouched when any check fails. ``save``/``report`` (or the rules' ``output``)
-    write the loaded state_dict and the JSON report atomically.
+    write the loaded state_dict and the JSON report atomically; ``max_shard_size``
+    (bytes or "5GB") splits the save into shards with an index. A module on the meta
+    device is loaded with ``assign=True`` onto ``device`` (default cpu), floating tensors
+    cast to ``dtype`` (default: the rules' ``target.dtype``). ``progress(bytes_done,
+    bytes_total, tensors_done, tensors_total)`` is called after every batch.
     """
     r = resolve_rules(rules)
     module = build_target(model, r)
@@ -137,7 +152,8 @@ def load(
     try:
         p = _make(r, module, src)
         try:
-            result = p.apply(module, dry_run=dry_run)
+            result = p.apply(module, dry_run=dry_run, device=device, dtype=dtype or r.target.dtype,
+                             batch_bytes=batch_bytes, progress=progress)  # fmt: skip
         except CheckError as exc:
             if report_path:
                 _write_report(exc.report, report_path)
@@ -147,7 +163,7 @@ def load(
     if save_path and not dry_run:
         from .saving import save_state_dict
 
-        saved = save_state_dict(module, save_path)
+        saved = save_state_dict(module, save_path, max_shard_size=max_shard_size or r.output.max_shard_size)
         result = result.replace(target={**result.target, "saved": saved})
     if report_path:
         _write_report(result, report_path)

@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--dry-run", action="store_true", help="plan and check only: read no tensor, touch no module")
     a.add_argument("--report", metavar="FILE", help="write the JSON report here")
     a.add_argument("--save", metavar="FILE", help="write the loaded state_dict here (.safetensors, or .pt/.pth)")
+    a.add_argument("--max-shard-size", metavar="SIZE", help="shard --save above this size (e.g. 5GB), with an index")
     a.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     a.add_argument("--explain", metavar="KEY", action="append", default=[], help="print the journey of a key (repeatable)")
     a.add_argument("-v", "--verbose", action="store_true", help="show every key group")
@@ -103,10 +104,44 @@ def _apply(args: argparse.Namespace, out: TextIO) -> int:
         p = plan(None, args.source, rules, key=args.key, trust_pickle=args.trust_pickle or None)
         for key in args.explain:
             print(p.explain(key), file=out)
-    report = load(None, args.source, rules, dry_run=args.dry_run, key=args.key,
-                  trust_pickle=args.trust_pickle or None, save=args.save, report=args.report)  # fmt: skip
+    with _progress(enabled=not args.quiet and not args.dry_run and sys.stderr.isatty()) as progress:
+        report = load(None, args.source, rules, dry_run=args.dry_run, key=args.key, trust_pickle=args.trust_pickle or None,
+                      save=args.save, report=args.report, max_shard_size=args.max_shard_size, progress=progress)  # fmt: skip
     _render(report, out, args)
     return 0
+
+
+class _progress:
+    """A progress bar on the terminal for loads that take more than a second; silent otherwise."""
+
+    DELAY = 1.0
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled, self.bar, self.task = enabled, None, None
+
+    def __enter__(self) -> Any:
+        import time
+
+        self.start = time.monotonic()
+        return self.update if self.enabled else None
+
+    def update(self, done: int, total: int, tensors: int, count: int) -> None:
+        import time
+
+        if self.bar is None:
+            if time.monotonic() - self.start < self.DELAY or done >= total:
+                return
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+            self.bar = Progress(TextColumn("loading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                TextColumn("{task.fields[tensors]}"), transient=True)  # fmt: skip
+            self.bar.start()
+            self.task = self.bar.add_task("load", total=total, tensors="")
+        self.bar.update(self.task, completed=done, tensors=f"{tensors}/{count} tensors")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def _render(report: Any, out: TextIO, args: Any) -> None:

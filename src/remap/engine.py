@@ -3,29 +3,32 @@
 Order matters, so that a failed check leaves the module untouched:
 
 1. the plan must be ``ok`` and must describe this very module;
-2. every tensor is read and every op run, each result checked against its planned shape;
-3. copies of a tied parameter must agree;
-4. only then ``module.load_state_dict(sd, strict=False)`` — torch's own missing and
-   unexpected keys are cross-checked against the plan (a disagreement is a bug);
-5. freezing; the final report reads requires_grad back from the module.
+2. every op is run once on meta tensors, so an op that cannot run fails before any write;
+3. copies of a tied parameter must agree; a meta-device target must be completable;
+4. only then the tensors stream in (:mod:`remap.streaming`) through
+   ``load_state_dict(strict=False)`` — torch's own missing and unexpected keys are
+   cross-checked against the plan (a disagreement is a bug);
+5. a meta-device target's keys that were not loaded are materialised and initialised
+   by their module's ``reset_parameters``; then freezing. The final report reads
+   requires_grad back from the module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import CheckError, InternalError, UsageError
 from .freeze import apply_freeze
-from .meta import target_meta_of_module
+from .meta import dtype_name, target_meta_of_module
 from .report import Failure, Report, TargetRecord
 from .planner import _totals
+from .streaming import BATCH_BYTES, Progress, stream
 
 if TYPE_CHECKING:
-    from .planner import Plan
+    from .planner import Assignment, Plan
     from .sources import Source
     from .steps import Recipe
 
@@ -41,11 +44,22 @@ def check_failed(report: Report) -> CheckError:
     )
 
 
-def apply_plan(plan: Plan, module: torch.nn.Module, *, dry_run: bool = False) -> Report:
+def apply_plan(
+    plan: Plan,
+    module: torch.nn.Module,
+    *,
+    dry_run: bool = False,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    batch_bytes: int | None = None,
+    progress: Progress | None = None,
+) -> Report:
     """Load ``plan`` into ``module`` and freeze; returns the report of what happened.
 
     Raises :class:`CheckError` (module untouched) when the plan failed a check. With
     ``dry_run`` the checks run and the dry-run report is returned, nothing is read.
+    A module on the meta device is loaded with ``assign=True``: each tensor is copied once
+    onto ``device`` (default cpu), floating tensors cast to ``dtype`` when given.
     """
     _check_same_target(plan, module)
     if not plan.ok:
@@ -54,11 +68,18 @@ def apply_plan(plan: Plan, module: torch.nn.Module, *, dry_run: bool = False) ->
         return plan.report
     if plan.source is None or plan.source.description.get("kind") == "metadata":
         raise UsageError("this plan was made from metadata only; make it from a source with tensors to apply it")
-    state = _materialise(plan, plan.source)
+    on_meta = _is_meta(module)
+    _preflight(plan, module, on_meta)
     _check_duplicates(plan, plan.source)
-    _load(module, state)
+    dev = torch.device(device) if device is not None else None
+    dt = getattr(torch, dtype_name(dtype)) if isinstance(dtype, str) else dtype
+    stats = stream(plan, plan.source, module, assign=on_meta, device=dev, dtype=dt,
+                   batch_bytes=batch_bytes or BATCH_BYTES, progress=progress)  # fmt: skip
+    if on_meta:
+        stats.materialised = _materialise_rest(module, dev or torch.device("cpu"), dt)
     apply_freeze(module, plan.frozen, plan.rules.freeze.batchnorm, plan.batchnorm_modules)
-    return _final_report(plan, module)
+    report = _final_report(plan, module)
+    return report.replace(target={**report.target, "meta": on_meta}, stats=stats.as_dict())
 
 
 def _check_same_target(plan: Plan, module: torch.nn.Module) -> None:
@@ -79,25 +100,78 @@ def _check_same_target(plan: Plan, module: torch.nn.Module) -> None:
     )  # fmt: skip
 
 
-def _materialise(plan: Plan, source: Source) -> OrderedDict[str, torch.Tensor]:
-    """Every planned tensor, read and computed; source tensors no op touches are not copied."""
-    state: OrderedDict[str, torch.Tensor] = OrderedDict()
-    order = {k: n for n, k in enumerate(source.meta)}  # file order: one pass over each shard
-    memo: dict[int, torch.Tensor] = {}  # a tensor split into parts is read and computed once
-    for a in sorted(plan.assignments, key=lambda a: order.get(a.sources[0], 0)):
-        value = source.read(a.sources[0]) if a.recipe is None else _evaluate(a.recipe, source, memo)
-        if tuple(value.shape) != tuple(plan.target_meta[a.target].shape):
-            raise InternalError(f"{a.target!r}: planned shape {list(a.meta.shape)}, got {list(value.shape)} after {list(a.ops)}")
-        state[a.target] = value
-    return state
+def _is_meta(module: torch.nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in module.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor))
 
 
-def _evaluate(node: Recipe | str, source: Source, memo: dict[int, torch.Tensor]) -> torch.Tensor:
-    if isinstance(node, str):
-        return source.read(node)
-    if id(node) not in memo:
-        memo[id(node)] = node.op.fn(*(_evaluate(i, source, memo) for i in node.inputs))
-    return memo[id(node)]
+def _preflight(plan: Plan, module: torch.nn.Module, on_meta: bool) -> None:
+    """Checks that need the module or the ops' kernels, run before anything is written."""
+    failures = [f for a in plan.assignments if a.recipe is not None for f in _dry_op(a, plan)]
+    if on_meta:
+        failures += _meta_gaps(plan, module)
+    if failures:
+        raise check_failed(plan.report.replace(dry_run=False, failures=tuple(failures)))
+
+
+def _dry_op(a: Assignment, plan: Plan) -> list[Failure]:
+    """Run an assignment's ops on meta tensors: the kernels check dtypes and shapes, no data moves."""
+
+    def run(node: Recipe | str) -> torch.Tensor:
+        if isinstance(node, str):
+            m = plan.source_meta[node]
+            return torch.empty(m.shape, dtype=getattr(torch, m.dtype), device="meta")
+        return node.op.fn(*(run(i) for i in node.inputs))
+
+    try:
+        out = run(a.recipe)
+    except NotImplementedError:
+        return []  # no meta kernel for this op: it runs for real at apply time
+    except Exception as exc:  # an op that cannot run on these inputs
+        return [Failure("op", f"{a.target!r}: {' then '.join(a.ops)} cannot run: {type(exc).__name__}: {exc}", a.sources)]
+    if tuple(out.shape) != tuple(plan.target_meta[a.target].shape):
+        raise InternalError(f"{a.target!r}: planned shape {list(a.meta.shape)}, the ops give {list(out.shape)}")
+    return []
+
+
+def _meta_gaps(plan: Plan, module: torch.nn.Module) -> list[Failure]:
+    """A meta-device target must end with no meta tensor: what is not loaded needs reset_parameters."""
+    loaded = {a.target for a in plan.assignments} | {k for k, m in plan.target_meta.items() if m.tied_to in {a.target for a in plan.assignments}}
+    persistent = set(plan.target_meta)
+    failures = []
+    for name, m in module.named_modules():
+        prefix = f"{name}." if name else ""
+        own = [(n, t) for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)] if t is not None and t.device.type == "meta"]
+        volatile = [prefix + n for n, _ in own if prefix + n not in persistent]
+        if volatile:
+            failures.append(Failure("missing", f"non-persistent buffer(s) {', '.join(volatile)} of a meta-device target are not in any checkpoint "
+                                    "and remap cannot compute them; build this target on a real device", tuple(volatile)))  # fmt: skip
+        gaps = [prefix + n for n, _ in own if prefix + n in persistent and prefix + n not in loaded]
+        if gaps and not callable(getattr(m, "reset_parameters", None)):
+            failures.append(Failure("missing", f"{', '.join(gaps)} of a meta-device target would stay uninitialised: "
+                                    f"{type(m).__name__} has no reset_parameters; load them or build the target on a real device", tuple(gaps)))  # fmt: skip
+    return failures
+
+
+def _materialise_rest(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> list[str]:
+    """Give every module still holding meta tensors real memory and its own initialisation."""
+    done = []
+    for name, m in module.named_modules():
+        own = dict([*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)])
+        if not any(t is not None and t.device.type == "meta" for t in own.values()):
+            continue
+        keep = {n: t.detach().clone() for n, t in own.items() if t is not None and t.device.type != "meta"}
+        m.to_empty(device=device, recurse=False)
+        if dtype is not None:
+            for n, t in own.items():
+                if t is not None and t.is_floating_point():
+                    getattr(m, n).data = getattr(m, n).data.to(dtype)
+        with torch.no_grad():
+            m.reset_parameters()
+            for n, t in keep.items():
+                getattr(m, n).copy_(t)
+        prefix = f"{name}." if name else ""
+        done += [prefix + n for n, t in own.items() if t is not None and n not in keep]
+    return done
 
 
 def _check_duplicates(plan: Plan, source: Source) -> None:
@@ -114,22 +188,6 @@ def _check_duplicates(plan: Plan, source: Source) -> None:
             )
     if failures:
         raise check_failed(plan.report.replace(failures=tuple(failures)))
-
-
-def _load(module: torch.nn.Module, state: OrderedDict[str, torch.Tensor]) -> None:
-    own = module.state_dict(keep_vars=True)
-    # Pass the module's own version metadata: without it BatchNorm invents num_batches_tracked.
-    state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
-    try:
-        result = module.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise InternalError(f"load_state_dict failed after every check passed: {exc}") from exc
-    expected_missing = sorted(k for k, v in own.items() if isinstance(v, torch.Tensor) and k not in state)
-    if sorted(result.missing_keys) != expected_missing or result.unexpected_keys:
-        raise InternalError(
-            "torch and the plan disagree on what was loaded",
-            details={"torch_missing": result.missing_keys, "planned_missing": expected_missing, "unexpected": result.unexpected_keys},
-        )
 
 
 def _final_report(plan: Plan, module: torch.nn.Module) -> Report:

@@ -64,6 +64,8 @@ def transpose_shape(shape: Shape, dims: Sequence[int]) -> Shape:
         raise OpError(f"cannot transpose a {ndim}-d tensor of shape {list(shape)}")
     if len(dims) == 2:
         a, b = (_dim(d, ndim) for d in dims)
+        if a == b:
+            raise OpError(f"dims {list(dims)} name the same dim of shape {list(shape)} twice: nothing to swap")
         out = list(shape)
         out[a], out[b] = out[b], out[a]
         return tuple(out)
@@ -92,7 +94,8 @@ def reshape_shape(shape: Shape, new: Sequence[int]) -> Shape:
     known = math.prod(d for d in new if d != -1)
     if -1 in new:
         if known == 0 or numel % known:
-            raise OpError(f"cannot reshape {list(shape)} ({numel} elements) to {list(new)}")
+            why = "the other sizes hold no element" if known == 0 else f"{numel} is not a multiple of {known}"
+            raise OpError(f"cannot reshape {list(shape)} ({numel} elements) to {list(new)}: {why}")
         new = [numel // known if d == -1 else d for d in new]
     elif known != numel:
         raise OpError(f"cannot reshape {list(shape)} ({numel} elements) to {list(new)} ({known} elements)")
@@ -106,11 +109,11 @@ def reshape(t: torch.Tensor, new: Sequence[int]) -> torch.Tensor:
 # --------------------------------------------------------------------------- slice
 
 
-def _slice_indices(size: int, index: Sequence[int] | None, start: int | None, stop: int | None, step: int | None) -> list[int]:
+def _slice_indices(size: int, index: Sequence[int] | None, start: int | None, stop: int | None, step: int | None, dim: int = 0) -> list[int]:
     if index is not None:
         bad = [i for i in index if not -size <= i < size]
         if bad:
-            raise OpError(f"index {bad[0]} is out of range for a dim of size {size}")
+            raise OpError(f"index {bad[0]} is out of range for dim {dim} of size {size}")
         return [i % size for i in index]
     if step == 0:
         raise OpError("slice step cannot be 0")
@@ -119,7 +122,7 @@ def _slice_indices(size: int, index: Sequence[int] | None, start: int | None, st
 
 def slice_shape(shape: Shape, dim: int, index: Sequence[int] | None, start: int | None, stop: int | None, step: int | None) -> Shape:
     d = _dim(dim, len(shape))
-    n = len(_slice_indices(shape[d], index, start, stop, step))
+    n = len(_slice_indices(shape[d], index, start, stop, step, dim))
     if n == 0:
         raise OpError(f"the slice selects nothing from dim {dim} of size {shape[d]}")
     return (*shape[:d], n, *shape[d + 1 :])
@@ -128,8 +131,9 @@ def slice_shape(shape: Shape, dim: int, index: Sequence[int] | None, start: int 
 def slice_(t: torch.Tensor, dim: int, index: Sequence[int] | None, start: int | None, stop: int | None, step: int | None) -> torch.Tensor:
     import torch
 
+    slice_shape(tuple(t.shape), dim, index, start, stop, step)
     d = _dim(dim, t.dim())
-    idx = _slice_indices(t.shape[d], index, start, stop, step)
+    idx = _slice_indices(t.shape[d], index, start, stop, step, dim)
     return t.index_select(d, torch.tensor(idx, dtype=torch.long)).contiguous()
 
 
@@ -197,7 +201,7 @@ def split_shapes(shape: Shape, dim: int, parts: int, sizes: Sequence[int] | None
             raise OpError(f"sizes {list(sizes)} add up to {sum(sizes)}, but dim {dim} of {list(shape)} is {shape[d]}")
         return [(*shape[:d], s, *shape[d + 1 :]) for s in sizes]
     if shape[d] % parts:
-        raise OpError(f"dim {dim} of {list(shape)} ({shape[d]}) does not divide into {parts} equal parts")
+        raise OpError(f"dim {dim} of {list(shape)} has size {shape[d]}, which does not divide into {parts} equal parts")
     return [(*shape[:d], shape[d] // parts, *shape[d + 1 :])] * parts
 
 
@@ -211,45 +215,63 @@ def split(t: torch.Tensor, dim: int, parts: int, sizes: Sequence[int] | None, pa
 
 
 def in_channels_shape(shape: Shape, target: Shape) -> Shape:
-    """A conv weight [O, I, ...] fitted to the target's input channels."""
+    """A conv weight [O, I, ...] fitted to the target's input channels: any filters to 1
+    channel (summed); 3-channel (RGB) filters to N (repeated); a space-to-depth stem of
+    3*k channels to k (each RGB triple summed)."""
     if len(shape) < 3 or len(target) != len(shape):
         raise OpError(f"in_channels needs conv weights [out, in, ...] of equal rank; found {list(shape)} and target {list(target)}")
     if shape[0] != target[0] or shape[2:] != target[2:]:
         raise OpError(f"in_channels changes only dim 1: {list(shape)} cannot become {list(target)}")
+    have, want = shape[1], target[1]
+    if not (want in (have, 1) or have == 3 or (have % 3 == 0 and want == have // 3)):
+        raise OpError(
+            f"in_channels cannot fit {have} input channels to {want}: it sums any filters to 1 channel, "
+            f"repeats 3-channel (RGB) filters to any number, or sums the RGB triples of 3*k channels to k; "
+            f"{list(shape)} cannot become {list(target)}"
+        )
     return tuple(target)
 
 
 def adapt_in_channels(w: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """Fit RGB stem filters to ``in_chans`` inputs: sum to 1 channel; for N channels repeat
-    the filters and rescale by 3/N so that activations keep their magnitude (timm's
-    ``adapt_input_conv``)."""
+    """Fit stem filters ``w`` [O, I, ...] to ``in_chans`` inputs, as timm's ``adapt_input_conv``:
+
+    - 1 channel: the filters of all I channels summed, so that the model on a 1-channel
+      image gives what the source model gives on that image repeated to I channels;
+    - RGB (I = 3) to N channels: the filters repeated (R, G, B, R, ...) and scaled by 3/N so
+      that activations keep their magnitude;
+    - a space-to-depth stem of 3*k channels to k: each RGB triple summed (what timm does
+      for such a stem with ``in_chans=1``).
+    """
     dtype = w.dtype
-    w = w.float()
     have = w.shape[1]
     if in_chans == have:
-        return w.to(dtype)
+        return w
+    in_channels_shape(tuple(w.shape), (w.shape[0], in_chans, *w.shape[2:]))
+    w = w.float()  # half-precision sums on the CPU
     if in_chans == 1:
-        if have > 3 and have % 3 == 0:  # space-to-depth stems: sum each RGB triple
-            w = w.reshape(w.shape[0], have // 3, 3, *w.shape[2:]).sum(dim=2)
-        else:
-            w = w.sum(dim=1, keepdim=True)
-    else:
-        if have != 3:
-            raise OpError(f"in_channels can repeat 3-channel filters only; found {have} input channels")
+        w = w.sum(dim=1, keepdim=True)
+    elif have == 3:
         repeat = math.ceil(in_chans / 3)
         w = w.repeat(1, repeat, *([1] * (w.dim() - 2)))[:, :in_chans] * (3 / in_chans)
+    else:  # space-to-depth: [O, k*3, ...] -> [O, k, ...]
+        w = w.reshape(w.shape[0], in_chans, 3, *w.shape[2:]).sum(dim=2)
     return w.to(dtype).contiguous()
 
 
-def _grid(n: int) -> tuple[int, int]:
+INTERPOLATE_MODES = {"2d": ("bicubic", "bilinear", "nearest"), "1d": ("bicubic", "bilinear", "linear", "nearest")}
+
+
+def _grid(n: int, shape: Shape | None = None, prefix_tokens: int = 0) -> tuple[int, int]:
     side = math.isqrt(n)
     if side * side != n:
-        raise OpError(f"{n} position tokens do not form a square grid")
+        of = f"{list(shape)} has {n} position tokens after {prefix_tokens} prefix token(s), which " if shape is not None else f"{n} position tokens "
+        raise OpError(f"{of}do not form a square grid (grid: 1d resizes a sequence)")
     return side, side
 
 
-def interpolate_shape(shape: Shape, target: Shape, prefix_tokens: int) -> Shape:
-    """Position embeddings [1, prefix + H*W, C] or [prefix + L, C] to the target's length."""
+def interpolate_shape(shape: Shape, target: Shape, prefix_tokens: int, grid: str = "2d") -> Shape:
+    """Position embeddings [B, prefix + H*W, C] or [prefix + H*W, C] (``grid="1d"``:
+    prefix + L) to the target's token count; a 2-d grid must be square."""
     if len(shape) not in (2, 3) or len(target) != len(shape):
         raise OpError(f"interpolate needs [1, tokens, dim] or [tokens, dim]; found {list(shape)} and target {list(target)}")
     if shape[-1] != target[-1] or shape[:-2] != target[:-2]:
@@ -257,27 +279,37 @@ def interpolate_shape(shape: Shape, target: Shape, prefix_tokens: int) -> Shape:
     for s in (shape, target):
         if s[-2] <= prefix_tokens:
             raise OpError(f"{list(s)} has no grid tokens after {prefix_tokens} prefix token(s)")
+    if grid == "2d":
+        for s in (shape, target):
+            _grid(s[-2] - prefix_tokens, s, prefix_tokens)
     return tuple(target)
 
 
 def interpolate_grid(t: torch.Tensor, target_tokens: int, prefix_tokens: int, mode: str, grid: str) -> torch.Tensor:
-    """Resize a 1-D or 2-D (square) grid of position embeddings, prefix tokens kept aside."""
+    """Resize a 1-D or 2-D (square) grid of position embeddings, prefix tokens kept aside.
+
+    2-d: the tokens after the prefix are reshaped to [B, C, H, W] and resized with
+    ``F.interpolate`` (antialiased for bicubic and bilinear, as timm's
+    ``resample_abs_pos_embed``), in float32. 1-d: ``linear`` and ``nearest`` resize the
+    sequence [B, C, L] directly; ``bicubic`` and ``bilinear`` resize it as a 1 x L grid.
+    """
     import torch
     import torch.nn.functional as F
 
+    if mode not in INTERPOLATE_MODES.get(grid, ()):
+        raise OpError(f"mode {mode!r} does not apply to a {grid} grid; expected one of: {', '.join(INTERPOLATE_MODES.get(grid, ()))}")
     squeeze = t.dim() == 2
     x = t.unsqueeze(0) if squeeze else t
     prefix, body = x[:, :prefix_tokens], x[:, prefix_tokens:]
-    dtype, dim = body.dtype, body.shape[-1]
+    dtype, (b, n, dim) = body.dtype, body.shape
     new_n = target_tokens - prefix_tokens
-    body = body.float()
-    if grid == "1d":
-        body = F.interpolate(body.transpose(1, 2), size=new_n, mode="linear" if mode == "bicubic" else mode, align_corners=False)
-        body = body.transpose(1, 2)
+    body = body.float().transpose(1, 2)  # [B, C, N]
+    antialias = mode in ("bicubic", "bilinear")
+    if grid == "1d" and not antialias:
+        body = F.interpolate(body, size=new_n, mode=mode)
     else:
-        (h, w), (nh, nw) = _grid(body.shape[1]), _grid(new_n)
-        body = body.reshape(1, h, w, dim).permute(0, 3, 1, 2)
-        body = F.interpolate(body, size=(nh, nw), mode=mode, align_corners=False, antialias=mode in ("bicubic", "bilinear"))
-        body = body.permute(0, 2, 3, 1).reshape(1, nh * nw, dim)
-    out = torch.cat([prefix, body.to(dtype)], dim=1)
+        (h, w), (nh, nw) = ((1, n), (1, new_n)) if grid == "1d" else (_grid(n), _grid(new_n))
+        body = F.interpolate(body.reshape(b, dim, h, w), size=(nh, nw), mode=mode, antialias=antialias)
+        body = body.reshape(b, dim, nh * nw)
+    out = torch.cat([prefix, body.transpose(1, 2).to(dtype)], dim=1)
     return (out.squeeze(0) if squeeze else out).contiguous()

@@ -125,11 +125,12 @@ class Plan:
 
         return explain(self, key)
 
-    def apply(self, module: torch.nn.Module, *, dry_run: bool = False) -> Report:
-        """Load the plan into ``module`` (see :func:`remap.engine.apply_plan`)."""
+    def apply(self, module: torch.nn.Module, *, dry_run: bool = False, **options: Any) -> Report:
+        """Load the plan into ``module``; ``options`` are :func:`remap.engine.apply_plan`'s
+        (device, dtype, batch_bytes, progress)."""
         from .engine import apply_plan
 
-        return apply_plan(self, module, dry_run=dry_run)
+        return apply_plan(self, module, dry_run=dry_run, **options)
 
 
 # --------------------------------------------------------------------------- planning

@@ -171,6 +171,7 @@ class Report:
     warnings: tuple[str, ...] = ()
     totals: Totals = field(default_factory=Totals)
     freeze: FreezeRecord = field(default_factory=FreezeRecord)
+    stats: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -217,6 +218,7 @@ class Report:
             "warnings": list(self.warnings),
             "steps": [_step_dict(s) for s in self.steps],
             "freeze": asdict(self.freeze),
+            "stats": self.stats,
             "targets": {r.key: _without_key(asdict(r)) for r in self.targets},
             "sources": {r.key: _without_key(asdict(r)) for r in self.sources},
         })

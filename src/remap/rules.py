@@ -63,11 +63,17 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """The module to load into, built from ``model: "package.module:callable"``."""
+    """The module to load into, built from ``model: "package.module:callable"``.
+
+    ``device: meta`` builds it without memory: loading assigns each tensor once (on the
+    CPU) and initialises what no source feeds. ``dtype`` casts floating tensors.
+    """
 
     model: str | None = None
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    device: str | None = None
+    dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,7 @@ class Freeze:
 class Output:
     report: str | None = None
     save: str | None = None
+    max_shard_size: int | str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,12 +151,15 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "kwargs": {"type": "object"},
         }
     ),
-    "target": _obj({"model": {"type": "string", "minLength": 1}, "args": {"type": "array"}, "kwargs": {"type": "object"}}),
+    "target": _obj({"model": {"type": "string", "minLength": 1}, "args": {"type": "array"}, "kwargs": {"type": "object"},
+                    "device": {"type": "string", "minLength": 1}, "dtype": {"enum": ["float32", "float16", "bfloat16", "float64"]}}),
     "rules": {"type": "array", "items": {"type": "object"}},
     "shapes": {"type": ["string", "object"]},
     "expect": _obj({"missing": PATTERNS, "unused": PATTERNS, "min_loaded": {"type": "number", "minimum": 0, "maximum": 1}}),
     "freeze": _obj({"params": PATTERNS, "except": PATTERNS, "batchnorm": {"enum": list(BATCHNORM_MODES)}}),
-    "output": _obj({"report": {"type": "string", "minLength": 1}, "save": {"type": "string", "minLength": 1}}),
+    "output": _obj({"report": {"type": "string", "minLength": 1}, "save": {"type": "string", "minLength": 1},
+                    "max_shard_size": {"type": ["string", "integer"], "pattern": r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*$", "minimum": 1,
+                                       "x-expected": "a size such as 5GB, 500MiB or a number of bytes"}}),
 }
 SHAPES_OBJECT = _obj({"default": {"enum": list(SHAPE_MODES)}, "skip": PATTERNS})
 
@@ -217,6 +227,8 @@ def _describe_schema_error(err: Any) -> tuple[str, tuple[Any, ...], bool]:
             (*path, key),
             True,
         )
+    if "x-expected" in schema and v in ("type", "pattern", "minimum"):
+        return f"expected {schema['x-expected']}, found {describe_value(inst)}", path, False
     if v == "type":
         return f"expected {_type_words(err.validator_value)}, found {describe_value(inst)}", path, False
     if v in ("enum", "const"):
@@ -285,7 +297,7 @@ def _source(d: dict[str, Any], ctx: _Context) -> SourceSpec:
 def _target(d: dict[str, Any], ctx: _Context) -> TargetSpec:
     if ("args" in d or "kwargs" in d) and "model" not in d:
         raise ctx.error("'args' and 'kwargs' need 'model'", ("target",))
-    return TargetSpec(d.get("model"), tuple(d.get("args", ())), dict(d.get("kwargs", {})))
+    return TargetSpec(d.get("model"), tuple(d.get("args", ())), dict(d.get("kwargs", {})), d.get("device"), d.get("dtype"))
 
 
 def _shapes(value: Any, ctx: _Context) -> ShapePolicy:
@@ -376,7 +388,7 @@ def _build(data: Any, ctx: _Context, filename: str | None, base_dir: str | None)
         expect=Expect(_patterns(data.get("expect", {}).get("missing")), _patterns(data.get("expect", {}).get("unused")),
                       data.get("expect", {}).get("min_loaded")),  # fmt: skip
         freeze=Freeze(_patterns(freeze.get("params")), _patterns(freeze.get("except")), freeze.get("batchnorm", "keep")),
-        output=Output(data.get("output", {}).get("report"), data.get("output", {}).get("save")),
+        output=Output(data.get("output", {}).get("report"), data.get("output", {}).get("save"), data.get("output", {}).get("max_shard_size")),
         filename=filename,
         base_dir=base_dir,
     )

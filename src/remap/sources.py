@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
+import sys
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +282,23 @@ def _tensors_meta(weights: Mapping[Any, Any]) -> dict[str, TensorMeta]:
 # ---------------------------------------------------------------------------- Source
 
 
+@dataclass(frozen=True)
+class Span:
+    """Where one tensor's bytes sit in a file, for zero-copy reads through ``mmap``.
+
+    ``offset`` and ``nbytes`` delimit the tensor's storage; the tensor is the view
+    ``(shape, stride, storage_offset)`` of that storage, in elements of ``dtype``.
+    """
+
+    path: str
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int = 0
+
+
 class Source:
     """Tensor metadata of a source, and its tensors one at a time.
 
@@ -307,6 +327,10 @@ class Source:
 
     def _read(self, key: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def span(self, key: str) -> Span | None:
+        """Where ``key``'s bytes sit in a file, when they can be mapped without a copy."""
+        return None
 
     def close(self) -> None:
         """Release open files and loaded data; ``meta`` stays usable."""
@@ -398,6 +422,9 @@ class _FileSource(Source):
         self._owner = readers  # key -> reader of the file holding it
         self._active: _Reader | None = None
 
+    def span(self, key: str) -> Span | None:
+        return self._owner[key].span(key)
+
     def _read(self, key: str) -> torch.Tensor:
         reader = self._owner[key]
         if reader is not self._active:
@@ -425,6 +452,9 @@ class _Reader:
     def read(self, key: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def span(self, key: str) -> Span | None:
+        return None
+
     def release(self) -> None:
         raise NotImplementedError
 
@@ -440,7 +470,7 @@ class _Reader:
         return SourceError(f"cannot read tensor {key!r}: {type(exc).__name__}: {_first_line(exc)}", where=str(self.path))
 
 
-def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str, str]]:
+def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str, str], dict[str, tuple[int, int]]]:
     """Names, shapes and dtypes from a safetensors header, without touching tensor data."""
     where, size = str(path), path.stat().st_size
     with open(path, "rb") as f:
@@ -463,12 +493,13 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[st
     if not isinstance(header, dict):
         raise SourceError(f"the safetensors header is a JSON {type(header).__name__}, expected an object", where=where)
     extra = header.pop("__metadata__", None) or {}
-    meta, end = {}, 0
+    meta, end, spans = {}, 0, {}
     for key, info in header.items():
         try:
             code, shape, (start, stop) = info["dtype"], info["shape"], info["data_offsets"]
             shape = tuple(int(d) for d in shape)
             end = max(end, int(stop))
+            spans[key] = (8 + length + int(start), int(stop) - int(start))
         except (KeyError, TypeError, ValueError):
             raise SourceError(
                 f"tensor {key!r}: malformed header entry {info!r}, expected dtype, shape and data_offsets", where=where
@@ -484,7 +515,7 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[st
             f"truncated: the tensor data ends at byte {8 + length + end} but the file has {size} bytes", where=where
         )
     entries = {str(k): _short(v) for k, v in extra.items()} if isinstance(extra, dict) else {}
-    return meta, entries
+    return meta, entries, spans
 
 
 def _open_safetensors(path: Path) -> Any:
@@ -498,8 +529,14 @@ class _SafetensorsReader(_Reader):
     def __init__(self, path: Path) -> None:
         self.path = path
         self._stamp = _stamp(path)
-        self.meta, self.entries = _read_safetensors_header(path)
+        self.meta, self.entries, self._spans = _read_safetensors_header(path)
         self._handle: Any = None
+
+    def span(self, key: str) -> Span | None:
+        meta = self.meta[key]
+        offset, nbytes = self._spans[key]
+        stride = tuple(math.prod(meta.shape[i + 1 :]) for i in range(len(meta.shape)))
+        return Span(str(self.path), offset, nbytes, meta.dtype, meta.shape, stride)
 
     def read(self, key: str) -> torch.Tensor:
         if self._handle is None:
@@ -578,6 +615,7 @@ class _TorchReader(_Reader):
         except SourceError as exc:
             raise SourceError(exc.message, where=str(path)) from None
         self.meta = _tensors_meta(weights)
+        self._meta_tensors = weights if fmt == "torch-zip" and sys.byteorder == "little" else {}
         self.entries = _entries(obj, self.parts)
         if fmt == "torch-legacy":
             self.notes.append(
@@ -598,6 +636,22 @@ class _TorchReader(_Reader):
             message = f"cannot read tensor {key!r}: the loaded file holds {type(tensor).__name__} there"
             raise SourceError(message, where=str(self.path))
         return tensor
+
+    def span(self, key: str) -> Span | None:
+        t = self._meta_tensors.get(key) if isinstance(self._meta_tensors, Mapping) else None
+        offset = getattr(t.untyped_storage(), "_checkpoint_offset", None) if isinstance(t, torch.Tensor) else None
+        if offset is None or self._byteorder_differs():
+            return None
+        meta = self.meta[key]
+        return Span(str(self.path), int(offset), t.untyped_storage().nbytes(), meta.dtype, meta.shape,
+                    tuple(t.stride()), t.storage_offset())  # fmt: skip
+
+    def _byteorder_differs(self) -> bool:
+        if not hasattr(self, "_foreign"):
+            with zipfile.ZipFile(self.path) as z:
+                name = next((n for n in z.namelist() if n.endswith("/byteorder")), None)
+                self._foreign = name is not None and z.read(name).decode() != sys.byteorder
+        return self._foreign
 
     def release(self) -> None:
         self._tensors = None

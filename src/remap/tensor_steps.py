@@ -21,11 +21,12 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from . import ops
+from .errors import describe_value
 from .meta import DTYPE_NAMES, TensorMeta, dtype_name
 from .ops import OpError
 from .patterns import PatternError, Template, compile_regex, quote, quotes, search
 from .report import Failure
-from .steps import Item, Op, Recipe, Step, StepContext, StepResult, StepSpecError, register
+from .steps import STEPS, Item, Op, Recipe, Step, StepContext, StepResult, StepSpecError, register
 
 __all__ = ["Transpose", "Reshape", "Slice", "Pad", "Cast", "Merge", "Split", "Adapt"]
 
@@ -55,7 +56,7 @@ def _shape(meta: TensorMeta) -> str:
 def _target(item: Item, ctx: StepContext, kind: str) -> TensorMeta:
     meta = ctx.target.get(item.key)
     if meta is None:
-        raise OpError(f"{item.key!r} is not a target key at this step, so there is no target shape to fit; "
+        raise OpError(f"no target key has this name, so there is no target shape to fit; "
                       f"put {kind} after the steps that give the key its target name")  # fmt: skip
     return TensorMeta(tuple(meta.shape), meta.dtype)
 
@@ -114,12 +115,16 @@ class Transpose(_TensorStep):
 
     dims: tuple[int, ...] = (-2, -1)
     kind: ClassVar[str] = "transpose"
-    schema: ClassVar[dict[str, Any]] = {"anyOf": [MATCH, _object({"dims": {**INTS, "minItems": 2}})]}
+    schema: ClassVar[dict[str, Any]] = {**_object({"dims": INTS}), "type": ["string", "array", "object"],
+                                        "items": {"type": "string"}, "minItems": 1}  # fmt: skip
 
     @classmethod
     def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
         if isinstance(value, dict):
-            return cls(index, where, optional, _patterns(value["match"]), tuple(value.get("dims", (-2, -1))))
+            dims = tuple(value.get("dims", (-2, -1)))
+            if len(dims) < 2:
+                raise StepSpecError(f"expected two dims to swap, or every dim in a new order; found {list(dims)}", "dims")
+            return cls(index, where, optional, _patterns(value["match"]), dims)
         return cls(index, where, optional, _patterns(value))
 
     def summary(self) -> str:
@@ -140,10 +145,12 @@ class Reshape(_TensorStep):
 
     shape: tuple[int, ...] | None = None
     kind: ClassVar[str] = "reshape"
-    schema: ClassVar[dict[str, Any]] = _object({"shape": {"anyOf": [INTS, {"const": "target"}]}}, ("match", "shape"))
+    schema: ClassVar[dict[str, Any]] = _object({"shape": {"type": ["array", "string"], "items": INT}}, ("match", "shape"))
 
     @classmethod
     def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        if isinstance(value["shape"], str) and value["shape"] != "target":
+            raise StepSpecError(f"expected a list of sizes or 'target', found {describe_value(value['shape'])}", "shape")
         shape = None if value["shape"] == "target" else tuple(value["shape"])
         return cls(index, where, optional, _patterns(value["match"]), shape)
 
@@ -180,6 +187,8 @@ class Slice(_TensorStep):
             raise StepSpecError(f"give either 'index' or start/stop/step, not both (found 'index' and {ranged[0]!r})", ranged[0])
         if "index" not in value and not ranged:
             raise StepSpecError("expected 'index: [list]' or start/stop/step to say what to keep")
+        if value.get("step") == 0:
+            raise StepSpecError("expected a non-zero step, found 0", "step")
         idx = tuple(value["index"]) if "index" in value else None
         return cls(index, where, optional, _patterns(value["match"]), value.get("dim", 0), idx, value.get("start"), value.get("stop"), value.get("step"))
 
@@ -212,10 +221,13 @@ class Pad(_TensorStep):
     fill: Any = "zeros"
     to: tuple[int, ...] | None = None
     kind: ClassVar[str] = "pad"
-    schema: ClassVar[dict[str, Any]] = _object({"fill": {"anyOf": [{"enum": ["zeros", "mean"]}, {"type": "number"}]}, "to": INTS})
+    schema: ClassVar[dict[str, Any]] = _object({"fill": {"type": ["string", "number"]}, "to": INTS})
 
     @classmethod
     def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        fill = value.get("fill", "zeros")
+        if isinstance(fill, str) and fill not in ("zeros", "mean"):
+            raise StepSpecError(f"expected zeros, mean or a number, found {describe_value(fill)}", "fill")
         to = tuple(value["to"]) if "to" in value else None
         return cls(index, where, optional, _patterns(value["match"]), value.get("fill", "zeros"), to)
 
@@ -228,6 +240,8 @@ class Pad(_TensorStep):
         shape = ops.pad_shape(item.meta.shape, target)
         if shape == item.meta.shape:
             return item  # nothing to pad: no op, no copy
+        if isinstance(self.fill, float) and not self.fill.is_integer() and not item.meta.dtype.startswith(("float", "bfloat", "complex")):
+            raise OpError(f"cannot pad with fill {self.fill}: the tensor is {item.meta.dtype}, which holds integers only")
         op = Op("pad", f"pad(to={list(shape)}, fill={self.fill})", functools.partial(ops.pad, target=shape, fill=self.fill))
         return item.with_op(op, replace(item.meta, shape=shape))
 
@@ -293,6 +307,9 @@ class Adapt(_TensorStep):
             extra = [k for k in ("prefix_tokens", "mode", "grid") if k in value]
             if extra:
                 raise StepSpecError(f"{extra[0]!r} applies to op: interpolate, not in_channels", extra[0], key=True)
+        grid, mode = value.get("grid", "2d"), value.get("mode", "bicubic")
+        if mode not in ops.INTERPOLATE_MODES[grid]:
+            raise StepSpecError(f"mode {mode!r} does not apply to a {grid} grid; expected one of: {', '.join(ops.INTERPOLATE_MODES[grid])}", "mode")
         return cls(index, where, optional, _patterns(value["match"]), value["op"], value.get("prefix_tokens", 1),
                    value.get("mode", "bicubic"), value.get("grid", "2d"))  # fmt: skip
 
@@ -307,10 +324,7 @@ class Adapt(_TensorStep):
             shape = ops.in_channels_shape(item.meta.shape, target.shape)
             op = Op("in_channels", f"in_channels({item.meta.shape[1]}->{shape[1]})", functools.partial(ops.adapt_in_channels, in_chans=shape[1]))
         else:
-            shape = ops.interpolate_shape(item.meta.shape, target.shape, self.prefix_tokens)
-            if self.grid == "2d":
-                for n in (item.meta.shape[-2], shape[-2]):
-                    ops._grid(n - self.prefix_tokens)
+            shape = ops.interpolate_shape(item.meta.shape, target.shape, self.prefix_tokens, self.grid)
             tokens = shape[-2]
             op = Op("interpolate", f"interpolate({item.meta.shape[-2]}->{tokens} tokens, {self.grid}, {self.mode})",
                     functools.partial(ops.interpolate_grid, target_tokens=tokens, prefix_tokens=self.prefix_tokens, mode=self.mode, grid=self.grid))  # fmt: skip
@@ -339,7 +353,7 @@ class Merge(Step):
     kind: ClassVar[str] = "merge"
     schema: ClassVar[dict[str, Any]] = {
         "type": "object",
-        "properties": {"match": {"type": "string"}, "into": {"type": "string"}, "order": {"type": "array", "items": {"type": ["string", "integer"]}, "minItems": 2},
+        "properties": {"match": {"type": "string"}, "into": {"type": "string"}, "order": {"type": "array", "items": {"type": ["string", "integer"]}},
                        "group": {"type": ["string", "integer"]}, "dim": INT, "stack": {"type": "boolean"}},
         "required": ["match", "into", "order"],
         "additionalProperties": False,
@@ -358,6 +372,8 @@ class Merge(Step):
         except PatternError as exc:
             raise StepSpecError(str(exc), "into") from None
         order = tuple(str(o) for o in value["order"])
+        if len(order) < 2:
+            raise StepSpecError(f"expected at least 2 parts to merge, found {len(order)}: {list(order)}", "order")
         if len(set(order)) != len(order):
             raise StepSpecError(f"order lists a part twice: {list(order)}", "order")
         return cls(index, where, optional, value["match"], into, order, group, value.get("dim", 0), value.get("stack", False))
@@ -400,11 +416,12 @@ class Merge(Step):
         missing = [p for p in self.order if p not in by_part]
         if missing:
             have = ", ".join(f"{p} from {i.key!r}" for p, i in by_part.items())
-            return None, self._fail(key, parts, f"part {missing[0]!r} is missing (have {have})")
+            what = f"part {missing[0]!r} is" if len(missing) == 1 else f"parts {', '.join(map(repr, missing))} are"
+            return None, self._fail(key, parts, f"{what} missing (have {have})")
         chosen = [by_part[p] for p in self.order]
-        dtypes = {i.meta.dtype for i in chosen}
-        if len(dtypes) > 1:
-            return None, self._fail(key, parts, f"the parts have different dtypes: {sorted(dtypes)}; cast them first")
+        if len({i.meta.dtype for i in chosen}) > 1:
+            dtypes = ", ".join(f"{p} {by_part[p].meta.dtype}" for p in self.order)
+            return None, self._fail(key, parts, f"the parts have different dtypes: {dtypes}; cast them first")
         try:
             shape = ops.concat_shape([i.meta.shape for i in chosen], self.dim, self.stack)
         except OpError as exc:
@@ -447,7 +464,7 @@ class Split(Step):
     kind: ClassVar[str] = "split"
     schema: ClassVar[dict[str, Any]] = {
         "type": "object",
-        "properties": {"match": {"type": "string"}, "into": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+        "properties": {"match": {"type": "string"}, "into": {"type": "array", "items": {"type": "string"}},
                        "dim": INT, "sizes": {"type": "array", "items": {"type": "integer", "minimum": 1}}},
         "required": ["match", "into"],
         "additionalProperties": False,
@@ -456,6 +473,8 @@ class Split(Step):
     @classmethod
     def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
         compiled = _compile(value["match"], "match")
+        if len(value["into"]) < 2:
+            raise StepSpecError(f"expected at least 2 keys to split into, found {len(value['into'])}", "into")
         into = []
         for n, text in enumerate(value["into"]):
             try:
@@ -485,7 +504,7 @@ class Split(Step):
             try:
                 shapes = ops.split_shapes(item.meta.shape, self.dim, len(self.into), self.sizes)
             except OpError as exc:
-                failures.append(Failure("op", f"{self.label}: key {item.key!r} {_shape(item.meta)}: {exc}", item.sources))
+                failures.append(Failure("op", f"{self.label}: key {item.key!r} {_shape(item.meta)} {item.meta.dtype}: {exc}", item.sources))
                 out.append(item)
                 continue
             n = len(self.into)
