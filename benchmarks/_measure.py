@@ -166,7 +166,7 @@ def table(title: str, columns: list[str], rows: list[list[str]], notes: list[str
             t.add_column(c, justify="left" if i < 2 else "right")
         for r in rows:
             t.add_row(*r)
-        Console(width=max(100, min(200, sum(max([len(c), *(len(r[i]) for r in rows)]) + 3 for i, c in enumerate(columns))))).print(t)
+        Console(width=max(100, min(250, sum(max([len(c), *(len(r[i]) for r in rows)]) + 3 for i, c in enumerate(columns))))).print(t)
         return
     widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
     print(title)

@@ -1,6 +1,7 @@
 """remap benchmarks: one command, every measurement side by side, a table of ratios, JSON.
 
     python benchmarks/run.py [--quick] [--out results.json] [--only planning|loading] [--repeats N]
+    python benchmarks/run.py --show results.json      # the tables of an earlier run
 
 * planning throughput (``planning.py``): remap's planner against the rule-by-rule loop
   (mmengine ``revise_keys``) and the first-match loop (transformers ``key_mapping``) on
@@ -83,6 +84,14 @@ def loading_table(result: dict[str, Any]) -> None:
     )  # fmt: skip
 
 
+def show(out: dict[str, Any]) -> None:
+    """The tables of one run's results."""
+    if "planning" in out:
+        planning_table(out["planning"])
+    if "loading" in out:
+        loading_table(out["loading"])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke test of the harness")
@@ -91,7 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=["planning", "loading"], help="run one part only")
     ap.add_argument("--repeats", type=int, help="loading runs per variant (default 3; --quick 1)")
     ap.add_argument("--tmpdir", help="where the checkpoint files are written (default: the system's temp dir)")
+    ap.add_argument("--show", type=Path, metavar="JSON", help="print the tables of an earlier run's results and exit")
     a = ap.parse_args(argv)
+    if a.show:
+        saved = json.loads(a.show.read_text())
+        print(f"$ {saved['command']}")
+        show(saved)
+        return 0
     repeats = a.repeats or (1 if a.quick else 3)
 
     command = shlex.join([Path(sys.executable).name, *sys.argv])
@@ -113,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     out["seconds"] = time.perf_counter() - t0
 
     print()
-    if "planning" in out:
-        planning_table(out["planning"])
-    if "loading" in out:
-        loading_table(out["loading"])
+    show(out)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=1) + "\n")
     print(f"\nresults: {a.out}  ({out['seconds']:.0f} s)")

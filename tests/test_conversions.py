@@ -356,7 +356,7 @@ def test_hf_gpt2_to_linear(tmp_path, config, layout):
 
     report, saved = cli_apply(tmp_path, config, ckpt, "conversion_models:GPT")
     check_report(report, ops=_gpt2_ops(2), dropped=dropped, tied={"lm_head.weight": "transformer.wte.weight"})
-    assert step_matches(report) == [{"hub_gpt2model": 28}.get(layout, 0), {"hub_gpt2model": 4}.get(layout, 0), 8]
+    assert step_matches(report) == [32, 4, 8] if layout == "hub_gpt2model" else [0, 0, 8]  # optional steps: matched or not
     if layout == "state_dict":
         assert report["sources"]["lm_head.weight"]["fate"] == "duplicate"  # checked equal to wte, not loaded twice
     assert_close(run(rebuild("conversion_models:GPT", saved), tokens), expected, atol=1e-4)
