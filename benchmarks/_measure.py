@@ -119,6 +119,37 @@ def warm_file(path: str | os.PathLike[str], chunk: int = 64 << 20) -> float:
     return time.perf_counter() - t0
 
 
+class ForeignCpu:
+    """CPU time used by processes other than this one and its children, while the block
+    runs: a benchmark sharing its cores with other work reads slower than it is.
+
+    >>> with ForeignCpu() as other:                 # doctest: +SKIP
+    ...     run()
+    >>> other.cores                                 # average number of cores others kept busy
+    """
+
+    @staticmethod
+    def _busy() -> float:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __enter__(self) -> ForeignCpu:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.t0
+        self.seconds = max(0.0, (self._busy() - self.busy0) - (self._own() - self.own0))
+        self.cores = self.seconds / self.wall if self.wall else 0.0
+
+
 def machine_info() -> dict[str, Any]:
     """Cores, RAM, CPU model, OS, Python and library versions, and the repo's commit."""
     info: dict[str, Any] = {

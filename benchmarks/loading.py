@@ -16,7 +16,9 @@ memory is measured cleanly:
    ``safe_open`` after the measurement), none is left on ``meta``.
 
 The page-cache copy (``readinto`` of the whole file into a preallocated, touched
-buffer) is the physical limit every load is compared with.
+buffer) is the physical limit every load into an allocated model is compared with; the
+same copy into freshly allocated memory (which pays a page fault per page) is the limit
+for a meta-device target that ends up holding its own copy.
 
 Child usage (what the parent runs; useful with ``--profile`` to see where time goes)::
 
@@ -57,6 +59,7 @@ VARIANTS: dict[str, tuple[str, str, str, bool]] = {
     "meta_assign": ("meta target: load_file + load_state_dict(assign=True)", ST, "meta", False),
     "meta_remap": ("meta target: remap.load(model, .safetensors)", ST, "meta", False),
     "page_cache_copy": ("page-cache copy: readinto a preallocated buffer", ST, "buffer", False),
+    "page_cache_copy_fresh": ("page-cache copy into fresh memory: allocate + readinto", ST, "fresh", False),
 }
 
 
@@ -163,8 +166,8 @@ def child(variant: str, folder: Path, layers: int, dim: int, profile: bool = Fal
     path = folder / filename
     size = path.stat().st_size
     out: dict[str, Any] = {"variant": variant, "label": label, "file_bytes": size}
-    if target == "buffer":
-        holder = np.empty(size, np.uint8)
+    if target in ("buffer", "fresh"):
+        holder = np.empty(size if target == "buffer" else 0, np.uint8)
         holder.fill(1)  # touched: resident before the baseline
         model_bytes = size
     else:
@@ -174,10 +177,14 @@ def child(variant: str, folder: Path, layers: int, dim: int, profile: bool = Fal
     out["warm_seconds"] = warm_file(path)
     gc.collect()
 
-    if target == "buffer":
+    if target in ("buffer", "fresh"):
         view = memoryview(holder)
 
         def fn(_: Any, p: Path) -> None:
+            nonlocal holder, view
+            if target == "fresh":  # allocated untouched: the copy pays the page faults
+                holder = np.empty(size, np.uint8)
+                view = memoryview(holder)
             with open(p, "rb", buffering=0) as f:
                 done = 0
                 while done < size:
@@ -200,7 +207,7 @@ def child(variant: str, folder: Path, layers: int, dim: int, profile: bool = Fal
                 if profiler:
                     profiler.enable()
                 extra = fn(holder, path)
-                if target != "buffer":
+                if target in ("alloc", "meta"):
                     touch(holder)
                 if profiler:
                     profiler.disable()
@@ -222,7 +229,7 @@ def child(variant: str, folder: Path, layers: int, dim: int, profile: bool = Fal
         pstats.Stats(profiler, stream=s).sort_stats("cumulative").print_stats(30)
         sys.stderr.write(s.getvalue())
     if "error" not in out:
-        if target == "buffer":
+        if target in ("buffer", "fresh"):
             with open(path, "rb") as f:
                 head = f.read(1 << 20)
             out["problems"] = [] if bytes(view[: len(head)]) == head else ["copied bytes differ from the file"]

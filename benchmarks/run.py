@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loading  # noqa: E402
 import planning  # noqa: E402
-from _measure import gib, machine_info, table  # noqa: E402
+from _measure import ForeignCpu, gib, machine_info, table  # noqa: E402
 
 
 def planning_table(results: list[dict[str, Any]]) -> None:
@@ -90,6 +90,11 @@ def show(out: dict[str, Any]) -> None:
         planning_table(out["planning"])
     if "loading" in out:
         loading_table(out["loading"])
+    cores = out.get("machine", {}).get("cores")
+    busy = {k: v["cores"] for k, v in out.get("other_processes_cpu", {}).items() if v["cores"] > 0.1}
+    if busy:
+        print("\nWARNING: other processes kept " + ", ".join(f"{c:.2f} of {cores} cores busy during {k}"
+              for k, c in busy.items()) + "; timings are slower than on a quiet machine.")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,12 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     out: dict[str, Any] = {"command": command, "quick": a.quick, "machine": info, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     t0 = time.perf_counter()
-    if a.only in (None, "planning"):
-        print("\nplanning ...", flush=True)
-        out["planning"] = planning.run(a.quick, progress=lambda s: print(s, flush=True))
-    if a.only in (None, "loading"):
-        print("\nloading ...", flush=True)
-        out["loading"] = loading.run(a.quick, repeats, a.tmpdir, progress=lambda s: print(s, flush=True))
+    for part in ("planning", "loading"):
+        if a.only not in (None, part):
+            continue
+        print(f"\n{part} ...", flush=True)
+        with ForeignCpu() as other:
+            if part == "planning":
+                out[part] = planning.run(a.quick, progress=lambda s: print(s, flush=True))
+            else:
+                out[part] = loading.run(a.quick, repeats, a.tmpdir, progress=lambda s: print(s, flush=True))
+        out.setdefault("other_processes_cpu", {})[part] = {"core_seconds": other.seconds, "cores": other.cores}
     out["seconds"] = time.perf_counter() - t0
 
     print()

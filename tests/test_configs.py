@@ -50,7 +50,8 @@ def assert_loaded(model: torch.nn.Module, expected: dict[str, torch.Tensor], ski
 
 
 def test_every_config_has_a_scenario():
-    tested = {"torchvision-resnet-finetune.yaml", "unwrap-ddp-compile.yaml", "lightning-to-module.yaml"}
+    from test_conversions import TESTED as CONVERSIONS  # the cross-library conversions, each run end to end there
+    tested = {"torchvision-resnet-finetune.yaml", "unwrap-ddp-compile.yaml", "lightning-to-module.yaml"} | CONVERSIONS
     assert {p.name for p in CONFIGS.glob("*.yaml")} == tested
 
 

@@ -55,10 +55,11 @@ def runs(name: str, *, slow: bool = False) -> Callable[[Callable[..., Any]], Any
 def pretrained_like(model: nn.Module, seed: int = 0, spread: float = 0.1) -> nn.Module:
     """Weights that a wrong load cannot hide, at a scale that keeps deep models finite.
 
-    Matrices and kernels are redrawn at the scale of their initialisation (unit-variance
-    weights would overflow a ResNet-50 in eval mode); vectors (biases, norm affines,
-    BatchNorm means) and embeddings spread around their initial mean, so that LayerNorm's
-    ones and zeros differ from a fresh target's; BatchNorm variances lie in [0.5, 1.5].
+    Matrices, kernels and embeddings are redrawn at the scale of their initialisation, at
+    least 0.02 (unit-variance weights would overflow a ResNet-50 in eval mode, and a class
+    token initialised at 1e-6 would hide); vectors (biases, norm affines, BatchNorm means)
+    spread by ``spread`` around their initial mean, so that LayerNorm's ones and zeros
+    differ from a fresh target's; BatchNorm variances lie in [0.5, 1.5].
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -70,8 +71,8 @@ def pretrained_like(model: nn.Module, seed: int = 0, spread: float = 0.1) -> nn.
             noise = torch.randn(t.shape, generator=g)
             if name.endswith("running_var"):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif t.dim() >= 2 and t.numel() > 1 and float(t.std()) > 0:
-                t.copy_(noise * t.std())
+            elif t.dim() >= 2:
+                t.copy_(noise * max(float(t.std()) if t.numel() > 1 else 0.0, 0.02))
             else:
                 t.copy_(t.mean() + noise * spread)
     return model.eval()
@@ -87,10 +88,10 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
-def cli_apply(tmp_path: Path, config: Path, source: Path, target: str | None, *extra: str) -> tuple[dict, dict]:
+def cli_apply(tmp_path: Path, config: Path, source: Path, target: str | None) -> tuple[dict, dict]:
     """``remap apply CONFIG --source S [--target T] --save ... --report ...``: (report, saved state_dict)."""
     report, saved = tmp_path / "cli-report.json", tmp_path / "cli-loaded.pt"
-    argv = ["apply", str(config), "--source", str(source), "--report", str(report), "--save", str(saved), "-q", *extra]
+    argv = ["apply", str(config), "--source", str(source), "--report", str(report), "--save", str(saved), "-q"]
     if target is not None:
         argv += ["--target", target]
     assert main(argv) == 0
@@ -194,6 +195,7 @@ def test_timm_qkv_layout_is_multihead_attentions():
 @runs("timm-vit-to-torchvision.yaml", slow=True)
 def test_timm_vit_base_to_torchvision_vit_b_16(tmp_path, config):
     import timm
+    import torchvision
 
     source = pretrained_like(timm.create_model("vit_base_patch16_224"))
     ckpt = save_safetensors(source.state_dict(), tmp_path / "vit_base_patch16_224.safetensors")
@@ -202,8 +204,6 @@ def test_timm_vit_base_to_torchvision_vit_b_16(tmp_path, config):
     report, saved = cli_apply(tmp_path, config, ckpt, None)  # the config's own target: vit_b_16
     check_report(report)
     assert report["totals"]["loaded"] == 152 and step_matches(report) == [144, 144, 8]
-    import torchvision
-
     model = torchvision.models.vit_b_16()
     model.load_state_dict(saved)
     assert_close(run(model, image), expected, atol=1e-4)
@@ -356,7 +356,7 @@ def test_hf_gpt2_to_linear(tmp_path, config, layout):
 
     report, saved = cli_apply(tmp_path, config, ckpt, "conversion_models:GPT")
     check_report(report, ops=_gpt2_ops(2), dropped=dropped, tied={"lm_head.weight": "transformer.wte.weight"})
-    assert step_matches(report) == [32, 4, 8] if layout == "hub_gpt2model" else [0, 0, 8]  # optional steps: matched or not
+    assert step_matches(report) == ([32, 4, 8] if layout == "hub_gpt2model" else [0, 0, 8])  # the optional steps match or not
     if layout == "state_dict":
         assert report["sources"]["lm_head.weight"]["fate"] == "duplicate"  # checked equal to wte, not loaded twice
     assert_close(run(rebuild("conversion_models:GPT", saved), tokens), expected, atol=1e-4)
@@ -512,13 +512,8 @@ def test_resnet_stem_to_four_channels(tmp_path, config):
     for key, value in source.state_dict().items():
         if key != "conv1.weight":
             assert torch.equal(model.state_dict()[key], value), key
-    # R, G, B, R at 3/4 of the weight: an RGB+R image of four times... the same colour channels
-    rgb = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    rgbr = torch.cat([rgb, rgb[:, :1]], dim=1)
     w = source.conv1.weight.detach()
-    assert_close(F.conv2d(rgbr, model.conv1.weight.detach(), stride=2, padding=3),
-                 F.conv2d(rgb, w * 0.75, stride=2, padding=3) + F.conv2d(rgb[:, :1], w[:, :1] * 0.75, stride=2, padding=3),
-                 atol=1e-5, rtol=1e-5)  # fmt: skip
+    assert torch.equal(model.conv1.weight.detach(), torch.cat([w, w[:, :1]], dim=1) * 0.75)  # R, G, B, R at 3/4
     assert torch.isfinite(run(model, torch.randn(1, 4, 64, 64))).all()
 
 
@@ -544,7 +539,7 @@ def test_imagenet_head_subset(tmp_path, config):
     expected = run(source, image)[:, index]
 
     report, saved = cli_apply(tmp_path, config, ckpt, "conversion_models:resnet18_head_subset")
-    op = f"slice(dim=0, index={index})".replace("'", "")
+    op = f"slice(dim=0, index={index})"
     check_report(report, ops={"fc.weight": [op], "fc.bias": [op]})
     assert report["targets"]["fc.weight"]["shape"] == [len(index), 512]
     assert_close(run(rebuild("conversion_models:resnet18_head_subset", saved), image), expected, atol=1e-5)
@@ -636,3 +631,23 @@ def test_full_size_dry_run(case):
     plan = remap.plan(model, _meta_state(source), config)
     assert plan.report.dry_run
     check_report(plan.report.to_dict(), ops=ops, tied={"lm_head.weight": "transformer.wte.weight"} if case == "gpt2_124m" else None)
+
+
+# --------------------------------------------------------------------------- known gaps in remap
+
+
+@pytest.mark.xfail(strict=True, reason="remap: a one-in-one-out tensor step (transpose, slice, adapt) is not listed in the "
+                   "target record's `steps`, though merge/split are and docs/report.md says `steps` lists the steps that "
+                   "changed a key's name or tensor")  # fmt: skip
+def test_report_steps_list_the_tensor_op_steps():
+    import torchvision
+
+    gpt = remap.load(cm.GPT(), pretrained_like(_hf_gpt2()).state_dict(), rules=CONFIGS / "hf-gpt2-to-linear.yaml")
+    resnet = pretrained_like(torchvision.models.resnet18()).state_dict()
+    stem = remap.load(cm.resnet18_gray(), resnet, rules=CONFIGS / "resnet-stem-in-channels.yaml")
+    head = remap.load(cm.resnet18_head_subset(), resnet, rules=CONFIGS / "imagenet-head-subset.yaml")
+    merge = remap.load(cm.mha(), cm.QKVAttention().state_dict(), rules=CONFIGS / "qkv-to-mha.yaml")
+    assert merge.target_record("in_proj_weight").steps == ("step 1 (merge)",)  # as it is today
+    assert gpt.target_record("transformer.h.0.attn.c_attn.weight").steps == ("step 3 (transpose)",)
+    assert stem.target_record("conv1.weight").steps == ("step 1 (adapt)",)
+    assert head.target_record("fc.bias").steps == ("step 1 (slice)",)

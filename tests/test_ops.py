@@ -565,3 +565,31 @@ def test_interpolate_1d_grid_need_not_be_square() -> None:
 )
 def test_interpolate_mode_errors(mode: str, grid: str, message: str) -> None:
     assert raises(ops.interpolate_grid, rand(1, 17, 8), 37, 1, mode, grid) == message
+
+
+# --------------------------------------------------------------------------- any device
+
+ON_META = [
+    pytest.param(ops.transpose, (2, 3, 4), dict(dims=(0, 2)), lambda s: ops.transpose_shape(s, (0, 2)), id="transpose"),
+    pytest.param(ops.reshape, (3, 4), dict(new=(12,)), lambda s: ops.reshape_shape(s, (-1,)), id="reshape"),
+    pytest.param(ops.slice_, (10, 4), dict(dim=0, index=[3, 1], start=None, stop=None, step=None), lambda s: ops.slice_shape(s, 0, [3, 1], None, None, None), id="slice"),
+    pytest.param(ops.pad, (5, 4), dict(target=(7, 6), fill=0.5), lambda s: ops.pad_shape(s, (7, 6)), id="pad-number"),
+    pytest.param(ops.pad, (5, 4), dict(target=(7, 4), fill="mean"), lambda s: ops.pad_shape(s, (7, 4)), id="pad-mean"),
+    pytest.param(ops.split, (12, 4), dict(dim=0, parts=3, sizes=None, part=1), lambda s: ops.split_shapes(s, 0, 3, None)[1], id="split"),
+    pytest.param(ops.adapt_in_channels, (8, 3, 3, 3), dict(in_chans=4), lambda s: ops.in_channels_shape(s, (8, 4, 3, 3)), id="in-channels"),
+    pytest.param(ops.adapt_in_channels, (8, 12, 3, 3), dict(in_chans=4), lambda s: ops.in_channels_shape(s, (8, 4, 3, 3)), id="in-channels-s2d"),
+    pytest.param(ops.interpolate_grid, (1, 10, 8), dict(target_tokens=17, prefix_tokens=0, mode="linear", grid="1d"), lambda s: (1, 17, 8), id="interpolate-1d"),
+    pytest.param(ops.interpolate_grid, (1, 10, 8), dict(target_tokens=17, prefix_tokens=0, mode="bicubic", grid="1d"), lambda s: (1, 17, 8), id="interpolate-1d-bicubic"),
+    pytest.param(ops.interpolate_grid, (1, 17, 8), dict(target_tokens=37, prefix_tokens=1, mode="bicubic", grid="2d"), lambda s: ops.interpolate_shape(s, (1, 37, 8), 1), id="interpolate-2d"),
+]
+
+
+@pytest.mark.parametrize(("fn", "shape", "kwargs", "planned"), ON_META)
+def test_ops_run_on_the_device_of_their_input(fn, shape, kwargs, planned) -> None:
+    """The engine may run a recipe on meta tensors (to check it before reading anything) or
+    on another device: an op makes its new tensors where its input is."""
+    t = torch.empty(shape, device="meta")
+    out = fn(t, **kwargs)
+    assert out.device.type == "meta"
+    assert tuple(out.shape) == planned(shape)
+    assert ops.concat([t, t], 0, False).device.type == "meta"

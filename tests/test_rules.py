@@ -779,6 +779,30 @@ GOOD_STEPS = [
     pytest.param("drop: ['\\.num_batches_tracked$', '^fc\\.']", "drop '\\.num_batches_tracked$', '^fc\\.'", id="drop-list"),
     pytest.param("keep: '^encoder\\.'", "keep '^encoder\\.'", id="keep-short"),
     pytest.param("keep: ['^a', '^b']", "keep '^a', '^b'", id="keep-list"),
+    pytest.param("transpose: '\\.c_attn\\.weight$'", "transpose(-2, -1) on '\\.c_attn\\.weight$'", id="transpose"),
+    pytest.param(
+        "reshape: {match: '\\.proj\\.weight$', shape: [768, -1, 1, 1]}",
+        "reshape to [768, -1, 1, 1] on '\\.proj\\.weight$'",
+        id="reshape",
+    ),
+    pytest.param(
+        "slice: {match: '^fc\\.(weight|bias)$', dim: 0, index: [0, 5, 9]}",
+        "slice dim 0 [index=[0, 5, 9]] on '^fc\\.(weight|bias)$'",
+        id="slice",
+    ),
+    pytest.param("pad: {match: '^wte\\.weight$', fill: mean}", "pad to the target shape with mean on '^wte\\.weight$'", id="pad"),
+    pytest.param("cast: {match: '.*', dtype: float16}", "cast to float16 on '.*'", id="cast"),
+    pytest.param(
+        "merge: {match: '^(.*)\\.(q|k|v)_proj\\.weight$', into: '\\1.in_proj_weight', order: [q, k, v], dim: 0}",
+        "merge '^(.*)\\.(q|k|v)_proj\\.weight$' into '\\1.in_proj_weight' (cat dim 0, order q, k, v)",
+        id="merge",
+    ),
+    pytest.param(
+        "split: {match: '^(.*)\\.qkv\\.weight$', into: ['\\1.q.weight', '\\1.k.weight', '\\1.v.weight'], dim: 0}",
+        "split '^(.*)\\.qkv\\.weight$' into '\\1.q.weight', '\\1.k.weight', '\\1.v.weight' (dim 0, 3 equal parts)",
+        id="split",
+    ),
+    pytest.param("adapt: {match: '^conv1\\.weight$', op: in_channels}", "adapt in_channels on '^conv1\\.weight$'", id="adapt"),
 ]
 
 

@@ -64,8 +64,11 @@ def _explain_source(plan: Plan, key: str, *, indent: str, prefix: str = "") -> s
     fate = plan.fates.get(key)
     lines = [f"{indent}{prefix}source {key!r} {_shape(meta.shape, meta.dtype)}"]
     summaries = {s.index: f"step {s.index} ({s.summary()})" for s in plan.rules.steps}
+    previous = key
     for step, after in fate.hops if fate else ():
-        lines.append(f"{indent}  {summaries[step]}: -> {after!r}")
+        change = f"-> {after!r}" if after != previous else "(tensor op)"
+        lines.append(f"{indent}  {summaries[step]}: {change}")
+        previous = after
     lines.append(f"{indent}  => {_fate_words(fate, summaries)}")
     return "\n".join(lines)
 

@@ -100,6 +100,8 @@ def _shape(value: Any, key: str) -> Shape:
 
 
 def _coerce(key: str, value: Any) -> TensorMeta:
+    if type(value) is tuple and all(type(d) is int and d >= 0 for d in value):
+        return TensorMeta(value)  # the common case, first
     if isinstance(value, TensorMeta):
         return value
     if isinstance(value, TargetMeta):

@@ -134,7 +134,7 @@ def slice_(t: torch.Tensor, dim: int, index: Sequence[int] | None, start: int | 
     slice_shape(tuple(t.shape), dim, index, start, stop, step)
     d = _dim(dim, t.dim())
     idx = _slice_indices(t.shape[d], index, start, stop, step, dim)
-    return t.index_select(d, torch.tensor(idx, dtype=torch.long)).contiguous()
+    return t.index_select(d, torch.tensor(idx, dtype=torch.long, device=t.device)).contiguous()
 
 
 # --------------------------------------------------------------------------- pad
@@ -165,7 +165,7 @@ def pad(t: torch.Tensor, target: Shape, fill: str | float) -> torch.Tensor:
         if fill == "mean":
             extra = out.float().mean(dim=d, keepdim=True).to(out.dtype).expand(*shape)
         else:
-            extra = torch.full(shape, 0.0 if fill == "zeros" else float(fill), dtype=out.dtype)
+            extra = torch.full(shape, 0.0 if fill == "zeros" else float(fill), dtype=out.dtype, device=out.device)
         out = torch.cat([out, extra], dim=d)
     return out.contiguous()
 

@@ -15,7 +15,7 @@ dry-run report. Applying the plan to a module is the engine's job (:meth:`Plan.a
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ from .report import (
     Totals,
 )
 from .rules import Rules
+from .name_cache import leading_name_steps, run_name_steps
 from .steps import Item, Recipe, Step, StepContext
 
 if TYPE_CHECKING:
@@ -185,12 +186,12 @@ def _all_target_meta(target: Mapping[str, Any]) -> bool:
     return isinstance(target, Mapping) and all(isinstance(v, TargetMeta) for v in target.values())
 
 
-def _run_steps(steps: Iterable[Step], src: dict[str, TensorMeta], ctx: StepContext) -> tuple[list[StepRecord], list[Item], list[Failure], dict[str, _Fate]]:
-    items = [Item.source(k, m) for k, m in src.items()]
+def _run_steps(steps: Sequence[Step], src: dict[str, TensorMeta], ctx: StepContext) -> tuple[list[StepRecord], list[Item], list[Failure], dict[str, _Fate]]:
     records: list[StepRecord] = []
     failures: list[Failure] = []
     fates: dict[str, _Fate] = {}
-    for step in steps:
+    items, rest = _run_leading_name_steps(steps, src, records, fates)
+    for step in rest:
         result = step.run(items, ctx)
         records.append(StepRecord(step.index, step.kind, step.summary(), result.matched, step.optional, result.counts, step.where))
         failures += result.failures
@@ -203,6 +204,23 @@ def _run_steps(steps: Iterable[Step], src: dict[str, TensorMeta], ctx: StepConte
             for s in item.sources:
                 fates[s] = _Fate(item.hops_for(s), UNUSED, None, item.key, note=note)
     return records, items, failures, fates
+
+
+def _run_leading_name_steps(steps: Sequence[Step], src: dict[str, TensorMeta], records: list[StepRecord],
+                            fates: dict[str, _Fate]) -> tuple[list[Item], Sequence[Step]]:  # fmt: skip
+    """The leading name-only steps, run once per key shape when that is exact (see
+    :mod:`remap.name_cache`); ``([], steps)`` untouched when they must run key by key."""
+    leading = leading_name_steps(steps)
+    fast = run_name_steps(leading, src) if leading else None
+    if fast is None:
+        return [Item.source(k, m) for k, m in src.items()], steps
+    items, dropped, counts = fast
+    for (step, _), n in zip(leading, counts):
+        pairs = tuple(zip(step.labels(), n))  # type: ignore[attr-defined]
+        records.append(StepRecord(step.index, step.kind, step.summary(), sum(n), step.optional, pairs, step.where))
+    for item, step in dropped:
+        fates[item.sources[0]] = _Fate(item.hops, DROPPED, step.index, item.key)
+    return items, steps[len(leading):]
 
 
 def _split_collisions(items: list[Item], step: Step, failures: list[Failure]) -> tuple[list[Item], list[tuple[Item, Item]]]:

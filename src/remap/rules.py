@@ -241,6 +241,8 @@ def _describe_schema_error(err: Any) -> tuple[str, tuple[Any, ...], bool]:
     if v in ("minimum", "maximum"):
         op = ">=" if v == "minimum" else "<="
         return f"expected a number {op} {err.validator_value}, found {describe_value(inst)}", path, False
+    if v == "minItems" and err.validator_value > 1:
+        return f"expected a list of at least {err.validator_value} items, found {describe_value(inst)}", path, False
     if v in ("minLength", "minItems", "minProperties"):
         what = {"minLength": "a non-empty string", "minItems": "a non-empty list", "minProperties": "a non-empty mapping"}
         return f"expected {what[v]}, found {describe_value(inst)}", path, False

@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import regex
@@ -28,7 +28,7 @@ from .meta import TensorMeta
 from .patterns import CaptureError, PatternError, Template, compile_regex, quote, quotes, search
 from .report import Failure
 
-__all__ = ["Item", "Op", "Recipe", "StepContext", "StepResult", "Step", "STEPS", "register", "StepSpecError", "close_keys"]
+__all__ = ["Item", "NameStep", "Op", "Recipe", "StepContext", "StepResult", "Step", "STEPS", "register", "StepSpecError", "close_keys"]
 
 
 class StepSpecError(ValueError):
@@ -120,8 +120,10 @@ class Item:
             return self
         return Item(key, self.sources, self.meta, (*self.hops, (step, key)), self.recipe, self.parents)
 
-    def with_op(self, op: Op, meta: TensorMeta) -> Item:
-        return Item(self.key, self.sources, meta, self.hops, Recipe(op, (self.node,)), self.parents)
+    def with_op(self, op: Op, meta: TensorMeta, step: int | None = None) -> Item:
+        """This item computed by ``op``; the step is recorded in ``hops`` (name unchanged)."""
+        hops = self.hops if step is None else (*self.hops, (step, self.key))
+        return Item(self.key, self.sources, meta, hops, Recipe(op, (self.node,)), self.parents)
 
     def hops_for(self, source: str) -> tuple[tuple[int, str], ...]:
         """The renames one source key went through to become this item."""
@@ -254,12 +256,61 @@ def _template(text: str, compiled: regex.Pattern[str], add: dict[Any, int] | Non
 STRINGS = {"type": ["string", "array"], "items": {"type": "string"}, "minItems": 1}
 
 
+# --------------------------------------------------------------------------- name steps
+
+
+@dataclass(frozen=True)
+class NameStep(Step):
+    """A step that acts on key names alone: ``name_map`` says what one key becomes.
+
+    Because the result depends on the name only, planning can run these steps once per
+    *shape* of key (digits abstracted, see :mod:`remap.name_cache`) instead of once per key.
+    """
+
+    def labels(self) -> tuple[str, ...]:
+        """What each entry of ``counts`` counts (patterns or prefixes)."""
+        raise NotImplementedError
+
+    def name_map(self, key: str) -> tuple[str | None, tuple[int, ...]]:
+        """``(new key, or None when the key leaves; indexes of the labels that matched)``.
+
+        Raises :class:`CaptureError` for index arithmetic on a non-integer capture.
+        """
+        raise NotImplementedError
+
+    def with_patterns(self, rewrite: Callable[[str], str | None]) -> NameStep | None:
+        """A copy whose regexes are ``rewrite(pattern)``; None when a pattern cannot be rewritten."""
+        raise NotImplementedError
+
+    def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
+        labels = self.labels()
+        counts = [0] * len(labels)
+        out, dropped, failures = [], [], []
+        for item in items:
+            try:
+                key, hits = self.name_map(item.key)
+            except CaptureError as exc:
+                if hasattr(exc, "label_index"):
+                    counts[exc.label_index] += 1
+                failures.append(Failure("bad_capture", f"{self.label}: key {item.key!r}: {exc}", item.sources))
+                out.append(item)
+                continue
+            for n in hits:
+                counts[n] += 1
+            if key is None:
+                dropped.append(item)
+            else:
+                out.append(item.renamed(key, self.index))
+        pairs = tuple(zip(labels, counts))
+        return StepResult(out, dropped, pairs, failures + self.unmatched(pairs, items))
+
+
 # --------------------------------------------------------------------------- prefixes
 
 
 @register
 @dataclass(frozen=True)
-class StripPrefix(Step):
+class StripPrefix(NameStep):
     """``strip_prefix: module.`` or a list: every listed prefix at the start of a key is
     removed, repeatedly, so ``module._orig_mod.fc.weight`` loses both."""
 
@@ -277,28 +328,25 @@ class StripPrefix(Step):
     def summary(self) -> str:
         return f"strip_prefix {quotes(self.prefixes)}"
 
-    def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
-        counts = dict.fromkeys(self.prefixes, 0)
-        out = []
-        for item in items:
-            key = item.key
-            seen = set()
-            while True:
-                hit = next((p for p in self.prefixes if key.startswith(p) and len(key) > len(p)), None)
-                if hit is None:
-                    break
-                key = key[len(hit) :]
-                seen.add(hit)
-            for p in seen:
-                counts[p] += 1
-            out.append(item.renamed(key, self.index))
-        pairs = tuple(counts.items())
-        return StepResult(out, counts=pairs, failures=self.unmatched(pairs, items))
+    def labels(self) -> tuple[str, ...]:
+        return self.prefixes
+
+    def name_map(self, key: str) -> tuple[str | None, tuple[int, ...]]:
+        seen: list[int] = []
+        while True:
+            hit = next((n for n, p in enumerate(self.prefixes) if key.startswith(p) and len(key) > len(p)), None)
+            if hit is None:
+                return key, tuple(dict.fromkeys(seen))
+            key = key[len(self.prefixes[hit]) :]
+            seen.append(hit)
+
+    def with_patterns(self, rewrite: Callable[[str], str | None]) -> NameStep | None:
+        return None if any(_has_digit(p) for p in self.prefixes) else self
 
 
 @register
 @dataclass(frozen=True)
-class AddPrefix(Step):
+class AddPrefix(NameStep):
     """``add_prefix: backbone.`` on every key, or ``{prefix: backbone., match: [regex]}``
     on the keys matching any of the patterns."""
 
@@ -330,22 +378,20 @@ class AddPrefix(Step):
         scope = f" on {quotes(self.match)}" if self.match else ""
         return f"add_prefix {quote(self.prefix)}{scope}"
 
-    def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
+    def labels(self) -> tuple[str, ...]:
+        return self.match or (self.prefix,)
+
+    def name_map(self, key: str) -> tuple[str | None, tuple[int, ...]]:
         if not self.match:
-            out = [i.renamed(self.prefix + i.key, self.index) for i in items]
-            pairs = ((self.prefix, len(items)),)
-            return StepResult(out, counts=pairs, failures=self.unmatched(pairs, items))
-        compiled = [compile_regex(p) for p in self.match]
-        counts = dict.fromkeys(self.match, 0)
-        out = []
-        for item in items:
-            hit = next((p for p, c in zip(self.match, compiled) if search(c, item.key)), None)
-            if hit is not None:
-                counts[hit] += 1
-                item = item.renamed(self.prefix + item.key, self.index)
-            out.append(item)
-        pairs = tuple(counts.items())
-        return StepResult(out, counts=pairs, failures=self.unmatched(pairs, items))
+            return self.prefix + key, (0,)
+        hit = next((n for n, p in enumerate(self.match) if search(compile_regex(p), key)), None)
+        return (key, ()) if hit is None else (self.prefix + key, (hit,))
+
+    def with_patterns(self, rewrite: Callable[[str], str | None]) -> NameStep | None:
+        match = tuple(rewrite(p) for p in self.match)
+        if _has_digit(self.prefix) or None in match:
+            return None
+        return replace(self, match=match)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- rename
@@ -359,7 +405,7 @@ class _Rule:
 
 @register
 @dataclass(frozen=True)
-class Rename(Step):
+class Rename(NameStep):
     """Regex renames. Mapping form ``{pattern: replacement, ...}``: for each key the first
     pattern that is found anywhere in it (anchor with ^ $) replaces every occurrence.
     Long form ``{from, to, add}``: ``add: {1: 1}`` adds to captured integer indices."""
@@ -423,32 +469,35 @@ class Rename(Step):
             parts.append(f"{quote(r.pattern)} -> {quote(r.template.text)}{add}")
         return "rename " + "; ".join(parts)
 
-    def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
-        compiled = [compile_regex(r.pattern) for r in self.rules]
-        counts = [0] * len(self.rules)
-        out, failures = [], []
-        for item in items:
-            for n, (rule, c) in enumerate(zip(self.rules, compiled)):
-                try:
-                    key, hits = rule.template.subn(c, item.key)  # one pass: no search, then sub
-                except CaptureError as exc:  # raised only on a match
-                    counts[n] += 1
-                    failures.append(Failure("bad_capture", f"{self.label}: key {item.key!r}: {exc}", item.sources))
-                    break
-                if hits:
-                    counts[n] += 1
-                    item = item.renamed(key, self.index)
-                    break
-            out.append(item)
-        pairs = tuple((r.pattern, n) for r, n in zip(self.rules, counts))
-        return StepResult(out, counts=pairs, failures=failures + self.unmatched(pairs, items))
+    def labels(self) -> tuple[str, ...]:
+        return tuple(r.pattern for r in self.rules)
+
+    def name_map(self, key: str) -> tuple[str | None, tuple[int, ...]]:
+        for n, rule in enumerate(self.rules):
+            try:
+                new, hits = rule.template.subn(compile_regex(rule.pattern), key)  # one pass: no search, then sub
+            except CaptureError as exc:  # raised only on a match: that pattern counts as matched
+                exc.label_index = n  # type: ignore[attr-defined]
+                raise
+            if hits:
+                return new, (n,)
+        return key, ()
+
+    def with_patterns(self, rewrite: Callable[[str], str | None]) -> NameStep | None:
+        rules = []
+        for r in self.rules:
+            pattern = rewrite(r.pattern)
+            if pattern is None or r.template.add or not _digits_apart_from_groups(r.template):
+                return None
+            rules.append(_Rule(pattern, r.template))
+        return replace(self, rules=tuple(rules))
 
 
 # --------------------------------------------------------------------------- filters
 
 
 @dataclass(frozen=True)
-class _Filter(Step):
+class _Filter(NameStep):
     patterns: tuple[str, ...] = ()
     schema: ClassVar[dict[str, Any]] = STRINGS
     keep_matching: ClassVar[bool] = False
@@ -460,17 +509,17 @@ class _Filter(Step):
     def summary(self) -> str:
         return f"{self.kind} {quotes(self.patterns)}"
 
-    def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
-        compiled = [compile_regex(p) for p in self.patterns]
-        counts = [0] * len(self.patterns)
-        out, dropped = [], []
-        for item in items:
-            hit = next((n for n, c in enumerate(compiled) if search(c, item.key)), None)
-            if hit is not None:
-                counts[hit] += 1
-            (out if (hit is not None) == self.keep_matching else dropped).append(item)
-        pairs = tuple(zip(self.patterns, counts))
-        return StepResult(out, dropped, pairs, self.unmatched(pairs, items))
+    def labels(self) -> tuple[str, ...]:
+        return self.patterns
+
+    def name_map(self, key: str) -> tuple[str | None, tuple[int, ...]]:
+        hit = next((n for n, p in enumerate(self.patterns) if search(compile_regex(p), key)), None)
+        stays = (hit is not None) == self.keep_matching
+        return (key if stays else None), (() if hit is None else (hit,))
+
+    def with_patterns(self, rewrite: Callable[[str], str | None]) -> NameStep | None:
+        patterns = tuple(rewrite(p) for p in self.patterns)
+        return None if None in patterns else replace(self, patterns=patterns)  # type: ignore[arg-type]
 
 
 @register
@@ -488,3 +537,21 @@ class Keep(_Filter):
 
     kind: ClassVar[str] = "keep"
     keep_matching: ClassVar[bool] = True
+
+
+def _has_digit(text: str) -> bool:
+    return any(c.isdigit() for c in text)
+
+
+def _digits_apart_from_groups(template: Template) -> bool:
+    """Every group reference stands between dots (or at an end), so a captured number
+    stays a component of its own: ``layer\\1`` or ``\\g<1>0`` would fuse it into a name."""
+    parts = template.parts
+    for n, (kind, value) in enumerate(parts):
+        if kind != "group":
+            continue
+        before = parts[n - 1] if n > 0 else ("text", ".")
+        after = parts[n + 1] if n + 1 < len(parts) else ("text", ".")
+        if before[0] == "group" or after[0] == "group" or not before[1].endswith(".") or not after[1].startswith("."):
+            return False
+    return True

@@ -155,6 +155,7 @@ class _Reader:
     def __init__(self, source: Source, stats: LoadStats) -> None:
         self.source, self.stats = source, stats
         self.views: dict[str, torch.Tensor] = {}
+        self.read_once: dict[str, torch.Tensor] = {}
         self.memo: dict[int, torch.Tensor] = {}
 
     @contextmanager
@@ -170,14 +171,18 @@ class _Reader:
             yield
         finally:
             self.views.clear()
+            self.read_once.clear()
             self.memo.clear()
             regions.close()
 
     def read(self, key: str) -> torch.Tensor:
-        self.stats.bytes += _nbytes(self.source, key)
-        self.stats.tensors += 1
-        view = self.views.get(key)
-        return view if view is not None else self.source.read(key)
+        """One source tensor, read once per batch however many parts of a split use it."""
+        if key not in self.read_once:
+            self.stats.bytes += _nbytes(self.source, key)
+            self.stats.tensors += 1
+            view = self.views.get(key)
+            self.read_once[key] = view if view is not None else self.source.read(key)
+        return self.read_once[key]
 
     def value(self, a: Assignment) -> torch.Tensor:
         return self.read(a.sources[0]) if a.recipe is None else self.evaluate(a.recipe)

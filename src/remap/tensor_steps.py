@@ -39,13 +39,14 @@ def _object(properties: dict[str, Any], required: tuple[str, ...] = ("match",)) 
     return {"type": "object", "properties": {"match": MATCH, **properties}, "required": list(required), "additionalProperties": False}
 
 
-def _patterns(value: Any) -> tuple[str, ...]:
+def _patterns(value: Any, field: tuple[str, ...] = ("match",)) -> tuple[str, ...]:
+    """The patterns of ``match`` (``field=()``: of a short form, the step's whole value)."""
     items = (value,) if isinstance(value, str) else tuple(value)
     for n, p in enumerate(items):
         try:
             compile_regex(p)
         except PatternError as exc:
-            raise StepSpecError(str(exc), field=("match",) if isinstance(value, str) else ("match", n)) from None
+            raise StepSpecError(str(exc), field=field if isinstance(value, str) else (*field, n)) from None
     return items
 
 
@@ -125,7 +126,7 @@ class Transpose(_TensorStep):
             if len(dims) < 2:
                 raise StepSpecError(f"expected two dims to swap, or every dim in a new order; found {list(dims)}", "dims")
             return cls(index, where, optional, _patterns(value["match"]), dims)
-        return cls(index, where, optional, _patterns(value))
+        return cls(index, where, optional, _patterns(value, field=()))
 
     def summary(self) -> str:
         return f"transpose{self.dims} {self.scope()}"
@@ -134,7 +135,7 @@ class Transpose(_TensorStep):
         shape = ops.transpose_shape(item.meta.shape, self.dims)
         name = "transpose" if len(self.dims) == 2 else "permute"
         op = Op(name, f"{name}({', '.join(map(str, self.dims))})", functools.partial(ops.transpose, dims=self.dims))
-        return item.with_op(op, replace(item.meta, shape=shape))
+        return item.with_op(op, replace(item.meta, shape=shape), self.index)
 
 
 @register
@@ -161,7 +162,7 @@ class Reshape(_TensorStep):
         new = self.shape if self.shape is not None else _target(item, ctx, "reshape").shape
         shape = ops.reshape_shape(item.meta.shape, new)
         op = Op("reshape", f"reshape({list(shape)})", functools.partial(ops.reshape, new=shape))
-        return item.with_op(op, replace(item.meta, shape=shape))
+        return item.with_op(op, replace(item.meta, shape=shape), self.index)
 
 
 @register
@@ -204,7 +205,7 @@ class Slice(_TensorStep):
         args = (self.dim, self.indices, self.start, self.stop, self.step)
         shape = ops.slice_shape(item.meta.shape, *args)
         op = Op("slice", f"slice(dim={self.dim}, {self._what()})", functools.partial(_slice, args=args))
-        return item.with_op(op, replace(item.meta, shape=shape))
+        return item.with_op(op, replace(item.meta, shape=shape), self.index)
 
 
 def _slice(t: Any, args: tuple[Any, ...]) -> Any:
@@ -243,7 +244,7 @@ class Pad(_TensorStep):
         if isinstance(self.fill, float) and not self.fill.is_integer() and not item.meta.dtype.startswith(("float", "bfloat", "complex")):
             raise OpError(f"cannot pad with fill {self.fill}: the tensor is {item.meta.dtype}, which holds integers only")
         op = Op("pad", f"pad(to={list(shape)}, fill={self.fill})", functools.partial(ops.pad, target=shape, fill=self.fill))
-        return item.with_op(op, replace(item.meta, shape=shape))
+        return item.with_op(op, replace(item.meta, shape=shape), self.index)
 
 
 @register
@@ -266,7 +267,7 @@ class Cast(_TensorStep):
         if item.meta.dtype == self.dtype:
             return item
         op = Op("cast", f"cast({self.dtype})", functools.partial(_cast, dtype=self.dtype))
-        return item.with_op(op, replace(item.meta, dtype=self.dtype))
+        return item.with_op(op, replace(item.meta, dtype=self.dtype), self.index)
 
 
 def _cast(t: Any, dtype: str) -> Any:
@@ -286,8 +287,10 @@ class Adapt(_TensorStep):
     ``op: in_channels`` — RGB stem filters to 1 channel (summed) or N (repeated, scaled by
     3/N), as timm's ``adapt_input_conv``. ``op: interpolate`` — a grid of position
     embeddings ``[1, prefix + H*W, C]`` resized (``mode: bicubic``) to the target's token
-    count, the first ``prefix_tokens`` (default 1, a class token) kept aside; ``grid: 1d``
-    for a sequence.
+    count, the first ``prefix_tokens`` (default 1, a class token) kept aside; the grid must
+    be square. ``grid: 1d`` for a sequence: ``mode: linear`` or ``nearest`` resize it
+    directly, ``bicubic`` (default) and ``bilinear`` as a 1 x L grid. ``linear`` is for 1d
+    only; the check is at parse time.
     """
 
     op: str = "in_channels"
@@ -330,7 +333,7 @@ class Adapt(_TensorStep):
                     functools.partial(ops.interpolate_grid, target_tokens=tokens, prefix_tokens=self.prefix_tokens, mode=self.mode, grid=self.grid))  # fmt: skip
         if shape == item.meta.shape:
             return item
-        return item.with_op(op, replace(item.meta, shape=shape))
+        return item.with_op(op, replace(item.meta, shape=shape), self.index)
 
 
 # --------------------------------------------------------------------------- many in, one out
