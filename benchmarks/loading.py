@@ -49,7 +49,7 @@ QUICK = {"layers": 12, "dim": 1024}
 ST, PTH = "model.safetensors", "model.pth"
 MARK = "RESULT: "
 
-# name: (label, file, target: "alloc" | "meta" | "buffer", raw baseline?)
+# name: (label, file, target: "alloc" | "meta" | "buffer" (preallocated) | "fresh" (allocated in the load), raw baseline?)
 VARIANTS: dict[str, tuple[str, str, str, bool]] = {
     "torch_load": ("torch.load + load_state_dict", PTH, "alloc", True),
     "torch_load_mmap": ("torch.load(mmap=True) + load_state_dict", PTH, "alloc", True),

@@ -259,17 +259,22 @@ class _Pairing:
     unused_parts: list[Item] = field(default_factory=list)  # split parts reaching no target
 
 
-FATE_ORDER = (USED, SKIPPED, DUPLICATE, UNUSED)  # a source split into parts takes its best part's fate
+FATE_RANK = {USED: 0, SKIPPED: 1, DUPLICATE: 2, UNUSED: 3}  # a source split into parts takes its best part's fate
 
 
 def _settle(outcomes: list[tuple[Item, str, str | None]], fates: dict[str, _Fate], out: _Pairing) -> None:
     """One fate per source key from the fates of the items it reached (several after a split)."""
     by_source: dict[str, list[tuple[Item, str, str | None]]] = defaultdict(list)
     for outcome in outcomes:
-        for s in outcome[0].sources:
+        item = outcome[0]
+        if len(item.sources) == 1 and not item.parents and item.sources[0] not in by_source:
+            fates[item.sources[0]] = _Fate(item.hops, outcome[1], None, item.key, (outcome[2],) if outcome[2] else ())
+        for s in item.sources:
             by_source[s].append(outcome)
     for s, reached in by_source.items():
-        best = min(reached, key=lambda o: FATE_ORDER.index(o[1]))
+        if len(reached) == 1 and len(reached[0][0].sources) == 1 and not reached[0][0].parents:
+            continue  # settled above: the common case of one key, one item
+        best = min(reached, key=lambda o: FATE_RANK[o[1]])
         targets = tuple(dict.fromkeys(t for item, fate, t in reached if fate == best[1] and t))
         fates[s] = _Fate(best[0].hops_for(s), best[1], None, best[0].key, targets)
         if best[1] == USED:
@@ -288,7 +293,8 @@ def _pair(items: list[Item], tgt: Mapping[str, TargetMeta], rules: Rules, fates:
         by_canonical[meta.tied_to or item.key].append(item)
     mismatches = []
     for canonical, group in by_canonical.items():
-        group.sort(key=lambda i: i.key != canonical)  # the item named like the first name loads
+        if len(group) > 1:
+            group.sort(key=lambda i: i.key != canonical)  # the item named like the first name loads
         item, rest = group[0], group[1:]
         want = tgt[canonical]
         for dup in rest:
@@ -327,6 +333,10 @@ def _pair(items: list[Item], tgt: Mapping[str, TargetMeta], rules: Rules, fates:
 
 
 def _matches(patterns: Iterable[str], *keys: str | None) -> bool:
+    """Whether any pattern is found in any of the keys."""
+    patterns = tuple(patterns)
+    if not patterns:
+        return False
     compiled = [compile_regex(p) for p in patterns]
     return any(c.search(k) for c in compiled for k in keys if k is not None)
 
@@ -376,6 +386,7 @@ def _bn_in_region(name: str, tgt: Mapping[str, TargetMeta], frozen: set[str], sp
 
 def _target_records(tgt: Mapping[str, TargetMeta], pairing: _Pairing, frozen: set[str], rules: Rules, bn_names: list[str], fates: dict[str, _Fate]) -> list[TargetRecord]:
     assigned = {a.target: a for a in pairing.assignments}
+    labels = _StepLabels(rules)
     records = []
     bn_prefixes = tuple(f"{n}." for n in bn_names) if rules.freeze.batchnorm == "frozen" else ()
     for key, meta in tgt.items():
@@ -388,7 +399,7 @@ def _target_records(tgt: Mapping[str, TargetMeta], pairing: _Pairing, frozen: se
             records.append(TargetRecord(status=TIED, tied_to=meta.tied_to, declared=True, **base))
         elif key in assigned:
             a = assigned[key]
-            records.append(TargetRecord(status=LOADED, sources=a.sources, steps=_step_labels(a.sources, fates, rules), ops=a.ops,
+            records.append(TargetRecord(status=LOADED, sources=a.sources, steps=labels(a.sources, fates), ops=a.ops,
                                         source_shape=a.meta.shape, source_dtype=a.meta.dtype, **base))  # fmt: skip
         elif key in pairing.mismatched:
             it = pairing.mismatched[key]
@@ -399,10 +410,18 @@ def _target_records(tgt: Mapping[str, TargetMeta], pairing: _Pairing, frozen: se
     return records
 
 
-def _step_labels(sources: tuple[str, ...], fates: dict[str, _Fate], rules: Rules) -> tuple[str, ...]:
-    kinds = {s.index: s.kind for s in rules.steps}
-    indexes = sorted({i for s in sources for i, _ in fates[s].hops})
-    return tuple(f"step {i} ({kinds[i]})" for i in indexes)
+class _StepLabels:
+    """``("step 1 (strip_prefix)", ...)`` for the steps a loaded key went through (memoised)."""
+
+    def __init__(self, rules: Rules) -> None:
+        self.kinds = {s.index: s.kind for s in rules.steps}
+        self.memo: dict[tuple[int, ...], tuple[str, ...]] = {}
+
+    def __call__(self, sources: tuple[str, ...], fates: dict[str, _Fate]) -> tuple[str, ...]:
+        indexes = tuple(sorted({i for s in sources for i, _ in fates[s].hops}))
+        if indexes not in self.memo:
+            self.memo[indexes] = tuple(f"step {i} ({self.kinds[i]})" for i in indexes)
+        return self.memo[indexes]
 
 
 def _source_records(src: Mapping[str, TensorMeta], fates: dict[str, _Fate], rules: Rules) -> list[SourceRecord]:
