@@ -194,10 +194,11 @@ def table(title: str, columns: list[str], rows: list[list[str]], notes: list[str
     if Console is not None:
         t = Table(title=title, title_justify="left", caption="\n".join(notes) or None, caption_justify="left")
         for i, c in enumerate(columns):
-            t.add_column(c, justify="left" if i < 2 else "right")
+            t.add_column(c, justify="left" if i < 2 else "right", no_wrap=True)
         for r in rows:
             t.add_row(*r)
-        Console(width=max(100, min(250, sum(max([len(c), *(len(r[i]) for r in rows)]) + 3 for i, c in enumerate(columns))))).print(t)
+        width = sum(max([len(c), *(len(r[i]) for r in rows)]) + 3 for i, c in enumerate(columns)) + 1
+        Console(width=max(100, min(250, width)), soft_wrap=False).print(t)
         return
     widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
     print(title)

@@ -80,7 +80,10 @@ def loading_table(result: dict[str, Any]) -> None:
          "mapped results pay their page faults).",
          "Peak RSS above the RSS after building the model (meta targets: before the load); anon = heap, "
          "file = mapped file pages; each is its own maximum (VmHWM reset, /proc/self/status sampled every 2 ms).",
-         f"fastest raw path: {result['fastest_raw']}; page copy: readinto of the whole file into a preallocated buffer."],
+         f"fastest raw path: {result['fastest_raw']}; page copy: readinto of the whole file into a preallocated, "
+         "touched buffer (page_cache_copy_fresh: into memory allocated during the load, which pays a page fault per page).",
+         "meta_assign keeps safetensors' mmap: its tensors are the page-cache pages mapped copy-on-write (file "
+         "RSS), nothing is copied."],
     )  # fmt: skip
 
 

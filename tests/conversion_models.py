@@ -163,8 +163,12 @@ def timm_vit(img_size: int = 32) -> nn.Module:
     return VisionTransformer(img_size=img_size, **VIT_SMALL)
 
 
-def timm_vit_64() -> nn.Module:
-    """The small timm ViT at twice the resolution: 8x8 patches instead of 4x4."""
+def timm_vit_64(img_size: int = 64) -> nn.Module:
+    """The small timm ViT at twice the resolution: 8x8 patches instead of 4x4.
+
+    ``--target`` keeps the config's kwargs, whose ``img_size: 384`` is for the full-size
+    model; the small stand-in takes the argument and keeps its own size.
+    """
     return timm_vit(64)
 
 
@@ -201,7 +205,8 @@ def resnet18_rgbn() -> nn.Module:
 HEAD_SUBSET_CLASSES = 5  # the length of the example index list in configs/imagenet-head-subset.yaml
 
 
-def resnet18_head_subset() -> nn.Module:
+def resnet18_head_subset(num_classes: int = HEAD_SUBSET_CLASSES) -> nn.Module:
+    """A ResNet-18 with the config's subset head (``--target`` passes the config's ``num_classes``)."""
     import torchvision
 
-    return torchvision.models.resnet18(num_classes=HEAD_SUBSET_CLASSES)
+    return torchvision.models.resnet18(num_classes=num_classes)

@@ -633,13 +633,12 @@ def test_full_size_dry_run(case):
     check_report(plan.report.to_dict(), ops=ops, tied={"lm_head.weight": "transformer.wte.weight"} if case == "gpt2_124m" else None)
 
 
-# --------------------------------------------------------------------------- known gaps in remap
+# --------------------------------------------------------------------------- the report names the op steps
 
 
-@pytest.mark.xfail(strict=True, reason="remap: a one-in-one-out tensor step (transpose, slice, adapt) is not listed in the "
-                   "target record's `steps`, though merge/split are and docs/report.md says `steps` lists the steps that "
-                   "changed a key's name or tensor")  # fmt: skip
 def test_report_steps_list_the_tensor_op_steps():
+    """Each loaded key's ``steps`` names the tensor steps that changed it, one-to-one ops as
+    well as merge and split (docs/report.md: the steps that changed its name or tensor)."""
     import torchvision
 
     gpt = remap.load(cm.GPT(), pretrained_like(_hf_gpt2()).state_dict(), rules=CONFIGS / "hf-gpt2-to-linear.yaml")
@@ -647,7 +646,7 @@ def test_report_steps_list_the_tensor_op_steps():
     stem = remap.load(cm.resnet18_gray(), resnet, rules=CONFIGS / "resnet-stem-in-channels.yaml")
     head = remap.load(cm.resnet18_head_subset(), resnet, rules=CONFIGS / "imagenet-head-subset.yaml")
     merge = remap.load(cm.mha(), cm.QKVAttention().state_dict(), rules=CONFIGS / "qkv-to-mha.yaml")
-    assert merge.target_record("in_proj_weight").steps == ("step 1 (merge)",)  # as it is today
+    assert merge.target_record("in_proj_weight").steps == ("step 1 (merge)",)
     assert gpt.target_record("transformer.h.0.attn.c_attn.weight").steps == ("step 3 (transpose)",)
     assert stem.target_record("conv1.weight").steps == ("step 1 (adapt)",)
     assert head.target_record("fc.bias").steps == ("step 1 (slice)",)

@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("apply", help="plan, check and load a rules file; print the report")
     a.add_argument("rules", metavar="RULES.yaml")
     a.add_argument("--source", metavar="PATH", help="checkpoint file or folder (overrides source in the rules)")
-    a.add_argument("--target", metavar="MODULE:CALLABLE", help="target factory (overrides target.model)")
+    a.add_argument("--target", metavar="MODULE:CALLABLE", help="target factory (overrides target.model; its args/kwargs still apply)")
     a.add_argument("--key", metavar="A.B", help="where the weights sit inside a checkpoint dict")
     a.add_argument("--trust-pickle", action="store_true", help="unpickle with weights_only=False: runs code from the file")
     a.add_argument("--dry-run", action="store_true", help="plan and check only: read no tensor, touch no module")
@@ -93,11 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _apply(args: argparse.Namespace, out: TextIO) -> int:
     from .api import load
-    from .rules import TargetSpec, load_rules
+    from .rules import load_rules
 
     rules = load_rules(args.rules)
-    if args.target:
-        rules = dataclasses.replace(rules, target=TargetSpec(model=args.target))
+    if args.target:  # the model only: the rules' args, kwargs, device and dtype still apply
+        rules = dataclasses.replace(rules, target=dataclasses.replace(rules.target, model=args.target))
     if args.explain:
         from .api import plan
 
