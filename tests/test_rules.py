@@ -39,7 +39,7 @@ def _error(rules: object, **kwargs: object) -> RulesError:
 
 
 STEP_NAMES = "strip_prefix, add_prefix, rename, drop, keep, transpose, reshape, slice, pad, cast, adapt, merge, split"
-TOP = "version, source, target, rules, shapes, expect, freeze, output"
+TOP = "version, source, target, rules, shapes, expect, freeze, output, verify"
 
 # (YAML text, the whole message). Columns are 1-based and point at the offending key
 # (unknown fields, bad rename patterns) or value (everything else).
@@ -145,11 +145,6 @@ YAML_ERRORS = [
         "version: 1\noutput: {save: 3}\n",
         "rules.yaml:2:16: output: field 'save': expected a string, found an integer 3",
         id="output-save-int",
-    ),
-    pytest.param(
-        "version: 1\nsource: {path: a.pt, model: m:f}\n",
-        "rules.yaml:2:22: source: give either 'path' or 'model', not both",
-        id="source-path-and-model",
     ),
     pytest.param("version: 1\ntarget: {args: [1]}\n", "rules.yaml:2:9: target: 'args' and 'kwargs' need 'model'", id="target-args-without-model"),
     # ------------------------------------------------------------------ min_loaded
@@ -979,3 +974,8 @@ def test_yaml_anchor_reused() -> None:
 def test_found_string_keeps_backslashes_single() -> None:
     err = _error("version: 1\nrules:\n  - rename: 'a\\.b'\n", filename="rules.yaml")
     assert str(err) == "rules.yaml:3:13: step 1 (rename): expected a mapping, found a string 'a\\.b'"
+
+
+def test_source_path_and_model_together_name_weights_and_architecture() -> None:
+    rules = parse_rules("version: 1\nsource: {path: a.pt, model: 'm:f'}\n", filename="rules.yaml")
+    assert (rules.source.path, rules.source.model) == ("a.pt", "m:f")  # model builds the architecture for verify

@@ -20,6 +20,7 @@ from .errors import RulesError as RulesError
 from .errors import SourceError as SourceError
 from .errors import TargetError as TargetError
 from .errors import UsageError as UsageError
+from .errors import VerifyError as VerifyError
 from .planner import Plan as Plan
 from .planner import make_plan as make_plan
 from .report import Report as Report
@@ -44,6 +45,7 @@ __all__ = [
     "SourceError",
     "TargetError",
     "CheckError",
+    "VerifyError",
     "InternalError",
     "__version__",
 ]

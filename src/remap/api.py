@@ -131,6 +131,7 @@ def load(
     dtype: str | None = None,
     batch_bytes: int | None = None,
     progress: Any = None,
+    verify: bool = False,
 ) -> Report:
     """Plan, check, load with ``strict=False`` and freeze; returns the :class:`Report`.
 
@@ -140,9 +141,13 @@ def load(
     (bytes or "5GB") splits the save into shards with an index. A module on the meta
     device is loaded with ``assign=True`` onto ``device`` (default cpu), floating tensors
     cast to ``dtype`` (default: the rules' ``target.dtype``). ``progress(bytes_done,
-    bytes_total, tensors_done, tensors_total)`` is called after every batch.
+    bytes_total, tensors_done, tensors_total)`` is called after every batch. With
+    ``verify`` the rules' ``verify`` section runs after loading: the source model and the
+    target on the same input, :class:`~remap.errors.VerifyError` when their outputs differ.
     """
     r = resolve_rules(rules)
+    if verify and r.verify is None:
+        raise UsageError("verify was asked for, but the rules have no `verify` section (e.g. `verify: {input: [1, 3, 224, 224]}`)")
     module = build_target(model, r)
     if isinstance(module, Mapping):
         raise UsageError("remap.load needs a module to load into; use remap.plan for a mapping of shapes")
@@ -154,6 +159,8 @@ def load(
         try:
             result = p.apply(module, dry_run=dry_run, device=device, dtype=dtype or r.target.dtype,
                              batch_bytes=batch_bytes, progress=progress)  # fmt: skip
+            if verify and not dry_run:
+                result = _verify(r, src, module, result)
         except CheckError as exc:
             if report_path:
                 _write_report(exc.report, report_path)
@@ -168,6 +175,40 @@ def load(
     if report_path:
         _write_report(result, report_path)
     return result
+
+
+def _verify(rules: Rules, src: Source, target: Any, report: Report) -> Report:
+    """Run the rules' verify section; a VerifyError (with the report) when the outputs differ."""
+    from .errors import VerifyError
+    from .report import Failure
+    from .verify import describe_failure, run_verify
+
+    result = run_verify(rules.verify, _source_model(rules, src), target)  # type: ignore[arg-type]
+    report = report.replace(verify=result)
+    if result["ok"]:
+        return report
+    failure = Failure("verify", f"verify: {describe_failure(result)}")
+    report = report.replace(failures=(*report.failures, failure))
+    raise VerifyError(f"{failure.message}; the weights were loaded", report=report)
+
+
+def _source_model(rules: Rules, src: Source) -> Any:
+    """The source architecture with the source weights: ``source.model`` loaded strictly from
+    ``source.path``, or the factory source's own model."""
+    built = getattr(src, "module", None)
+    if built is not None:
+        return built
+    if rules.source.model is None:
+        raise UsageError("verify needs the source architecture: set source.model (with source.path holding its weights)")
+    from .factories import build
+
+    model = build(rules.source.model, rules.source.args, dict(rules.source.kwargs), what="source.model")
+    state = {k: src.read(k) for k in src.meta}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UsageError(f"verify: the source weights do not load strictly into source.model {rules.source.model}: {exc}") from None
+    return model
 
 
 def _output(given: str | os.PathLike[str] | None, from_rules: str | None, rules: Rules) -> Path | None:

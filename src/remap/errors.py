@@ -24,6 +24,7 @@ __all__ = [
     "SourceError",
     "TargetError",
     "CheckError",
+    "VerifyError",
     "InternalError",
     "describe_value",
 ]
@@ -79,6 +80,13 @@ class CheckError(RemapError):
     def __init__(self, message: str, *, report: Report, where: str | None = None) -> None:
         super().__init__(message, where=where)
         self.report = report
+
+
+class VerifyError(CheckError):
+    """The loaded target's outputs differ from the source model's: exit code 1.
+
+    Unlike other check failures this one comes after loading: the module holds the weights.
+    """
 
 
 class InternalError(RemapError):

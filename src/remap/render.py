@@ -177,6 +177,7 @@ def _document(report: Report, *, verbose: bool, width: int) -> list[Block]:
         _sources(report.sources, report.steps, verbose, width),
         _freeze(report, verbose),
         _totals(report),
+        _verify(report),
         _warnings(report.warnings),
         _failures(report, verbose),
     ):
@@ -193,8 +194,12 @@ def _document(report: Report, *, verbose: bool, width: int) -> list[Block]:
 def _header(report: Report) -> list[Block]:
     if report.dry_run:
         mode = ("DRY RUN", "bold cyan")
+    elif report.ok:
+        mode = ("APPLIED", "bold")
+    elif all(f.kind == "verify" for f in report.failures):
+        mode = ("APPLIED, VERIFY FAILED", FAIL_STYLE)  # the weights are in: only the outputs disagree
     else:
-        mode = ("APPLIED", "bold") if report.ok else ("NOT LOADED", FAIL_STYLE)
+        mode = ("NOT LOADED", FAIL_STYLE)
     source = _mapping(report.source)
     target = _mapping(report.target)
     lines: list[Block] = [
@@ -478,6 +483,16 @@ def _totals(report: Report) -> list[Block]:
         _indented(2, ("source  ", MUTED), (source, "")),
         _indented(2, ("params  ", MUTED), (params, "")),
     ]
+
+
+def _verify(report: Report) -> list[Block]:
+    v = report.verify
+    if not v:
+        return []
+    verdict_text, style = ("outputs agree", OK_STYLE) if v.get("ok") else ("outputs DIFFER", FAIL_STYLE)
+    detail = (f"max abs diff {v['max_abs']:.3g}, max rel diff {v['max_rel']:.3g} "
+              f"(atol {v['atol']:g}, rtol {v['rtol']:g}) over {v['tensors']} tensor(s)")  # fmt: skip
+    return [(("Verify", TITLE), ("  ", ""), (verdict_text, style)), _indented(2, (detail, ""))]
 
 
 def _extra_counts(values: Iterable[str]) -> str:

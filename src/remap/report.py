@@ -121,6 +121,7 @@ FAILURE_KINDS = (
     "min_loaded",  # the loaded share of parameter elements is below expect.min_loaded
     "freeze",  # a freeze pattern matched nothing, or batchnorm cannot apply
     "tied_conflict",  # two source tensors for one tied parameter differ
+    "verify",  # the loaded target's outputs differ from the source model's
 )
 
 
@@ -172,6 +173,7 @@ class Report:
     totals: Totals = field(default_factory=Totals)
     freeze: FreezeRecord = field(default_factory=FreezeRecord)
     stats: dict[str, Any] = field(default_factory=dict)
+    verify: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -219,6 +221,7 @@ class Report:
             "steps": [_step_dict(s) for s in self.steps],
             "freeze": asdict(self.freeze),
             "stats": self.stats,
+            "verify": self.verify,
             "targets": {r.key: _without_key(asdict(r)) for r in self.targets},
             "sources": {r.key: _without_key(asdict(r)) for r in self.sources},
         })

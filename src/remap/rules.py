@@ -28,6 +28,7 @@ from .errors import RulesError, describe_value
 from .patterns import PatternError, compile_regex
 from . import tensor_steps  # noqa: F401  (registers the tensor-op steps)
 from .steps import STEPS, Step, StepSpecError
+from .verify import VERIFY_SCHEMA, VerifySpec
 from .yaml_source import Locations, load_yaml
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
     "SECTIONS",
 ]
 
-SECTIONS = ("version", "source", "target", "rules", "shapes", "expect", "freeze", "output")
+SECTIONS = ("version", "source", "target", "rules", "shapes", "expect", "freeze", "output", "verify")
 STEP_OPTIONS = ("optional",)
 BATCHNORM_MODES = ("keep", "eval", "frozen")
 SHAPE_MODES = ("error", "skip")
@@ -125,6 +126,7 @@ class Rules:
     expect: Expect = field(default_factory=Expect)
     freeze: Freeze = field(default_factory=Freeze)
     output: Output = field(default_factory=Output)
+    verify: VerifySpec | None = None
     filename: str | None = None
     base_dir: str | None = None
 
@@ -157,6 +159,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "shapes": {"type": ["string", "object"]},
     "expect": _obj({"missing": PATTERNS, "unused": PATTERNS, "min_loaded": {"type": "number", "minimum": 0, "maximum": 1}}),
     "freeze": _obj({"params": PATTERNS, "except": PATTERNS, "batchnorm": {"enum": list(BATCHNORM_MODES)}}),
+    "verify": VERIFY_SCHEMA,
     "output": _obj({"report": {"type": "string", "minLength": 1}, "save": {"type": "string", "minLength": 1},
                     "max_shard_size": {"type": ["string", "integer"], "pattern": r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*$", "minimum": 1,
                                        "x-expected": "a size such as 5GB, 500MiB or a number of bytes"}}),
@@ -227,7 +230,7 @@ def _describe_schema_error(err: Any) -> tuple[str, tuple[Any, ...], bool]:
             (*path, key),
             True,
         )
-    if "x-expected" in schema and v in ("type", "pattern", "minimum"):
+    if "x-expected" in schema and v in ("type", "pattern", "minimum", "anyOf"):
         return f"expected {schema['x-expected']}, found {describe_value(inst)}", path, False
     if v == "type":
         return f"expected {_type_words(err.validator_value)}, found {describe_value(inst)}", path, False
@@ -290,8 +293,7 @@ def _patterns(value: Any) -> tuple[str, ...]:
 
 
 def _source(d: dict[str, Any], ctx: _Context) -> SourceSpec:
-    if "path" in d and "model" in d:
-        raise ctx.error("give either 'path' or 'model', not both", ("source", "model"), key=True)
+    # With both, `path` holds the weights and `model` builds the source architecture (for verify).
     return SourceSpec(d.get("path"), d.get("key"), d.get("trust_pickle", False), d.get("model"),
                       tuple(d.get("args", ())), dict(d.get("kwargs", {})))  # fmt: skip
 
@@ -390,6 +392,7 @@ def _build(data: Any, ctx: _Context, filename: str | None, base_dir: str | None)
         expect=Expect(_patterns(data.get("expect", {}).get("missing")), _patterns(data.get("expect", {}).get("unused")),
                       data.get("expect", {}).get("min_loaded")),  # fmt: skip
         freeze=Freeze(_patterns(freeze.get("params")), _patterns(freeze.get("except")), freeze.get("batchnorm", "keep")),
+        verify=VerifySpec.parse(data["verify"]) if "verify" in data else None,
         output=Output(data.get("output", {}).get("report"), data.get("output", {}).get("save"), data.get("output", {}).get("max_shard_size")),
         filename=filename,
         base_dir=base_dir,

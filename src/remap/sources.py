@@ -393,6 +393,8 @@ class _FactorySource(Source):
                 f"{describe_call(spec, args, kwargs)} returned a {type(module).__name__}, expected a torch.nn.Module",
                 where="source.model",
             )
+        if device is None:
+            self.module = module  # the real model whose weights this source serves (for verify)
         return dict(module.state_dict())
 
     def _read(self, key: str) -> torch.Tensor:

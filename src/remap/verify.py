@@ -1,0 +1,184 @@
+"""``verify``: run the source model and the loaded target on the same input, compare outputs.
+
+The conversion scripts every model hub carries end with a hand-written ``allclose``; here it
+is a section of the rules::
+
+    verify:
+      input: [1, 3, 224, 224]          # a seeded float tensor; or {ids: [1, 16], high: 1000}
+      output: logits                   # which part of the outputs: a key, an attribute or an index
+      atol: 1.0e-5
+
+Several named inputs: ``input: {input_ids: {ids: [1, 16], high: 1000}, pixel_values: [1, 3, 32, 32]}``.
+``output`` may differ per side: ``{source: logits, target: 0}``.
+
+>>> spec = VerifySpec.parse({"input": {"ids": [1, 4], "high": 10}, "output": "logits"})
+>>> spec.output
+('logits', 'logits')
+>>> make_inputs(spec)[0][0].dtype
+torch.int64
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UsageError
+
+__all__ = ["VerifySpec", "VERIFY_SCHEMA", "make_inputs", "compare", "run_verify", "describe_failure"]
+
+SHAPE = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+IDS = {"type": "object", "properties": {"ids": SHAPE, "high": {"type": "integer", "minimum": 1}, "low": {"type": "integer"}},
+       "required": ["ids", "high"], "additionalProperties": False}  # fmt: skip
+ONE_INPUT = {"anyOf": [SHAPE, IDS], "x-expected": "a shape such as [1, 3, 224, 224] or {ids: [1, 16], high: 1000}"}
+SELECTOR = {"type": ["string", "integer", "null"]}
+VERIFY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "input": {"anyOf": [SHAPE, IDS, {"type": "object", "additionalProperties": ONE_INPUT, "minProperties": 1}],
+                  "x-expected": "a shape, {ids: shape, high: n}, or a mapping of input names to those"},
+        "output": {"anyOf": [SELECTOR, {"type": "object", "properties": {"source": SELECTOR, "target": SELECTOR},
+                                        "additionalProperties": False}],
+                   "x-expected": "an output key, attribute or index (logits, 0, hidden_states.2), or {source: ..., target: ...}"},
+        "atol": {"type": "number", "minimum": 0},
+        "rtol": {"type": "number", "minimum": 0},
+        "seed": {"type": "integer"},
+    },
+    "required": ["input"],
+    "additionalProperties": False,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    """A parsed ``verify`` section: inputs to make, which outputs to compare, tolerances."""
+
+    inputs: tuple[tuple[str | None, Any], ...]  # (keyword or None for positional, shape | ids spec)
+    output: tuple[Any, Any] = (None, None)  # (source selector, target selector)
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    seed: int = 0
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def parse(cls, value: Mapping[str, Any]) -> VerifySpec:
+        given = value["input"]
+        if isinstance(given, list) or (isinstance(given, Mapping) and "ids" in given):
+            inputs: tuple[tuple[str | None, Any], ...] = ((None, given),)
+        else:
+            inputs = tuple((str(k), v) for k, v in given.items())
+        out = value.get("output")
+        output = (out.get("source"), out.get("target")) if isinstance(out, Mapping) else (out, out)
+        return cls(inputs, output, float(value.get("atol", 1e-5)), float(value.get("rtol", 1e-5)), int(value.get("seed", 0)), dict(value))
+
+
+def make_inputs(spec: VerifySpec) -> tuple[list[Any], dict[str, Any]]:
+    """The seeded inputs: floats from a normal distribution, token ids uniform in [low, high)."""
+    import torch
+
+    g = torch.Generator().manual_seed(spec.seed)
+    args, kwargs = [], {}
+    for name, shape in spec.inputs:
+        if isinstance(shape, Mapping):
+            tensor = torch.randint(int(shape.get("low", 0)), int(shape["high"]), tuple(shape["ids"]), generator=g)
+        else:
+            tensor = torch.randn(tuple(shape), generator=g)
+        (args.append(tensor) if name is None else kwargs.__setitem__(name, tensor))
+    return args, kwargs
+
+
+def _select(output: Any, selector: Any, side: str) -> Any:
+    """The part of a model's output to compare: ``logits``, ``0``, ``hidden_states.2``."""
+    if selector is None:
+        return output
+    for part in str(selector).split(".") if isinstance(selector, str) else [selector]:
+        output = _step_into(output, part, selector, side)
+    return output
+
+
+def _step_into(output: Any, part: Any, selector: Any, side: str) -> Any:
+    if isinstance(part, str) and part.lstrip("-").isdigit() and not isinstance(output, Mapping):
+        part = int(part)
+    try:
+        if isinstance(part, int):
+            return output[part]
+        if isinstance(output, Mapping):
+            return output[part]
+        return getattr(output, part)
+    except (KeyError, IndexError, AttributeError, TypeError):
+        raise UsageError(
+            f"verify.output: the {side} model's output has no {part!r} (selector {selector!r}); "
+            f"it is a {type(output).__name__}{_keys_of(output)}"
+        ) from None
+
+
+def _keys_of(output: Any) -> str:
+    if isinstance(output, Mapping):
+        return f" with keys {', '.join(map(str, output.keys()))}"
+    if isinstance(output, (tuple, list)):
+        return f" of {len(output)} items"
+    return ""
+
+
+def _leaves(value: Any, path: str = "") -> list[tuple[str, Any]]:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [(path or "output", value)]
+    if isinstance(value, Mapping):
+        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, (tuple, list)):
+        return [leaf for n, v in enumerate(value) for leaf in _leaves(v, f"{path}[{n}]")]
+    return []
+
+
+def compare(source_out: Any, target_out: Any, *, atol: float, rtol: float) -> dict[str, Any]:
+    """Max absolute and relative differences between two outputs (tensors, tuples, dicts)."""
+    import torch
+
+    a, b = _leaves(source_out), _leaves(target_out)
+    if not a or len(a) != len(b):
+        raise UsageError(f"verify: the outputs do not line up: the source gives {len(a)} tensor(s), the target {len(b)}; "
+                         "choose one with verify.output")  # fmt: skip
+    result: dict[str, Any] = {"max_abs": 0.0, "max_rel": 0.0, "ok": True, "tensors": len(a), "worst": None}
+    for (name, x), (_, y) in zip(a, b):
+        if tuple(x.shape) != tuple(y.shape):
+            raise UsageError(f"verify: output {name} has shape {list(x.shape)} from the source and {list(y.shape)} from the target")
+        x, y = x.detach().double(), y.detach().double()
+        diff = (x - y).abs()
+        abs_err = float(diff.max()) if diff.numel() else 0.0
+        rel_err = float((diff / y.abs().clamp_min(1e-12)).max()) if diff.numel() else 0.0
+        finite = bool(torch.isfinite(x).all() and torch.isfinite(y).all())
+        close = finite and bool(torch.allclose(x, y, atol=atol, rtol=rtol))
+        if abs_err >= result["max_abs"]:
+            result["worst"] = name
+        result["max_abs"], result["max_rel"] = max(result["max_abs"], abs_err), max(result["max_rel"], rel_err)
+        result["ok"] = result["ok"] and close
+    return result
+
+
+def run_verify(spec: VerifySpec, source_model: Any, target_model: Any) -> dict[str, Any]:
+    """Run both models in eval mode, without gradients, on the same seeded inputs; compare."""
+    import torch
+
+    args, kwargs = make_inputs(spec)
+    outputs = []
+    for side, model in (("source", source_model), ("target", target_model)):
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(*[a.clone() for a in args], **{k: v.clone() for k, v in kwargs.items()})
+        except Exception as exc:  # the user's model raising on the declared input
+            raise UsageError(f"verify: the {side} model failed on the verify input: {type(exc).__name__}: {exc}") from None
+        finally:
+            model.train(was_training)
+        outputs.append(_select(out, spec.output[0 if side == "source" else 1], side))
+    result = compare(*outputs, atol=spec.atol, rtol=spec.rtol)
+    return {**result, "atol": spec.atol, "rtol": spec.rtol, "input": dict(spec.raw).get("input"), "output": list(spec.output)}
+
+
+def describe_failure(result: Mapping[str, Any]) -> str:
+    return (f"outputs differ: max abs diff {result['max_abs']:.3g} (at {result['worst']}), max rel diff "
+            f"{result['max_rel']:.3g}; allowed atol {result['atol']:g}, rtol {result['rtol']:g}")  # fmt: skip
