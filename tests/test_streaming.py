@@ -221,3 +221,34 @@ def test_source_span_matches_read(tmp_path):
     src = open_source(path)
     span = src.span("layers.0.weight")
     assert span.nbytes == 32 * 32 * 4 and span.shape == (32, 32) and span.dtype == "float32"
+
+
+def test_a_file_changed_since_planning_is_refused_before_loading(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    save(perturb(Stack(), seed=1).state_dict(), path)
+    dst = Stack()
+    before = snapshot(dst)
+    plan = remap.plan(dst, path)
+    save(perturb(Stack(), seed=2).state_dict(), path)  # rewritten between plan and apply
+    with pytest.raises(remap.SourceError, match="changed on disk since its metadata was read"):
+        plan.apply(dst)
+    assert snapshot(dst) == before
+
+
+def test_a_span_outside_its_file_fails_before_the_first_write(tmp_path, monkeypatch):
+    from remap import sources
+
+    path = tmp_path / "ckpt.safetensors"
+    save(perturb(Stack()).state_dict(), path)
+    dst = Stack()
+    before = snapshot(dst)
+    real = sources._FileSource.span
+
+    def lying(self, key):  # the last tensor claims bytes past the end of the file
+        span = real(self, key)
+        return span if key != "norm.weight" else sources.Span(span.path, span.offset + 10**6, span.nbytes, span.dtype, span.shape, span.stride)
+
+    monkeypatch.setattr(sources._FileSource, "span", lying)
+    with pytest.raises(remap.SourceError, match="lie outside the file"):
+        remap.load(dst, path, batch_bytes=1)
+    assert snapshot(dst) == before

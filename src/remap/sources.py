@@ -332,6 +332,9 @@ class Source:
         """Where ``key``'s bytes sit in a file, when they can be mapped without a copy."""
         return None
 
+    def check_unchanged(self) -> None:
+        """SourceError when a file changed on disk since its metadata was read."""
+
     def close(self) -> None:
         """Release open files and loaded data; ``meta`` stays usable."""
 
@@ -427,6 +430,11 @@ class _FileSource(Source):
     def span(self, key: str) -> Span | None:
         return self._owner[key].span(key)
 
+    def check_unchanged(self) -> None:
+        for reader in {id(r): r for r in self._owner.values()}.values():
+            if hasattr(reader, "_stamp"):
+                reader._check_unchanged()
+
     def _read(self, key: str) -> torch.Tensor:
         reader = self._owner[key]
         if reader is not self._active:
@@ -472,8 +480,64 @@ class _Reader:
         return SourceError(f"cannot read tensor {key!r}: {type(exc).__name__}: {_first_line(exc)}", where=str(self.path))
 
 
+#: safetensors' own limit on the JSON header; a longer one is refused before it is read.
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` refusing a JSON object that names one key twice."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"the key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _header_entry(key: str, info: Any, where: str) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype code, shape, start, stop) of one header entry, every field checked."""
+    expected = 'expected {"dtype": "F32", "shape": [d, ...], "data_offsets": [start, stop]}'
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise SourceError(f"tensor {key!r}: malformed header entry {_short(info)}, {expected}", where=where)
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(code, str) or code not in _SAFETENSORS_DTYPES:
+        raise SourceError(
+            f"tensor {key!r} has dtype {_short(code)}, which remap cannot read; known: {', '.join(_SAFETENSORS_DTYPES)}",
+            where=where,
+        )
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise SourceError(f"tensor {key!r}: shape {_short(shape)} is not a list of non-negative integers", where=where)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+        raise SourceError(
+            f"tensor {key!r}: data_offsets {_short(offsets)} is not a pair of non-negative integers [start, stop]",
+            where=where,
+        )
+    start, stop = offsets
+    if stop < start:
+        raise SourceError(f"tensor {key!r}: data_offsets [{start}, {stop}] end before they start", where=where)
+    nbytes = math.prod(shape) * getattr(torch, _SAFETENSORS_DTYPES[code]).itemsize
+    if stop - start != nbytes:
+        raise SourceError(
+            f"tensor {key!r}: shape {list(shape)} of {code} is {nbytes} bytes, but data_offsets [{start}, {stop}] "
+            f"hold {stop - start}",
+            where=where,
+        )
+    return code, tuple(shape), start, stop
+
+
 def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str, str], dict[str, tuple[int, int]]]:
-    """Names, shapes and dtypes from a safetensors header, without touching tensor data."""
+    """Names, shapes and dtypes from a safetensors header, without touching tensor data.
+
+    The header is checked as strictly as the safetensors library checks it, because the
+    engine maps tensor bytes straight from these offsets: every entry well-formed, each
+    tensor's byte length equal to its shape times its dtype's size, and the tensors
+    tiling the data section exactly (no gap, no overlap, nothing past the end of the file).
+    Nothing longer than the file, and no header above :data:`MAX_SAFETENSORS_HEADER`, is read.
+    """
     where, size = str(path), path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -487,34 +551,45 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[st
                 f"truncated or not a safetensors file: the header claims {length} bytes but only {size - 8} follow",
                 where=where,
             )
+        if length > MAX_SAFETENSORS_HEADER:
+            raise SourceError(
+                f"the safetensors header claims {length} bytes, more than the {MAX_SAFETENSORS_HEADER} safetensors allows",
+                where=where,
+            )
         raw = f.read(length)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError, as is a duplicate key
         raise SourceError(f"the safetensors header is not valid JSON: {exc}", where=where) from None
+    except RecursionError:
+        raise SourceError("the safetensors header is not valid JSON: it is nested too deeply", where=where) from None
     if not isinstance(header, dict):
         raise SourceError(f"the safetensors header is a JSON {type(header).__name__}, expected an object", where=where)
     extra = header.pop("__metadata__", None) or {}
-    meta, end, spans = {}, 0, {}
+    meta, spans, ranges = {}, {}, []
     for key, info in header.items():
-        try:
-            code, shape, (start, stop) = info["dtype"], info["shape"], info["data_offsets"]
-            shape = tuple(int(d) for d in shape)
-            end = max(end, int(stop))
-            spans[key] = (8 + length + int(start), int(stop) - int(start))
-        except (KeyError, TypeError, ValueError):
+        code, shape, start, stop = _header_entry(key, info, where)
+        meta[key] = TensorMeta(shape, _SAFETENSORS_DTYPES[code])
+        spans[key] = (8 + length + start, stop - start)
+        ranges.append((start, stop, key))
+    end = 0
+    for start, stop, key in sorted(ranges):
+        if start != end:
+            what = "overlaps the tensor before it" if start < end else f"leaves bytes {end}..{start} unclaimed"
             raise SourceError(
-                f"tensor {key!r}: malformed header entry {info!r}, expected dtype, shape and data_offsets", where=where
-            ) from None
-        if code not in _SAFETENSORS_DTYPES:
-            raise SourceError(
-                f"tensor {key!r} has dtype {code!r}, which remap cannot read; known: {', '.join(_SAFETENSORS_DTYPES)}",
+                f"tensor {key!r}: data_offsets [{start}, {stop}] {what}; the tensors must tile the data section",
                 where=where,
             )
-        meta[key] = TensorMeta(shape, _SAFETENSORS_DTYPES[code])
+        end = stop
     if 8 + length + end > size:
         raise SourceError(
             f"truncated: the tensor data ends at byte {8 + length + end} but the file has {size} bytes", where=where
+        )
+    if 8 + length + end < size:
+        raise SourceError(
+            f"the tensor data ends at byte {8 + length + end} but the file has {size} bytes: "
+            f"{size - 8 - length - end} trailing bytes belong to no tensor",
+            where=where,
         )
     entries = {str(k): _short(v) for k, v in extra.items()} if isinstance(extra, dict) else {}
     return meta, entries, spans
@@ -642,18 +717,41 @@ class _TorchReader(_Reader):
     def span(self, key: str) -> Span | None:
         t = self._meta_tensors.get(key) if isinstance(self._meta_tensors, Mapping) else None
         offset = getattr(t.untyped_storage(), "_checkpoint_offset", None) if isinstance(t, torch.Tensor) else None
-        if offset is None or self._byteorder_differs():
+        if offset is None:
             return None
+        foreign, records = self._zip_records()
+        if foreign:
+            return None
+        nbytes = t.untyped_storage().nbytes()
+        record = records.get(int(offset))
+        if record is None:
+            return None  # not where a stored record's data starts: let torch.load read it
+        if not record[1]:
+            return None  # a compressed record cannot be mapped: torch.load reads it
+        if nbytes > record[0]:
+            raise SourceError(
+                f"corrupt checkpoint: the storage of tensor {key!r} needs {nbytes} bytes but its record in the "
+                f"archive holds {record[0]}",
+                where=str(self.path),
+            )
         meta = self.meta[key]
-        return Span(str(self.path), int(offset), t.untyped_storage().nbytes(), meta.dtype, meta.shape,
+        return Span(str(self.path), int(offset), nbytes, meta.dtype, meta.shape,
                     tuple(t.stride()), t.storage_offset())  # fmt: skip
 
-    def _byteorder_differs(self) -> bool:
-        if not hasattr(self, "_foreign"):
-            with zipfile.ZipFile(self.path) as z:
-                name = next((n for n in z.namelist() if n.endswith("/byteorder")), None)
-                self._foreign = name is not None and z.read(name).decode() != sys.byteorder
-        return self._foreign
+    def _zip_records(self) -> tuple[bool, dict[int, tuple[int, bool]]]:
+        """(byte order differs, data offset -> (size, stored uncompressed)) of the archive's records.
+
+        Read once, on the first :meth:`span`: a span is trusted only where it lies inside
+        the record it claims, so a checkpoint whose pickle lies about a storage's size is
+        an error rather than a read of other records' bytes.
+        """
+        if not hasattr(self, "_records"):
+            try:
+                self._records = _zip_table(self.path)
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, UnicodeDecodeError, ValueError, EOFError,
+                    NotImplementedError) as exc:  # fmt: skip
+                raise SourceError(f"corrupt zip archive: {_first_line(exc)}", where=str(self.path)) from None
+        return self._records
 
     def release(self) -> None:
         self._tensors = None
@@ -706,12 +804,29 @@ def _sniff(path: Path) -> str:
     )
 
 
+def _zip_table(path: Path) -> tuple[bool, dict[int, tuple[int, bool]]]:
+    """Whether a torch zip archive's byte order differs from ours, and where each record's data sits."""
+    records: dict[int, tuple[int, bool]] = {}
+    foreign = False
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        for info in z.infolist():
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise zipfile.BadZipFile(f"no local header for {info.filename!r} at byte {info.header_offset}")
+            start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+            records[start] = (info.file_size, info.compress_type == zipfile.ZIP_STORED)
+            if info.filename.endswith("/byteorder"):
+                foreign = z.read(info).decode() != sys.byteorder
+    return foreign, records
+
+
 def _zip_kind(path: Path) -> str:
     """``"torch-zip"`` or ``"torchscript"`` for a zip archive; SourceError for others."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, UnicodeDecodeError, ValueError, EOFError) as exc:
         message = f"looks like a torch.save zip archive but is truncated or corrupt ({exc})"
         raise SourceError(message, where=str(path)) from None
     inner = {name.split("/", 1)[-1] for name in names}

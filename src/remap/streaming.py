@@ -2,10 +2,10 @@
 
 Each batch covers at most ``batch_bytes`` of the file (or one tensor, when a tensor is
 larger); a source without file spans (in memory, a factory, a legacy pickle) is one batch,
-so every read that could fail happens before the first write. Tensors whose bytes sit plainly in a file (safetensors, torch zip checkpoints)
-are read as zero-copy views of a ``mmap`` of that batch's byte range; the region is
-unmapped after the batch, so the process never holds more than one batch of file pages
-above the model. Each batch goes through ``load_state_dict(strict=False)`` of the modules
+so every read that could fail happens before the first write. Tensors whose bytes sit
+plainly in a file (safetensors, torch zip checkpoints) are zero-copy views of a ``mmap`` of
+the file, opened and mapped before the first write; after each batch its pages are dropped
+from the process, so it never holds more than about one batch of file pages above the model. Each batch goes through ``load_state_dict(strict=False)`` of the modules
 that own its keys — so every call walks only those modules — and torch's missing and
 unexpected keys are cross-checked against the plan.
 
@@ -16,6 +16,7 @@ unexpected keys are cross-checked against the plan.
 from __future__ import annotations
 
 import mmap
+import os
 import time
 import warnings
 from collections import OrderedDict, defaultdict
@@ -97,49 +98,79 @@ def _order(plan: Plan, source: Source) -> list[Assignment]:
 # --------------------------------------------------------------------------- zero-copy regions
 
 
-class _Regions:
-    """Memory maps of the byte ranges one batch needs, closed when the batch is done."""
+class _Files:
+    """Every file the load reads, opened and mapped whole before the first write.
 
-    def __init__(self) -> None:
-        self._maps: list[mmap.mmap] = []
-        self._files: list[Any] = []
+    Mapping reserves address space only; pages are read as tensors are copied, and after each
+    batch :meth:`release` tells the kernel to drop that batch's pages from this process
+    (``MADV_DONTNEED``: they stay in the page cache), so the process never holds more than
+    about one batch of file pages above the model.
+    """
 
-    def open(self, spans: Iterable[Span]) -> dict[tuple[str, int], tuple[mmap.mmap, int]]:
-        by_path: dict[str, list[Span]] = defaultdict(list)
+    def __init__(self, spans: Iterable[Span]) -> None:
+        ends: dict[str, int] = defaultdict(int)
         for s in spans:
-            by_path[s.path].append(s)
-        found: dict[tuple[str, int], tuple[mmap.mmap, int]] = {}
-        for path, group in by_path.items():
-            lo = min(s.offset for s in group) // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
-            hi = max(s.offset + s.nbytes for s in group)
-            f = open(path, "rb")  # noqa: SIM115 - closed in close()
-            self._files.append(f)
+            _check_span(s)
+            ends[s.path] = max(ends[s.path], s.offset + s.nbytes)
+        self.maps: dict[str, mmap.mmap] = {}
+        self._files: list[Any] = []
+        try:
+            for path, end in ends.items():
+                f = open(path, "rb")  # noqa: SIM115 - closed in close()
+                self._files.append(f)
+                self.maps[path] = mmap.mmap(f.fileno(), end, access=mmap.ACCESS_READ) if end else None  # type: ignore[assignment]
+        except (OSError, ValueError) as exc:
+            self.close()
+            raise SourceError(f"cannot map the file for reading: {exc}", where=path) from None
+
+    def release(self, spans: Iterable[Span]) -> None:
+        page = mmap.PAGESIZE
+        for s in spans:
+            mm = self.maps.get(s.path)
+            if mm is None or not hasattr(mm, "madvise") or s.nbytes == 0:
+                continue
+            start = s.offset // page * page
+            length = min(len(mm), s.offset + s.nbytes) - start
             try:
-                mm = mmap.mmap(f.fileno(), hi - lo, offset=lo, access=mmap.ACCESS_READ)
-            except (OSError, ValueError) as exc:
-                raise SourceError(f"cannot map bytes {lo}..{hi}: {exc}", where=path) from None
-            self._maps.append(mm)
-            for s in group:
-                found[(s.path, s.offset)] = (mm, lo)
-        return found
+                mm.madvise(mmap.MADV_DONTNEED, start, length)
+            except (OSError, ValueError):  # an advice, not a requirement
+                pass
 
     def close(self) -> None:
-        for mm in self._maps:
+        for mm in self.maps.values():
+            if mm is None:
+                continue
             try:
                 mm.close()
             except BufferError:  # a view is still referenced somewhere: the GC unmaps it later
                 pass
         for f in self._files:
             f.close()
-        self._maps, self._files = [], []
+        self.maps, self._files = {}, []
 
 
-def _view(span: Span, region: tuple[mmap.mmap, int]) -> torch.Tensor:
-    mm, lo = region
+def _check_span(span: Span) -> None:
+    """A span whose view cannot be made is an error before the first write, not half-way."""
+    itemsize = ITEMSIZE.get(span.dtype)
+    size = os.path.getsize(span.path)
+    last = span.storage_offset + sum((d - 1) * st for d, st in zip(span.shape, span.stride)) if all(span.shape) else -1
+    problems = []
+    if itemsize is None:
+        problems.append(f"dtype {span.dtype} cannot be mapped")
+    elif (last + 1) * itemsize > span.nbytes:
+        problems.append(f"the tensor needs {(last + 1) * itemsize} bytes of its storage, which has {span.nbytes}")
+    if span.offset < 0 or span.offset + span.nbytes > size:
+        problems.append(f"bytes {span.offset}..{span.offset + span.nbytes} lie outside the file ({size} bytes)")
+    if problems:
+        raise SourceError(f"cannot read a tensor in place: {'; '.join(problems)}", where=span.path)
+
+
+def _view(span: Span, mm: mmap.mmap | None) -> torch.Tensor:
+    lo = 0
     dtype = getattr(torch, span.dtype)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        raw = torch.frombuffer(mm, dtype=torch.uint8, count=span.nbytes, offset=span.offset - lo) if span.nbytes else torch.empty(0, dtype=torch.uint8)
+        raw = torch.frombuffer(mm, dtype=torch.uint8, count=span.nbytes, offset=span.offset - lo) if span.nbytes and mm is not None else torch.empty(0, dtype=torch.uint8)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if (span.offset - lo) % itemsize:
         raw = raw.clone()  # unaligned for this dtype: one copy of this tensor
@@ -152,28 +183,26 @@ def _view(span: Span, region: tuple[mmap.mmap, int]) -> torch.Tensor:
 class _Reader:
     """Reads one batch: zero-copy views where the source has spans, ``Source.read`` otherwise."""
 
-    def __init__(self, source: Source, stats: LoadStats) -> None:
-        self.source, self.stats = source, stats
+    def __init__(self, source: Source, stats: LoadStats, files: _Files) -> None:
+        self.source, self.stats, self.files = source, stats, files
         self.views: dict[str, torch.Tensor] = {}
         self.read_once: dict[str, torch.Tensor] = {}
         self.memo: dict[int, torch.Tensor] = {}
 
     @contextmanager
     def batch(self, assignments: Sequence[Assignment]) -> Iterator[None]:
-        regions = _Regions()
+        spans = {k: self.source.span(k) for a in assignments for k in a.sources}
         try:
-            spans = {k: self.source.span(k) for a in assignments for k in a.sources}
-            mapped = regions.open(s for s in spans.values() if s is not None)
             for key, span in spans.items():
                 if span is not None:
-                    self.views[key] = _view(span, mapped[(span.path, span.offset)])
+                    self.views[key] = _view(span, self.files.maps[span.path])
                     self.stats.zero_copy += 1
             yield
         finally:
             self.views.clear()
             self.read_once.clear()
             self.memo.clear()
-            regions.close()
+            self.files.release(s for s in spans.values() if s is not None)
 
     def read(self, key: str) -> torch.Tensor:
         """One source tensor, read once per batch however many parts of a split use it."""
@@ -260,18 +289,25 @@ def stream(plan: Plan, source: Source, module: torch.nn.Module, *, assign: bool,
         # tensors in memory anyway.
         batch_bytes = max(total, 1)
     loader = _Loader(module, plan.target_meta, assign, stats)
-    reader = _Reader(source, stats)
+    check = getattr(source, "check_unchanged", None)
+    if check is not None:
+        check()  # the files are still the ones planned from
+    files = _Files(s for a in ordered for k in a.sources if (s := source.span(k)) is not None)
+    reader = _Reader(source, stats, files)
     done = 0
-    for keys in plan_batches(sizes, batch_bytes):
-        batch = [by_target[k] for k in keys]
-        with reader.batch(batch):
-            state = {a.target: _place(reader.value(a), a, plan, assign, device, dtype) for a in batch}
-            loader.load(state)
-            del state
-        stats.batches += 1
-        done += sum(size_of[k] for k in keys)
-        if progress is not None:
-            progress(done, total, stats.tensors, len(ordered))
+    try:
+        for keys in plan_batches(sizes, batch_bytes):
+            batch = [by_target[k] for k in keys]
+            with reader.batch(batch):
+                state = {a.target: _place(reader.value(a), a, plan, assign, device, dtype) for a in batch}
+                loader.load(state)
+                del state
+            stats.batches += 1
+            done += sum(size_of[k] for k in keys)
+            if progress is not None:
+                progress(done, total, stats.tensors, len(ordered))
+    finally:
+        files.close()
     stats.seconds = time.perf_counter() - start
     return stats
 
