@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -229,7 +230,9 @@ def test_a_file_changed_since_planning_is_refused_before_loading(tmp_path):
     dst = Stack()
     before = snapshot(dst)
     plan = remap.plan(dst, path)
+    mtime = path.stat().st_mtime_ns
     save(perturb(Stack(), seed=2).state_dict(), path)  # rewritten between plan and apply
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # a later write, even on a coarse clock
     with pytest.raises(remap.SourceError, match="changed on disk since its metadata was read"):
         plan.apply(dst)
     assert snapshot(dst) == before

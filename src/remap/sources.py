@@ -19,6 +19,7 @@ the file (and key) and says what was found and what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import math
@@ -27,7 +28,7 @@ import re
 import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from .errors import SourceError, TargetError, UsageError
 from .factories import build, describe_call
 from .meta import TensorMeta, meta_of_tensor, source_meta
 
-__all__ = ["Source", "open_source", "CANDIDATE_KEYS", "FOLDER_FILES", "ACCEPTED_FORMATS"]
+__all__ = ["Source", "open_source", "CANDIDATE_KEYS", "FOLDER_FILES", "ACCEPTED_FORMATS", "PICKLE_ALLOW_LIST"]
 
 #: Names under which checkpoints commonly nest their weights, searched two levels deep.
 CANDIDATE_KEYS = (
@@ -147,9 +148,10 @@ def _list_entries(mapping: Mapping[Any, Any], limit: int = 12) -> str:
     return ", ".join(items) + more if items else "nothing"
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def _stamp(path: Path) -> tuple[int, ...]:
+    """What tells a rewritten file from the one that was planned (size, inode, times)."""
     st = path.stat()
-    return st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns
 
 
 # ---------------------------------------------------------------------------- nesting
@@ -631,6 +633,71 @@ class _SafetensorsReader(_Reader):
         self._handle = None
 
 
+#: Globals that a checkpoint's harmless metadata needs, allowed (on top of torch's own
+#: weights_only list) while remap unpickles with ``weights_only=True``: argparse
+#: namespaces, paths, ordered dicts, numpy scalars, dtypes and arrays. None of them can
+#: run code: each builds plain data from plain data. numpy ones under both the numpy 1
+#: (``numpy.core``) and numpy 2 (``numpy._core``) names, so checkpoints written by either load.
+PICKLE_ALLOW_LIST = (
+    "argparse.Namespace",
+    "collections.OrderedDict",
+    "pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.WindowsPath", "pathlib.PureWindowsPath",
+    "numpy.dtype", "numpy.ndarray",
+    "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
+    *(f"numpy.dtypes.{n}DType" for n in (
+        "Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64", "Float16", "Float32",
+        "Float64", "LongDouble", "Complex64", "Complex128", "CLongDouble", "Str", "Bytes", "Long", "ULong",
+        "LongLong", "ULongLong",
+    )),
+)  # fmt: skip
+# Where each name's object lives when the name itself is not importable (numpy 1 vs 2, Python 3.13's pathlib._local).
+_ALIASES = {"numpy.core.multiarray": "numpy._core.multiarray", "numpy._core.multiarray": "numpy.core.multiarray"}
+
+
+def _resolve_global(name: str) -> Any:
+    """The object a pickle's GLOBAL ``name`` stands for, or None where it does not exist here."""
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    for mod in (_ALIASES.get(module, module), module):
+        if mod.split(".")[0] == "numpy" and "numpy" not in sys.modules:
+            try:
+                import numpy  # noqa: F401
+            except ImportError:
+                return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # numpy 2 warns on numpy.core
+                return getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+_allowed: list[Any] | None = None
+
+
+def _allowed_globals() -> list[Any]:
+    """:data:`PICKLE_ALLOW_LIST` as ``torch.serialization.safe_globals`` takes it: (object, name) pairs."""
+    global _allowed
+    if _allowed is None:
+        found = [(obj, name) for name in PICKLE_ALLOW_LIST if (obj := _resolve_global(name)) is not None]
+        # the object's own name too, which is what a pickle written by this Python and numpy holds
+        own = [(obj, f"{obj.__module__}.{obj.__qualname__}") for obj, _ in found if hasattr(obj, "__qualname__")]
+        _allowed = list(dict.fromkeys([*found, *own]))
+    return _allowed
+
+
+@contextlib.contextmanager
+def _metadata_globals() -> Iterator[None]:
+    """Allow :data:`PICKLE_ALLOW_LIST` for one ``torch.load``, leaving the caller's own additions in place."""
+    present = torch.serialization.get_safe_globals()
+    extra = [g for g in _allowed_globals() if g not in present]
+    with torch.serialization.safe_globals(extra):
+        yield
+
+
 class _PickleRefused(SourceError):
     """torch.load(weights_only=True) refused the pickle; trust_pickle may override."""
 
@@ -657,7 +724,10 @@ def _torch_load(path: Path, *, meta: bool, weights_only: bool, mmap: bool) -> An
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-            return torch.load(path, weights_only=weights_only, **options)
+            if not weights_only:
+                return torch.load(path, weights_only=False, **options)
+            with _metadata_globals():
+                return torch.load(path, weights_only=True, **options)
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ModuleNotFoundError (trusted pickles)...
         if weights_only and "Weights only load failed" in str(exc):
             raise _refused(path, exc) from None
