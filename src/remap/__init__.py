@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from .api import load as load
 from .api import plan as plan
+from .diff import align as align
+from .diff import diff as diff
 from .errors import CheckError as CheckError
 from .errors import InternalError as InternalError
 from .errors import RemapError as RemapError
@@ -33,6 +35,8 @@ __version__ = "0.1.0"
 __all__ = [
     "load",
     "plan",
+    "diff",
+    "align",
     "make_plan",
     "Plan",
     "Report",

@@ -58,6 +58,17 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--trust-pickle", action="store_true", help="unpickle with weights_only=False: runs code from the file")
     i.add_argument("--depth", type=int, default=None, help="show the tree down to this depth")
     i.add_argument("--json", action="store_true", help="print JSON")
+
+    d = sub.add_parser("diff", help="how two key sets line up, and the rules that would join them")
+    d.add_argument("source", metavar="SOURCE", help="checkpoint file or folder (or a module.path:callable factory)")
+    d.add_argument("target", metavar="TARGET", help="module.path:callable factory (built on the meta device) or a checkpoint")
+    d.add_argument("--source-key", metavar="A.B", help="where the weights sit inside the source checkpoint dict")
+    d.add_argument("--trust-pickle", action="store_true", help="unpickle with weights_only=False: runs code from the file")
+    d.add_argument("--target-kwargs", metavar="JSON", help='keyword arguments for the target factory, e.g. \'{"num_classes": 10}\'')
+    d.add_argument("--write", metavar="RULES.yaml", help="write the rules that reproduce the unambiguous part, for review")
+    d.add_argument("--force", action="store_true", help="let --write replace an existing file")
+    d.add_argument("--json", action="store_true", help="print the alignment as JSON")
+    d.add_argument("-v", "--verbose", action="store_true", help="show every row")
     return p
 
 
@@ -66,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, err = sys.stdout, sys.stderr
     try:
         args = _parser().parse_args(argv)
-        return {"apply": _apply, "validate": _validate, "inspect": _inspect}[args.command](args, out)
+        return {"apply": _apply, "validate": _validate, "inspect": _inspect, "diff": _diff}[args.command](args, out)
     except SystemExit as exc:  # --help and --version
         return int(exc.code or 0)
     except CheckError as exc:
@@ -183,4 +194,39 @@ def _inspect(args: argparse.Namespace, out: TextIO) -> int:
         print(json.dumps(tree_to_dict(tree), indent=2), file=out)
     else:
         print(format_tree(tree, max_depth=args.depth), file=out)
+    return 0
+
+
+def _diff(args: argparse.Namespace, out: TextIO) -> int:
+    import json
+
+    from .diff import diff
+
+    kwargs = None
+    if args.target_kwargs is not None:
+        try:
+            kwargs = json.loads(args.target_kwargs)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--target-kwargs: expected a JSON object, e.g. '{{\"num_classes\": 10}}': {exc}") from None
+        if not isinstance(kwargs, dict):
+            raise UsageError(f"--target-kwargs: expected a JSON object, found {args.target_kwargs!r}")
+    alignment = diff(args.source, args.target, source_key=args.source_key, trust_pickle=args.trust_pickle, target_kwargs=kwargs)
+    draft = None
+    if args.write:
+        from .diff_writer import write_draft
+
+        draft = write_draft(alignment, args.write, force=args.force)
+    if args.json:
+        written = {"path": args.write, "summary": draft.summary()} if draft else None
+        print(json.dumps({**alignment.to_dict(), "written": written}, indent=2), file=out)
+        return 0
+    from .diff_render import format_alignment, print_alignment
+
+    if out.isatty():
+        print_alignment(alignment, verbose=args.verbose)
+    else:
+        print(format_alignment(alignment, verbose=args.verbose), file=out)
+    if draft:
+        print(f"\nwrote {args.write}: {draft.summary()}", file=out)
+        print(f"review every line, then: remap apply {args.write}", file=out)
     return 0
