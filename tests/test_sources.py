@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -226,7 +227,7 @@ def test_key_on_safetensors_is_refused(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- pickles
 
 
-@pytest.mark.parametrize(("extra", "name"), [(Config(), "helpers.Config"), (argparse.Namespace(lr=1), "argparse.Namespace")])
+@pytest.mark.parametrize(("extra", "name"), [(Config(), "helpers.Config"), (datetime.date(2024, 1, 2), "datetime.date")])
 def test_pickled_classes_are_refused_then_trusted(tmp_path: Path, extra, name: str) -> None:
     state = perturb(Small()).state_dict()
     path = save({"state_dict": state, "config": extra}, tmp_path / "c.ckpt")

@@ -25,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from .meta import TensorMeta
-from .patterns import CaptureError
+from .patterns import CaptureError, PatternError
 from .steps import Item, NameStep, Step
 
 __all__ = ["abstract_pattern", "leading_name_steps", "run_name_steps"]
@@ -195,8 +195,8 @@ def _run_shape(steps: list[tuple[Step, NameStep]], key: str, weight: int, counts
     for n, (step, abstract) in enumerate(steps):
         try:
             new, hits = abstract.name_map(key)
-        except CaptureError:
-            return None
+        except (CaptureError, PatternError):
+            return None  # the key-by-key run reports it, with the step that raised it
         for h in hits:
             counts[n][h] += weight
         if new is None:

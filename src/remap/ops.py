@@ -103,7 +103,7 @@ def reshape_shape(shape: Shape, new: Sequence[int]) -> Shape:
 
 
 def reshape(t: torch.Tensor, new: Sequence[int]) -> torch.Tensor:
-    return t.reshape(*new)
+    return t.reshape(tuple(new))  # a tuple: reshape(*()) would mean "no shape given"
 
 
 # --------------------------------------------------------------------------- slice

@@ -17,7 +17,9 @@ from typing import Any
 
 import regex
 
-__all__ = ["quote", "compile_regex", "PatternError", "Template", "CaptureError", "REGEX_TIMEOUT"]
+from .errors import RulesError
+
+__all__ = ["quote", "compile_regex", "PatternError", "PatternTimeout", "TimedPattern", "Template", "CaptureError", "REGEX_TIMEOUT"]
 
 REGEX_TIMEOUT = 1.0  # seconds one match may take before the pattern is called catastrophic
 
@@ -39,24 +41,96 @@ class CaptureError(ValueError):
     """A captured group cannot take part in index arithmetic (not an integer)."""
 
 
+class PatternTimeout(PatternError, RulesError):
+    """A user pattern ran longer than :data:`REGEX_TIMEOUT` on one key (catastrophic backtracking).
+
+    A :class:`PatternError`, so a step reports it with its label and position, and a
+    :class:`~remap.errors.RulesError` (exit code 2), so wherever else it surfaces (an
+    ``expect``, ``freeze`` or ``shapes`` pattern) it is a clean error naming the pattern.
+    """
+
+    def __init__(self, pattern: str, key: str) -> None:
+        shown = key if len(key) <= 200 else key[:197] + "..."
+        RulesError.__init__(
+            self, f"regex '{pattern}' took more than {REGEX_TIMEOUT}s on key '{shown}' (catastrophic backtracking?)"
+        )
+
+
+class TimedPattern:
+    """A compiled pattern whose every match runs under :data:`REGEX_TIMEOUT`.
+
+    :func:`compile_regex` returns these, so no caller can run a user pattern without a
+    timeout: ``search``, ``match``, ``fullmatch``, ``sub``, ``subn``, ``findall``,
+    ``finditer`` and ``split`` raise :class:`PatternTimeout` instead of hanging. Every
+    other attribute (``pattern``, ``groups``, ``groupindex``...) is the compiled pattern's.
+    """
+
+    __slots__ = ("_re", "pattern", "groups", "groupindex")
+
+    def __init__(self, compiled: regex.Pattern[str]) -> None:
+        self._re = compiled
+        self.pattern, self.groups, self.groupindex = compiled.pattern, compiled.groups, compiled.groupindex
+
+    def _run(self, name: str, string: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        kwargs.setdefault("timeout", REGEX_TIMEOUT)
+        try:
+            return getattr(self._re, name)(string, *args, **kwargs)
+        except TimeoutError:
+            raise PatternTimeout(self.pattern, str(string)) from None
+
+    def search(self, string: str, *args: Any, **kwargs: Any) -> regex.Match[str] | None:
+        return self._run("search", string, args, kwargs)
+
+    def match(self, string: str, *args: Any, **kwargs: Any) -> regex.Match[str] | None:
+        return self._run("match", string, args, kwargs)
+
+    def fullmatch(self, string: str, *args: Any, **kwargs: Any) -> regex.Match[str] | None:
+        return self._run("fullmatch", string, args, kwargs)
+
+    def findall(self, string: str, *args: Any, **kwargs: Any) -> list[Any]:
+        return self._run("findall", string, args, kwargs)
+
+    def finditer(self, string: str, *args: Any, **kwargs: Any) -> list[regex.Match[str]]:
+        return list(self._run("finditer", string, args, kwargs))  # consumed here, under the timeout
+
+    def split(self, string: str, *args: Any, **kwargs: Any) -> list[str]:
+        return self._run("split", string, args, kwargs)
+
+    def sub(self, repl: Any, string: str, *args: Any, **kwargs: Any) -> str:
+        return self._run("sub", repl, (string, *args), kwargs)
+
+    def subn(self, repl: Any, string: str, *args: Any, **kwargs: Any) -> tuple[str, int]:
+        try:
+            kwargs.setdefault("timeout", REGEX_TIMEOUT)
+            return self._re.subn(repl, string, *args, **kwargs)
+        except TimeoutError:
+            raise PatternTimeout(self.pattern, string) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._re, name)
+
+    def __repr__(self) -> str:
+        return f"TimedPattern({self.pattern!r})"
+
+
 @functools.lru_cache(maxsize=4096)
-def compile_regex(pattern: str) -> regex.Pattern[str]:
-    """Compile ``pattern`` (cached). Raises :class:`PatternError` saying what is wrong and where."""
+def compile_regex(pattern: str) -> TimedPattern:
+    """Compile ``pattern`` (cached) into a :class:`TimedPattern`. Raises :class:`PatternError`
+    saying what is wrong and where."""
     try:
-        return regex.compile(pattern)
+        return TimedPattern(regex.compile(pattern))
     except regex.error as exc:
         pos = f" at position {exc.pos}" if getattr(exc, "pos", None) is not None else ""
         raise PatternError(f"bad regex '{pattern}': {exc.msg}{pos}") from None
 
 
-def search(compiled: regex.Pattern[str], key: str) -> regex.Match[str] | None:
+def search(compiled: TimedPattern | regex.Pattern[str], key: str) -> regex.Match[str] | None:
     """``compiled.search(key)`` with a timeout, so a catastrophic pattern fails instead of hanging."""
+    raw = compiled._re if isinstance(compiled, TimedPattern) else compiled
     try:
-        return compiled.search(key, timeout=REGEX_TIMEOUT)
+        return raw.search(key, timeout=REGEX_TIMEOUT)
     except TimeoutError:
-        raise PatternError(
-            f"regex '{compiled.pattern}' took more than {REGEX_TIMEOUT}s on key '{key}' (catastrophic backtracking?)"
-        ) from None
+        raise PatternTimeout(compiled.pattern, key) from None
 
 
 # A template is a tuple of parts: str literals and int/str group references.
@@ -115,12 +189,11 @@ class Template:
 
     def subn(self, compiled: regex.Pattern[str], key: str) -> tuple[str, int]:
         """Replace every match of ``compiled`` in ``key``; also say how many there were (0: no match)."""
+        raw = compiled._re if isinstance(compiled, TimedPattern) else compiled
         try:
-            return compiled.subn(self.expand, key, timeout=REGEX_TIMEOUT)
+            return raw.subn(self.expand, key, timeout=REGEX_TIMEOUT)
         except TimeoutError:
-            raise PatternError(
-                f"regex '{compiled.pattern}' took more than {REGEX_TIMEOUT}s on key '{key}' (catastrophic backtracking?)"
-            ) from None
+            raise PatternTimeout(compiled.pattern, key) from None
 
 
 def _other_name(ref: Any, match: regex.Match[str]) -> Any:

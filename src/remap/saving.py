@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,14 @@ __all__ = ["atomic_path", "write_text_atomic", "save_state_dict", "parse_size"]
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
+
+    The temporary file is fsynced before the rename and the folder after it, so a crash
+    or a kill at any point leaves ``path`` as it was or complete. On any failure, a
+    KeyboardInterrupt included, the temporary file is removed and ``path`` untouched. The
+    new file gets the old file's permissions, or the umask's for a new file (not
+    ``mkstemp``'s 0600). An OSError (disk full, permission denied) is a UsageError naming the path.
+    """
     final = Path(path)
     folder = final.parent
     try:
@@ -37,18 +45,58 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise UsageError(f"cannot create the folder for {str(final)!r}: {exc.strerror}") from None
     if final.is_dir():
         raise UsageError(f"cannot write {str(final)!r}: it is a directory")
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp: str | None = None
+    mode = _mode_for(final)
+    mask = _hold_interrupts()  # a Ctrl-C while the temporary file is made lands below, where it is cleaned up
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        mask = _release_interrupts(mask)
         yield Path(tmp)
         with open(tmp, "rb+") as fh:
+            os.fchmod(fh.fileno(), mode)  # after the write: a writer may have replaced the file
             os.fsync(fh.fileno())
         os.replace(tmp, final)
         _fsync_dir(folder)
+    except OSError as exc:
+        _unlink(tmp)
+        raise UsageError(f"cannot write {str(final)!r}: {exc.strerror or exc}") from None
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        _unlink(tmp)
         raise
+    finally:
+        _release_interrupts(mask)
+
+
+def _unlink(path: str | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _hold_interrupts() -> Any:
+    """Block SIGINT in this thread (a pressed Ctrl-C waits); the previous mask, or None where unsupported."""
+    try:
+        return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _release_interrupts(mask: Any) -> None:
+    """Restore the mask from :func:`_hold_interrupts`: a Ctrl-C that waited is raised now."""
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return None
+
+
+def _mode_for(final: Path) -> int:
+    """The permissions ``final`` should get: its current ones, or 0666 less the umask."""
+    try:
+        return final.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -94,6 +142,12 @@ def save_state_dict(module: torch.nn.Module, path: str | os.PathLike[str], *, ma
     go into shards ``name-00001-of-0000N.ext`` with an index ``name.ext.index.json``, the
     layout transformers and remap read; every shard is complete before the index appears.
     Returns a description.
+
+    What ``path`` (or its index) holds is replaced as a whole: no file that the current
+    index names is ever overwritten (a new set of shards takes other names while one is
+    in place), and the files of the previous save at this path, a single file or a set of
+    shards, are removed only once the new save is complete. A reader, or a save killed at
+    any point, sees the old save or the new one, never a mix.
     """
     state = module.state_dict()
     fmt = "torch" if Path(path).suffix in (".pt", ".pth", ".bin", ".ckpt") else "safetensors"
@@ -102,8 +156,48 @@ def save_state_dict(module: torch.nn.Module, path: str | os.PathLike[str], *, ma
     shards = _shard(tensors, limit) if limit is not None else [tensors]
     if len(shards) == 1:
         _write(shards[0], Path(path), fmt, tied if fmt == "safetensors" else {}, state if fmt == "torch" else None)
+        _retire_index(Path(path))
         return {"path": str(path), "format": fmt}
     return _write_sharded(shards, Path(path), fmt, tied)
+
+
+def _index_path(path: Path) -> Path:
+    return path.parent / f"{path.name}.index.json"
+
+
+def _indexed_shards(index_path: Path, stem: str) -> set[str]:
+    """The shard files an existing index at ``index_path`` names that a save of ``stem`` wrote
+    (``stem-*``, plain names in the same folder); empty when there is no readable index."""
+    import json
+
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map", {})
+        names = {str(v) for v in weight_map.values()}
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in names if n.startswith(f"{stem}-") and "/" not in n and "\\" not in n and n not in (".", "..")}
+
+
+def _remove(paths: Iterator[Path] | list[Path]) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def _retire_index(path: Path) -> None:
+    """After a single-file save: a sharded save of the same path from before would still be
+    found first (a folder's index wins over its single file), so remove it, index first."""
+    index_path = _index_path(path)
+    if not index_path.is_file():
+        return
+    old = _indexed_shards(index_path, _stem(path))
+    _remove([index_path])
+    _fsync_dir(path.parent)
+    _remove([path.parent / n for n in old if n != path.name])
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(path.suffix)] if path.suffix else path.name
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -136,8 +230,16 @@ def _write(tensors: dict[str, torch.Tensor], path: Path, fmt: str, tied: dict[st
 
 
 def _write_sharded(shards: list[dict[str, torch.Tensor]], path: Path, fmt: str, tied: dict[str, str]) -> dict[str, Any]:
-    stem, suffix = path.name[: -len(path.suffix)] if path.suffix else path.name, path.suffix
+    import json
+    import secrets
+
+    stem, suffix = _stem(path), path.suffix
+    index_path = _index_path(path)
+    old = _indexed_shards(index_path, stem)
     names = [f"{stem}-{n + 1:05d}-of-{len(shards):05d}{suffix}" for n in range(len(shards))]
+    if old & set(names):  # the published index names these files: the new set must not overwrite them
+        token = secrets.token_hex(4)
+        names = [f"{stem}-{n + 1:05d}-of-{len(shards):05d}.{token}{suffix}" for n in range(len(shards))]
     weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
     for name, shard in zip(names, shards):
         _write(shard, path.parent / name, fmt, tied)
@@ -145,10 +247,9 @@ def _write_sharded(shards: list[dict[str, torch.Tensor]], path: Path, fmt: str, 
         "metadata": {"total_size": sum(_nbytes(t) for shard in shards for t in shard.values()), "remap.tied": tied},
         "weight_map": {**weight_map, **{alias: weight_map[first] for alias, first in tied.items()}} if fmt == "torch" else weight_map,
     }
-    index_path = path.parent / f"{path.name}.index.json"
-    import json
-
     write_text_atomic(index_path, json.dumps(index, indent=2) + "\n")
+    # the new set is published: the previous save at this path (its shards, or a single file) goes
+    _remove([path.parent / n for n in old - set(names)] + ([path] if path.is_file() else []))
     return {"path": str(index_path), "format": fmt, "shards": names}
 
 

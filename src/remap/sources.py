@@ -648,7 +648,7 @@ PICKLE_ALLOW_LIST = (
     *(f"numpy.dtypes.{n}DType" for n in (
         "Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64", "Float16", "Float32",
         "Float64", "LongDouble", "Complex64", "Complex128", "CLongDouble", "Str", "Bytes", "Long", "ULong",
-        "LongLong", "ULongLong",
+        "LongLong", "ULongLong", "Object",  # an object array's items are unpickled under these same rules
     )),
 )  # fmt: skip
 # Where each name's object lives when the name itself is not importable (numpy 1 vs 2, Python 3.13's pathlib._local).
@@ -705,11 +705,16 @@ class _PickleRefused(SourceError):
 def _refused(path: Path, exc: BaseException) -> SourceError:
     """The error for a pickle that ``torch.load(weights_only=True)`` refuses."""
     text = str(exc)
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    found = (
+        re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        or re.search(r"unsupported GLOBAL ([\w.]+) whose module", text)  # os, sys, posix, nt: blocked outright
+        or re.search(r"allowlisted via `add_safe_globals`, but got <class '([\w.]+)'>", text)  # BUILD of a class
+    )
     if found:
-        what = f"it needs the global {found.group(1)!r}, which loading with weights_only=True does not allow"
+        name = found.group(1) if "." in found.group(1) else f"builtins.{found.group(1)}"  # torch drops "builtins."
+        what = f"it needs the global {name!r}, which loading with weights_only=True does not allow"
     else:
-        detail = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
         what = f"weights_only loading failed: {detail.group(1) if detail else _first_line(exc)}"
     return _PickleRefused(
         f"torch.load refused this pickle: {what}. Unpickling it could run arbitrary code. "
@@ -724,6 +729,7 @@ def _torch_load(path: Path, *, meta: bool, weights_only: bool, mmap: bool) -> An
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a corrupt file; the error says more
             if not weights_only:
                 return torch.load(path, weights_only=False, **options)
             with _metadata_globals():
@@ -762,6 +768,8 @@ class _TorchReader(_Reader):
         except SourceError as exc:
             raise SourceError(exc.message, where=str(path)) from None
         self.meta = _tensors_meta(weights)
+        if fmt == "torch-zip":
+            self._check_storages(weights)
         self._meta_tensors = weights if fmt == "torch-zip" and sys.byteorder == "little" else {}
         self.entries = _entries(obj, self.parts)
         if fmt == "torch-legacy":
@@ -773,7 +781,9 @@ class _TorchReader(_Reader):
     def read(self, key: str) -> torch.Tensor:
         if self._tensors is None:
             self._check_unchanged()
-            obj = _torch_load(self.path, meta=False, weights_only=self._weights_only, mmap=self.format == "torch-zip")
+            # torch.load(mmap=True) maps a record's raw bytes, so it reads a compressed record as garbage
+            mmap = self.format == "torch-zip" and all(stored for _, stored in self._zip_records()[1].values())
+            obj = _torch_load(self.path, meta=False, weights_only=self._weights_only, mmap=mmap)
             try:
                 self._tensors = _walk(obj, self.parts)
             except (KeyError, TypeError, AttributeError) as exc:
@@ -799,14 +809,26 @@ class _TorchReader(_Reader):
         if not record[1]:
             return None  # a compressed record cannot be mapped: torch.load reads it
         if nbytes > record[0]:
-            raise SourceError(
-                f"corrupt checkpoint: the storage of tensor {key!r} needs {nbytes} bytes but its record in the "
-                f"archive holds {record[0]}",
-                where=str(self.path),
-            )
+            raise self._oversized(key, nbytes, record[0])
         meta = self.meta[key]
         return Span(str(self.path), int(offset), nbytes, meta.dtype, meta.shape,
                     tuple(t.stride()), t.storage_offset())  # fmt: skip
+
+    def _check_storages(self, weights: Mapping[Any, Any]) -> None:
+        """Every tensor's storage fits in the archive record it claims (the pickle says how
+        big a storage is, the archive how big its record is: a lie is a corrupt file)."""
+        records = self._zip_records()[1]
+        for key, t in weights.items():
+            offset = getattr(t.untyped_storage(), "_checkpoint_offset", None) if isinstance(t, torch.Tensor) else None
+            record = records.get(int(offset)) if offset is not None else None
+            if record is not None and record[1] and t.untyped_storage().nbytes() > record[0]:
+                raise self._oversized(str(key), t.untyped_storage().nbytes(), record[0])
+
+    def _oversized(self, key: str, nbytes: int, size: int) -> SourceError:
+        return SourceError(
+            f"corrupt checkpoint: the storage of tensor {key!r} needs {nbytes} bytes but its record in the archive holds {size}",
+            where=str(self.path),
+        )
 
     def _zip_records(self) -> tuple[bool, dict[int, tuple[int, bool]]]:
         """(byte order differs, data offset -> (size, stored uncompressed)) of the archive's records.
@@ -818,8 +840,7 @@ class _TorchReader(_Reader):
         if not hasattr(self, "_records"):
             try:
                 self._records = _zip_table(self.path)
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, UnicodeDecodeError, ValueError, EOFError,
-                    NotImplementedError) as exc:  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - zipfile on corrupt bytes raises many types
                 raise SourceError(f"corrupt zip archive: {_first_line(exc)}", where=str(self.path)) from None
         return self._records
 
@@ -896,7 +917,7 @@ def _zip_kind(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, UnicodeDecodeError, ValueError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - zipfile on corrupt bytes: BadZipFile, NotImplementedError, UnicodeDecodeError...
         message = f"looks like a torch.save zip archive but is truncated or corrupt ({exc})"
         raise SourceError(message, where=str(path)) from None
     inner = {name.split("/", 1)[-1] for name in names}
@@ -960,6 +981,8 @@ def _load_index(path: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SourceError(f"not a valid JSON index: {exc}", where=str(path)) from None
+    except RecursionError:
+        raise SourceError("not a valid JSON index: it is nested too deeply", where=str(path)) from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise SourceError(
@@ -982,6 +1005,12 @@ def _open_index(path: Path, *, key: str | None, trust_pickle: bool, folder: Path
     formats, notes = set(), []
     for shard, keys in shards.items():
         shard_path = path.parent / shard
+        if Path(shard).is_absolute() or ".." in Path(shard).parts:  # an index names files beside it, nothing else
+            raise SourceError(
+                f"shard {shard!r} (holding {len(keys)} tensors, e.g. {keys[0]!r}) lies outside the index's folder; "
+                "an index names shard files in its own folder",
+                where=str(path),
+            )
         if not shard_path.is_file():
             raise SourceError(
                 f"shard {shard!r} (holding {len(keys)} tensors, e.g. {keys[0]!r}) is missing: no file {shard_path}",

@@ -66,7 +66,9 @@ class _Builder:
             )
         self.locs.values[path] = _mark(node)
         if isinstance(node, yaml.ScalarNode):
-            return self.constructor.construct_object(node, deep=True)
+            return self._scalar(node)
+        if node.tag not in (_MAP_TAG, _SEQ_TAG):  # !!python/..., !!set, !!omap: nothing a rules file needs
+            raise RulesError(f"unsupported YAML tag '{node.tag}'; write plain mappings and lists", where=f"{self.locs.filename}:{_fmt(node)}")
         if id(node) in self.active:
             raise RulesError("recursive alias: this node contains itself", where=f"{self.locs.filename}:{_fmt(node)}")
         self.active.add(id(node))
@@ -86,7 +88,7 @@ class _Builder:
             if not isinstance(key_node, yaml.ScalarNode):
                 found = "a mapping" if isinstance(key_node, yaml.MappingNode) else "a list"
                 raise RulesError(f"expected a string key, found {found}", where=where)
-            key = self.constructor.construct_object(key_node)
+            key = self._scalar(key_node)
             if not isinstance(key, (str, int)) or isinstance(key, bool):
                 raise RulesError(f"expected a string key, found {describe_value(key)}", where=where)
             if key in out:
@@ -95,6 +97,23 @@ class _Builder:
             self.locs.keys[(*path, key)] = _mark(key_node)
             out[key] = self.build(value_node, (*path, key))
         return out
+
+
+    def _scalar(self, node: yaml.ScalarNode) -> Any:
+        """A scalar's value; an explicitly tagged one that does not parse (``!!int x``) is a RulesError."""
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except yaml.YAMLError:
+            raise  # load_yaml words it
+        except Exception as exc:  # ValueError (!!int x), AttributeError (an empty !!timestamp): pyyaml's own
+            raise RulesError(
+                f"invalid YAML: cannot read {node.value!r} as {node.tag.rsplit(':', 1)[-1]}: {exc}",
+                where=f"{self.locs.filename}:{_fmt(node)}",
+            ) from None
+
+
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
 
 
 def _show(key: str | int) -> str:
