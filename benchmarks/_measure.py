@@ -171,13 +171,24 @@ def machine_info() -> dict[str, Any]:
         except Exception:
             info[name] = None
     try:
-        root = Path(__file__).resolve().parent.parent
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    info["remap_commit"] = remap_commit()
+    return info
+
+
+def remap_commit() -> str | None:
+    """The repository's HEAD, with ``+dirty`` when ``src/`` has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "src"], capture_output=True, text=True)
-        info["remap_commit"] = rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except OSError:
-        pass
-    return info
+        return None
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def gib(n: float) -> str:

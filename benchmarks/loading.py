@@ -17,8 +17,10 @@ memory is measured cleanly:
 
 The page-cache copy (``readinto`` of the whole file into a preallocated, touched
 buffer) is the physical limit every load into an allocated model is compared with; the
-same copy into freshly allocated memory (which pays a page fault per page) is the limit
-for a meta-device target that ends up holding its own copy.
+same copy into freshly allocated memory (which pays a page fault per page) is the
+reference for a meta-device target that ends up holding its own copy. Both copies are
+single-threaded (one ``readinto``); torch copies tensors with all its threads, so a load
+can beat them.
 
 Child usage (what the parent runs; useful with ``--profile`` to see where time goes)::
 
@@ -42,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import RssSampler, Timer, warm_file  # noqa: E402
+from _measure import ForeignCpu, RssSampler, Timer, warm_file  # noqa: E402
 
 FULL = {"layers": 32, "dim": 4096}
 QUICK = {"layers": 12, "dim": 1024}
@@ -153,7 +155,6 @@ def check_model(model: Any, st_path: Path) -> list[str]:
 
 def child(variant: str, folder: Path, layers: int, dim: int, profile: bool = False) -> dict[str, Any]:
     """One measured load in this (fresh) process."""
-    import numpy as np
     import safetensors.torch  # noqa: F401  imported before the baseline, like torch
     import torch
 
@@ -169,7 +170,8 @@ def child(variant: str, folder: Path, layers: int, dim: int, profile: bool = Fal
     size = path.stat().st_size
     out: dict[str, Any] = {"variant": variant, "label": label, "file_bytes": size}
     if target in ("buffer", "fresh"):
-        holder = np.empty(size if target == "buffer" else 0, np.uint8)
+        # torch's allocator, like the model's parameters (numpy would madvise huge pages)
+        holder = torch.empty(size if target == "buffer" else 0, dtype=torch.uint8).numpy()
         holder.fill(1)  # touched: resident before the baseline
         model_bytes = size
     else:
@@ -185,7 +187,7 @@ def child(variant: str, folder: Path, layers: int, dim: int, profile: bool = Fal
         def fn(_: Any, p: Path) -> None:
             nonlocal holder, view
             if target == "fresh":  # allocated untouched: the copy pays the page faults
-                holder = np.empty(size, np.uint8)
+                holder = torch.empty(size, dtype=torch.uint8).numpy()
                 view = memoryview(holder)
             with open(p, "rb", buffering=0) as f:
                 done = 0
@@ -257,18 +259,24 @@ def make_checkpoint(folder: Path, layers: int, dim: int) -> None:
 # --------------------------------------------------------------------------- parent side
 
 
-def _spawn(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True)
+def _spawn(args: list[str], threads: int | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    return subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True, env=env)
 
 
-def run_variant(variant: str, folder: Path, layers: int, dim: int) -> dict[str, Any]:
-    """Run one variant in a fresh subprocess; its result, or an error record."""
-    proc = _spawn(["--child", variant, "--dir", str(folder), "--layers", str(layers), "--dim", str(dim)])
+def run_variant(variant: str, folder: Path, layers: int, dim: int, threads: int | None = None) -> dict[str, Any]:
+    """Run one variant in a fresh subprocess (torch with ``threads`` threads, default: its
+    own choice); its result, or an error record. ``other_cores``: how many cores other
+    processes kept busy meanwhile (0 on a quiet machine)."""
+    with ForeignCpu() as other:
+        args = ["--child", variant, "--dir", str(folder), "--layers", str(layers), "--dim", str(dim)]
+        proc = _spawn(args, threads)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(MARK):
-            return json.loads(line[len(MARK) :])
+            return {**json.loads(line[len(MARK) :]), "other_cores": other.cores}
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-    return {"variant": variant, "label": VARIANTS[variant][0], "error": f"subprocess died: {tail[0][:300]}"}
+    return {"variant": variant, "label": VARIANTS[variant][0], "error": f"subprocess died: {tail[0][:300]}",
+            "other_cores": other.cores}  # fmt: skip
 
 
 def _status(r: dict[str, Any]) -> str:
@@ -303,8 +311,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def run(quick: bool, repeats: int, tmpdir: str | None = None, progress: Callable[[str], None] = print,
-        only: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Write the checkpoint, run every variant ``repeats`` times (round robin), clean up."""
+        only: list[str] | None = None, threads: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Write the checkpoint, run every variant (or those in ``only``) ``repeats`` times
+    (round robin), clean up."""
     size = QUICK if quick else FULL
     layers, dim = size["layers"], size["dim"]
     folder = Path(tempfile.mkdtemp(prefix="remap-bench-", dir=tmpdir))
@@ -316,13 +325,14 @@ def run(quick: bool, repeats: int, tmpdir: str | None = None, progress: Callable
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS if not only or v in only}
         for rep in range(repeats):
             for v in runs:
-                r = run_variant(v, folder, layers, dim)
+                r = run_variant(v, folder, layers, dim, threads)
                 runs[v].append(r)
                 t = f"{r['seconds']:.3f}s" if "seconds" in r else "-"
                 peak = f"+{r['peak']['rss'] / 2**30:.2f} GiB" if "peak" in r else ""
-                progress(f"  loading [{rep + 1}/{repeats}] {v:22} {t:>8} {peak:>12}  {_status(r)[:120]}")
+                progress(f"  loading [{rep + 1}/{repeats}] {v:22} {t:>8} {peak:>12}  others {r['other_cores']:.2f} cores  "
+                         f"{_status(r)[:100]}")  # fmt: skip
         summary = summarise(runs)
-        return {"layers": layers, "dim": dim, "repeats": repeats, "runs": runs, **summary}
+        return {"layers": layers, "dim": dim, "repeats": repeats, "threads": threads, "runs": runs, **summary}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

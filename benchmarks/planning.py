@@ -1,4 +1,4 @@
-"""Planning throughput: remap's planner against the two rename loops people write today.
+r"""Planning throughput: remap's planner against the two rename loops people write today.
 
 For each key-set family (ResNet-, LLM- and MoE-like names, with realistic shapes), size
 and rule count, the same ordered rule list is run three ways on the same keys:
@@ -16,6 +16,12 @@ rename produces a name a later rule matches; the three semantics then agree, and
 benchmark checks that they do (same final name for every source key, same dropped keys)
 before it reports a ratio. Every rule acts on at least one key, so remap's
 ``unmatched_step`` check passes without ``optional: true``.
+
+The 1- and 10-rule lists never tell one numeric key component from another (they
+capture indices with ``(\d+)``), so remap can plan them once per key *shape*
+(``name_cache``). The 50-rule lists are fine-grained conversions that do: literal
+``Sequential`` indices (``downsample\.0\.``), interleaved pipeline chunks and expert-parallel
+ranks picked by an index's last digit (``(\d*[01])``). They measure remap's key-by-key path.
 
 A rule is a tuple: ``("rename", pattern, replacement)``, ``("strip_prefix", prefix)``,
 ``("drop", pattern)`` or ``("keep", pattern)``.
@@ -378,12 +384,16 @@ def cases(quick: bool) -> Iterator[tuple[str, int, int]]:
 def run(quick: bool, progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Every case, in order of size; ``progress`` gets one line per case."""
     results = []
+    from _measure import ForeignCpu
+
     for family, n, count in cases(quick):
-        r = run_case(family, n, count)
+        with ForeignCpu() as other:
+            r = run_case(family, n, count)
+        r["other_cores"] = other.cores
         s = r["seconds"]
         progress(
             f"  planning {family:6} {r['keys']:>7,} keys x {count:>2} rules: remap {s['remap']:.3f}s  "
-            f"rule-by-rule {s['rule_by_rule']:.3f}s  first-match {s['first_match']:.3f}s"
+            f"rule-by-rule {s['rule_by_rule']:.3f}s  first-match {s['first_match']:.3f}s  others {other.cores:.2f} cores"
             + ("" if r["same_mapping"] else "  MISMATCH: " + "; ".join(r["problems"]))
         )
         results.append(r)

@@ -29,7 +29,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loading  # noqa: E402
 import planning  # noqa: E402
-from _measure import ForeignCpu, gib, machine_info, table  # noqa: E402
+from _measure import ForeignCpu, gib, machine_info, remap_commit, table  # noqa: E402
+
+
+def _cores(r: dict[str, Any]) -> str:
+    return f"{r['other_cores']:.2f}" if "other_cores" in r else "?"
 
 
 def planning_table(results: list[dict[str, Any]]) -> None:
@@ -40,17 +44,18 @@ def planning_table(results: list[dict[str, Any]]) -> None:
             r["family"], f"{r['keys']:,}", str(r["rules"]),
             f"{s['remap']:.4f}", f"{s['rule_by_rule']:.4f}", f"{s['first_match']:.4f}",
             f"{ratio['rule_by_rule/remap']:.2f}x", f"{ratio['first_match/remap']:.2f}x",
-            f"{r['remap_us_per_key']:.1f}", "yes" if r["same_mapping"] else "NO",
+            f"{r['remap_us_per_key']:.1f}", "yes" if r["same_mapping"] else "NO", _cores(r),
         ])  # fmt: skip
     table(
         "Planning: seconds (best of up to 5 runs within 0.5 s) and speed-up of remap over each loop",
         ["family", "keys", "rules", "remap s", "rule-by-rule s", "first-match s", "rbr/remap", "fm/remap",
-         "remap µs/key", "same mapping"],
+         "remap µs/key", "same mapping", "others"],
         rows,
         ["rule-by-rule: mmengine revise_keys (re.sub over every key, rule after rule); "
          "first-match: transformers key_mapping (per key, first acting pattern, break).",
          "remap: make_plan only (rules parsed beforehand); ratio > 1 means remap is faster. "
-         "'same mapping': all three give every key the same final name (or drop it)."],
+         "'same mapping': all three give every key the same final name (or drop it).",
+         "others: cores that other processes kept busy during the case (0 on a quiet machine)."],
     )  # fmt: skip
 
 
@@ -58,30 +63,33 @@ def loading_table(result: dict[str, Any]) -> None:
     rows = []
     for v, b in result["variants"].items():
         if "seconds" not in b:
-            rows.append([v, b["status"][:60], *["-"] * 7])
+            rows.append([v, b["status"][:60], *["-"] * 8])
             continue
         p = b["peak"]
         fmt = lambda x: f"{x:.2f}x" if x is not None else "-"  # noqa: E731
         rows.append([
             v, b["status"][:60], f"{b['seconds']:.3f}", fmt(b["vs_fastest_raw"]), fmt(b["vs_page_cache_copy"]),
             f"+{gib(p['rss'])} ({100 * b['peak_share_of_model']:.0f}%)", f"+{gib(p['anon'])}", f"+{gib(p['file'])}",
-            f"{b['bytes_per_second'] / 1e9:.2f}",
+            f"{b['bytes_per_second'] / 1e9:.2f}", _cores(b),
         ])  # fmt: skip
     any_b = next(iter(result["variants"].values()))
     model_gb = any_b.get("model_bytes", 0) / 1e9
     table(
         f"Loading {result['layers']} x Linear({result['dim']}, {result['dim']}) fp32 = {model_gb:.2f} GB "
-        f"(best of {result['repeats']}, each run a fresh process)",
+        f"(best of {result['repeats']}, each run a fresh process"
+        + (f", {result['threads']} torch threads)" if result.get("threads") else ")"),
         ["variant", "check", "wall s", "x fastest raw", "x page copy", "peak RSS GiB (% model)", "anon GiB",
-         "file GiB", "GB/s"],
+         "file GiB", "GB/s", "others"],
         rows,
         ["Every file is read once before its timed load: all variants read from the page cache.",
          "Wall time = the load plus a read of one element per memory page of every model tensor (lazily "
          "mapped results pay their page faults).",
          "Peak RSS above the RSS after building the model (meta targets: before the load); anon = heap, "
          "file = mapped file pages; each is its own maximum (VmHWM reset, /proc/self/status sampled every 2 ms).",
-         f"fastest raw path: {result['fastest_raw']}; page copy: readinto of the whole file into a preallocated, "
-         "touched buffer (page_cache_copy_fresh: into memory allocated during the load, which pays a page fault per page).",
+         f"fastest raw path: {result['fastest_raw']}; page copy: one readinto of the whole file into a preallocated, "
+         "touched buffer (page_cache_copy_fresh: into memory allocated during the load, which pays a page fault per page); "
+         "both single-threaded, while torch copies with all its threads.",
+         "others: cores that other processes kept busy during that run (0 on a quiet machine).",
          "meta_assign keeps safetensors' mmap: its tensors are the page-cache pages mapped copy-on-write (file "
          "RSS), nothing is copied."],
     )  # fmt: skip
@@ -93,6 +101,11 @@ def show(out: dict[str, Any]) -> None:
         planning_table(out["planning"])
     if "loading" in out:
         loading_table(out["loading"])
+    start, end = out.get("machine", {}).get("remap_commit"), out.get("remap_commit_at_end")
+    if start != end:
+        print(f"\nWARNING: remap's source changed during the run ({start} -> {end}): the results may mix versions.")
+    elif (start or "").endswith("+dirty"):
+        print(f"\nnote: measured remap {start}: uncommitted changes to src/ were included.")
     cores = out.get("machine", {}).get("cores")
     busy = {k: v["cores"] for k, v in out.get("other_processes_cpu", {}).items() if v["cores"] > 0.1}
     if busy:
@@ -107,9 +120,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="where to write the JSON results (default: benchmarks/results.json)")  # fmt: skip
     ap.add_argument("--only", choices=["planning", "loading"], help="run one part only")
     ap.add_argument("--repeats", type=int, help="loading runs per variant (default 3; --quick 1)")
+    ap.add_argument("--variants", help="loading variants to run, comma-separated (default: all): "
+                    + ", ".join(loading.VARIANTS))
+    ap.add_argument("--threads", type=int, help="torch threads in the loading subprocesses (OMP_NUM_THREADS; "
+                    "default: torch's choice)")
     ap.add_argument("--tmpdir", help="where the checkpoint files are written (default: the system's temp dir)")
     ap.add_argument("--show", type=Path, metavar="JSON", help="print the tables of an earlier run's results and exit")
     a = ap.parse_args(argv)
+    unknown = set(a.variants.split(",")) - set(loading.VARIANTS) if a.variants else set()
+    if unknown:
+        ap.error(f"unknown variants: {', '.join(sorted(unknown))}")
     if a.show:
         saved = json.loads(a.show.read_text())
         print(f"$ {saved['command']}")
@@ -122,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"$ {command}")
     print(
         f"machine: {info.get('cores')} cores ({info.get('cores_usable')} usable), {gib(info.get('ram_bytes', 0))} GiB RAM, "
-        f"{info.get('cpu', '?')}; python {info['python']}, torch {info['torch']}, safetensors {info['safetensors']}, "
+        f"{info.get('cpu', '?')}; python {info['python']}, torch {info['torch']} ({info.get('torch_threads')} threads), "
+        f"safetensors {info['safetensors']}, "
         f"remap {info['remap']} ({info.get('remap_commit', '?')})"
     )
     out: dict[str, Any] = {"command": command, "quick": a.quick, "machine": info, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -135,9 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             if part == "planning":
                 out[part] = planning.run(a.quick, progress=lambda s: print(s, flush=True))
             else:
-                out[part] = loading.run(a.quick, repeats, a.tmpdir, progress=lambda s: print(s, flush=True))
+                only = a.variants.split(",") if a.variants else None
+                out[part] = loading.run(a.quick, repeats, a.tmpdir, progress=lambda s: print(s, flush=True),
+                                        only=only, threads=a.threads)  # fmt: skip
         out.setdefault("other_processes_cpu", {})[part] = {"core_seconds": other.seconds, "cores": other.cores}
     out["seconds"] = time.perf_counter() - t0
+    out["remap_commit_at_end"] = remap_commit()
 
     print()
     show(out)
