@@ -199,7 +199,8 @@ def _conflicts(a: Alignment, verbose: bool) -> list[Line]:
     body: list[Line] = []
     for (_, _, ss, ts), ps in groups.items():
         c = ps[0].conflict
-        assert c is not None
+        if c is None:  # only pairs with a conflict are grouped here
+            continue
         src = ", ".join(fold(p.source for p in ps))
         tgt = ", ".join(fold(p.target for p in ps))
         ops = "; ".join(c.ops) if c.ops else "no single op fixes it"
