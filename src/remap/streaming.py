@@ -109,8 +109,11 @@ class _Files:
 
     def __init__(self, spans: Iterable[Span]) -> None:
         ends: dict[str, int] = defaultdict(int)
+        sizes: dict[str, int] = {}
         for s in spans:
-            _check_span(s)
+            if s.path not in sizes:
+                sizes[s.path] = os.path.getsize(s.path)
+            _check_span(s, sizes[s.path])
             ends[s.path] = max(ends[s.path], s.offset + s.nbytes)
         self.maps: dict[str, mmap.mmap] = {}
         self._files: list[Any] = []
@@ -124,15 +127,19 @@ class _Files:
             raise SourceError(f"cannot map the file for reading: {exc}", where=path) from None
 
     def release(self, spans: Iterable[Span]) -> None:
-        page = mmap.PAGESIZE
+        """Drop the pages of each file's byte range this batch read (one call per file)."""
+        ranges: dict[str, tuple[int, int]] = {}
         for s in spans:
-            mm = self.maps.get(s.path)
-            if mm is None or not hasattr(mm, "madvise") or s.nbytes == 0:
+            lo, hi = ranges.get(s.path, (s.offset, s.offset + s.nbytes))
+            ranges[s.path] = (min(lo, s.offset), max(hi, s.offset + s.nbytes))
+        page = mmap.PAGESIZE
+        for path, (lo, hi) in ranges.items():
+            mm = self.maps.get(path)
+            if mm is None or not hasattr(mm, "madvise") or hi <= lo:
                 continue
-            start = s.offset // page * page
-            length = min(len(mm), s.offset + s.nbytes) - start
+            start = lo // page * page
             try:
-                mm.madvise(mmap.MADV_DONTNEED, start, length)
+                mm.madvise(mmap.MADV_DONTNEED, start, min(len(mm), hi) - start)
             except (OSError, ValueError):  # an advice, not a requirement
                 pass
 
@@ -149,10 +156,9 @@ class _Files:
         self.maps, self._files = {}, []
 
 
-def _check_span(span: Span) -> None:
+def _check_span(span: Span, size: int) -> None:
     """A span whose view cannot be made is an error before the first write, not half-way."""
     itemsize = ITEMSIZE.get(span.dtype)
-    size = os.path.getsize(span.path)
     last = span.storage_offset + sum((d - 1) * st for d, st in zip(span.shape, span.stride)) if all(span.shape) else -1
     problems = []
     if itemsize is None:
