@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from remap.meta import TensorMeta
@@ -67,6 +67,9 @@ def per_key(steps, keys):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(keys=keys_strategy(), steps=rules_strategy())
+@example(  # a rename that deletes the dots around a number glues it to a name: 'w1' + '0'
+    keys=["w1.0.0"], steps=[{"rename": {r"\.(\d+)\.": ""}, "optional": True}, {"rename": {r"(\d+)": r"blocks.\1."}, "optional": True}]
+)
 def test_shapes_agree_with_key_by_key(keys, steps):
     try:
         rules = parse_rules({"version": 1, "rules": steps})

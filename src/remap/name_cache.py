@@ -35,6 +35,8 @@ PH_CLASS = "[\\ue000-\\uf8ff]"
 RUN = re.compile(r"(?<![^.])([0-9]+)(?![^.])")  # a whole dotted component of digits
 HAS_RUN = re.compile(r"(?<![^.])[0-9]+(?![^.])")
 HAS_PLACEHOLDER = re.compile("[\ue000-\uf8ff]")
+# A placeholder that no longer stands between dots: a step glued a number to something.
+FUSED = re.compile("[^.][\ue000-\uf8ff]|[\ue000-\uf8ff][^.]")
 MAX_RUNS = PH_LAST - PH_FIRST
 
 # Tokens of a pattern: an escape, a character class, a group opening, or one character.
@@ -201,6 +203,8 @@ def _run_shape(steps: list[tuple[Step, NameStep]], key: str, weight: int, counts
             counts[n][h] += weight
         if new is None:
             return key, hops, step
+        if new != key and FUSED.search(new):
+            return None  # a number no longer stands as a component of its own: run key by key
         if new != key:
             hops.append((step.index, new))
             key = new
