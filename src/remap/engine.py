@@ -24,7 +24,7 @@ from .errors import CheckError, InternalError, UsageError
 from .freeze import apply_freeze
 from .meta import dtype_name, target_meta_of_module
 from .report import Failure, Report, TargetRecord
-from .planner import _totals
+from .planner import totals_of
 from .streaming import BATCH_BYTES, Progress, stream
 
 if TYPE_CHECKING:
@@ -135,7 +135,8 @@ def _dry_op(a: Assignment, plan: Plan) -> list[Failure]:
 
 def _meta_gaps(plan: Plan, module: torch.nn.Module) -> list[Failure]:
     """A meta-device target must end with no meta tensor: what is not loaded needs reset_parameters."""
-    loaded = {a.target for a in plan.assignments} | {k for k, m in plan.target_meta.items() if m.tied_to in {a.target for a in plan.assignments}}
+    assigned = {a.target for a in plan.assignments}
+    loaded = assigned | {k for k, m in plan.target_meta.items() if m.tied_to in assigned}
     persistent = set(plan.target_meta)
     failures = []
     for name, m in module.named_modules():
@@ -193,7 +194,7 @@ def _check_duplicates(plan: Plan, source: Source) -> None:
 def _final_report(plan: Plan, module: torch.nn.Module) -> Report:
     grads = {k: p.requires_grad for k, p in module.named_parameters(remove_duplicate=False)}
     targets = [_with_grad(t, grads) for t in plan.report.targets]
-    return plan.report.replace(dry_run=False, targets=tuple(targets), totals=_totals(targets, list(plan.report.sources)))
+    return plan.report.replace(dry_run=False, targets=tuple(targets), totals=totals_of(targets, list(plan.report.sources)))
 
 
 def _with_grad(t: TargetRecord, grads: dict[str, Any]) -> TargetRecord:

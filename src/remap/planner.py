@@ -161,7 +161,7 @@ def make_plan(
     failures += freeze_failures
     targets = _target_records(tgt, pairing, frozen, rules, bn_names, fates)
     sources = _source_records(src, fates, rules)
-    totals = _totals(targets, sources)
+    totals = totals_of(targets, sources)
     failures += _expectations(targets, sources, totals, rules)
     failures += _unused_parts(pairing.unused_parts, rules)
     failures += _hints(failures, targets, sources)
@@ -354,7 +354,10 @@ def _plan_freeze(rules: Rules, tgt: Mapping[str, TargetMeta], bn: Mapping[str, s
     frozen = {k for k in params if _matches(spec.params, k) and not _matches(spec.except_, k)}
     bn_names = []
     if spec.batchnorm != "keep":
-        region = [n for n in bn if _bn_in_region(n, tgt, frozen, spec)]
+        by_owner: dict[str, list[str]] = defaultdict(list)  # module name -> its own state keys
+        for k in tgt:
+            by_owner[k.rpartition(".")[0]].append(k)
+        region = [n for n in bn if _bn_in_region(by_owner.get(n, []), tgt, frozen, spec)]
         bn_names = region
         if spec.batchnorm == "frozen":
             bad = [f"{n} ({bn[n]})" for n in region if bn[n] not in FROZEN_BN_SUPPORTED]
@@ -370,14 +373,12 @@ def _plan_freeze(rules: Rules, tgt: Mapping[str, TargetMeta], bn: Mapping[str, s
     return frozen, bn_names, failures
 
 
-def _bn_in_region(name: str, tgt: Mapping[str, TargetMeta], frozen: set[str], spec: Any) -> bool:
+def _bn_in_region(own: list[str], tgt: Mapping[str, TargetMeta], frozen: set[str], spec: Any) -> bool:
     """A BatchNorm module follows ``params``: it is frozen when its affine parameters are
     (or, without affine parameters, when its running stats match the patterns); with no
     ``params`` at all, every BatchNorm module is."""
     if not spec.params:
         return True
-    prefix = f"{name}." if name else ""
-    own = [k for k in tgt if k.startswith(prefix) and "." not in k[len(prefix):]]
     params = [k for k in own if tgt[k].is_param]
     if params:
         return all(k in frozen for k in params)
@@ -434,7 +435,7 @@ def _source_records(src: Mapping[str, TensorMeta], fates: dict[str, _Fate], rule
     return records
 
 
-def _totals(targets: list[TargetRecord], sources: list[SourceRecord]) -> Totals:
+def totals_of(targets: list[TargetRecord], sources: list[SourceRecord]) -> Totals:
     own = [t for t in targets if t.status != TIED]
     params = [t for t in own if t.kind == "parameter"]
     count = Counter(t.status for t in own)
