@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from remap.meta import TensorMeta
-from remap.name_cache import abstract_pattern, leading_name_steps, run_name_steps
+from remap.name_cache import abstract_pattern, component_view, leading_name_steps, required_literals, run_name_steps
+from remap.steps import Rename
 from remap.errors import RulesError
 from remap.rules import parse_rules
 from remap.steps import Item
@@ -17,6 +18,9 @@ PATTERNS = [
     r"^layers\.(\d+)\.", r"\.(\d+)\.", r"(\d+)", r"w1", r"fc\d+", r"^(.*)\.weight$", r"[^.]+\.bias$",
     r"\w+\.(\d+)\.", r"^blocks\.0\.", r"\.1\.", r"layers\.\d\.", r"(\d+)\.(\d+)", r"\.e3$", r"^(\w+)\.",
     r"\d*\.", r"[0-9]+\.w", r"_\d+$", r"mlp\.(?P<i>\d+)",
+    # patterns that tell numbers apart, each anchored so it can run per class of numbers
+    r"^layers\.(\d*[01])\.", r"^blocks\.(\d+)\.0\.", r"^(\d+)\.", r"^layers\.1", r"^w1\.(\d+)$",
+    r"^mlp\.(\d*[13])\.(\d+)\.", r"^(\w+)\.([12])\.", r"^layers\.(?:1|2)0?\.", r"^bn\.(\d)\.",
 ]  # fmt: skip
 REPLACEMENTS = [r"blocks.\1.", r".\1.", "x", "", r"\1.y", "mlp.", r"L\1"]
 
@@ -50,8 +54,10 @@ def keys_strategy():
 def rules_strategy():
     rename = st.builds(lambda p, r: {"rename": {p: r}}, st.sampled_from(PATTERNS), st.sampled_from(REPLACEMENTS))
     drop = st.builds(lambda p: {"drop": p}, st.sampled_from(PATTERNS))
+    keep = st.builds(lambda ps: {"keep": ps}, st.lists(st.sampled_from(PATTERNS), min_size=1, max_size=2, unique=True))
+    mapping = st.builds(lambda ps, r: {"rename": {p: r for p in ps}}, st.lists(st.sampled_from(PATTERNS), min_size=2, max_size=3, unique=True), st.sampled_from(REPLACEMENTS))
     strip = st.builds(lambda p: {"strip_prefix": p}, st.sampled_from(["layers.", "blocks.", "0.", "mlp."]))
-    step = st.one_of(rename, drop, strip).map(lambda s: {**s, "optional": True})
+    step = st.one_of(rename, drop, keep, mapping, strip).map(lambda s: {**s, "optional": True})
     return st.lists(step, min_size=1, max_size=6)
 
 
@@ -83,7 +89,7 @@ def test_shapes_agree_with_key_by_key(keys, steps):
     fast = run_name_steps(leading, source)
     if fast is None:
         return  # the planner then runs key by key: nothing to compare
-    items, dropped, counts = fast
+    items, dropped, counts = fast.items(source), fast.dropped_items(source), fast.counts
     slow_items, slow_dropped = per_key([s for s, _ in leading], keys)
     assert [(i.key, i.sources, i.hops) for i in items] == [(i.key, i.sources, i.hops) for i in slow_items]
     assert sorted((i.key, i.sources, i.hops, s.index) for i, s in dropped) == sorted(
@@ -115,8 +121,60 @@ def test_a_typical_llm_rule_set_runs_on_shapes():
     source = {f"model.layers.{i}.self_attn.q_proj.weight": TensorMeta((2,)) for i in range(3)}
     source |= {f"model.layers.{i}.mlp.experts.{e}.w1.weight": TensorMeta((2,)) for i in range(3) for e in range(4)}
     source |= {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": TensorMeta((2,)) for i in range(3)}
-    items, dropped, counts = run_name_steps(leading, source)
+    fast = run_name_steps(leading, source)
+    items, dropped, counts = fast.items(source), fast.dropped_items(source), fast.counts
     assert items[0].key == "blocks.0.attn.q_proj.weight"
     assert items[0].hops == ((1, "layers.0.self_attn.q_proj.weight"), (2, "blocks.0.attn.q_proj.weight"))
     assert "blocks.2.moe.3.fc1.weight" in {i.key for i in items}
     assert len(dropped) == 3 and counts == [[18], [6], [12], [3]]
+
+
+@pytest.mark.parametrize(
+    "pattern, kinds",
+    [
+        (r"^layers\.(\d+)\.experts\.(\d*[01])\.w1", ("plain", "number", "plain", "test", "digits")),
+        (r"^module\.layer1\.(\d+)\.downsample\.0\.", ("plain", "test", "number", "plain", "test", "plain")),
+        (r"^a\.(\d)(\d)\.", ("plain", "digits", "plain")),  # two captures in one number: its value matters
+        (r"^a\.\d+$", ("plain", "number")),
+        (r"^a\.1$", ("plain", "test")),
+    ],
+)
+def test_component_kinds(pattern, kinds):
+    assert component_view(pattern).kinds == kinds
+
+
+@pytest.mark.parametrize("pattern", [r"\.0\.", r"^a.0", r"^a\.(0|1\.2)", r"^(?i)a\.0", r"^a\.?0", r"^a(?=\.0)", r"^a\.[^x]\.", r"^(\d)\.\1"])
+def test_patterns_without_a_component_view(pattern):
+    assert component_view(pattern) is None
+
+
+@pytest.mark.parametrize(
+    "pattern, literals",
+    [
+        (r"^model\.layers\.(\d*[01])\.mlp\.experts\.", ("model.layers.", ".mlp.experts.")),
+        (r"\.w1\.(weight|bias)$", (".w1.",)),
+        (r"downsample\.0\.", ("downsample.", ".")),  # the 0 could be a whole component: left out
+        (r"fc2?\.x", ("fc", ".x")),
+        (r"(a|b)", ()),
+        (r"(?i)fc", ()),
+        (r"a|b", ()),
+    ],
+)
+def test_required_literals(pattern, literals):
+    assert required_literals(pattern) == literals
+
+
+def test_rules_that_pick_numbers_run_once_per_class_not_per_key(monkeypatch):
+    """Expert-parallel ranks picked by an expert's last digit: 2 x 64 x 16 keys, one
+    pattern per rank; the steps run once per class of numbers they can tell apart."""
+    calls = []
+    original = Rename.name_map
+    monkeypatch.setattr(Rename, "name_map", lambda self, key: calls.append(key) or original(self, key))
+    steps = [{"rename": {rf"^layers\.(\d+)\.experts\.(\d*{r})\.w1\.": rf"layers.\1.ep{r}.experts.\2.w1."}} for r in range(10)]
+    rules = parse_rules({"version": 1, "rules": steps + [{"strip_prefix": "layers."}]})
+    source = {f"layers.{i}.experts.{e}.w1.{w}": TensorMeta((2,)) for i in range(16) for e in range(64) for w in ("weight", "bias")}
+    fast = run_name_steps(leading_name_steps(rules.steps), source)
+    assert fast is not None and len(fast.names) == len(source) == 2048
+    assert fast.names[0] == "0.ep0.experts.0.w1.weight" and fast.names[-1] == "15.ep3.experts.63.w1.bias"
+    assert len(calls) < 200  # per class and shape; per key it would be over 10,000
+    assert fast.hops(len(source) - 1) == ((1 + 3, "layers.15.ep3.experts.63.w1.bias"), (11, "15.ep3.experts.63.w1.bias"))

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from remap import make_plan
+from remap.planner import totals_of
 from remap.errors import RemapError
 from remap.meta import DTYPE_NAMES, TargetMeta
 from remap.report import FAILURE_KINDS, LOADED, MISMATCHED, MISSING, TIED, USED, DROPPED, UNUSED, SKIPPED, DUPLICATE
@@ -334,6 +335,11 @@ def check_invariants(plan: Any, src: dict[str, Any], tgt: dict[str, TargetMeta])
     assert tot.frozen_params + tot.trainable_params == len(params)
     counts = Counter(s.fate for s in report.sources)
     assert tot.used == counts[USED] + counts[DUPLICATE] and tot.dropped == counts[DROPPED]
+    # the planner counts from its columns; the records, built later, must say the same
+    assert tot == totals_of(list(report.targets), list(report.sources))
+    undeclared = [t.key for t in report.targets if t.status == MISSING and not t.declared]
+    missing = [f for f in report.failures if f.kind == "missing"]
+    assert (missing[0].keys if missing else ()) == tuple(undeclared) or any(t.status == MISMATCHED for t in report.targets)
     # ok iff no failure; failures are of the documented kinds and have messages
     assert report.ok == (not report.failures) == plan.ok
     assert all(f.kind in FAILURE_KINDS and f.message for f in report.failures)

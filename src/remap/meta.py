@@ -119,18 +119,45 @@ def _coerce(key: str, value: Any) -> TensorMeta:
 
 
 def source_meta(mapping: Mapping[str, Any]) -> dict[str, TensorMeta]:
-    """Normalise key -> shape | (shape, dtype) | TensorMeta | tensor into TensorMeta."""
+    """Normalise key -> shape | (shape, dtype) | TensorMeta | tensor into TensorMeta.
+
+    A model repeats a few shapes over many keys, so each distinct tuple is checked once
+    and its metadata shared."""
     if not isinstance(mapping, Mapping):
         raise UsageError(f"expected a mapping of key -> shape, found {type(mapping).__name__}")
-    return {str(k): _coerce(str(k), v) for k, v in mapping.items()}
+    cache: dict[tuple[Any, ...], TensorMeta] = {}
+    out: dict[str, TensorMeta] = {}
+    for k, v in mapping.items():
+        key = k if type(k) is str else str(k)
+        kind = type(v)
+        if kind is TensorMeta:
+            out[key] = v
+        elif kind is tuple:
+            try:
+                m = cache.get(v)
+            except TypeError:  # (shape list, dtype): not hashable, not cached
+                m = _coerce(key, v)
+            if m is None:
+                m = cache[v] = _coerce(key, v)
+            out[key] = m
+        else:
+            out[key] = _coerce(key, v)
+    return out
 
 
 def target_meta(mapping: Mapping[str, Any]) -> dict[str, TargetMeta]:
     """Like :func:`source_meta`, for a target given without a module (all parameters)."""
+    cache: dict[TensorMeta, TargetMeta] = {}
     out: dict[str, TargetMeta] = {}
     for key, value in source_meta(mapping).items():
         raw = mapping[key]
-        out[key] = raw if isinstance(raw, TargetMeta) else TargetMeta(value.shape, value.dtype)
+        if isinstance(raw, TargetMeta):
+            out[key] = raw
+            continue
+        m = cache.get(value)
+        if m is None:
+            m = cache[value] = TargetMeta(value.shape, value.dtype)
+        out[key] = m
     return out
 
 

@@ -14,8 +14,12 @@ dry-run report. Applying the plan to a module is the engine's job (:meth:`Plan.a
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import math
+from contextlib import contextmanager
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +44,8 @@ from .report import (
     Totals,
 )
 from .rules import Rules
-from .name_cache import leading_name_steps, run_name_steps
+from .lazy import LazyMapping, LazySequence
+from .name_cache import NamePass, leading_name_steps, run_name_steps
 from .steps import Item, Recipe, Step, StepContext
 
 if TYPE_CHECKING:
@@ -98,12 +103,12 @@ class Plan:
     rules: Rules
     source_meta: dict[str, TensorMeta]
     target_meta: dict[str, TargetMeta]
-    assignments: tuple[Assignment, ...]
+    assignments: Sequence[Assignment]  # built on first read
     duplicates: tuple[Duplicate, ...]
     frozen: frozenset[str]
     batchnorm_modules: tuple[str, ...]
     report: Report
-    fates: dict[str, _Fate] = field(repr=False)
+    fates: Mapping[str, _Fate] = field(repr=False)  # built on first read
     source: Source | None = field(default=None, repr=False)
 
     @property
@@ -151,34 +156,60 @@ def make_plan(
     onto target metadata (key -> the same, or TargetMeta). Pure: reads no tensor data.
 
     ``batchnorm_modules`` maps module names to class names, for ``freeze.batchnorm``.
+    Everything a check needs is computed here; the per-key records, fates and
+    assignments are built when first read.
     """
+    with _collector_paused():
+        return _make_plan(rules, source, target, source_description, target_description, batchnorm_modules, source_handle)
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Planning allocates an object or two per key that all live as long as the plan: the
+    cyclic garbage collector would rescan them over and over (a fifth of the time at
+    100,000 keys) and could free nothing. Paused while planning, as it was found after."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _make_plan(rules: Rules, source: Mapping[str, Any], target: Mapping[str, Any], source_description: Mapping[str, Any] | None,
+               target_description: Mapping[str, Any] | None, batchnorm_modules: Mapping[str, str] | None,
+               source_handle: Source | None) -> Plan:  # fmt: skip
     src = source_meta(source)
     tgt = target if _all_target_meta(target) else target_meta(target)
-    steps, items, failures, fates = _run_steps(rules.steps, src, StepContext(tgt))
-    pairing = _pair(items, tgt, rules, fates)
+    steps, cols, failures = _run_steps(rules.steps, src, StepContext(tgt))
+    pairing = _pair(cols, tgt, rules)
     failures += pairing.failures
     frozen, bn_names, freeze_failures = _plan_freeze(rules, tgt, batchnorm_modules or {})
     failures += freeze_failures
-    targets = _target_records(tgt, pairing, frozen, rules, bn_names, fates)
-    sources = _source_records(src, fates, rules)
-    totals = totals_of(targets, sources)
-    failures += _expectations(targets, sources, totals, rules)
-    failures += _unused_parts(pairing.unused_parts, rules)
-    failures += _hints(failures, targets, sources)
+    bn_prefixes = tuple(f"{n}." for n in bn_names) if rules.freeze.batchnorm == "frozen" else ()
+    fates, unused_parts = cols.fates(pairing)
+    tally = _tally(tgt, pairing, frozen, bn_prefixes, rules)
+    sources_tally = cols.source_tally(pairing, fates, rules)
+    totals = dataclasses.replace(tally.totals, source_keys=len(src), **sources_tally.counts)
+    failures += _expectations(tally.undeclared_missing, sources_tally.undeclared_unused, totals, rules)
+    failures += _unused_parts(unused_parts, rules)
+    failures += _hints(sources_tally.undeclared_unused_finals, tally.missing)
     report = Report(
         dry_run=True,
         source=dict(source_description or {"kind": "metadata"}),
         target=dict(target_description or {"kind": "metadata"}),
         rules=rules.filename,
         steps=tuple(steps),
-        targets=tuple(targets),
-        sources=tuple(sources),
+        targets=LazySequence(lambda: _target_records(tgt, pairing, cols, frozen, bn_prefixes, rules, fates)),
+        sources=LazySequence(lambda: _source_records(src, fates, rules)),
         failures=tuple(_merge_hints(failures)),
-        warnings=tuple(_warnings(rules, tgt, src, pairing)),
+        warnings=tuple(_warnings(rules, tgt, pairing, cols)),
         totals=totals,
         freeze=FreezeRecord(rules.freeze.batchnorm, tuple(bn_names)),
     )
-    return Plan(rules, src, dict(tgt), tuple(pairing.assignments), tuple(pairing.duplicates), frozenset(frozen),
+    assignments = LazySequence(lambda: (cols.assignment(c, j) for c, j in pairing.loaded.items()))
+    return Plan(rules, src, dict(tgt), assignments, tuple(pairing.duplicates_of(cols)), frozenset(frozen),
                 tuple(bn_names), report, fates, source_handle)  # fmt: skip
 
 
@@ -186,11 +217,27 @@ def _all_target_meta(target: Mapping[str, Any]) -> bool:
     return isinstance(target, Mapping) and all(isinstance(v, TargetMeta) for v in target.values())
 
 
-def _run_steps(steps: Sequence[Step], src: dict[str, TensorMeta], ctx: StepContext) -> tuple[list[StepRecord], list[Item], list[Failure], dict[str, _Fate]]:
+def _run_steps(steps: Sequence[Step], src: dict[str, TensorMeta], ctx: StepContext) -> tuple[list[StepRecord], _Columns, list[Failure]]:
+    """Every step over the source keys: the leading name-only steps once per key shape
+    (:mod:`remap.name_cache`), the rest item by item."""
     records: list[StepRecord] = []
-    failures: list[Failure] = []
+    leading = leading_name_steps(steps)
+    names = run_name_steps(leading, src) if leading else None
+    if names is not None:
+        for (step, _), n in zip(leading, names.counts):
+            pairs = tuple(zip(step.labels(), n))
+            records.append(StepRecord(step.index, step.kind, step.summary(), sum(n), step.optional, pairs, step.where))
+        rest = steps[len(leading):]
+        if not rest:
+            return records, _PassColumns(names, src), []
     fates: dict[str, _Fate] = {}
-    items, rest = _run_leading_name_steps(steps, src, records, fates)
+    if names is not None:
+        items = names.items(src)
+        for item, step in names.dropped_items(src):
+            fates[item.sources[0]] = _Fate(item.hops, DROPPED, step.index, item.key)
+    else:
+        items, rest = [Item.source(k, m) for k, m in src.items()], steps
+    failures: list[Failure] = []
     for step in rest:
         result = step.run(items, ctx)
         records.append(StepRecord(step.index, step.kind, step.summary(), result.matched, step.optional, result.counts, step.where))
@@ -203,24 +250,7 @@ def _run_steps(steps: Sequence[Step], src: dict[str, TensorMeta], ctx: StepConte
             note = f"{step.label} renamed it onto {item.key!r}, which {_names(winner.sources)} already holds (collision)"
             for s in item.sources:
                 fates[s] = _Fate(item.hops_for(s), UNUSED, None, item.key, note=note)
-    return records, items, failures, fates
-
-
-def _run_leading_name_steps(steps: Sequence[Step], src: dict[str, TensorMeta], records: list[StepRecord],
-                            fates: dict[str, _Fate]) -> tuple[list[Item], Sequence[Step]]:  # fmt: skip
-    """The leading name-only steps, run once per key shape when that is exact (see
-    :mod:`remap.name_cache`); ``([], steps)`` untouched when they must run key by key."""
-    leading = leading_name_steps(steps)
-    fast = run_name_steps(leading, src) if leading else None
-    if fast is None:
-        return [Item.source(k, m) for k, m in src.items()], steps
-    items, dropped, counts = fast
-    for (step, _), n in zip(leading, counts):
-        pairs = tuple(zip(step.labels(), n))  # type: ignore[attr-defined]
-        records.append(StepRecord(step.index, step.kind, step.summary(), sum(n), step.optional, pairs, step.where))
-    for item, step in dropped:
-        fates[item.sources[0]] = _Fate(item.hops, DROPPED, step.index, item.key)
-    return items, steps[len(leading):]
+    return records, _ItemColumns(items, src, fates), failures
 
 
 def _split_collisions(items: list[Item], step: Step, failures: list[Failure]) -> tuple[list[Item], list[tuple[Item, Item]]]:
@@ -250,20 +280,219 @@ def _names(keys: tuple[str, ...]) -> str:
     return ", ".join(map(repr, keys))
 
 
+# --------------------------------------------------------------------------- columns
+
+
+@dataclass
+class _SourceTally:
+    counts: dict[str, int]  # used, dropped, unused (Totals fields)
+    undeclared_unused: list[str]
+    undeclared_unused_finals: list[str]
+
+
+class _Columns:
+    """What pairing needs of the items that reach the end of the steps, column by column:
+    ``names[j]`` and ``shapes[j]`` of item ``j``; the rest on demand."""
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+
+    def item(self, j: int) -> Item:
+        raise NotImplementedError
+
+    def sources(self, j: int) -> tuple[str, ...]:
+        return self.item(j).sources
+
+    def meta(self, j: int) -> TensorMeta:
+        return self.item(j).meta
+
+    def dtypes(self) -> set[str]:
+        """The dtypes of all items."""
+        return {self.meta(j).dtype for j in range(len(self.names))}
+
+    def assignment(self, target: str, j: int) -> Assignment:
+        item = self.item(j)
+        return Assignment(target, item.sources, item.recipe, item.meta)
+
+    def fates(self, pairing: _Pairing) -> tuple[Mapping[str, _Fate], list[Item]]:
+        """One fate per source key, and the parts of split sources that reach no target."""
+        raise NotImplementedError
+
+    def source_tally(self, pairing: _Pairing, fates: Mapping[str, _Fate], rules: Rules) -> _SourceTally:
+        raise NotImplementedError
+
+
+class _PassColumns(_Columns):
+    """Items straight from the name pass: item ``j`` is source key ``survivors[j]``, untouched
+    by any op, so fates and records follow from the columns without building an item."""
+
+    def __init__(self, names: NamePass, src: dict[str, TensorMeta]) -> None:
+        self.npass, self.src = names, src
+        keys = names.keys
+        self.keys = [keys[i] for i in names.survivors]
+        self.names = names.names
+        self.shapes = [src[k].shape for k in self.keys]
+        self._items: list[Item] | None = None
+
+    def item(self, j: int) -> Item:
+        if self._items is None:
+            self._items = self.npass.items(self.src)
+        return self._items[j]
+
+    def sources(self, j: int) -> tuple[str, ...]:
+        return (self.keys[j],)
+
+    def meta(self, j: int) -> TensorMeta:
+        return self.src[self.keys[j]]
+
+    def dtypes(self) -> set[str]:
+        return {m.dtype for m in self.src.values()}
+
+    def assignment(self, target: str, j: int) -> Assignment:
+        return Assignment(target, (self.keys[j],), None, self.src[self.keys[j]])
+
+    def fates(self, pairing: _Pairing) -> tuple[Mapping[str, _Fate], list[Item]]:
+        npass = self.npass
+
+        def build() -> dict[str, _Fate]:
+            out: dict[str, _Fate] = {}
+            hops = npass.hops
+            for j, (i, name) in enumerate(zip(npass.survivors, npass.names)):
+                t = pairing.target[j]
+                out[npass.keys[i]] = _Fate(hops(i), pairing.fate[j], None, name, (t,) if t is not None else ())
+            for i, step, name in npass.dropped:
+                out[npass.keys[i]] = _Fate(hops(i), DROPPED, step.index, name)
+            return {k: out[k] for k in npass.keys}
+
+        return LazyMapping(build), []
+
+    def source_tally(self, pairing: _Pairing, fates: Mapping[str, _Fate], rules: Rules) -> _SourceTally:
+        count = Counter(pairing.fate)
+        declared = _matcher(rules.expect.unused)
+        unused = [(k, n) for k, n, f in zip(self.keys, self.names, pairing.fate) if f == UNUSED]
+        undeclared = [(k, n) for k, n in unused if not declared(k, n)]
+        counts = {"used": count[USED] + count[DUPLICATE], "dropped": len(self.npass.dropped), "unused": count[UNUSED] + count[SKIPPED]}
+        return _SourceTally(counts, [k for k, _ in undeclared], [n for _, n in undeclared])
+
+
+class _ItemColumns(_Columns):
+    """Items after tensor steps (merges, splits, ops): fates settle item by item."""
+
+    def __init__(self, items: list[Item], src: dict[str, TensorMeta], early: dict[str, _Fate]) -> None:
+        self.items, self.src, self.early = items, src, early
+        self.names = [i.key for i in items]
+        self.shapes = [i.meta.shape for i in items]
+
+    def item(self, j: int) -> Item:
+        return self.items[j]
+
+    def fates(self, pairing: _Pairing) -> tuple[Mapping[str, _Fate], list[Item]]:
+        fates = dict(self.early)
+        outcomes = [(item, f, t) for item, f, t in zip(self.items, pairing.fate, pairing.target)]
+        unused_parts = _settle(outcomes, fates)
+        return fates, unused_parts
+
+    def source_tally(self, pairing: _Pairing, fates: Mapping[str, _Fate], rules: Rules) -> _SourceTally:
+        declared = _matcher(rules.expect.unused)
+        count: Counter[str] = Counter()
+        undeclared: list[tuple[str, str]] = []
+        for key in self.src:
+            f = fates.get(key) or _Fate((), UNUSED, None, key)
+            count[f.fate] += 1
+            if f.fate == UNUSED and f.note is None and not declared(key, f.final):
+                undeclared.append((key, f.final or key))
+        counts = {"used": count[USED] + count[DUPLICATE], "dropped": count[DROPPED], "unused": count[UNUSED] + count[SKIPPED]}
+        return _SourceTally(counts, [k for k, _ in undeclared], [n for _, n in undeclared])
+
+
+# --------------------------------------------------------------------------- pairing
+
+
 @dataclass
 class _Pairing:
-    assignments: list[Assignment] = field(default_factory=list)
-    mismatched: dict[str, Item] = field(default_factory=dict)
-    duplicates: list[Duplicate] = field(default_factory=list)
+    """Item ``j`` against the target: ``fate[j]`` (used, skipped, duplicate, unused) and
+    ``target[j]``; ``loaded`` and ``mismatched`` map a target key to its item."""
+
+    fate: list[str]
+    target: list[str | None]
+    loaded: dict[str, int] = field(default_factory=dict)
+    mismatched: dict[str, int] = field(default_factory=dict)
+    duplicates: list[tuple[int, int, str]] = field(default_factory=list)  # (item, item it duplicates, target)
     failures: list[Failure] = field(default_factory=list)
-    unused_parts: list[Item] = field(default_factory=list)  # split parts reaching no target
+
+    def duplicates_of(self, cols: _Columns) -> list[Duplicate]:
+        return [Duplicate(cols.sources(d)[0], cols.sources(first)[0], t) for d, first, t in self.duplicates]
 
 
 FATE_RANK = {USED: 0, SKIPPED: 1, DUPLICATE: 2, UNUSED: 3}  # a source split into parts takes its best part's fate
 
 
-def _settle(outcomes: list[tuple[Item, str, str | None]], fates: dict[str, _Fate], out: _Pairing) -> None:
-    """One fate per source key from the fates of the items it reached (several after a split)."""
+def _pair(cols: _Columns, tgt: Mapping[str, TargetMeta], rules: Rules) -> _Pairing:
+    names, shapes = cols.names, cols.shapes
+    out = _Pairing([UNUSED] * len(names), [None] * len(names))
+    first: dict[str, int] = {}
+    more: dict[str, list[int]] = {}
+    get = tgt.get
+    for j, name in enumerate(names):
+        meta = get(name)
+        if meta is None:
+            continue
+        canonical = meta.tied_to or name
+        if canonical in first:
+            more.setdefault(canonical, []).append(j)
+        else:
+            first[canonical] = j
+    for canonical, rest in more.items():  # several items for one tied parameter
+        group = sorted([first[canonical], *rest], key=lambda j: names[j] != canonical)  # the first name loads
+        first[canonical] = group[0]
+        for dup in group[1:]:
+            _duplicate(out, cols, dup, group[0], canonical)
+    mismatches = []
+    skips = rules.shapes.skips
+    fate, target = out.fate, out.target
+    for canonical, j in first.items():
+        target[j] = canonical
+        if shapes[j] != tgt[canonical].shape:
+            out.mismatched[canonical] = j
+            fate[j] = SKIPPED
+            if not skips(canonical):
+                mismatches.append((canonical, j))
+            continue
+        out.loaded[canonical] = j
+        fate[j] = USED
+    if mismatches:
+        lines = [f"{k}: checkpoint {list(shapes[j])} (from {_names(cols.sources(j))}) vs model {list(tgt[k].shape)}" for k, j in mismatches]
+        out.failures.append(
+            Failure(
+                "shape_mismatch",
+                f"{len(mismatches)} mapped key(s) differ in shape from the target (shapes: error):\n  "
+                + "\n  ".join(lines)
+                + "\nFix the rules, or allow skipping them with `shapes: {skip: [pattern]}` and list them in expect.missing.",
+                tuple(k for k, _ in mismatches),
+            )
+        )
+    return out
+
+
+def _duplicate(out: _Pairing, cols: _Columns, dup: int, first: int, canonical: str) -> None:
+    out.duplicates.append((dup, first, canonical))
+    out.fate[dup], out.target[dup] = DUPLICATE, canonical
+    if cols.shapes[dup] != cols.shapes[first]:
+        a, b = cols.sources(first), cols.sources(dup)
+        out.failures.append(
+            Failure(
+                "tied_conflict",
+                f"{canonical!r} is a tied parameter fed by two source tensors of different shapes: "
+                f"{_names(a)} {list(cols.shapes[first])} and {_names(b)} {list(cols.shapes[dup])}; drop one of them",
+                (*a, *b),
+            )
+        )
+
+
+def _settle(outcomes: list[tuple[Item, str, str | None]], fates: dict[str, _Fate]) -> list[Item]:
+    """One fate per source key from the fates of the items it reached (several after a
+    split); returns the parts of used sources that reach no target."""
+    unused_parts: list[Item] = []
     by_source: dict[str, list[tuple[Item, str, str | None]]] = defaultdict(list)
     for outcome in outcomes:
         item = outcome[0]
@@ -278,58 +507,64 @@ def _settle(outcomes: list[tuple[Item, str, str | None]], fates: dict[str, _Fate
         targets = tuple(dict.fromkeys(t for item, fate, t in reached if fate == best[1] and t))
         fates[s] = _Fate(best[0].hops_for(s), best[1], None, best[0].key, targets)
         if best[1] == USED:
-            out.unused_parts.extend(item for item, fate, _ in reached if fate == UNUSED and item not in out.unused_parts)
+            unused_parts.extend(item for item, fate, _ in reached if fate == UNUSED and item not in unused_parts)
+    return unused_parts
 
 
-def _pair(items: list[Item], tgt: Mapping[str, TargetMeta], rules: Rules, fates: dict[str, _Fate]) -> _Pairing:
-    out = _Pairing()
-    outcomes: list[tuple[Item, str, str | None]] = []
-    by_canonical: dict[str, list[Item]] = defaultdict(list)
-    for item in items:
-        meta = tgt.get(item.key)
-        if meta is None:
-            outcomes.append((item, UNUSED, None))
-            continue
-        by_canonical[meta.tied_to or item.key].append(item)
-    mismatches = []
-    for canonical, group in by_canonical.items():
-        if len(group) > 1:
-            group.sort(key=lambda i: i.key != canonical)  # the item named like the first name loads
-        item, rest = group[0], group[1:]
-        want = tgt[canonical]
-        for dup in rest:
-            out.duplicates.append(Duplicate(dup.sources[0], item.sources[0], canonical))
-            outcomes.append((dup, DUPLICATE, canonical))
-            if dup.meta.shape != item.meta.shape:
-                out.failures.append(
-                    Failure(
-                        "tied_conflict",
-                        f"{canonical!r} is a tied parameter fed by two source tensors of different shapes: "
-                        f"{_names(item.sources)} {list(item.meta.shape)} and {_names(dup.sources)} {list(dup.meta.shape)}; drop one of them",
-                        (*item.sources, *dup.sources),
-                    )
-                )
-        if item.meta.shape != want.shape:
-            out.mismatched[canonical] = item
-            outcomes.append((item, SKIPPED, canonical))
-            if not rules.shapes.skips(canonical):
-                mismatches.append((canonical, item, want))
-            continue
-        out.assignments.append(Assignment(canonical, item.sources, item.recipe, item.meta))
-        outcomes.append((item, USED, canonical))
-    _settle(outcomes, fates, out)
-    if mismatches:
-        lines = [f"{k}: checkpoint {list(i.meta.shape)} (from {_names(i.sources)}) vs model {list(w.shape)}" for k, i, w in mismatches]
-        out.failures.append(
-            Failure(
-                "shape_mismatch",
-                f"{len(mismatches)} mapped key(s) differ in shape from the target (shapes: error):\n  "
-                + "\n  ".join(lines)
-                + "\nFix the rules, or allow skipping them with `shapes: {skip: [pattern]}` and list them in expect.missing.",
-                tuple(k for k, _, _ in mismatches),
-            )
-        )
-    return out
+# --------------------------------------------------------------------------- target side
+
+
+def _status(key: str, meta: TargetMeta, pairing: _Pairing) -> str:
+    if meta.tied_to is not None:
+        return TIED
+    if key in pairing.loaded:
+        return LOADED
+    return MISMATCHED if key in pairing.mismatched else MISSING
+
+
+def _trainable(key: str, meta: TargetMeta, frozen: set[str], bn_prefixes: tuple[str, ...]) -> bool | None:
+    """None for a buffer; else whether the parameter keeps requires_grad after freezing."""
+    if not meta.is_param:
+        return None
+    return meta.requires_grad and (meta.tied_to or key) not in frozen and key not in frozen and not key.startswith(bn_prefixes)
+
+
+@dataclass
+class _TargetTally:
+    totals: Totals
+    missing: set[str]  # missing and not declared
+    undeclared_missing: list[str]  # target keys failing expect.missing, in target order
+
+
+def _tally(tgt: Mapping[str, TargetMeta], pairing: _Pairing, frozen: set[str], bn_prefixes: tuple[str, ...], rules: Rules) -> _TargetTally:
+    """The target's totals and the keys that fail ``expect.missing``, without a record per key."""
+    loaded, mismatched = pairing.loaded, pairing.mismatched
+    own = [(k, m) for k, m in tgt.items() if m.tied_to is None]
+    params = [(k, m) for k, m in own if m.kind == "parameter"]
+    numel = [math.prod(m.shape) for _, m in params]
+    if frozen or bn_prefixes:
+        trainable = [bool(_trainable(k, m, frozen, bn_prefixes)) for k, m in params]
+    else:
+        trainable = [m.requires_grad for _, m in params]
+    missing = [k for k, _ in own if k not in loaded and k not in mismatched]
+    declared = _matcher(rules.expect.missing)
+    undeclared = set(missing) if not rules.expect.missing else {k for k in missing if not declared(k)}
+    skips = rules.shapes.skips
+    undeclared |= {k for k in mismatched if skips(k) and not declared(k)}
+    totals = Totals(
+        target_keys=len(own),
+        loaded=len(loaded),
+        missing=len(missing),
+        mismatched=len(mismatched),
+        param_elements=sum(numel),
+        loaded_elements=sum(n for (k, _), n in zip(params, numel) if k in loaded),
+        frozen_elements=sum(n for n, t in zip(numel, trainable) if not t),
+        trainable_elements=sum(n for n, t in zip(numel, trainable) if t),
+        frozen_params=trainable.count(False),
+        trainable_params=trainable.count(True),
+    )
+    order = [k for k, _ in own if k in undeclared]
+    return _TargetTally(totals, {k for k in missing if k in undeclared}, order)
 
 
 def _matches(patterns: Iterable[str], *keys: str | None) -> bool:
@@ -339,6 +574,14 @@ def _matches(patterns: Iterable[str], *keys: str | None) -> bool:
         return False
     compiled = [compile_regex(p) for p in patterns]
     return any(c.search(k) for c in compiled for k in keys if k is not None)
+
+
+def _matcher(patterns: Iterable[str]) -> Callable[..., bool]:
+    """``_matches(patterns, *keys)`` with the patterns compiled once."""
+    compiled = [compile_regex(p) for p in patterns]
+    if not compiled:
+        return lambda *keys: False
+    return lambda *keys: any(c.search(k) for c in compiled for k in keys if k is not None)
 
 
 def _plan_freeze(rules: Rules, tgt: Mapping[str, TargetMeta], bn: Mapping[str, str]) -> tuple[set[str], list[str], list[Failure]]:
@@ -385,29 +628,28 @@ def _bn_in_region(own: list[str], tgt: Mapping[str, TargetMeta], frozen: set[str
     return bool(own) and all(_matches(spec.params, k) and not _matches(spec.except_, k) for k in own)
 
 
-def _target_records(tgt: Mapping[str, TargetMeta], pairing: _Pairing, frozen: set[str], rules: Rules, bn_names: list[str], fates: dict[str, _Fate]) -> list[TargetRecord]:
-    assigned = {a.target: a for a in pairing.assignments}
+def _target_records(tgt: Mapping[str, TargetMeta], pairing: _Pairing, cols: _Columns, frozen: set[str],
+                    bn_prefixes: tuple[str, ...], rules: Rules, fates: Mapping[str, _Fate]) -> list[TargetRecord]:  # fmt: skip
     labels = _StepLabels(rules)
+    declared = _matcher(rules.expect.missing)
     records = []
-    bn_prefixes = tuple(f"{n}." for n in bn_names) if rules.freeze.batchnorm == "frozen" else ()
     for key, meta in tgt.items():
-        canonical = meta.tied_to or key
-        trainable = None
-        if meta.is_param:
-            trainable = meta.requires_grad and canonical not in frozen and key not in frozen and not key.startswith(bn_prefixes)
-        base = dict(key=key, shape=meta.shape, dtype=meta.dtype, kind=meta.kind, numel=meta.numel, trainable=trainable)
-        if meta.tied_to is not None:  # an alias shares the fate of its first name, reported there
+        base = dict(key=key, shape=meta.shape, dtype=meta.dtype, kind=meta.kind, numel=meta.numel,
+                    trainable=_trainable(key, meta, frozen, bn_prefixes))  # fmt: skip
+        status = _status(key, meta, pairing)
+        if status == TIED:  # an alias shares the fate of its first name, reported there
             records.append(TargetRecord(status=TIED, tied_to=meta.tied_to, declared=True, **base))
-        elif key in assigned:
-            a = assigned[key]
+        elif status == LOADED:
+            a = cols.assignment(key, pairing.loaded[key])
             records.append(TargetRecord(status=LOADED, sources=a.sources, steps=labels(a.sources, fates), ops=a.ops,
                                         source_shape=a.meta.shape, source_dtype=a.meta.dtype, **base))  # fmt: skip
-        elif key in pairing.mismatched:
-            it = pairing.mismatched[key]
-            records.append(TargetRecord(status=MISMATCHED, sources=it.sources, source_shape=it.meta.shape, source_dtype=it.meta.dtype,
-                                        declared=rules.shapes.skips(key) and _matches(rules.expect.missing, key), **base))  # fmt: skip
+        elif status == MISMATCHED:
+            j = pairing.mismatched[key]
+            m = cols.meta(j)
+            records.append(TargetRecord(status=MISMATCHED, sources=cols.sources(j), source_shape=m.shape, source_dtype=m.dtype,
+                                        declared=rules.shapes.skips(key) and declared(key), **base))  # fmt: skip
         else:
-            records.append(TargetRecord(status=MISSING, declared=_matches(rules.expect.missing, key), **base))
+            records.append(TargetRecord(status=MISSING, declared=declared(key), **base))
     return records
 
 
@@ -418,20 +660,21 @@ class _StepLabels:
         self.kinds = {s.index: s.kind for s in rules.steps}
         self.memo: dict[tuple[int, ...], tuple[str, ...]] = {}
 
-    def __call__(self, sources: tuple[str, ...], fates: dict[str, _Fate]) -> tuple[str, ...]:
+    def __call__(self, sources: tuple[str, ...], fates: Mapping[str, _Fate]) -> tuple[str, ...]:
         indexes = tuple(sorted({i for s in sources for i, _ in fates[s].hops}))
         if indexes not in self.memo:
             self.memo[indexes] = tuple(f"step {i} ({self.kinds[i]})" for i in indexes)
         return self.memo[indexes]
 
 
-def _source_records(src: Mapping[str, TensorMeta], fates: dict[str, _Fate], rules: Rules) -> list[SourceRecord]:
+def _source_records(src: Mapping[str, TensorMeta], fates: Mapping[str, _Fate], rules: Rules) -> list[SourceRecord]:
     kinds = {s.index: s.kind for s in rules.steps}
+    declared = _matcher(rules.expect.unused)
     records = []
     for key, meta in src.items():
         f = fates.get(key) or _Fate((), UNUSED, None, key)
-        declared = f.fate == UNUSED and _matches(rules.expect.unused, key, f.final)
-        records.append(SourceRecord(key, f.fate, meta.shape, meta.dtype, f.targets, f.final, f.step, kinds.get(f.step), declared, f.note))
+        records.append(SourceRecord(key, f.fate, meta.shape, meta.dtype, f.targets, f.final, f.step, kinds.get(f.step),
+                                    f.fate == UNUSED and declared(key, f.final), f.note))  # fmt: skip
     return records
 
 
@@ -474,21 +717,21 @@ def _unused_parts(parts: list[Item], rules: Rules) -> list[Failure]:
     ]
 
 
-def _expectations(targets: list[TargetRecord], sources: list[SourceRecord], totals: Totals, rules: Rules) -> list[Failure]:
+def _expectations(missing: list[str], unused: list[str], totals: Totals, rules: Rules) -> list[Failure]:
+    """``missing``: target keys not loaded and not declared; ``unused``: source keys reaching
+    no target, not dropped and not declared (collisions failed already)."""
     from .grouping import group_keys
 
     failures = []
-    keys = [t.key for t in targets if not t.declared and (t.status == MISSING or (t.status == MISMATCHED and rules.shapes.skips(t.key)))]
-    if keys:
+    if missing:
         failures.append(
             Failure(
                 "missing",
-                f"{len(keys)} target key(s) would keep their initial values and are not in expect.missing:\n  "
-                + "\n  ".join(group_keys(keys)),
-                tuple(keys),
+                f"{len(missing)} target key(s) would keep their initial values and are not in expect.missing:\n  "
+                + "\n  ".join(group_keys(missing)),
+                tuple(missing),
             )
         )
-    unused = [s.key for s in sources if s.fate == UNUSED and not s.declared and s.note is None]  # collisions failed already
     if unused:
         failures.append(
             Failure(
@@ -509,10 +752,9 @@ def _expectations(targets: list[TargetRecord], sources: list[SourceRecord], tota
     return failures
 
 
-def _hints(failures: list[Failure], targets: list[TargetRecord], sources: list[SourceRecord]) -> list[Failure]:
-    """When keys go unused and missing side by side, look for a prefix that would join them."""
-    unused = [s.final_key or s.key for s in sources if s.fate == UNUSED and not s.declared]
-    missing = {t.key for t in targets if t.status == MISSING and not t.declared}
+def _hints(unused: list[str], missing: set[str]) -> list[Failure]:
+    """When keys go unused (by their final names) and missing side by side, look for a
+    prefix that would join them."""
     if not unused or not missing:
         return []
     hint = _prefix_hint(unused, missing)
@@ -547,13 +789,18 @@ def _merge_hints(failures: list[Failure]) -> list[Failure]:
     return out
 
 
-def _warnings(rules: Rules, tgt: Mapping[str, TargetMeta], src: Mapping[str, TensorMeta], pairing: _Pairing) -> list[str]:
+def _warnings(rules: Rules, tgt: Mapping[str, TargetMeta], pairing: _Pairing, cols: _Columns) -> list[str]:
     out = []
     keys = list(tgt)
     for p in rules.expect.missing:
         if not any(compile_regex(p).search(k) for k in keys):
             out.append(f"expect.missing: pattern {quote(p)} matched no target key")
-    casts = Counter((a.meta.dtype, tgt[a.target].dtype) for a in pairing.assignments if a.meta.dtype != tgt[a.target].dtype)
+    casts: Counter[tuple[str, str]] = Counter()
+    if len({m.dtype for m in tgt.values()} | set(cols.dtypes())) > 1:
+        for t, j in pairing.loaded.items():
+            a, b = cols.meta(j).dtype, tgt[t].dtype
+            if a != b:
+                casts[a, b] += 1
     for (a, b), n in casts.items():
         out.append(f"{n} tensor(s) will be cast from {a} to {b} by load_state_dict")
     return out

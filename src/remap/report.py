@@ -12,6 +12,7 @@ and no printing. ``remap.render`` draws it for a terminal.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -166,8 +167,8 @@ class Report:
     target: dict[str, Any] = field(default_factory=dict)
     rules: str | None = None
     steps: tuple[StepRecord, ...] = ()
-    targets: tuple[TargetRecord, ...] = ()
-    sources: tuple[SourceRecord, ...] = ()
+    targets: Sequence[TargetRecord] = ()  # a planned report builds these on first read
+    sources: Sequence[SourceRecord] = ()
     failures: tuple[Failure, ...] = ()
     warnings: tuple[str, ...] = ()
     totals: Totals = field(default_factory=Totals)

@@ -282,6 +282,12 @@ class NameStep(Step):
         """A copy whose regexes are ``rewrite(pattern)``; None when a pattern cannot be rewritten."""
         raise NotImplementedError
 
+    def regexes(self) -> tuple[str, ...] | None:
+        """The regexes this step looks for in a key. Every key in which none of them is
+        found goes through the step alike (kept, or for ``keep`` dropped); None when the
+        step acts on keys without looking for anything (``add_prefix`` on every key)."""
+        raise NotImplementedError
+
     def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
         labels = self.labels()
         counts = [0] * len(labels)
@@ -343,6 +349,9 @@ class StripPrefix(NameStep):
     def with_patterns(self, rewrite: Callable[[str], str | None]) -> NameStep | None:
         return None if any(_has_digit(p) for p in self.prefixes) else self
 
+    def regexes(self) -> tuple[str, ...] | None:
+        return tuple(regex.escape(p) for p in self.prefixes)
+
 
 @register
 @dataclass(frozen=True)
@@ -392,6 +401,9 @@ class AddPrefix(NameStep):
         if _has_digit(self.prefix) or None in match:
             return None
         return replace(self, match=match)  # type: ignore[arg-type]
+
+    def regexes(self) -> tuple[str, ...] | None:
+        return self.match or None
 
 
 # --------------------------------------------------------------------------- rename
@@ -492,6 +504,9 @@ class Rename(NameStep):
             rules.append(_Rule(pattern, r.template))
         return replace(self, rules=tuple(rules))
 
+    def regexes(self) -> tuple[str, ...] | None:
+        return tuple(r.pattern for r in self.rules)
+
 
 # --------------------------------------------------------------------------- filters
 
@@ -520,6 +535,9 @@ class _Filter(NameStep):
     def with_patterns(self, rewrite: Callable[[str], str | None]) -> NameStep | None:
         patterns = tuple(rewrite(p) for p in self.patterns)
         return None if None in patterns else replace(self, patterns=patterns)  # type: ignore[arg-type]
+
+    def regexes(self) -> tuple[str, ...] | None:
+        return self.patterns
 
 
 @register
