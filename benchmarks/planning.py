@@ -3,9 +3,14 @@ r"""Planning throughput: remap's planner against the two rename loops people wri
 For each key-set family (ResNet-, LLM- and MoE-like names, with realistic shapes), size
 and rule count, the same ordered rule list is run three ways on the same keys:
 
-* **remap** — ``remap.make_plan(remap.parse_rules(rules), source_shapes, target_shapes)``,
-  one step per rule; only ``make_plan`` is timed (the target shapes are what the rules
-  produce, computed once with the rule-by-rule loop);
+* **remap** — ``remap.make_plan(remap.parse_rules(rules), source_meta, target_meta)``,
+  one step per rule; only ``make_plan`` is timed. Its inputs are the metadata as remap's
+  own sources and modules hand it over (``TensorMeta`` per source key, read from a header;
+  ``TargetMeta`` per target key, read from the module): the shapes the rules produce,
+  computed once with the rule-by-rule loop. ``make_plan`` decides everything (names,
+  pairing, shape checks, expectations, totals, ``plan.ok``); the per-key report records
+  are built when first read, and **records** times that separately (what a printed or
+  JSON report of every key costs on top);
 * **rule-by-rule** — mmengine's ``revise_keys``: for each rule in order, ``re.sub`` over
   every key (a drop/keep rule filters every key with ``re.search``);
 * **first-match** — transformers' ``key_mapping``: per key, the first rule that acts on
@@ -18,10 +23,11 @@ before it reports a ratio. Every rule acts on at least one key, so remap's
 ``unmatched_step`` check passes without ``optional: true``.
 
 The 1- and 10-rule lists never tell one numeric key component from another (they
-capture indices with ``(\d+)``), so remap can plan them once per key *shape*
+capture indices with ``(\d+)``), so remap plans them once per key *shape*
 (``name_cache``). The 50-rule lists are fine-grained conversions that do: literal
 ``Sequential`` indices (``downsample\.0\.``), interleaved pipeline chunks and expert-parallel
-ranks picked by an index's last digit (``(\d*[01])``). They measure remap's key-by-key path.
+ranks picked by an index's last digit (``(\d*[01])``). remap plans those once per class
+of numbers the patterns can tell apart (pass / fail a digit test), not once per key.
 
 A rule is a tuple: ``("rename", pattern, replacement)``, ``("strip_prefix", prefix)``,
 ``("drop", pattern)`` or ``("keep", pattern)``.
@@ -337,6 +343,7 @@ def _unacted_rules(keys: dict[str, Shape], rules: list[Rule]) -> list[Rule]:
 def run_case(family: str, n: int, count: int) -> dict[str, Any]:
     """Time the three implementations on one (family, size, rule count); check they agree."""
     import remap
+    from remap.meta import source_meta, target_meta
 
     make_keys, make_rules = FAMILIES[family]
     shapes = make_keys(n)
@@ -348,7 +355,11 @@ def run_case(family: str, n: int, count: int) -> dict[str, Any]:
     t_fm, by_first, r_fm = best_time(lambda: first_match(identity, rules))
     target = {new: shapes[old] for new, old in by_rule.items()}
     parsed = remap.parse_rules(remap_rules(rules))
-    t_remap, plan, r_remap = best_time(lambda: remap.make_plan(parsed, shapes, target))
+    src_meta, tgt_meta = source_meta(shapes), target_meta(target)
+    t_remap, plan, r_remap = best_time(lambda: remap.make_plan(parsed, src_meta, tgt_meta))
+    t0 = time.perf_counter()
+    records = len(plan.report.targets) + len(plan.report.sources)
+    t_records = time.perf_counter() - t0
 
     problems = []
     if by_rule != by_first:
@@ -365,7 +376,8 @@ def run_case(family: str, n: int, count: int) -> dict[str, Any]:
         "keys": len(shapes),
         "rules": count,
         "kept": len(by_rule),
-        "seconds": {"remap": t_remap, "rule_by_rule": t_rbr, "first_match": t_fm},
+        "seconds": {"remap": t_remap, "rule_by_rule": t_rbr, "first_match": t_fm, "records": t_records},
+        "records": records,
         "repeats": {"remap": r_remap, "rule_by_rule": r_rbr, "first_match": r_fm},
         "ratio": {"rule_by_rule/remap": t_rbr / t_remap, "first_match/remap": t_fm / t_remap},
         "remap_us_per_key": 1e6 * t_remap / len(shapes),
@@ -392,7 +404,7 @@ def run(quick: bool, progress: Callable[[str], None] = print) -> list[dict[str, 
         r["other_cores"] = other.cores
         s = r["seconds"]
         progress(
-            f"  planning {family:6} {r['keys']:>7,} keys x {count:>2} rules: remap {s['remap']:.3f}s  "
+            f"  planning {family:6} {r['keys']:>7,} keys x {count:>2} rules: remap {s['remap']:.3f}s (+{s['records']:.2f}s records)  "
             f"rule-by-rule {s['rule_by_rule']:.3f}s  first-match {s['first_match']:.3f}s  others {other.cores:.2f} cores"
             + ("" if r["same_mapping"] else "  MISMATCH: " + "; ".join(r["problems"]))
         )

@@ -26,11 +26,10 @@ True
 
 from __future__ import annotations
 
-import functools
 import re
 from operator import itemgetter
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 from dataclasses import dataclass, field
 
@@ -269,20 +268,32 @@ class ComponentView:
                 out.append("".join(piece))
         return "^" + "\\.".join(out) + self.end
 
-    @functools.cached_property
-    def _tests(self) -> dict[int, Any]:
-        return {n: compile_regex("".join(_number_core(list(p)))) for n, (p, k) in enumerate(zip(self.pieces, self.kinds)) if k == "test"}
+    def test(self, n: int) -> str:
+        """The regex that test piece ``n`` is, to match a whole number with."""
+        return "".join(_number_core(list(self.pieces[n])))
 
-    @functools.cached_property
-    def _passed(self) -> dict[tuple[int, str], bool]:
-        return {}
 
-    def passes(self, n: int, number: str) -> bool:
-        """Whether test piece ``n`` matches the whole component ``number`` (memoised)."""
-        done = self._passed.get((n, number))
+class _Tests:
+    """Which numbers each test piece matches whole, memoised by the piece's text (the same
+    test recurs across steps: one per kind of key, say)."""
+
+    def __init__(self) -> None:
+        self.memo: dict[str, dict[str, bool]] = {}
+
+    def passes(self, test: str, number: str) -> bool:
+        memo = self.memo.setdefault(test, {})
+        done = memo.get(number)
         if done is None:
-            done = self._passed[n, number] = self._tests[n].fullmatch(number) is not None
+            done = memo[number] = compile_regex(test).fullmatch(number) is not None
         return done
+
+    def passing(self, test: str, numbers: Iterable[str]) -> list[str]:
+        memo = self.memo.setdefault(test, {})
+        compiled = compile_regex(test)
+        for number in numbers:
+            if number not in memo:
+                memo[number] = compiled.fullmatch(number) is not None
+        return [number for number in numbers if memo[number]]
 
 
 def component_view(pattern: str) -> ComponentView | None:
@@ -561,6 +572,7 @@ class _Pass:
         self.trail: dict[int, Trail] = {}
         self.upto: dict[int, int] = {}
         self.dropped: list[tuple[int, Step, str]] = []
+        self.tests = _Tests()
 
     def run(self) -> NamePass:
         groups = self._group_all(self.keys)
@@ -667,21 +679,10 @@ class _Pass:
             on_shape = views.variant(())
             return on_shape is not None and self._on_shape(n, views.step, on_shape, group)
         slots = tuple(sorted(valued | {s for _, _, s in tested}))
-        classes: dict[Any, tuple[list[Any], list[int]]] = {}  # class -> (slot values, members)
-        position = {s: n for n, s in enumerate(slots)}
-        checks = [(i, c, views.components[i].passes, position[s]) for i, c, s in tested]  # type: ignore[index]
-        filled = [position[s] for s in sorted(valued)]
-        for value, members in group.by_numbers(slots, self.runs).items():
-            values = value if len(slots) > 1 else (value,)
-            cls = (tuple((i, c, passes(c, values[at])) for i, c, passes, at in checks), tuple(values[at] for at in filled))
-            entry = classes.get(cls)
-            if entry is None:
-                classes[cls] = ([value], list(members))
-            else:
-                entry[0].append(value)
-                entry[1].extend(members)
+        by_value = group.by_numbers(slots, self.runs)
+        classes = self._classes(views, slots, valued, tested, by_value, self.tests)
         results = []
-        for (tests, filled), (values, members) in classes.items():
+        for (tests, filled), values in classes.items():
             step = views.variant(tests)
             if step is None:
                 return False
@@ -692,25 +693,50 @@ class _Pass:
                 raise _Fallback from None
             if new is not None and new != name and FUSED.search(new):
                 return False
-            results.append((values, members, name, new, hits))
-        kept: dict[Any, list[int]] = {}
-        by_value = group.by_numbers(slots, self.runs)
-        for values, members, name, new, hits in results:
-            for h in hits:
-                self.counts[n][h] += len(members)
+            results.append((values, name, new, hits))
+        moved = False
+        for values, name, new, hits in results:
+            if hits:
+                size = sum(len(by_value[v]) for v in values)
+                for h in hits:
+                    self.counts[n][h] += size
+            if new == name:
+                continue
+            moved = True
+            members = [i for v in values for i in by_value.pop(v)]
             if new is None:
                 self._drop(views.step, group, members)
-            elif new == name:
-                kept.update((v, by_value[v]) for v in values)
-            else:
-                shape, pick, consts = _reshape(new, group.width)
-                into = self._formed(formed, shape, len(HAS_PLACEHOLDER.findall(shape)), views.step)
-                for i in members:
-                    self._move(i, into, pick(self.runs[i] + consts))
-        if len(kept) != len(by_value):
-            group.members = [i for m in kept.values() for i in m]
-            group.classes = (slots, kept)
+                continue
+            shape, pick, consts = _reshape(new, group.width)
+            into = self._formed(formed, shape, len(HAS_PLACEHOLDER.findall(shape)), views.step)
+            for i in members:
+                self._move(i, into, pick(self.runs[i] + consts))
+        if moved:
+            group.members = [i for m in by_value.values() for i in m]
         return True
+
+    @staticmethod
+    def _classes(views: _Views, slots: tuple[int, ...], valued: set[int], tested: list[tuple[int, int, int]],
+                 by_value: dict[Any, list[int]], tests: _Tests) -> dict[Any, list[Any]]:  # fmt: skip
+        """The group's numbers (values at ``slots``) by what the step can see of them:
+        ``(test outcomes, numbers filled in) -> [values]``."""
+        components = views.components or ()
+        if len(tested) == 1 and not valued:  # the common case: one digit test on one number
+            i, c, _ = tested[0]
+            ok = tests.passing(components[i].test(c), by_value)
+            if not ok or len(ok) == len(by_value):
+                return {(((i, c, bool(ok)),), ()): list(by_value)}
+            good = set(ok)
+            return {(((i, c, True),), ()): ok, (((i, c, False),), ()): [v for v in by_value if v not in good]}
+        position = {s: n for n, s in enumerate(slots)}
+        checks = [(i, c, components[i].test(c), position[s]) for i, c, s in tested]
+        filled = [position[s] for s in sorted(valued)]
+        classes: dict[Any, list[Any]] = {}
+        for value in by_value:
+            values = value if len(slots) > 1 else (value,)
+            cls = (tuple((i, c, tests.passes(test, values[at])) for i, c, test, at in checks), tuple(values[at] for at in filled))
+            classes.setdefault(cls, []).append(value)
+        return classes
 
     def _key_by_key(self, n: int, step: NameStep, group: _Group, formed: dict[str, _Group]) -> None:
         counts = self.counts[n]
