@@ -90,6 +90,7 @@ def test_shapes_agree_with_key_by_key(keys, steps):
     if fast is None:
         return  # the planner then runs key by key: nothing to compare
     items, dropped, counts = fast.items(source), fast.dropped_items(source), fast.counts
+    assert all(tuple(s for s, _ in fast.hops(i)) == fast.hop_steps(i) for i in range(len(keys)))
     slow_items, slow_dropped = per_key([s for s, _ in leading], keys)
     assert [(i.key, i.sources, i.hops) for i in items] == [(i.key, i.sources, i.hops) for i in slow_items]
     assert sorted((i.key, i.sources, i.hops, s.index) for i, s in dropped) == sorted(

@@ -458,6 +458,11 @@ class _Group:
         out = [(self.origin, self.concrete(runs, self.initial))] if self.origin is not None else []
         return out + [(s, self.concrete(runs, h)) for s, h in (self.hops if upto is None else self.hops[:upto])]
 
+    def steps_upto(self, upto: int | None) -> tuple[int, ...]:
+        """The indexes of the steps that renamed a member here (the first ``upto`` of the shape's)."""
+        own = tuple(s for s, _ in (self.hops if upto is None else self.hops[:upto]))
+        return (self.origin, *own) if self.origin is not None else own
+
     def by_numbers(self, slots: tuple[int, ...], runs: list[tuple[str, ...]]) -> dict[Any, list[int]]:
         """The members grouped by their numbers at ``slots`` (kept for the next step)."""
         if self.classes is not None and self.classes[0] == slots:
@@ -542,6 +547,15 @@ class NamePass:
             out += group.hops_of(runs, done)
         out += self.group_of[i].hops_of(self.runs[i], self.upto.get(i))
         return tuple(out)
+
+    def hop_steps(self, i: int) -> tuple[int, ...]:
+        """The indexes of the steps that renamed key ``i`` (what :meth:`hops` has, without names)."""
+        out: tuple[int, ...] = ()
+        t = self.trail.get(i)
+        while t is not None:
+            out = t[0].steps_upto(t[2]) + out
+            t = t[3]
+        return out + self.group_of[i].steps_upto(self.upto.get(i))
 
     def items(self, source: dict[str, TensorMeta]) -> list[Item]:
         keys = self.keys

@@ -202,7 +202,7 @@ def _make_plan(rules: Rules, source: Mapping[str, Any], target: Mapping[str, Any
         rules=rules.filename,
         steps=tuple(steps),
         targets=LazySequence(lambda: _target_records(tgt, pairing, cols, frozen, bn_prefixes, rules, fates)),
-        sources=LazySequence(lambda: _source_records(src, fates, rules)),
+        sources=LazySequence(lambda: _source_records(src, cols.fate_rows(pairing, fates), rules)),
         failures=tuple(_merge_hints(failures)),
         warnings=tuple(_warnings(rules, tgt, pairing, cols)),
         totals=totals,
@@ -314,6 +314,14 @@ class _Columns:
         item = self.item(j)
         return Assignment(target, item.sources, item.recipe, item.meta)
 
+    def hop_steps(self, j: int, fates: Mapping[str, _Fate]) -> tuple[int, ...]:
+        """The indexes of the steps item ``j``'s source keys went through."""
+        return tuple(sorted({i for s in self.sources(j) for i, _ in fates[s].hops}))
+
+    def fate_rows(self, pairing: _Pairing, fates: Mapping[str, _Fate]) -> Mapping[str, _Fate]:
+        """What a source record needs of each source key's fate (``hops`` may be left empty)."""
+        return fates
+
     def fates(self, pairing: _Pairing) -> tuple[Mapping[str, _Fate], list[Item]]:
         """One fate per source key, and the parts of split sources that reach no target."""
         raise NotImplementedError
@@ -350,6 +358,19 @@ class _PassColumns(_Columns):
 
     def assignment(self, target: str, j: int) -> Assignment:
         return Assignment(target, (self.keys[j],), None, self.src[self.keys[j]])
+
+    def hop_steps(self, j: int, fates: Mapping[str, _Fate]) -> tuple[int, ...]:
+        return self.npass.hop_steps(self.npass.survivors[j])
+
+    def fate_rows(self, pairing: _Pairing, fates: Mapping[str, _Fate]) -> Mapping[str, _Fate]:
+        npass = self.npass
+        rows = {}
+        for j, (i, name) in enumerate(zip(npass.survivors, npass.names)):
+            t = pairing.target[j]
+            rows[npass.keys[i]] = _Fate((), pairing.fate[j], None, name, (t,) if t is not None else ())
+        for i, step, name in npass.dropped:
+            rows[npass.keys[i]] = _Fate((), DROPPED, step.index, name)
+        return rows
 
     def fates(self, pairing: _Pairing) -> tuple[Mapping[str, _Fate], list[Item]]:
         npass = self.npass
@@ -641,7 +662,7 @@ def _target_records(tgt: Mapping[str, TargetMeta], pairing: _Pairing, cols: _Col
             records.append(TargetRecord(status=TIED, tied_to=meta.tied_to, declared=True, **base))
         elif status == LOADED:
             a = cols.assignment(key, pairing.loaded[key])
-            records.append(TargetRecord(status=LOADED, sources=a.sources, steps=labels(a.sources, fates), ops=a.ops,
+            records.append(TargetRecord(status=LOADED, sources=a.sources, steps=labels(cols.hop_steps(pairing.loaded[key], fates)), ops=a.ops,
                                         source_shape=a.meta.shape, source_dtype=a.meta.dtype, **base))  # fmt: skip
         elif status == MISMATCHED:
             j = pairing.mismatched[key]
@@ -660,8 +681,7 @@ class _StepLabels:
         self.kinds = {s.index: s.kind for s in rules.steps}
         self.memo: dict[tuple[int, ...], tuple[str, ...]] = {}
 
-    def __call__(self, sources: tuple[str, ...], fates: Mapping[str, _Fate]) -> tuple[str, ...]:
-        indexes = tuple(sorted({i for s in sources for i, _ in fates[s].hops}))
+    def __call__(self, indexes: tuple[int, ...]) -> tuple[str, ...]:
         if indexes not in self.memo:
             self.memo[indexes] = tuple(f"step {i} ({self.kinds[i]})" for i in indexes)
         return self.memo[indexes]
