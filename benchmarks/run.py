@@ -44,16 +44,17 @@ def planning_table(results: list[dict[str, Any]]) -> None:
             r["family"], f"{r['keys']:,}", str(r["rules"]),
             f"{s['remap']:.4f}", f"{s['rule_by_rule']:.4f}", f"{s['first_match']:.4f}",
             f"{ratio['rule_by_rule/remap']:.2f}x", f"{ratio['first_match/remap']:.2f}x",
-            f"{r['remap_us_per_key']:.1f}", "yes" if r["same_mapping"] else "NO", _cores(r),
+            f"{r['remap_us_per_key']:.1f}", f"{s.get('records', float('nan')):.3f}", "yes" if r["same_mapping"] else "NO", _cores(r),
         ])  # fmt: skip
     table(
         "Planning: seconds (best of up to 5 runs within 0.5 s) and speed-up of remap over each loop",
         ["family", "keys", "rules", "remap s", "rule-by-rule s", "first-match s", "rbr/remap", "fm/remap",
-         "remap µs/key", "same mapping", "others"],
+         "remap µs/key", "records s", "same mapping", "others"],
         rows,
         ["rule-by-rule: mmengine revise_keys (re.sub over every key, rule after rule); "
          "first-match: transformers key_mapping (per key, first acting pattern, break).",
-         "remap: make_plan only (rules parsed beforehand); ratio > 1 means remap is faster. "
+         "remap: make_plan only (rules parsed beforehand, metadata as sources give it); ratio > 1 means remap is faster. "
+         "records: building the report's per-key records afterwards (once, on first read). "
          "'same mapping': all three give every key the same final name (or drop it).",
          "others: cores that other processes kept busy during the case (0 on a quiet machine)."],
     )  # fmt: skip
@@ -90,8 +91,8 @@ def loading_table(result: dict[str, Any]) -> None:
          "touched buffer (page_cache_copy_fresh: into memory allocated during the load, which pays a page fault per page); "
          "both single-threaded, while torch copies with all its threads.",
          "others: cores that other processes kept busy during that run (0 on a quiet machine).",
-         "meta_assign keeps safetensors' mmap: its tensors are the page-cache pages mapped copy-on-write (file "
-         "RSS), nothing is copied."],
+         "meta_assign keeps safetensors' mmap, and meta_remap_mmap remap's (mmap_weights=True, opt-in): their "
+         "tensors are the page-cache pages mapped copy-on-write (file RSS), nothing is copied."],
     )  # fmt: skip
 
 

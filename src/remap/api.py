@@ -132,6 +132,7 @@ def load(
     batch_bytes: int | None = None,
     progress: Any = None,
     verify: bool = False,
+    mmap_weights: bool = False,
 ) -> Report:
     """Plan, check, load with ``strict=False`` and freeze; returns the :class:`Report`.
 
@@ -144,6 +145,15 @@ def load(
     bytes_total, tensors_done, tensors_total)`` is called after every batch. With
     ``verify`` the rules' ``verify`` section runs after loading: the source model and the
     target on the same input, :class:`~remap.errors.VerifyError` when their outputs differ.
+
+    ``mmap_weights`` (off by default; a meta-device target on the CPU only) copies nothing
+    where no op or cast changes a tensor: the module's tensors stay views of a private,
+    copy-on-write mapping of the checkpoint file, so loading is instant and the weights
+    share the page cache. Writes to them (training) make private copies of the touched
+    pages and never reach the file. The risk is the file: rewritten in place afterwards,
+    the pages not yet copied may show the new bytes; truncated, reading them kills the
+    process with SIGBUS. Use it only for files nobody modifies while the model lives
+    (replacing a file by renaming a new one over it is safe).
     """
     r = resolve_rules(rules)
     if verify and r.verify is None:
@@ -158,7 +168,7 @@ def load(
         p = _make(r, module, src)
         try:
             result = p.apply(module, dry_run=dry_run, device=device, dtype=dtype or r.target.dtype,
-                             batch_bytes=batch_bytes, progress=progress)  # fmt: skip
+                             batch_bytes=batch_bytes, progress=progress, mmap_weights=mmap_weights)  # fmt: skip
             if verify and not dry_run:
                 result = _verify(r, src, module, result)
         except CheckError as exc:

@@ -5,7 +5,8 @@ Order matters, so that a failed check leaves the module untouched:
 1. the plan must be ``ok`` and must describe this very module;
 2. every op is run once on meta tensors, so an op that cannot run fails before any write;
 3. copies of a tied parameter must agree; a meta-device target must be completable;
-4. only then the tensors stream in (:mod:`remap.streaming`) through
+4. only then the tensors stream in (:mod:`remap.streaming`: read straight into the
+   parameters where nothing changes them, else mapped and copied) through
    ``load_state_dict(strict=False)`` — torch's own missing and unexpected keys are
    cross-checked against the plan (a disagreement is a bug);
 5. a meta-device target's keys that were not loaded are materialised and initialised
@@ -16,13 +17,14 @@ Order matters, so that a failed check leaves the module untouched:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import CheckError, InternalError, UsageError
 from .freeze import apply_freeze
-from .meta import dtype_name, target_meta_of_module
+from .meta import dtype_name
 from .report import Failure, Report, TargetRecord
 from .planner import totals_of
 from .streaming import BATCH_BYTES, Progress, stream
@@ -53,43 +55,60 @@ def apply_plan(
     dtype: str | torch.dtype | None = None,
     batch_bytes: int | None = None,
     progress: Progress | None = None,
+    mmap_weights: bool = False,
 ) -> Report:
     """Load ``plan`` into ``module`` and freeze; returns the report of what happened.
 
     Raises :class:`CheckError` (module untouched) when the plan failed a check. With
     ``dry_run`` the checks run and the dry-run report is returned, nothing is read.
     A module on the meta device is loaded with ``assign=True``: each tensor is copied once
-    onto ``device`` (default cpu), floating tensors cast to ``dtype`` when given.
+    onto ``device`` (default cpu), floating tensors cast to ``dtype`` when given. With
+    ``mmap_weights`` (meta-device targets only) the tensors that need no op or cast are not
+    copied: they stay views of a private copy-on-write mapping of the file (see
+    :func:`remap.load` for what that risks).
     """
-    _check_same_target(plan, module)
+    state = module.state_dict(keep_vars=True)  # walked once: the checks and the stream share it
+    _check_same_target(plan, state)
     if not plan.ok:
         raise check_failed(plan.report.replace(dry_run=dry_run))
     if dry_run:
         return plan.report
     if plan.source is None or plan.source.description.get("kind") == "metadata":
         raise UsageError("this plan was made from metadata only; make it from a source with tensors to apply it")
-    on_meta = _is_meta(module)
+    on_meta = _is_meta(state)
+    if mmap_weights and not on_meta:
+        raise UsageError("mmap_weights keeps the file's pages as the weights of a meta-device target; "
+                         "this module already has its memory: build it under torch.device('meta')")  # fmt: skip
+    dev = torch.device(device) if device is not None else None
+    if mmap_weights and dev is not None and dev.type != "cpu":
+        raise UsageError(f"mmap_weights maps the file into CPU memory; it cannot load onto device {dev}")
     _preflight(plan, module, on_meta)
     _check_duplicates(plan, plan.source)
-    dev = torch.device(device) if device is not None else None
     dt = getattr(torch, dtype_name(dtype)) if isinstance(dtype, str) else dtype
-    stats = stream(plan, plan.source, module, assign=on_meta, device=dev, dtype=dt,
-                   batch_bytes=batch_bytes or BATCH_BYTES, progress=progress)  # fmt: skip
+    stats = stream(plan, plan.source, module, assign=on_meta, device=dev, dtype=dt, state=state,
+                   batch_bytes=batch_bytes or BATCH_BYTES, progress=progress, mmap_weights=mmap_weights)  # fmt: skip
+    del state  # a meta target's entries are stale now
     if on_meta:
         stats.materialised = _materialise_rest(module, dev or torch.device("cpu"), dt)
     apply_freeze(module, plan.frozen, plan.rules.freeze.batchnorm, plan.batchnorm_modules)
     report = _final_report(plan, module)
-    return report.replace(target={**report.target, "meta": on_meta}, stats=stats.as_dict())
+    warnings = report.warnings
+    copied = len(plan.assignments) - stats.mmap_weights if mmap_weights else 0
+    if copied:
+        warnings = (*warnings, f"mmap_weights: {copied} tensor(s) were copied, not mapped: an op or a cast changes them, "
+                               "or the source has no file to map")  # fmt: skip
+    return report.replace(target={**report.target, "meta": on_meta}, stats=stats.as_dict(), warnings=warnings)
 
 
-def _check_same_target(plan: Plan, module: torch.nn.Module) -> None:
-    actual = target_meta_of_module(module)
+def _check_same_target(plan: Plan, state: Mapping[str, Any]) -> None:
+    """The module's state_dict (``keep_vars=True``) has the planned keys and shapes."""
+    actual = {k: tuple(t.shape) for k, t in state.items() if isinstance(t, torch.Tensor)}  # as target_meta_of_module
     planned = plan.target_meta
-    if {k: m.shape for k, m in actual.items()} == {k: m.shape for k, m in planned.items()}:
+    if len(actual) == len(planned) and all(planned.get(k) is not None and tuple(planned[k].shape) == s for k, s in actual.items()):
         return
     extra = [k for k in actual if k not in planned][:5]
     lost = [k for k in planned if k not in actual][:5]
-    shape = [f"{k}: planned {list(planned[k].shape)}, module {list(actual[k].shape)}" for k in planned if k in actual and planned[k].shape != actual[k].shape][:5]
+    shape = [f"{k}: planned {list(planned[k].shape)}, module {list(actual[k])}" for k in planned if k in actual and tuple(planned[k].shape) != actual[k]][:5]
     raise UsageError(
         "the module is not the target this plan was made for: "
         + "; ".join(filter(None, [
@@ -100,8 +119,8 @@ def _check_same_target(plan: Plan, module: torch.nn.Module) -> None:
     )  # fmt: skip
 
 
-def _is_meta(module: torch.nn.Module) -> bool:
-    return any(t.device.type == "meta" for t in module.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor))
+def _is_meta(state: Mapping[str, Any]) -> bool:
+    return any(t.device.type == "meta" for t in state.values() if isinstance(t, torch.Tensor))
 
 
 def _preflight(plan: Plan, module: torch.nn.Module, on_meta: bool) -> None:

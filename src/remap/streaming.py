@@ -1,13 +1,28 @@
-"""Streaming a plan into a module: batches of tensors mapped from the file, copied, released.
+"""Streaming a plan into a module: batches of tensors read from the file, loaded, released.
 
 Each batch covers at most ``batch_bytes`` of the file (or one tensor, when a tensor is
 larger); a source without file spans (in memory, a factory, a legacy pickle) is one batch,
-so every read that could fail happens before the first write. Tensors whose bytes sit
-plainly in a file (safetensors, torch zip checkpoints) are zero-copy views of a ``mmap`` of
-the file, opened and mapped before the first write; after each batch its pages are dropped
-from the process, so it never holds more than about one batch of file pages above the model. Each batch goes through ``load_state_dict(strict=False)`` of the modules
-that own its keys — so every call walks only those modules — and torch's missing and
-unexpected keys are cross-checked against the plan.
+so every read that could fail happens before the first write. Each batch goes through
+``load_state_dict(strict=False)`` of the modules that own its keys — so every call walks
+only those modules — and torch's missing and unexpected keys are cross-checked against
+the plan.
+
+How a tensor whose bytes sit plainly in a file (safetensors, torch zip checkpoints) is
+read depends on what it needs:
+
+* **direct**: a tensor that goes into its target unchanged (no op, same dtype, contiguous
+  in the file) is read with ``pread`` straight from the file into the memory it ends in:
+  the target's own parameter or buffer, or, for a meta-device target, the fresh tensor
+  that is assigned. One kernel copy from the page cache, no mapping, no page of the file
+  in the process; large tensors are read in pieces by a few threads. See :class:`_Direct`
+  for why this still goes through ``load_state_dict``.
+* **mapped**: any other tensor is a zero-copy view of a ``mmap`` of the file, which the
+  op, the cast or ``load_state_dict`` copies from; after each batch its pages are dropped
+  from the process, so it never holds more than about one batch of file pages.
+* **kept mapped** (``mmap_weights``, opt-in, meta-device targets only): the assigned
+  tensors *are* views of a private copy-on-write mapping of the file; nothing is copied.
+
+Every file is opened (and mapped where a view is needed) before the first write.
 
 >>> plan_batches([("a", 10), ("b", 10), ("c", 30)], 20)
 [['a', 'b'], ['c']]
@@ -15,17 +30,20 @@ unexpected keys are cross-checked against the plan.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import time
 import warnings
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from .errors import InternalError, SourceError
 
@@ -40,6 +58,10 @@ BATCH_BYTES = 64 << 20
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
             "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16, "float8_e4m3fn": 1, "float8_e5m2": 1,
             "uint16": 2, "uint32": 4, "uint64": 8}  # fmt: skip
+#: Direct reads are cut into pieces of this size, shared among the reading threads.
+PIECE_BYTES = 8 << 20
+#: Reading threads at most (fewer when torch is told to use fewer threads).
+MAX_READ_THREADS = 8
 
 Progress = Callable[[int, int, int, int], None]  # bytes done, bytes total, tensors done, tensors total
 
@@ -54,12 +76,15 @@ class LoadStats:
     load_calls: int = 0
     seconds: float = 0.0
     zero_copy: int = 0
+    direct: int = 0
+    mmap_weights: int = 0
     materialised: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         rate = self.bytes / self.seconds if self.seconds else None
         return {"bytes_read": self.bytes, "tensors": self.tensors, "batches": self.batches, "load_calls": self.load_calls,
                 "seconds": round(self.seconds, 6), "bytes_per_second": rate, "zero_copy_tensors": self.zero_copy,
+                "direct_tensors": self.direct, "mmap_weights_tensors": self.mmap_weights,
                 "materialised": list(self.materialised)}  # fmt: skip
 
 
@@ -84,30 +109,31 @@ def _nbytes(source: Source, key: str) -> int:
     return meta.numel * ITEMSIZE.get(meta.dtype, 4)
 
 
-def _order(plan: Plan, source: Source) -> list[Assignment]:
+def _order(assignments: Iterable[Assignment], spans: Mapping[str, Span | None], source: Source) -> list[Assignment]:
     """Assignments in the order their bytes sit in the files: one forward pass per file."""
     position = {k: n for n, k in enumerate(source.meta)}
 
     def where(a: Assignment) -> tuple[str, int]:
-        span = source.span(a.sources[0])
+        span = spans[a.sources[0]]
         return (span.path, span.offset) if span is not None else ("", position.get(a.sources[0], 0))
 
-    return sorted(plan.assignments, key=where)
+    return sorted(assignments, key=where)
 
 
-# --------------------------------------------------------------------------- zero-copy regions
+# --------------------------------------------------------------------------- files
 
 
 class _Files:
-    """Every file the load reads, opened and mapped whole before the first write.
+    """Every file the load reads, opened before the first write, and mapped whole where a
+    tensor is read as a view.
 
-    Mapping reserves address space only; pages are read as tensors are copied, and after each
-    batch :meth:`release` tells the kernel to drop that batch's pages from this process
-    (``MADV_DONTNEED``: they stay in the page cache), so the process never holds more than
-    about one batch of file pages above the model.
+    A read-only mapping reserves address space only; pages are read as tensors are copied,
+    and after each batch :meth:`release` tells the kernel to drop that batch's pages from
+    this process (``MADV_DONTNEED``: they stay in the page cache). A private mapping
+    (``mmap_weights``) is copy-on-write and stays: the loaded tensors are views of it.
     """
 
-    def __init__(self, spans: Iterable[Span]) -> None:
+    def __init__(self, spans: Iterable[Span], mapped: Iterable[str] = (), private: Iterable[str] = ()) -> None:
         ends: dict[str, int] = defaultdict(int)
         sizes: dict[str, int] = {}
         for s in spans:
@@ -115,19 +141,26 @@ class _Files:
                 sizes[s.path] = os.path.getsize(s.path)
             _check_span(s, sizes[s.path])
             ends[s.path] = max(ends[s.path], s.offset + s.nbytes)
-        self.maps: dict[str, mmap.mmap] = {}
+        self.maps: dict[str, mmap.mmap | None] = {}
+        self.private: dict[str, mmap.mmap | None] = {}
+        self.fds: dict[str, int] = {}
         self._files: list[Any] = []
+        path = ""
         try:
             for path, end in ends.items():
                 f = open(path, "rb")  # noqa: SIM115 - closed in close()
                 self._files.append(f)
-                self.maps[path] = mmap.mmap(f.fileno(), end, access=mmap.ACCESS_READ) if end else None  # type: ignore[assignment]
+                self.fds[path] = f.fileno()
+            for path in dict.fromkeys(mapped):
+                self.maps[path] = mmap.mmap(self.fds[path], ends[path], access=mmap.ACCESS_READ) if ends[path] else None
+            for path in dict.fromkeys(private):
+                self.private[path] = mmap.mmap(self.fds[path], ends[path], access=mmap.ACCESS_COPY) if ends[path] else None
         except (OSError, ValueError) as exc:
             self.close()
-            raise SourceError(f"cannot map the file for reading: {exc}", where=path) from None
+            raise SourceError(f"cannot open or map the file for reading: {exc}", where=path) from None
 
     def release(self, spans: Iterable[Span]) -> None:
-        """Drop the pages of each file's byte range this batch read (one call per file)."""
+        """Drop the pages of each read-only mapped file's byte range this batch read (one call per file)."""
         ranges: dict[str, tuple[int, int]] = {}
         for s in spans:
             lo, hi = ranges.get(s.path, (s.offset, s.offset + s.nbytes))
@@ -144,6 +177,8 @@ class _Files:
                 pass
 
     def close(self) -> None:
+        """Unmap the read-only maps and close the files. A private map stays alive for as
+        long as a tensor views it (the mapping holds its own reference to the file)."""
         for mm in self.maps.values():
             if mm is None:
                 continue
@@ -153,7 +188,7 @@ class _Files:
                 pass
         for f in self._files:
             f.close()
-        self.maps, self._files = {}, []
+        self.maps, self.private, self.fds, self._files = {}, {}, {}, []
 
 
 def _check_span(span: Span, size: int) -> None:
@@ -172,49 +207,155 @@ def _check_span(span: Span, size: int) -> None:
 
 
 def _view(span: Span, mm: mmap.mmap | None) -> torch.Tensor:
-    lo = 0
     dtype = getattr(torch, span.dtype)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        raw = torch.frombuffer(mm, dtype=torch.uint8, count=span.nbytes, offset=span.offset - lo) if span.nbytes and mm is not None else torch.empty(0, dtype=torch.uint8)
+        raw = torch.frombuffer(mm, dtype=torch.uint8, count=span.nbytes, offset=span.offset) if span.nbytes and mm is not None else torch.empty(0, dtype=torch.uint8)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if (span.offset - lo) % itemsize:
+    if span.offset % itemsize:
         raw = raw.clone()  # unaligned for this dtype: one copy of this tensor
     return raw.view(dtype).as_strided(span.shape, span.stride, span.storage_offset)
+
+
+def _contiguous(span: Span) -> bool:
+    """The span's tensor is its storage's bytes in row-major order (from ``storage_offset``)."""
+    expected = 1
+    for size, stride in zip(reversed(span.shape), reversed(span.stride)):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+# --------------------------------------------------------------------------- direct reads
+
+
+def _plain_loading(module: nn.Module) -> bool:
+    """``load_state_dict`` on ``module`` is torch's own: it copies each value as given."""
+    cls = type(module)
+    return (cls.load_state_dict is nn.Module.load_state_dict
+            and cls._load_from_state_dict is nn.Module._load_from_state_dict
+            and not module._load_state_dict_pre_hooks)  # fmt: skip
+
+
+def _writable_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, as a writable memoryview (the tensor must outlive it)."""
+    n = tensor.numel() * tensor.element_size()
+    return memoryview((ctypes.c_char * n).from_address(tensor.data_ptr())).cast("B")
+
+
+class _Direct:
+    """Reads tensors with ``pread`` straight from the file into the memory they end in.
+
+    For an allocated target that memory is the parameter or buffer itself, and the value
+    then given to ``load_state_dict(strict=False)`` is that very tensor: torch still walks
+    the owning module, checks the shape and reports missing and unexpected keys (which are
+    cross-checked against the plan as for every other key), and its ``copy_`` of a tensor
+    onto itself returns at once. The bytes thus take one kernel copy from the page cache
+    instead of a page fault per mapped page and a user-space copy, and no file page is ever
+    mapped into the process. This is used only where ``load_state_dict`` would have done
+    exactly this copy: the value is the plain file tensor (no op), its dtype and shape are
+    the destination's, the destination is a contiguous CPU tensor (no subclass), and the
+    owning module loads with torch's own ``load_state_dict`` / ``_load_from_state_dict``
+    and has no load-state-dict pre-hook (a hook that rewrites the value would otherwise
+    see the destination already written). Anything else is read as a mapped view.
+
+    For a meta-device target the destination is the fresh tensor that is assigned.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads = max(1, threads)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def read(self, jobs: Sequence[tuple[int, int, torch.Tensor, str]]) -> None:
+        """Fill each ``(fd, offset, tensor, path)`` from the file; large ones in pieces, on
+        several threads. Returns (or raises the first failure) only when every piece is done,
+        and each piece holds its tensor, so no thread ever writes into freed memory."""
+        pieces: list[tuple[int, int, memoryview, str, torch.Tensor]] = []
+        small: list[tuple[int, int, memoryview, str, torch.Tensor]] = []
+        for fd, offset, tensor, path in jobs:
+            buf = _writable_bytes(tensor)
+            if len(buf) < PIECE_BYTES or self.threads == 1:
+                small.append((fd, offset, buf, path, tensor))
+                continue
+            for lo in range(0, len(buf), PIECE_BYTES):
+                pieces.append((fd, offset + lo, buf[lo : lo + PIECE_BYTES], path, tensor))
+        futures = []
+        if len(pieces) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="remap-read")
+            futures = [self._pool.submit(_pread_into, *p) for p in pieces]
+        else:
+            small += pieces
+        try:
+            for job in small:
+                _pread_into(*job)
+        finally:
+            wait(futures)
+        for f in futures:
+            f.result()  # the first failure
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def _pread_into(fd: int, offset: int, buf: memoryview, path: str, owner: torch.Tensor | None = None) -> None:
+    """Fill ``buf`` (the bytes of ``owner``, which the caller keeps alive) from ``offset``."""
+    done = 0
+    while done < len(buf):
+        try:
+            n = os.preadv(fd, [buf[done:]], offset + done)
+        except OSError as exc:
+            raise SourceError(f"cannot read bytes {offset + done}..{offset + len(buf)}: {exc.strerror or exc}", where=path) from None
+        if n == 0:
+            raise SourceError(f"the file ends at byte {offset + done}, inside a tensor: it was truncated since it was planned", where=path)
+        done += n
+
+
+def _read_threads() -> int:
+    return max(1, min(MAX_READ_THREADS, torch.get_num_threads(), os.cpu_count() or 1))
 
 
 # --------------------------------------------------------------------------- reading and computing
 
 
 class _Reader:
-    """Reads one batch: zero-copy views where the source has spans, ``Source.read`` otherwise."""
+    """Reads one batch: views where the source has spans, ``Source.read`` otherwise."""
 
-    def __init__(self, source: Source, stats: LoadStats, files: _Files) -> None:
-        self.source, self.stats, self.files = source, stats, files
+    def __init__(self, source: Source, spans: Mapping[str, Span | None], stats: LoadStats, files: _Files) -> None:
+        self.source, self.spans, self.stats, self.files = source, spans, stats, files
         self.views: dict[str, torch.Tensor] = {}
         self.read_once: dict[str, torch.Tensor] = {}
         self.memo: dict[int, torch.Tensor] = {}
 
     @contextmanager
-    def batch(self, assignments: Sequence[Assignment]) -> Iterator[None]:
-        spans = {k: self.source.span(k) for a in assignments for k in a.sources}
+    def batch(self, keys: Iterable[str]) -> Iterator[None]:
+        """Views of ``keys`` (those with spans) for the duration of the batch."""
+        mapped = []
         try:
-            for key, span in spans.items():
-                if span is not None:
+            for key in keys:
+                span = self.spans[key]
+                if span is not None and key not in self.views:
                     self.views[key] = _view(span, self.files.maps[span.path])
                     self.stats.zero_copy += 1
+                    mapped.append(span)
             yield
         finally:
             self.views.clear()
             self.read_once.clear()
             self.memo.clear()
-            self.files.release(s for s in spans.values() if s is not None)
+            self.files.release(mapped)
+
+    def count(self, key: str) -> None:
+        self.stats.bytes += _nbytes(self.source, key)
+        self.stats.tensors += 1
 
     def read(self, key: str) -> torch.Tensor:
         """One source tensor, read once per batch however many parts of a split use it."""
         if key not in self.read_once:
-            self.stats.bytes += _nbytes(self.source, key)
-            self.stats.tensors += 1
+            self.count(key)
             view = self.views.get(key)
             self.read_once[key] = view if view is not None else self.source.read(key)
         return self.read_once[key]
@@ -245,6 +386,9 @@ class _Loader:
             for n in range(len(parts)):
                 self.under[".".join(parts[:n])].append(".".join(parts[n:]))
 
+    def owner(self, key: str) -> nn.Module:
+        return self.modules[key.rpartition(".")[0]]
+
     def load(self, state: dict[str, torch.Tensor]) -> None:
         by_owner: dict[str, OrderedDict[str, torch.Tensor]] = defaultdict(OrderedDict)
         for key, value in state.items():
@@ -274,48 +418,158 @@ class _Loader:
             )
 
 
+# --------------------------------------------------------------------------- how each key is read
+
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
+@dataclass
+class _Route:
+    """How one assignment is read: ``direct`` (pread into ``dest``, or into a fresh tensor of
+    ``dtype`` for a meta target), ``keep`` (a view of the private map is the value) or a view."""
+
+    kind: str  # "direct" | "keep" | "view"
+    dest: torch.Tensor | None = None
+    dtype: torch.dtype | None = None
+
+
+def _route(a: Assignment, span: Span | None, plan: Plan, state: Mapping[str, Any], loader: _Loader, *, assign: bool,
+           device: torch.device | None, dtype: torch.dtype | None, mmap_weights: bool, can_pread: bool) -> _Route:  # fmt: skip
+    if span is None or a.recipe is not None or len(a.sources) != 1:
+        return _Route("view")
+    meta = plan.target_meta[a.target]
+    if span.shape != tuple(meta.shape):
+        return _Route("view")  # the planner's shape check failed to hold: _place raises
+    if assign:
+        if device is not None and device.type != "cpu":
+            return _Route("view")
+        want = getattr(torch, meta.dtype)
+        if dtype is not None and want.is_floating_point:
+            want = dtype
+        if span.dtype != str(want).removeprefix("torch."):
+            return _Route("view")
+        if mmap_weights:
+            return _Route("keep")
+        return _Route("direct", dtype=want) if can_pread and _contiguous(span) else _Route("view")
+    dest = state.get(a.target)
+    if (not can_pread or type(dest) not in _PLAIN_TENSORS or not _contiguous(span) or dest.device.type != "cpu"
+            or dest.layout != torch.strided or not dest.is_contiguous() or dest.is_conj() or dest.is_neg()
+            or tuple(dest.shape) != span.shape or str(dest.dtype).removeprefix("torch.") != span.dtype
+            or dest.numel() == 0 or not _plain_loading(loader.owner(a.target))):  # fmt: skip
+        return _Route("view")
+    return _Route("direct", dest=dest)
+
+
+# --------------------------------------------------------------------------- the stream
+
+
 def stream(plan: Plan, source: Source, module: torch.nn.Module, *, assign: bool, device: torch.device | None = None,
-           dtype: torch.dtype | None = None, batch_bytes: int = BATCH_BYTES, progress: Progress | None = None) -> LoadStats:  # fmt: skip
+           dtype: torch.dtype | None = None, batch_bytes: int = BATCH_BYTES, progress: Progress | None = None,
+           state: Mapping[str, Any] | None = None, mmap_weights: bool = False) -> LoadStats:  # fmt: skip
     """Load every assignment of ``plan`` into ``module``, one batch at a time.
 
     With ``assign`` (a meta-device target) every tensor is copied once into fresh memory on
     ``device`` (cast to ``dtype`` for floating tensors) and assigned; otherwise it is copied
-    into the module's own parameters by ``load_state_dict``.
+    into the module's own parameters by ``load_state_dict``. ``state`` is the module's
+    ``state_dict(keep_vars=True)`` when the caller has it. ``mmap_weights`` (with
+    ``assign`` only) assigns views of a private copy-on-write mapping of the file instead of
+    copies, wherever no op or cast changes the tensor: see ``remap.load``.
     """
     stats = LoadStats()
     start = time.perf_counter()
-    ordered = _order(plan, source)
+    spans = {k: source.span(k) for a in plan.assignments for k in a.sources}
+    ordered = _order(plan.assignments, spans, source)
     by_target = {a.target: a for a in ordered}
     sizes = [(a.target, sum(_nbytes(source, k) for k in a.sources)) for a in ordered]
     size_of = dict(sizes)
     total = sum(size_of.values())
-    if any(source.span(k) is None for a in ordered for k in a.sources):
+    if any(s is None for s in spans.values()):
         # Reads that may fail (a custom source, a factory, a legacy pickle) all happen before the
         # first write, so a failure leaves the module untouched; these sources hold their
         # tensors in memory anyway.
         batch_bytes = max(total, 1)
     loader = _Loader(module, plan.target_meta, assign, stats)
+    if state is None and not assign:
+        state = module.state_dict(keep_vars=True)
+    # torch's swap_tensors mode replaces each parameter by its value: it gets the file's bytes as a view
+    can_pread = hasattr(os, "preadv") and not torch.__future__.get_swap_module_params_on_conversion()
+    routes = {a.target: _route(a, spans[a.sources[0]] if a.sources else None, plan, state or {}, loader, assign=assign,
+                               device=device, dtype=dtype, mmap_weights=mmap_weights, can_pread=can_pread)
+              for a in ordered}  # fmt: skip
+    viewed = {k for a in ordered if routes[a.target].kind == "view" for k in a.sources}
+    kept = {k for a in ordered if routes[a.target].kind == "keep" for k in a.sources}
     check = getattr(source, "check_unchanged", None)
     if check is not None:
         check()  # the files are still the ones planned from
-    files = _Files(s for a in ordered for k in a.sources if (s := source.span(k)) is not None)
-    reader = _Reader(source, stats, files)
+    files = _Files((s for s in spans.values() if s is not None),
+                   mapped=(spans[k].path for k in viewed if spans[k] is not None),  # type: ignore[union-attr]
+                   private=(spans[k].path for k in kept))  # type: ignore[union-attr]  # fmt: skip
+    reader = _Reader(source, spans, stats, files)
+    direct = _Direct(_read_threads())
     done = 0
     try:
         for keys in plan_batches(sizes, batch_bytes):
             batch = [by_target[k] for k in keys]
-            with reader.batch(batch):
-                state = {a.target: _place(reader.value(a), a, plan, assign, device, dtype) for a in batch}
-                loader.load(state)
-                del state
+            values = _direct_values(batch, routes, spans, files, direct, reader, stats)
+            values.update(_kept_values(batch, routes, spans, files, plan, reader, stats))
+            with reader.batch(k for a in batch if routes[a.target].kind == "view" for k in a.sources):
+                out = {}
+                for a in batch:
+                    value = values.get(a.target)
+                    out[a.target] = value if value is not None else _place(reader.value(a), a, plan, assign, device, dtype)
+                del values
+                loader.load(out)
+                del out
             stats.batches += 1
             done += sum(size_of[k] for k in keys)
             if progress is not None:
                 progress(done, total, stats.tensors, len(ordered))
     finally:
+        direct.close()
         files.close()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _direct_values(batch: Sequence[Assignment], routes: Mapping[str, _Route], spans: Mapping[str, Span | None],
+                   files: _Files, direct: _Direct, reader: _Reader, stats: LoadStats) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The batch's direct reads, done: target key -> the tensor to hand to ``load_state_dict``."""
+    values: dict[str, torch.Tensor] = {}
+    jobs = []
+    for a in batch:
+        route = routes[a.target]
+        if route.kind != "direct":
+            continue
+        span = spans[a.sources[0]]
+        if span is None:
+            raise InternalError(f"{a.target!r}: routed to a direct read without a span in the file")
+        if route.dest is not None:
+            dest, value = route.dest, route.dest.detach()  # copy_ of a tensor onto itself is a no-op
+        else:
+            dest = value = torch.empty(span.shape, dtype=route.dtype)
+        if dest.numel():
+            start = span.offset + span.storage_offset * ITEMSIZE[span.dtype]
+            jobs.append((files.fds[span.path], start, dest, span.path))
+        values[a.target] = value
+        reader.count(a.sources[0])
+        stats.direct += 1
+    if jobs:
+        direct.read(jobs)
+    return values
+
+
+def _kept_values(batch: Sequence[Assignment], routes: Mapping[str, _Route], spans: Mapping[str, Span | None],
+                 files: _Files, plan: Plan, reader: _Reader, stats: LoadStats) -> dict[str, torch.Tensor]:  # fmt: skip
+    """``mmap_weights``: views of the private mapping, assigned as they are."""
+    values: dict[str, torch.Tensor] = {}
+    for a in batch:
+        if routes[a.target].kind != "keep":
+            continue
+        span = spans[a.sources[0]]
+        values[a.target] = _view(span, files.private[span.path])  # type: ignore[arg-type,union-attr]
+        reader.count(a.sources[0])
+        stats.mmap_weights += 1
+    return values
 
 
 def _place(value: torch.Tensor, a: Assignment, plan: Plan, assign: bool, device: torch.device | None, dtype: torch.dtype | None) -> torch.Tensor:
