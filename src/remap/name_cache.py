@@ -45,7 +45,6 @@ __all__ = ["abstract_pattern", "leading_name_steps", "required_literals", "run_n
 PH_FIRST, PH_LAST = 0xE000, 0xF8FF
 PH_CLASS = "[\\ue000-\\uf8ff]"
 RUN = re.compile(r"(?<![^.])([0-9]+)(?![^.])")  # a whole dotted component of digits
-HAS_RUN = re.compile(r"(?<![^.])[0-9]+(?![^.])")
 NUMBER_IN_LINES = re.compile(r"[.\n]([0-9]+)(?=[.\n])")  # RUN over "\n" + keys joined by newlines + "\n"
 SPLIT_IN_LINES = re.compile(r"(?<=[.\n])[0-9]+(?=[.\n])")
 HAS_PLACEHOLDER = re.compile("[\ue000-\uf8ff]")
@@ -778,9 +777,8 @@ class _Pass:
         for i, new in moved:
             if HAS_PLACEHOLDER.search(new):
                 raise _Fallback
-            parts = RUN.split(new)
-            shape = _distinct(SKELETON_MARK.join(parts[0::2])) if len(parts) > 1 else new
-            self._move(i, self._formed(formed, shape, len(parts) // 2, step), tuple(parts[1::2]))
+            shape, pick, numbers = _reshape(new, 0)
+            self._move(i, self._formed(formed, shape, len(numbers), step), pick(numbers))
 
     def _result(self, groups: list[_Group]) -> NamePass:
         final: list[str | None] = [None] * len(self.keys)

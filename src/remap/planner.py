@@ -363,29 +363,21 @@ class _PassColumns(_Columns):
         return self.npass.hop_steps(self.npass.survivors[j])
 
     def fate_rows(self, pairing: _Pairing, fates: Mapping[str, _Fate]) -> Mapping[str, _Fate]:
-        npass = self.npass
-        rows = {}
-        for j, (i, name) in enumerate(zip(npass.survivors, npass.names)):
-            t = pairing.target[j]
-            rows[npass.keys[i]] = _Fate((), pairing.fate[j], None, name, (t,) if t is not None else ())
-        for i, step, name in npass.dropped:
-            rows[npass.keys[i]] = _Fate((), DROPPED, step.index, name)
-        return rows
+        return self._fates(pairing, lambda i: ())  # a source record needs no hops
 
     def fates(self, pairing: _Pairing) -> tuple[Mapping[str, _Fate], list[Item]]:
+        return LazyMapping(lambda: self._fates(pairing, self.npass.hops)), []
+
+    def _fates(self, pairing: _Pairing, hops: Callable[[int], tuple[tuple[int, str], ...]]) -> dict[str, _Fate]:
+        """One fate per source key, in source order; ``hops(i)`` gives key ``i``'s renames."""
         npass = self.npass
-
-        def build() -> dict[str, _Fate]:
-            out: dict[str, _Fate] = {}
-            hops = npass.hops
-            for j, (i, name) in enumerate(zip(npass.survivors, npass.names)):
-                t = pairing.target[j]
-                out[npass.keys[i]] = _Fate(hops(i), pairing.fate[j], None, name, (t,) if t is not None else ())
-            for i, step, name in npass.dropped:
-                out[npass.keys[i]] = _Fate(hops(i), DROPPED, step.index, name)
-            return {k: out[k] for k in npass.keys}
-
-        return LazyMapping(build), []
+        out: dict[str, _Fate] = {}
+        for j, (i, name) in enumerate(zip(npass.survivors, npass.names)):
+            t = pairing.target[j]
+            out[npass.keys[i]] = _Fate(hops(i), pairing.fate[j], None, name, (t,) if t is not None else ())
+        for i, step, name in npass.dropped:
+            out[npass.keys[i]] = _Fate(hops(i), DROPPED, step.index, name)
+        return {k: out[k] for k in npass.keys}
 
     def source_tally(self, pairing: _Pairing, fates: Mapping[str, _Fate], rules: Rules) -> _SourceTally:
         count = Counter(pairing.fate)
@@ -590,11 +582,7 @@ def _tally(tgt: Mapping[str, TargetMeta], pairing: _Pairing, frozen: set[str], b
 
 def _matches(patterns: Iterable[str], *keys: str | None) -> bool:
     """Whether any pattern is found in any of the keys."""
-    patterns = tuple(patterns)
-    if not patterns:
-        return False
-    compiled = [compile_regex(p) for p in patterns]
-    return any(c.search(k) for c in compiled for k in keys if k is not None)
+    return _matcher(patterns)(*keys)
 
 
 def _matcher(patterns: Iterable[str]) -> Callable[..., bool]:
