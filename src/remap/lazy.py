@@ -68,18 +68,28 @@ class LazySequence(Sequence[T]):
 
 
 class LazyMapping(Mapping[K, V]):
-    """A dict built by ``build()`` when first read."""
+    """A dict built by ``build()`` when first read; ``length``, when given, is its length
+    known beforehand (``len`` then builds nothing).
 
-    __slots__ = ("_build", "_data")
+    >>> m = LazyMapping(lambda: {"a": 1}, length=1)
+    >>> len(m), m._data is None, m["a"]
+    (1, True, 1)
+    """
 
-    def __init__(self, build: Callable[[], Mapping[K, V]]) -> None:
+    __slots__ = ("_build", "_data", "_length")
+
+    def __init__(self, build: Callable[[], Mapping[K, V]], *, length: int | None = None) -> None:
         self._build: Callable[[], Mapping[K, V]] | None = build
         self._data: dict[K, V] | None = None
+        self._length = length
 
     def _dict(self) -> dict[K, V]:
         if self._data is None:
             build, self._build = self._build, None
-            self._data = dict(build()) if build is not None else {}
+            data = build() if build is not None else {}
+            self._data = data if type(data) is dict else dict(data)
+            if self._length is not None and self._length != len(self._data):
+                raise ValueError(f"LazyMapping: built {len(self._data)} entries, {self._length} were announced")
         return self._data
 
     def __getitem__(self, key: K) -> V:
@@ -92,7 +102,7 @@ class LazyMapping(Mapping[K, V]):
         return key in self._dict()
 
     def __len__(self) -> int:
-        return len(self._dict())
+        return self._length if self._length is not None and self._data is None else len(self._dict())
 
     def __iter__(self) -> Iterator[K]:
         return iter(self._dict())

@@ -125,6 +125,8 @@ def source_meta(mapping: Mapping[str, Any]) -> dict[str, TensorMeta]:
     and its metadata shared."""
     if not isinstance(mapping, Mapping):
         raise UsageError(f"expected a mapping of key -> shape, found {type(mapping).__name__}")
+    if set(map(type, mapping.values())) <= {TensorMeta} and set(map(type, mapping)) <= {str}:
+        return dict(mapping)  # already metadata, as sources give it
     cache: dict[tuple[Any, ...], TensorMeta] = {}
     out: dict[str, TensorMeta] = {}
     for k, v in mapping.items():

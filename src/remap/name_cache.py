@@ -27,9 +27,9 @@ True
 from __future__ import annotations
 
 import re
-from operator import itemgetter
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from itertools import compress
+from operator import itemgetter, not_
+from collections.abc import Sequence
 from typing import Any
 from dataclasses import dataclass, field
 
@@ -44,9 +44,6 @@ __all__ = ["abstract_pattern", "leading_name_steps", "required_literals", "run_n
 
 PH_FIRST, PH_LAST = 0xE000, 0xF8FF
 PH_CLASS = "[\\ue000-\\uf8ff]"
-RUN = re.compile(r"(?<![^.])([0-9]+)(?![^.])")  # a whole dotted component of digits
-NUMBER_IN_LINES = re.compile(r"[.\n]([0-9]+)(?=[.\n])")  # RUN over "\n" + keys joined by newlines + "\n"
-SPLIT_IN_LINES = re.compile(r"(?<=[.\n])[0-9]+(?=[.\n])")
 HAS_PLACEHOLDER = re.compile("[\ue000-\uf8ff]")
 # A placeholder that no longer stands between dots: a step glued a number to something.
 FUSED = re.compile("[^.][\ue000-\uf8ff]|[\ue000-\uf8ff][^.]")
@@ -274,25 +271,25 @@ class ComponentView:
 
 class _Tests:
     """Which numbers each test piece matches whole, memoised by the piece's text (the same
-    test recurs across steps: one per kind of key, say)."""
+    test recurs across steps: one per kind of key, say): ``(numbers seen, those passing)``."""
 
     def __init__(self) -> None:
-        self.memo: dict[str, dict[str, bool]] = {}
+        self.memo: dict[str, tuple[set[str], set[str]]] = {}
 
     def passes(self, test: str, number: str) -> bool:
-        memo = self.memo.setdefault(test, {})
-        done = memo.get(number)
-        if done is None:
-            done = memo[number] = compile_regex(test).fullmatch(number) is not None
-        return done
+        return bool(self.passing(test, {number}))
 
-    def passing(self, test: str, numbers: Iterable[str]) -> list[str]:
-        memo = self.memo.setdefault(test, {})
-        compiled = compile_regex(test)
-        for number in numbers:
-            if number not in memo:
-                memo[number] = compiled.fullmatch(number) is not None
-        return [number for number in numbers if memo[number]]
+    def passing(self, test: str, numbers: set[str]) -> set[str]:
+        """The numbers that pass ``test``."""
+        seen, ok = self.memo.setdefault(test, (set(), set()))
+        todo = numbers - seen
+        if todo:
+            # A test piece cannot match a dot (see component_view): one search over all the
+            # numbers joined by dots finds those it matches whole.
+            whole = compile_regex(f"(?<![^.])(?:{test})(?![^.])")
+            ok.update(m.group() for m in whole.finditer(".".join(todo)))
+            seen |= todo
+        return numbers & ok
 
 
 def component_view(pattern: str) -> ComponentView | None:
@@ -408,106 +405,143 @@ def _views(step: NameStep, on_shape: NameStep | None) -> _Views:
     return _Views(step, None, tuple(views), _literals_of(step))  # type: ignore[arg-type]
 
 
-# --------------------------------------------------------------------------- the pass
+# --------------------------------------------------------------------------- key shapes as tables
 
-SKELETON_MARK = "\ue000"
+SKELETON_MARK = "\x00"  # keeps an ASCII key ASCII (one byte a character)
+DOT_NUMBER = re.compile(r"\.[0-9]+(?=[.\n])")  # a numeric component after a dot, in keys joined by newlines
+LINE_NUMBER = re.compile(r"\n[0-9]+(?=[.\n])")  # ... or at the start of a key
+NUMBER_AFTER_DOT = re.compile(r"\.([0-9]+)(?=[.\n])")
 
 
 def _distinct(skeleton: str) -> str:
     """The skeleton with its n-th placeholder made the n-th placeholder character."""
     parts = skeleton.split(SKELETON_MARK)
     if len(parts) - 1 > MAX_RUNS:
-        raise ValueError("too many numeric components")
+        raise _Fallback  # more numbers in one key than placeholder characters
     return "".join(p + (chr(PH_FIRST + n) if n < len(parts) - 1 else "") for n, p in enumerate(parts))
 
 
-def _format_of(text: str) -> str:
-    """A str.format template that puts the key's numbers back: placeholder n -> {n}."""
-    out = text.replace("{", "{{").replace("}", "}}")
-    return HAS_PLACEHOLDER.sub(lambda m: "{%d}" % (ord(m.group()) - PH_FIRST), out)
+def _template_of(name: str) -> tuple[str, tuple[int, ...]]:
+    """A %-template that puts a key's numbers back into ``name``, and the column each
+    ``%s`` takes, in order.
+
+    >>> _template_of("a.\ue001.b%.\ue000")
+    ('a.%s.b%%.%s', (1, 0))
+    """
+    slots = tuple(ord(c) - PH_FIRST for c in HAS_PLACEHOLDER.findall(name))
+    return HAS_PLACEHOLDER.sub("%s", name.replace("%", "%%")), slots
 
 
-class _Group:
-    """Keys of one shape. ``name`` is their current name, a placeholder standing for each
-    of their numbers (``runs``); ``origin`` is the step that formed the group by renaming
-    its keys onto ``initial`` (None: the source keys), ``hops`` the shape's renames since."""
+@dataclass(frozen=True)
+class _Table:
+    """Keys of one shape, column by column: row ``r`` is source key ``index[r]``, its n-th
+    numeric component is ``columns[n][r]``. A table made by regrouping renamed keys knows
+    each row's row in the table the keys came from (``parent_rows``)."""
 
-    __slots__ = ("name", "initial", "origin", "members", "hops", "width", "classes", "_formats")
+    index: list[int]
+    columns: tuple[list[str], ...]
+    parent_rows: list[int] | None = None
+    every: list[int] = field(init=False, compare=False)  # all rows in order: a node's rows before any leave
 
-    def __init__(self, name: str, width: int, origin: int | None = None) -> None:
-        self.name = self.initial = name
-        self.origin = origin
-        self.width = width  # how many numbers each member has
-        self.members: list[int] = []
-        self.hops: list[tuple[int, str]] = []
-        self.classes: tuple[tuple[int, ...], dict[Any, list[int]]] | None = None  # members by some of their numbers
-        self._formats: dict[str, str] = {}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "every", list(range(len(self.index))))
 
-    def format(self, name: str) -> str:
-        f = self._formats.get(name)
-        if f is None:
-            f = self._formats[name] = _format_of(name)
-        return f
-
-    def concrete(self, runs: tuple[str, ...], name: str | None = None) -> str:
-        return self.format(self.name if name is None else name).format(*runs)
-
-    def hops_of(self, runs: tuple[str, ...], upto: int | None = None) -> list[tuple[int, str]]:
-        """A member's renames in this group (the first ``upto`` of the shape's)."""
-        out = [(self.origin, self.concrete(runs, self.initial))] if self.origin is not None else []
-        return out + [(s, self.concrete(runs, h)) for s, h in (self.hops if upto is None else self.hops[:upto])]
-
-    def steps_upto(self, upto: int | None) -> tuple[int, ...]:
-        """The indexes of the steps that renamed a member here (the first ``upto`` of the shape's)."""
-        own = tuple(s for s, _ in (self.hops if upto is None else self.hops[:upto]))
-        return (self.origin, *own) if self.origin is not None else own
-
-    def by_numbers(self, slots: tuple[int, ...], runs: list[tuple[str, ...]]) -> dict[Any, list[int]]:
-        """The members grouped by their numbers at ``slots`` (kept for the next step)."""
-        if self.classes is not None and self.classes[0] == slots:
-            return self.classes[1]
-        pick = itemgetter(*slots)
-        classes: dict[Any, list[int]] = {}
-        for i in self.members:
-            value = pick(runs[i])
-            members = classes.get(value)
-            if members is None:
-                classes[value] = [i]
-            else:
-                members.append(i)
-        self.classes = (slots, classes)
-        return classes
+    def column(self, n: int, rows: list[int]) -> list[str]:
+        """Column ``n`` at ``rows``."""
+        column = self.columns[n]
+        return column if rows is self.every else list(map(column.__getitem__, rows))
 
 
-SLOT = re.compile("(?<![^.])(?:[0-9]+|[\ue000-\uf8ff])(?![^.])")  # a number or a placeholder, as a component
+def _shapes(names: list[str]) -> list[tuple[str, list[int], tuple[list[str], ...]]]:
+    """``names`` grouped by shape: ``(shape, positions in names, numbers column by column)``,
+    with two regex passes over all names joined by newlines and one per shape.
 
-
-def _reshape(name: str, width: int) -> tuple[str, Any, tuple[str, ...]]:
-    """A name holding placeholders for a group's numbers and numbers of its own, as a new
-    shape: ``(shape name, picker, constants)``; ``picker(runs + constants)`` gives a member's
-    numbers in the new shape."""
-    pieces, picks, consts = [], [], []
-    last = 0
-    for m in SLOT.finditer(name):
-        pieces.append(name[last : m.start()])
-        text = m.group()
-        if text.isdigit():
-            picks.append(width + len(consts))
-            consts.append(text)
+    >>> _shapes(["a.0.w", "a.12.w", "b"]) == [("a.\ue000.w", [0, 1], (["0", "12"],)), ("b", [2], ())]
+    True
+    """
+    joined = "\n" + "\n".join(names) + "\n"
+    if joined.count("\n") != len(names) + 1 or SKELETON_MARK in joined or (not joined.isascii() and HAS_PLACEHOLDER.search(joined)):
+        raise _Fallback  # a key holding a newline, a NUL or a placeholder character
+    marked = DOT_NUMBER.sub("." + SKELETON_MARK, joined)
+    if LINE_NUMBER.search(marked):
+        marked = LINE_NUMBER.sub("\n" + SKELETON_MARK, marked)
+    positions: dict[str, list[int]] = {}
+    for p, skeleton in enumerate(marked[1:-1].split("\n")):
+        at = positions.get(skeleton)
+        if at is None:
+            positions[skeleton] = [p]
         else:
-            picks.append(ord(text) - PH_FIRST)
-        last = m.end()
-    pieces.append(name[last:])
-    return _distinct(SKELETON_MARK.join(pieces)) if picks else name, _picker(picks), tuple(consts)
+            at.append(p)
+    out = []
+    for skeleton, members in positions.items():
+        width = skeleton.count(SKELETON_MARK)
+        if not width:
+            out.append((skeleton, members, ()))
+            continue
+        flat = NUMBER_AFTER_DOT.findall("\n." + "\n.".join(map(names.__getitem__, members)) + "\n")
+        if len(flat) != width * len(members):
+            raise InternalError(f"shape {skeleton!r}: {len(flat)} numbers in {len(members)} keys of {width} each")
+        out.append((_distinct(skeleton), members, tuple(flat[n::width] for n in range(width))))
+    return out
 
 
-def _picker(indexes: list[int]) -> Any:
-    if not indexes:
-        return lambda runs: ()
-    if len(indexes) == 1:
-        n = indexes[0]
-        return lambda runs: (runs[n],)
-    return itemgetter(*indexes)
+class _Node:
+    """Rows of one table that have gone through the steps alike: ``name`` is their current
+    name, placeholder n standing for column n. ``hops`` are the renames done here (the
+    first is the one that made the node, for a node split off ``parent`` after ``upto``
+    of the parent's hops)."""
+
+    __slots__ = ("table", "rows", "name", "hops", "parent", "upto", "_formats")
+
+    def __init__(self, table: _Table, rows: list[int], name: str, parent: _Node | None = None, hop: int | None = None) -> None:
+        self.table, self.rows, self.name = table, rows, name
+        self.parent = parent
+        self.upto = len(parent.hops) if parent is not None else 0
+        self.hops: list[tuple[int, str]] = [(hop, name)] if hop is not None else []
+        self._formats: dict[str, tuple[str, tuple[int, ...]]] = {}
+
+    def template(self, name: str) -> tuple[str, tuple[int, ...]]:
+        t = self._formats.get(name)
+        if t is None:
+            t = self._formats[name] = _template_of(name)
+        return t
+
+    def concrete(self, rows: list[int], name: str | None = None) -> list[str]:
+        """The names of ``rows`` when the node is named ``name`` (its current name)."""
+        template, slots = self.template(self.name if name is None else name)
+        if not slots:
+            return [template % ()] * len(rows)
+        if len(slots) == 1:
+            return list(map(template.__mod__, self.table.column(slots[0], rows)))
+        return list(map(template.__mod__, zip(*(self.table.column(n, rows) for n in slots))))
+
+    def at(self, row: int, name: str) -> str:
+        template, slots = self.template(name)
+        return template % tuple(self.table.columns[n][row] for n in slots)
+
+    def rename(self, step: int, name: str) -> None:
+        self.hops.append((step, name))
+        self.name = name
+
+    def values(self, column: int) -> list[str]:
+        """Column ``column`` of the node's rows."""
+        return self.table.column(column, self.rows)
+
+
+def _hops(node: _Node, row: int, upto: int | None, named: bool) -> list[Any]:
+    """The renames of one row ending in ``node`` (its first ``upto`` hops), oldest first:
+    ``(step, name)`` when ``named``, else step indexes."""
+    parts = []
+    while node is not None:
+        own = node.hops if upto is None else node.hops[:upto]
+        if own:
+            parts.append([(s, node.at(row, h)) for s, h in own] if named else [s for s, _ in own])
+        parent = node.parent
+        if parent is not None and parent.table is not node.table:
+            row = node.table.parent_rows[row]  # type: ignore[index]
+        upto = node.upto
+        node = parent  # type: ignore[assignment]
+    return [h for part in reversed(parts) for h in part]
 
 
 class _Fallback(Exception):
@@ -515,7 +549,7 @@ class _Fallback(Exception):
     a step matching nothing, a key that already holds a placeholder character."""
 
 
-Trail = tuple  # (group, runs, hops done there, earlier trail) for each group a key left
+# --------------------------------------------------------------------------- the pass
 
 
 @dataclass
@@ -529,32 +563,26 @@ class NamePass:
     names: list[str]
     dropped: list[tuple[int, Step, str]]
     counts: list[list[int]]
-    group_of: list[_Group] = field(repr=False)
-    runs: list[tuple[str, ...]] = field(repr=False)
-    trail: dict[int, Trail] = field(repr=False)
-    upto: dict[int, int] = field(repr=False)
+    ends: list[tuple[_Node, list[int], int | None]] = field(repr=False)  # (node, rows, hops done): where keys ended
+    _where: list[tuple[_Node, int, int | None]] | None = field(default=None, repr=False)
+
+    def _locate(self, i: int) -> tuple[_Node, int, int | None]:
+        if self._where is None:
+            where: list[Any] = [None] * len(self.keys)
+            for node, rows, upto in self.ends:
+                index = node.table.index
+                for r in rows:
+                    where[index[r]] = (node, r, upto)
+            self._where = where
+        return self._where[i]
 
     def hops(self, i: int) -> tuple[tuple[int, str], ...]:
         """``(step index, name after it)`` for every step that renamed key ``i``."""
-        chain = []
-        t = self.trail.get(i)
-        while t is not None:
-            chain.append(t)
-            t = t[3]
-        out: list[tuple[int, str]] = []
-        for group, runs, done, _ in reversed(chain):
-            out += group.hops_of(runs, done)
-        out += self.group_of[i].hops_of(self.runs[i], self.upto.get(i))
-        return tuple(out)
+        return tuple(_hops(*self._locate(i), named=True))
 
     def hop_steps(self, i: int) -> tuple[int, ...]:
         """The indexes of the steps that renamed key ``i`` (what :meth:`hops` has, without names)."""
-        out: tuple[int, ...] = ()
-        t = self.trail.get(i)
-        while t is not None:
-            out = t[0].steps_upto(t[2]) + out
-            t = t[3]
-        return out + self.group_of[i].steps_upto(self.upto.get(i))
+        return tuple(_hops(*self._locate(i), named=False))
 
     def items(self, source: dict[str, TensorMeta]) -> list[Item]:
         keys = self.keys
@@ -580,222 +608,258 @@ class _Pass:
         self.views = [_views(step, on_shape) for step, on_shape in steps]
         self.keys = list(source)
         self.counts = [[0] * len(step.labels()) for step, _ in steps]
-        self.runs: list[tuple[str, ...]] = []
-        self.group_of: list[_Group] = []
-        self.trail: dict[int, Trail] = {}
-        self.upto: dict[int, int] = {}
-        self.dropped: list[tuple[int, Step, str]] = []
+        self.drops: list[tuple[_Node, list[int], Step, str, int]] = []  # (node, rows, step, name then, hops done)
         self.tests = _Tests()
 
     def run(self) -> NamePass:
-        groups = self._group_all(self.keys)
+        nodes = []
+        for shape, members, columns in _shapes(self.keys):
+            table = _Table(members, columns)
+            nodes.append(_Node(table, table.every, shape))
         for n, views in enumerate(self.views):
-            step = views.step
-            formed: dict[str, _Group] = {}  # groups of keys this step renamed key by key or by numbers
-            for group in groups:
-                if views.on_shape is not None and self._on_shape(n, step, views.on_shape, group):
-                    continue
-                if views.on_shape is None and not _could_act(step, views.literals, group.name):
-                    self._untouched(step, group)
-                    continue
-                if views.components is not None and self._by_numbers(n, views, group, formed):
-                    continue
-                self._key_by_key(n, step, group, formed)
-            groups = [g for g in groups if g.members] + [g for g in formed.values() if g.members]
+            kept: list[_Node] = []
+            born: list[_Node] = []
+            for node in nodes:
+                born += self._step(n, views, node)
+                if node.rows:
+                    kept.append(node)
+            nodes = kept + [b for b in born if b.rows]
         if any(c == 0 for v, counts in zip(self.views, self.counts) if not v.step.optional for c in counts):
             raise _Fallback
-        return self._result(groups)
+        return self._result(nodes)
 
-    def _group_all(self, keys: list[str]) -> list[_Group]:
-        """Every source key grouped by shape: one regex pass over all keys joined by newlines."""
-        joined = "\n" + "\n".join(keys) + "\n"
-        if joined.count("\n") != len(keys) + 1 or HAS_PLACEHOLDER.search(joined):
-            raise _Fallback  # a key with a newline or a placeholder character
-        numbers = NUMBER_IN_LINES.findall(joined)
-        skeletons = SKELETON_MARK.join(SPLIT_IN_LINES.split(joined))[1:-1].split("\n")
-        groups: dict[str, _Group] = {}
-        runs, group_of = self.runs, self.group_of
-        at = 0
-        for i, skeleton in enumerate(skeletons):
-            group = groups.get(skeleton)
-            if group is None:
-                width = skeleton.count(SKELETON_MARK)
-                group = groups[skeleton] = _Group(_distinct(skeleton) if width else skeleton, width)
-            group.members.append(i)
-            group_of.append(group)
-            if group.width:
-                runs.append(tuple(numbers[at : at + group.width]))
-                at += group.width
-            else:
-                runs.append(())
-        return list(groups.values())
+    def _step(self, n: int, views: _Views, node: _Node) -> list[_Node]:
+        """Step ``n`` over the node's rows; returns the nodes of rows it renamed apart."""
+        step = views.step
+        if views.on_shape is not None:
+            if self._whole(n, step, views.on_shape, node):
+                return []
+        elif not _could_act(step, views.literals, node.name):
+            self._untouched(step, node)
+            return []
+        elif views.components is not None:
+            born = self._by_numbers(n, views, node)
+            if born is not None:
+                return born
+        return self._key_by_key(n, step, node)
 
-    def _move(self, i: int, into: _Group, runs: tuple[str, ...]) -> None:
-        """Key ``i`` leaves its group for ``into`` (formed by a rename), with new numbers."""
-        old = self.group_of[i]
-        self.trail[i] = (old, self.runs[i], len(old.hops), self.trail.get(i))
-        self.group_of[i], self.runs[i] = into, runs
-        into.members.append(i)
+    def _drop(self, step: Step, node: _Node, rows: list[int], name: str) -> None:
+        if rows:
+            self.drops.append((node, rows, step, name, len(node.hops)))
 
-    def _formed(self, formed: dict[str, _Group], name: str, width: int, step: Step) -> _Group:
-        group = formed.get(name)
-        if group is None:
-            group = formed[name] = _Group(name, width, step.index)
-        return group
-
-    def _drop(self, step: Step, group: _Group, members: Sequence[int]) -> None:
-        for i in members:
-            self.dropped.append((i, step, group.concrete(self.runs[i])))
-            self.upto[i] = len(group.hops)
-
-    def _on_shape(self, n: int, step: NameStep, abstract: NameStep, group: _Group) -> bool:
-        """Run the step once for the whole group; False when its result glues a number to a name."""
-        try:
-            new, hits = abstract.name_map(group.name)
-        except (CaptureError, PatternError):
-            raise _Fallback from None
-        if new is not None and new != group.name and FUSED.search(new):
+    def _whole(self, n: int, step: NameStep, abstract: NameStep, node: _Node) -> bool:
+        """Run the step once for all rows; False when its result glues a number to a name."""
+        new, hits = _name_map(abstract, node.name)
+        if new is not None and new != node.name and FUSED.search(new):
             return False
         for h in hits:
-            self.counts[n][h] += len(group.members)
+            self.counts[n][h] += len(node.rows)
         if new is None:
-            self._drop(step, group, group.members)
-            group.members = []
-        elif new != group.name:
-            group.hops.append((step.index, new))
-            group.name = new
+            self._drop(step, node, node.rows, node.name)
+            node.rows = []
+        elif new != node.name:
+            node.rename(step.index, new)
         return True
 
-    def _untouched(self, step: NameStep, group: _Group) -> None:
+    def _untouched(self, step: NameStep, node: _Node) -> None:
         """No pattern of the step can be found in this shape: one key shows what all get."""
-        probe = group.concrete(self.runs[group.members[0]])
+        probe = node.at(node.rows[0], node.name)
         new, hits = step.name_map(probe)
         if hits or new not in (None, probe):
             raise InternalError(f"{step.label}: acted on {probe!r} although its literal text is not in the key")
         if new is None:
-            self._drop(step, group, group.members)
-            group.members = []
+            self._drop(step, node, node.rows, node.name)
+            node.rows = []
 
-    def _by_numbers(self, n: int, views: _Views, group: _Group, formed: dict[str, _Group]) -> bool:
-        """Run the step once per class of keys that its patterns cannot tell apart (see
-        :class:`ComponentView`); False when a result glues a number to a name."""
-        parts = group.name.split(".")
+    def _by_numbers(self, n: int, views: _Views, node: _Node) -> list[_Node] | None:
+        """Run the step once per class of rows that its patterns cannot tell apart (see
+        :class:`ComponentView`); None when a result glues a number to a name."""
+        parts = node.name.split(".")
         slot_at = {c: ord(t) - PH_FIRST for c, t in enumerate(parts) if len(t) == 1 and PH_FIRST <= ord(t) <= PH_LAST}
         valued: set[int] = set()
-        tested: list[tuple[int, int, int]] = []  # (pattern, piece, slot)
+        tested: list[tuple[int, int, int]] = []  # (pattern, piece, column)
         for i, view in enumerate(views.components or ()):
             for c in view.sensitive:
                 if c in slot_at:
                     (tested.append((i, c, slot_at[c])) if view.kinds[c] == "test" else valued.add(slot_at[c]))
-        tested = [t for t in tested if t[2] not in valued]  # a slot filled in is seen as it is
-        if not tested and not valued:  # it looks at no number of this shape: once for the whole group
+        tested = [t for t in tested if t[2] not in valued]  # a column filled in is seen as it is
+        if not tested and not valued:  # it looks at no number of this shape: once for all rows
             on_shape = views.variant(())
-            return on_shape is not None and self._on_shape(n, views.step, on_shape, group)
-        slots = tuple(sorted(valued | {s for _, _, s in tested}))
-        by_value = group.by_numbers(slots, self.runs)
-        classes = self._classes(views, slots, valued, tested, by_value, self.tests)
+            return [] if on_shape is not None and self._whole(n, views.step, on_shape, node) else None
         results = []
-        for (tests, filled), values in classes.items():
+        for tests, filled, rows in self._classes(views, node, sorted(valued), tested):
             step = views.variant(tests)
             if step is None:
-                return False
-            name = group.name.translate({PH_FIRST + s: v for s, v in zip(sorted(valued), filled)})
-            try:
-                new, hits = step.name_map(name)
-            except (CaptureError, PatternError):
-                raise _Fallback from None
+                return None
+            name = node.name.translate({PH_FIRST + s: v for s, v in zip(sorted(valued), filled)})
+            new, hits = _name_map(step, name)
             if new is not None and new != name and FUSED.search(new):
-                return False
-            results.append((values, name, new, hits))
-        moved = False
-        for values, name, new, hits in results:
-            if hits:
-                size = sum(len(by_value[v]) for v in values)
-                for h in hits:
-                    self.counts[n][h] += size
-            if new == name:
-                continue
-            moved = True
-            members = [i for v in values for i in by_value.pop(v)]
-            if new is None:
-                self._drop(views.step, group, members)
-                continue
-            shape, pick, consts = _reshape(new, group.width)
-            into = self._formed(formed, shape, len(HAS_PLACEHOLDER.findall(shape)), views.step)
-            for i in members:
-                self._move(i, into, pick(self.runs[i] + consts))
-        if moved:
-            group.members = [i for m in by_value.values() for i in m]
-        return True
+                return None
+            results.append((rows, name, new, hits))
+        if len(results) == 1 and not valued:
+            (rows, name, new, hits), = results
+            for h in hits:
+                self.counts[n][h] += len(rows)
+            self._settle(views.step, node, name, new)
+            return []
+        return self._split(n, views.step, node, results)
 
-    @staticmethod
-    def _classes(views: _Views, slots: tuple[int, ...], valued: set[int], tested: list[tuple[int, int, int]],
-                 by_value: dict[Any, list[int]], tests: _Tests) -> dict[Any, list[Any]]:  # fmt: skip
-        """The group's numbers (values at ``slots``) by what the step can see of them:
-        ``(test outcomes, numbers filled in) -> [values]``."""
-        components = views.components or ()
-        if len(tested) == 1 and not valued:  # the common case: one digit test on one number
-            i, c, _ = tested[0]
-            ok = tests.passing(components[i].test(c), by_value)
-            if not ok or len(ok) == len(by_value):
-                return {(((i, c, bool(ok)),), ()): list(by_value)}
-            good = set(ok)
-            return {(((i, c, True),), ()): ok, (((i, c, False),), ()): [v for v in by_value if v not in good]}
-        position = {s: n for n, s in enumerate(slots)}
-        checks = [(i, c, components[i].test(c), position[s]) for i, c, s in tested]
-        filled = [position[s] for s in sorted(valued)]
-        classes: dict[Any, list[Any]] = {}
-        for value in by_value:
-            values = value if len(slots) > 1 else (value,)
-            cls = (tuple((i, c, tests.passes(test, values[at])) for i, c, test, at in checks), tuple(values[at] for at in filled))
-            classes.setdefault(cls, []).append(value)
-        return classes
+    def _settle(self, step: NameStep, node: _Node, name: str, new: str | None) -> None:
+        """All rows of the node went through the step alike."""
+        if new is None:
+            self._drop(step, node, node.rows, name)
+            node.rows = []
+        elif new != node.name:
+            node.rename(step.index, new)
 
-    def _key_by_key(self, n: int, step: NameStep, group: _Group, formed: dict[str, _Group]) -> None:
-        counts = self.counts[n]
-        fmt = group.format(group.name)
+    def _split(self, n: int, step: NameStep, node: _Node, results: list[tuple[list[int], str, str | None, tuple[int, ...]]]) -> list[_Node]:
+        """Rows apart by class: those left as they were stay, the rest are dropped or leave
+        as new nodes (on the same table, or regrouped when numbers were filled in)."""
         stay: list[int] = []
-        moved: list[tuple[int, str]] = []
-        for i in group.members:
-            key = fmt.format(*self.runs[i])
-            try:
-                new, hits = step.name_map(key)
-            except (CaptureError, PatternError):
-                raise _Fallback from None
+        born: list[_Node] = []
+        for rows, name, new, hits in results:
+            for h in hits:
+                self.counts[n][h] += len(rows)
+            if new == name:
+                stay += rows
+            elif new is None:
+                self._drop(step, node, rows, node.name)
+            elif name == node.name:  # no number filled in: a node of the same table
+                born.append(_Node(node.table, rows, new, node, step.index))
+            else:  # numbers filled in: the names as they come out, grouped by shape
+                born += self._regroup(step, node, rows, _Node(node.table, rows, new).concrete(rows))
+        node.rows = stay
+        return born
+
+    def _classes(self, views: _Views, node: _Node, valued: list[int], tested: list[tuple[int, int, int]]) -> list[tuple[Any, tuple[str, ...], list[int]]]:
+        """The node's rows by what the step can see of their numbers:
+        ``(test outcomes, numbers filled in, rows)``."""
+        components = views.components or ()
+        rows = node.rows
+        if len(tested) == 1 and not valued:  # the common case: one digit test on one number
+            i, c, column = tested[0]
+            values = node.values(column)
+            distinct = set(values)
+            ok = self.tests.passing(components[i].test(c), distinct)
+            if not ok or len(ok) == len(distinct):
+                return [(((i, c, bool(ok)),), (), rows)]
+            mask = list(map(ok.__contains__, values))
+            return [(((i, c, True),), (), list(compress(rows, mask))),
+                    (((i, c, False),), (), list(compress(rows, map(not_, mask))))]  # fmt: skip
+        checks = [(i, c, components[i].test(c)) for i, c, _ in tested]
+        columns = [node.values(s) for _, _, s in tested] + [node.values(s) for s in valued]
+        by_value: dict[tuple[str, ...], list[int]] = {}
+        for r, value in zip(rows, zip(*columns)):
+            at = by_value.get(value)
+            if at is None:
+                by_value[value] = [r]
+            else:
+                at.append(r)
+        classes: dict[Any, list[int]] = {}
+        for value, members in by_value.items():
+            outcome = tuple((i, c, self.tests.passes(test, v)) for (i, c, test), v in zip(checks, value))
+            classes.setdefault((outcome, value[len(checks):]), []).extend(members)
+        return [(tests, filled, members) for (tests, filled), members in classes.items()]
+
+    def _key_by_key(self, n: int, step: NameStep, node: _Node) -> list[_Node]:
+        counts = self.counts[n]
+        stay: list[int] = []
+        gone: list[int] = []
+        moved: list[int] = []
+        new_names: list[str] = []
+        for r, key in zip(node.rows, node.concrete(node.rows)):
+            new, hits = _name_map(step, key)
             for h in hits:
                 counts[h] += 1
             if new is None:
-                self.dropped.append((i, step, key))
-                self.upto[i] = len(group.hops)
+                gone.append(r)
             elif new == key:
-                stay.append(i)
+                stay.append(r)
             else:
-                moved.append((i, new))
-        if len(stay) != len(group.members):
-            group.members = stay
-            group.classes = None
-        for i, new in moved:
-            if HAS_PLACEHOLDER.search(new):
-                raise _Fallback
-            shape, pick, numbers = _reshape(new, 0)
-            self._move(i, self._formed(formed, shape, len(numbers), step), pick(numbers))
+                moved.append(r)
+                new_names.append(new)
+        self._drop(step, node, gone, node.name)
+        node.rows = stay
+        return self._regroup(step, node, moved, new_names) if moved else []
 
-    def _result(self, groups: list[_Group]) -> NamePass:
-        final: list[str | None] = [None] * len(self.keys)
-        runs = self.runs
-        for group in groups:
-            if not HAS_PLACEHOLDER.search(group.name):
-                for i in group.members:
-                    final[i] = group.name
-                continue
-            fmt = group.format(group.name)
-            for i in group.members:
-                final[i] = fmt.format(*runs[i])
-        survivors = [i for i, name in enumerate(final) if name is not None]
-        names: list[str] = [final[i] for i in survivors]  # type: ignore[misc]
-        if len(set(names)) != len(names):
+    def _regroup(self, step: NameStep, node: _Node, rows: list[int], names: list[str]) -> list[_Node]:
+        """Rows renamed one by one, as nodes of new tables by the shape of their new names."""
+        born = []
+        index = node.table.index
+        for shape, members, columns in _shapes(names):
+            from_rows = [rows[p] for p in members]
+            table = _Table([index[r] for r in from_rows], columns, from_rows)
+            born.append(_Node(table, table.every, shape, node, step.index))
+        return born
+
+    def _result(self, nodes: list[_Node]) -> NamePass:
+        at: list[int] = []
+        final: list[str] = []
+        suspects: list[str] = []  # names of rows that could share a name with another row
+        may_collide = _may_collide(nodes)
+        for node in nodes:
+            names_here = node.concrete(node.rows)
+            at += node.table.index if node.rows is node.table.every else map(node.table.index.__getitem__, node.rows)
+            final += names_here
+            if node in may_collide:
+                suspects += names_here
+        if len(set(suspects)) != len(suspects):
             raise _Fallback  # two keys end on one name: the per-step run names the step
-        if len({(s.index, name) for _, s, name in self.dropped}) != len(self.dropped):
+        order = sorted(range(len(at)), key=at.__getitem__)  # back to source order
+        survivors = list(map(at.__getitem__, order))
+        names = list(map(final.__getitem__, order))
+        dropped: list[tuple[int, Step, str]] = []
+        for node, rows, step, name, _ in self.drops:
+            index = node.table.index
+            dropped += ((index[r], step, key) for r, key in zip(rows, node.concrete(rows, name)))
+        if len({(s.index, name) for _, s, name in dropped}) != len(dropped):
             raise _Fallback  # two keys shared a name before both were dropped
-        self.dropped.sort(key=lambda d: d[0])
-        return NamePass(self.keys, survivors, names, self.dropped, self.counts, self.group_of, runs, self.trail, self.upto)
+        dropped.sort(key=itemgetter(0))
+        ends = [(node, node.rows, None) for node in nodes]
+        ends += [(node, rows, upto) for node, rows, _, _, upto in self.drops]
+        return NamePass(self.keys, survivors, names, dropped, self.counts, ends)  # type: ignore[arg-type]
+
+
+def _may_collide(nodes: list[_Node]) -> set[_Node]:
+    """The nodes whose rows' names must be compared, the others' being distinct by their
+    form. Placeholders stand for whole components, so a node whose name shows every
+    number of its keys (on a table of distinct source keys) gives each row its own
+    name; two nodes can only meet when their names have the same components, numeric
+    ones included, and no numeric component tells them apart by its literal value.
+
+    >>> a = _Node(_Table([0, 1], (["0", "1"],)), [0, 1], "chunks.0.\ue000.w")
+    >>> b = _Node(_Table([2, 3], (["0", "1"],)), [0, 1], "chunks.1.\ue000.w")
+    >>> c = _Node(_Table([4, 5], (["0", "1"],)), [0, 1], "chunks.\ue000.0.w")
+    >>> _may_collide([a, b]) == set(), _may_collide([a, b, c]) == {a, b, c}
+    (True, True)
+    """
+    suspect: set[_Node] = set()
+    by_form: dict[tuple[str, ...], list[tuple[_Node, list[str]]]] = {}
+    for node in nodes:
+        parts = node.name.split(".")
+        width = len(node.table.columns)
+        shown = {ord(p) - PH_FIRST for p in parts if _is_placeholder(p)}
+        if node.table.parent_rows is not None or len(shown) != width:
+            suspect.add(node)  # its rows could share a name among themselves
+        form = tuple("" if _is_placeholder(p) or (p.isascii() and p.isdigit()) else p for p in parts)
+        by_form.setdefault(form, []).append((node, parts))
+    for group in by_form.values():
+        if len(group) > 64:
+            suspect.update(node for node, _ in group)
+            continue
+        for n, (a, pa) in enumerate(group):
+            for b, pb in group[n + 1 :]:
+                if not any(x != y and x.isdigit() and y.isdigit() for x, y in zip(pa, pb)):
+                    suspect.update((a, b))
+    return suspect
+
+
+def _is_placeholder(part: str) -> bool:
+    return len(part) == 1 and PH_FIRST <= ord(part) <= PH_LAST
+
+
+def _name_map(step: NameStep, name: str) -> tuple[str | None, tuple[int, ...]]:
+    try:
+        return step.name_map(name)
+    except (CaptureError, PatternError):
+        raise _Fallback from None

@@ -18,6 +18,9 @@ import dataclasses
 import gc
 import math
 from contextlib import contextmanager
+from functools import cached_property
+from itertools import compress, filterfalse, repeat
+from operator import attrgetter, eq, is_, is_not, not_
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -182,14 +185,15 @@ def _make_plan(rules: Rules, source: Mapping[str, Any], target: Mapping[str, Any
                source_handle: Source | None) -> Plan:  # fmt: skip
     src = source_meta(source)
     tgt = target if _all_target_meta(target) else target_meta(target)
+    view = _TargetView(tgt)
     steps, cols, failures = _run_steps(rules.steps, src, StepContext(tgt))
-    pairing = _pair(cols, tgt, rules)
+    pairing = _pair(cols, tgt, rules, view)
     failures += pairing.failures
     frozen, bn_names, freeze_failures = _plan_freeze(rules, tgt, batchnorm_modules or {})
     failures += freeze_failures
     bn_prefixes = tuple(f"{n}." for n in bn_names) if rules.freeze.batchnorm == "frozen" else ()
     fates, unused_parts = cols.fates(pairing)
-    tally = _tally(tgt, pairing, frozen, bn_prefixes, rules)
+    tally = _tally(view, pairing, frozen, bn_prefixes, rules)
     sources_tally = cols.source_tally(pairing, fates, rules)
     totals = dataclasses.replace(tally.totals, source_keys=len(src), **sources_tally.counts)
     failures += _expectations(tally.undeclared_missing, sources_tally.undeclared_unused, totals, rules)
@@ -204,7 +208,7 @@ def _make_plan(rules: Rules, source: Mapping[str, Any], target: Mapping[str, Any
         targets=LazySequence(lambda: _target_records(tgt, pairing, cols, frozen, bn_prefixes, rules, fates)),
         sources=LazySequence(lambda: _source_records(src, cols.fate_rows(pairing, fates), rules)),
         failures=tuple(_merge_hints(failures)),
-        warnings=tuple(_warnings(rules, tgt, pairing, cols)),
+        warnings=tuple(_warnings(rules, view, pairing, cols)),
         totals=totals,
         freeze=FreezeRecord(rules.freeze.batchnorm, tuple(bn_names)),
     )
@@ -214,7 +218,7 @@ def _make_plan(rules: Rules, source: Mapping[str, Any], target: Mapping[str, Any
 
 
 def _all_target_meta(target: Mapping[str, Any]) -> bool:
-    return isinstance(target, Mapping) and all(isinstance(v, TargetMeta) for v in target.values())
+    return isinstance(target, Mapping) and set(map(type, target.values())) <= {TargetMeta}
 
 
 def _run_steps(steps: Sequence[Step], src: dict[str, TensorMeta], ctx: StepContext) -> tuple[list[StepRecord], _Columns, list[Failure]]:
@@ -337,9 +341,13 @@ class _PassColumns(_Columns):
     def __init__(self, names: NamePass, src: dict[str, TensorMeta]) -> None:
         self.npass, self.src = names, src
         keys = names.keys
-        self.keys = [keys[i] for i in names.survivors]
+        if len(names.survivors) == len(keys):  # nothing dropped: the source as it is
+            self.keys, metas = keys, src.values()
+        else:
+            self.keys = list(map(keys.__getitem__, names.survivors))
+            metas = map(src.__getitem__, self.keys)  # type: ignore[assignment]
         self.names = names.names
-        self.shapes = [src[k].shape for k in self.keys]
+        self.shapes = list(map(attrgetter("shape"), metas))
         self._items: list[Item] | None = None
 
     def item(self, j: int) -> Item:
@@ -354,7 +362,7 @@ class _PassColumns(_Columns):
         return self.src[self.keys[j]]
 
     def dtypes(self) -> set[str]:
-        return {m.dtype for m in self.src.values()}
+        return set(map(attrgetter("dtype"), self.src.values()))
 
     def assignment(self, target: str, j: int) -> Assignment:
         return Assignment(target, (self.keys[j],), None, self.src[self.keys[j]])
@@ -382,7 +390,7 @@ class _PassColumns(_Columns):
     def source_tally(self, pairing: _Pairing, fates: Mapping[str, _Fate], rules: Rules) -> _SourceTally:
         count = Counter(pairing.fate)
         declared = _matcher(rules.expect.unused)
-        unused = [(k, n) for k, n, f in zip(self.keys, self.names, pairing.fate) if f == UNUSED]
+        unused = [(k, n) for k, n, f in zip(self.keys, self.names, pairing.fate) if f == UNUSED] if count[UNUSED] else []
         undeclared = [(k, n) for k, n in unused if not declared(k, n)]
         counts = {"used": count[USED] + count[DUPLICATE], "dropped": len(self.npass.dropped), "unused": count[UNUSED] + count[SKIPPED]}
         return _SourceTally(counts, [k for k, _ in undeclared], [n for _, n in undeclared])
@@ -427,8 +435,8 @@ class _Pairing:
     ``target[j]``; ``loaded`` and ``mismatched`` map a target key to its item."""
 
     fate: list[str]
-    target: list[str | None]
-    loaded: dict[str, int] = field(default_factory=dict)
+    target: list[str | None]  # not to be changed in place: it may be the items' names
+    loaded: Mapping[str, int] = field(default_factory=dict)
     mismatched: dict[str, int] = field(default_factory=dict)
     duplicates: list[tuple[int, int, str]] = field(default_factory=list)  # (item, item it duplicates, target)
     failures: list[Failure] = field(default_factory=list)
@@ -440,7 +448,49 @@ class _Pairing:
 FATE_RANK = {USED: 0, SKIPPED: 1, DUPLICATE: 2, UNUSED: 3}  # a source split into parts takes its best part's fate
 
 
-def _pair(cols: _Columns, tgt: Mapping[str, TargetMeta], rules: Rules) -> _Pairing:
+class _TargetView:
+    """The target's metadata column by column, read once per plan: its keys, and those
+    that are not aliases of a tied parameter (``own``)."""
+
+    def __init__(self, tgt: Mapping[str, TargetMeta]) -> None:
+        self.tgt = tgt
+        self.keys = list(tgt)
+        self.metas = list(tgt.values())
+        tied = list(map(attrgetter("tied_to"), self.metas))
+        self.has_tied = any(map(is_not, tied, repeat(None)))
+        if self.has_tied:
+            own = list(map(is_, tied, repeat(None)))
+            self.own_keys, self.own_metas = list(compress(self.keys, own)), list(compress(self.metas, own))
+        else:
+            self.own_keys, self.own_metas = self.keys, self.metas
+
+    @cached_property
+    def dtypes(self) -> set[str]:
+        return set(map(attrgetter("dtype"), self.metas))
+
+
+def _pair(cols: _Columns, tgt: Mapping[str, TargetMeta], rules: Rules, view: _TargetView) -> _Pairing:
+    """Item ``j`` against the target key of its name: loaded when the shapes agree."""
+    if view.has_tied:
+        return _pair_tied(cols, tgt, rules)
+    names, shapes = cols.names, cols.shapes  # unique names: no two items meet at one key
+    theirs = list(map(getattr, map(tgt.get, names), repeat("shape"), repeat(None)))
+    same = list(map(eq, shapes, theirs))
+    out = _Pairing([USED] * len(names), names)
+    if all(same):  # the common case: built when first read
+        out.loaded = LazyMapping(lambda: dict(zip(names, range(len(names)))), length=len(names))
+    else:
+        out.loaded = dict(compress(zip(names, range(len(names))), same))
+        out.fate = [USED if ok else UNUSED if t is None else SKIPPED for ok, t in zip(same, theirs)]
+        out.target = [n if t is not None else None for n, t in zip(names, theirs)]
+        out.mismatched = {names[j]: j for j in compress(range(len(names)), map(SKIPPED.__eq__, out.fate))}
+    _check_mismatches(out, cols, tgt, rules)
+    return out
+
+
+def _pair_tied(cols: _Columns, tgt: Mapping[str, TargetMeta], rules: Rules) -> _Pairing:
+    """Pairing when some target keys are aliases of a tied parameter: every item named
+    after one of its names feeds it, the first (its own name first) loads."""
     names, shapes = cols.names, cols.shapes
     out = _Pairing([UNUSED] * len(names), [None] * len(names))
     first: dict[str, int] = {}
@@ -460,19 +510,24 @@ def _pair(cols: _Columns, tgt: Mapping[str, TargetMeta], rules: Rules) -> _Pairi
         first[canonical] = group[0]
         for dup in group[1:]:
             _duplicate(out, cols, dup, group[0], canonical)
-    mismatches = []
-    skips = rules.shapes.skips
     fate, target = out.fate, out.target
     for canonical, j in first.items():
         target[j] = canonical
         if shapes[j] != tgt[canonical].shape:
             out.mismatched[canonical] = j
             fate[j] = SKIPPED
-            if not skips(canonical):
-                mismatches.append((canonical, j))
             continue
         out.loaded[canonical] = j
         fate[j] = USED
+    _check_mismatches(out, cols, tgt, rules)
+    return out
+
+
+def _check_mismatches(out: _Pairing, cols: _Columns, tgt: Mapping[str, TargetMeta], rules: Rules) -> None:
+    """A failure for the mismatched keys that ``shapes.skip`` does not allow."""
+    shapes = cols.shapes
+    skips = rules.shapes.skips
+    mismatches = [(k, j) for k, j in out.mismatched.items() if not skips(k)]
     if mismatches:
         lines = [f"{k}: checkpoint {list(shapes[j])} (from {_names(cols.sources(j))}) vs model {list(tgt[k].shape)}" for k, j in mismatches]
         out.failures.append(
@@ -484,7 +539,6 @@ def _pair(cols: _Columns, tgt: Mapping[str, TargetMeta], rules: Rules) -> _Pairi
                 tuple(k for k, _ in mismatches),
             )
         )
-    return out
 
 
 def _duplicate(out: _Pairing, cols: _Columns, dup: int, first: int, canonical: str) -> None:
@@ -549,35 +603,50 @@ class _TargetTally:
     undeclared_missing: list[str]  # target keys failing expect.missing, in target order
 
 
-def _tally(tgt: Mapping[str, TargetMeta], pairing: _Pairing, frozen: set[str], bn_prefixes: tuple[str, ...], rules: Rules) -> _TargetTally:
+def _tally(view: _TargetView, pairing: _Pairing, frozen: set[str], bn_prefixes: tuple[str, ...], rules: Rules) -> _TargetTally:
     """The target's totals and the keys that fail ``expect.missing``, without a record per key."""
     loaded, mismatched = pairing.loaded, pairing.mismatched
-    own = [(k, m) for k, m in tgt.items() if m.tied_to is None]
-    params = [(k, m) for k, m in own if m.kind == "parameter"]
-    numel = [math.prod(m.shape) for _, m in params]
-    if frozen or bn_prefixes:
-        trainable = [bool(_trainable(k, m, frozen, bn_prefixes)) for k, m in params]
+    keys, metas = view.own_keys, view.own_metas
+    is_param = list(map("parameter".__eq__, map(attrgetter("kind"), metas)))
+    if all(is_param):
+        params, param_metas = keys, metas
     else:
-        trainable = [m.requires_grad for _, m in params]
-    missing = [k for k, _ in own if k not in loaded and k not in mismatched]
+        params, param_metas = list(compress(keys, is_param)), list(compress(metas, is_param))
+    numel = list(map(_Numel().__getitem__, map(attrgetter("shape"), param_metas)))
+    if frozen or bn_prefixes:
+        trainable = [bool(_trainable(k, m, frozen, bn_prefixes)) for k, m in zip(params, param_metas)]
+    else:
+        trainable = list(map(attrgetter("requires_grad"), param_metas))
+    everything = len(loaded) == len(keys)  # every key of the target is loaded (names are unique)
+    loaded_keys = set() if everything else set(loaded)
+    missing = [] if everything else list(filterfalse((loaded_keys | mismatched.keys()).__contains__, keys))
+    n_trainable = sum(trainable)
     declared = _matcher(rules.expect.missing)
     undeclared = set(missing) if not rules.expect.missing else {k for k in missing if not declared(k)}
     skips = rules.shapes.skips
     undeclared |= {k for k in mismatched if skips(k) and not declared(k)}
     totals = Totals(
-        target_keys=len(own),
+        target_keys=len(keys),
         loaded=len(loaded),
         missing=len(missing),
         mismatched=len(mismatched),
         param_elements=sum(numel),
-        loaded_elements=sum(n for (k, _), n in zip(params, numel) if k in loaded),
-        frozen_elements=sum(n for n, t in zip(numel, trainable) if not t),
-        trainable_elements=sum(n for n, t in zip(numel, trainable) if t),
-        frozen_params=trainable.count(False),
-        trainable_params=trainable.count(True),
+        loaded_elements=sum(numel) if everything else sum(compress(numel, map(loaded_keys.__contains__, params))),
+        frozen_elements=sum(compress(numel, map(not_, trainable))) if n_trainable < len(trainable) else 0,
+        trainable_elements=sum(compress(numel, trainable)) if n_trainable else 0,
+        frozen_params=len(trainable) - n_trainable,
+        trainable_params=n_trainable,
     )
-    order = [k for k, _ in own if k in undeclared]
+    order = [k for k in keys if k in undeclared] if undeclared else []
     return _TargetTally(totals, {k for k in missing if k in undeclared}, order)
+
+
+class _Numel(dict):  # type: ignore[type-arg]
+    """shape -> number of elements, each distinct shape computed once."""
+
+    def __missing__(self, shape: tuple[int, ...]) -> int:
+        n = self[shape] = math.prod(shape)
+        return n
 
 
 def _matches(patterns: Iterable[str], *keys: str | None) -> bool:
@@ -797,14 +866,14 @@ def _merge_hints(failures: list[Failure]) -> list[Failure]:
     return out
 
 
-def _warnings(rules: Rules, tgt: Mapping[str, TargetMeta], pairing: _Pairing, cols: _Columns) -> list[str]:
+def _warnings(rules: Rules, view: _TargetView, pairing: _Pairing, cols: _Columns) -> list[str]:
     out = []
-    keys = list(tgt)
+    keys, tgt = view.keys, view.tgt
     for p in rules.expect.missing:
         if not any(compile_regex(p).search(k) for k in keys):
             out.append(f"expect.missing: pattern {quote(p)} matched no target key")
     casts: Counter[tuple[str, str]] = Counter()
-    if len({m.dtype for m in tgt.values()} | set(cols.dtypes())) > 1:
+    if len(view.dtypes | cols.dtypes()) > 1:
         for t, j in pairing.loaded.items():
             a, b = cols.meta(j).dtype, tgt[t].dtype
             if a != b:

@@ -499,7 +499,7 @@ class Rename(NameStep):
         rules = []
         for r in self.rules:
             pattern = rewrite(r.pattern)
-            if pattern is None or r.template.add or not _digits_apart_from_groups(r.template):
+            if pattern is None or r.template.add:  # index arithmetic needs the numbers themselves
                 return None
             rules.append(_Rule(pattern, r.template))
         return replace(self, rules=tuple(rules))
@@ -559,17 +559,3 @@ class Keep(_Filter):
 
 def _has_digit(text: str) -> bool:
     return any(c.isdigit() for c in text)
-
-
-def _digits_apart_from_groups(template: Template) -> bool:
-    """Every group reference stands between dots (or at an end), so a captured number
-    stays a component of its own: ``layer\\1`` or ``\\g<1>0`` would fuse it into a name."""
-    parts = template.parts
-    for n, (kind, value) in enumerate(parts):
-        if kind != "group":
-            continue
-        before = parts[n - 1] if n > 0 else ("text", ".")
-        after = parts[n + 1] if n + 1 < len(parts) else ("text", ".")
-        if before[0] == "group" or after[0] == "group" or not before[1].endswith(".") or not after[1].startswith("."):
-            return False
-    return True
