@@ -319,7 +319,33 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         b["vs_fastest_raw"] = b["seconds"] / fastest_raw["seconds"] if fastest_raw else None
         b["vs_page_cache_copy"] = b["seconds"] / copy_s if copy_s else None
         b["peak_share_of_model"] = b["peak"]["rss"] / b["model_bytes"]
+    for v, ratio in _paired_ratios(runs).items():
+        best[v]["vs_raw_same_round_median"] = ratio
     return {"fastest_raw": fastest_raw["variant"] if fastest_raw else None, "variants": best}
+
+
+def _paired_ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """Per variant, the median over rounds of its time over the fastest raw path's time in
+    the same round: the rounds run the variants one after the other, so a round shares the
+    machine's state of the moment (best-of times can come from different moments).
+
+    >>> ok = lambda s: {"seconds": s}
+    >>> _paired_ratios({"safetensors_load_file": [ok(1.0), ok(2.0)], "remap_safetensors": [ok(1.1), ok(1.0)]})["remap_safetensors"]
+    0.8
+    """
+    rounds = max((len(rs) for rs in runs.values()), default=0)
+    fastest = []
+    for n in range(rounds):
+        raw = [rs[n]["seconds"] for v, rs in runs.items() if VARIANTS[v][3] and n < len(rs) and "seconds" in rs[n]
+               and _status(rs[n]) == "ok"]  # fmt: skip
+        fastest.append(min(raw) if raw else None)
+    out = {}
+    for v, rs in runs.items():
+        ratios = sorted(r["seconds"] / f for r, f in zip(rs, fastest) if f and "seconds" in r)
+        if ratios:
+            mid = len(ratios) // 2
+            out[v] = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    return out
 
 
 def run(quick: bool, repeats: int, tmpdir: str | None = None, progress: Callable[[str], None] = print,

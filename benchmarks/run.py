@@ -64,12 +64,13 @@ def loading_table(result: dict[str, Any]) -> None:
     rows = []
     for v, b in result["variants"].items():
         if "seconds" not in b:
-            rows.append([v, b["status"][:60], *["-"] * 8])
+            rows.append([v, b["status"][:60], *["-"] * 9])
             continue
         p = b["peak"]
         fmt = lambda x: f"{x:.2f}x" if x is not None else "-"  # noqa: E731
         rows.append([
-            v, b["status"][:60], f"{b['seconds']:.3f}", fmt(b["vs_fastest_raw"]), fmt(b["vs_page_cache_copy"]),
+            v, b["status"][:60], f"{b['seconds']:.3f}", fmt(b["vs_fastest_raw"]), fmt(b.get("vs_raw_same_round_median")),
+            fmt(b["vs_page_cache_copy"]),
             f"+{gib(p['rss'])} ({100 * b['peak_share_of_model']:.0f}%)", f"+{gib(p['anon'])}", f"+{gib(p['file'])}",
             f"{b['bytes_per_second'] / 1e9:.2f}", _cores(b),
         ])  # fmt: skip
@@ -79,12 +80,15 @@ def loading_table(result: dict[str, Any]) -> None:
         f"Loading {result['layers']} x Linear({result['dim']}, {result['dim']}) fp32 = {model_gb:.2f} GB "
         f"(best of {result['repeats']}, each run a fresh process"
         + (f", {result['threads']} torch threads)" if result.get("threads") else ")"),
-        ["variant", "check", "wall s", "x fastest raw", "x page copy", "peak RSS GiB (% model)", "anon GiB",
+        ["variant", "check", "wall s", "x fastest raw", "x raw, per round", "x page copy", "peak RSS GiB (% model)", "anon GiB",
          "file GiB", "GB/s", "others"],
         rows,
         ["Every file is read once before its timed load: all variants read from the page cache.",
          "Wall time = the load plus a read of one element per memory page of every model tensor (lazily "
          "mapped results pay their page faults).",
+         "x fastest raw: best time over the best time of the fastest raw path; x raw, per round: the median over "
+         "rounds of the time over the fastest raw path's time in the same round (robust to the machine's state "
+         "drifting between rounds).",
          "Peak RSS above the RSS after building the model (meta targets: before the load); anon = heap, "
          "file = mapped file pages; each is its own maximum (VmHWM reset, /proc/self/status sampled every 2 ms).",
          f"fastest raw path: {result['fastest_raw']}; page copy: one readinto of the whole file into a preallocated, "

@@ -229,3 +229,47 @@ def test_torch_swap_tensors_mode_still_loads_the_file_values(tmp_path, meta):
         torch.__future__.set_swap_module_params_on_conversion(False)
     assert report.stats["direct_tensors"] == 0 and report.stats["zero_copy_tensors"] == 6
     assert all(torch.equal(v, src.state_dict()[k]) for k, v in dst.state_dict().items())
+
+
+def test_reads_run_ahead_of_the_batch_being_loaded(tmp_path, monkeypatch):
+    """Every large tensor is handed to the reading threads before the first batch loads,
+    so the threads never wait at a batch's end; the batches still load one by one."""
+    monkeypatch.setattr(streaming, "PIECE_BYTES", 1000)
+    monkeypatch.setattr(streaming, "_read_threads", lambda: 2)
+    events = []
+    real_ahead, real_load = streaming._Direct.ahead, streaming._Loader.load
+
+    def ahead(self, jobs):
+        jobs = list(jobs)
+        events.append(("ahead", sorted(t for t, *_ in jobs if t.endswith("weight"))))
+        return real_ahead(self, jobs)
+
+    monkeypatch.setattr(streaming._Direct, "ahead", ahead)
+    monkeypatch.setattr(streaming._Loader, "load", lambda self, out: events.append(("load", sorted(out))) or real_load(self, out))
+    src = perturb(Net(width=40), seed=16)
+    path = write(tmp_path / "ckpt.safetensors", src.state_dict())
+    dst = Net(width=40)
+    report = remap.load(dst, path, batch_bytes=1)
+    assert events[0] == ("ahead", ["a.weight", "b.weight", "norm.weight"])
+    assert [e for e, _ in events[1:]] == ["load"] * 6 and report.stats["batches"] == 6
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in dst.state_dict().items())
+
+
+def test_a_read_ahead_failing_in_a_later_batch_stops_every_thread(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(streaming, "PIECE_BYTES", 512)
+    monkeypatch.setattr(streaming, "_read_threads", lambda: 2)
+    path = write(tmp_path / "ckpt.safetensors", perturb(Net(width=40), seed=17).state_dict())
+    real = os.preadv
+    last = os.path.getsize(path) - 2000  # somewhere in the last tensors
+
+    def flaky(fd, buffers, offset):
+        if offset >= last:
+            raise OSError(5, "Input/output error")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", flaky)
+    with pytest.raises(SourceError, match="cannot read bytes .*: Input/output error"):
+        remap.load(meta_net(width=40), path, batch_bytes=1)
+    assert not [t for t in threading.enumerate() if t.name.startswith("remap-read")]

@@ -179,3 +179,22 @@ def test_rules_that_pick_numbers_run_once_per_class_not_per_key(monkeypatch):
     assert fast.names[0] == "0.ep0.experts.0.w1.weight" and fast.names[-1] == "15.ep3.experts.63.w1.bias"
     assert len(calls) < 200  # per class and shape; per key it would be over 10,000
     assert fast.hops(len(source) - 1) == ((1 + 3, "layers.15.ep3.experts.63.w1.bias"), (11, "15.ep3.experts.63.w1.bias"))
+
+
+def test_a_capture_glued_to_text_runs_on_shapes_unless_it_holds_a_number(monkeypatch):
+    """``w\\2`` glues a capture to a letter: harmless for ``(q|k|v)``, which never holds a
+    number, so the step runs once per shape; ``layer\\1`` glues an index to a name, so
+    those keys run one by one. Both give what the per-key run gives."""
+    calls = []
+    original = Rename.name_map
+    monkeypatch.setattr(Rename, "name_map", lambda self, key: calls.append(key) or original(self, key))
+    source = {f"layers.{i}.attn.{p}_proj.weight": TensorMeta((2,)) for i in range(100) for p in "qkv"}
+    glued = parse_rules({"version": 1, "rules": [{"rename": {r"^layers\.(\d+)\.attn\.(q|k|v)_proj\.": r"blocks.\1.attn.w\2."}}]})
+    fast = run_name_steps(leading_name_steps(glued.steps), source)
+    assert fast.names[:3] == ["blocks.0.attn.wq.weight", "blocks.0.attn.wk.weight", "blocks.0.attn.wv.weight"]
+    assert len(calls) == 3  # one per shape, not 300
+    calls.clear()
+    fused = parse_rules({"version": 1, "rules": [{"rename": {r"^layers\.(\d+)\.": r"layer\1."}}]})
+    fast = run_name_steps(leading_name_steps(fused.steps), source)
+    slow, _ = per_key([s for s, _ in leading_name_steps(fused.steps)], list(source))
+    assert fast.names == [i.key for i in slow] and fast.names[0] == "layer0.attn.q_proj.weight"

@@ -564,25 +564,33 @@ class NamePass:
     dropped: list[tuple[int, Step, str]]
     counts: list[list[int]]
     ends: list[tuple[_Node, list[int], int | None]] = field(repr=False)  # (node, rows, hops done): where keys ended
-    _where: list[tuple[_Node, int, int | None]] | None = field(default=None, repr=False)
+    _where: tuple[list[int], list[int]] | None = field(default=None, repr=False)  # per key: its end, its row there
+    _steps: dict[int, tuple[int, ...]] = field(default_factory=dict, repr=False)  # per end: the steps its keys went through
 
-    def _locate(self, i: int) -> tuple[_Node, int, int | None]:
+    def _locate(self, i: int) -> tuple[int, int]:
         if self._where is None:
-            where: list[Any] = [None] * len(self.keys)
-            for node, rows, upto in self.ends:
-                index = node.table.index
-                for r in rows:
-                    where[index[r]] = (node, r, upto)
-            self._where = where
-        return self._where[i]
+            end_of, row_of = [0] * len(self.keys), [0] * len(self.keys)
+            for e, (node, rows, _) in enumerate(self.ends):
+                for at, r in zip(map(node.table.index.__getitem__, rows), rows):
+                    end_of[at], row_of[at] = e, r
+            self._where = end_of, row_of
+        return self._where[0][i], self._where[1][i]
 
     def hops(self, i: int) -> tuple[tuple[int, str], ...]:
         """``(step index, name after it)`` for every step that renamed key ``i``."""
-        return tuple(_hops(*self._locate(i), named=True))
+        e, row = self._locate(i)
+        node, _, upto = self.ends[e]
+        return tuple(_hops(node, row, upto, named=True))
 
     def hop_steps(self, i: int) -> tuple[int, ...]:
-        """The indexes of the steps that renamed key ``i`` (what :meth:`hops` has, without names)."""
-        return tuple(_hops(*self._locate(i), named=False))
+        """The indexes of the steps that renamed key ``i`` (what :meth:`hops` has, without
+        names: the same for every key that ended alike)."""
+        e, row = self._locate(i)
+        steps = self._steps.get(e)
+        if steps is None:
+            node, _, upto = self.ends[e]
+            steps = self._steps[e] = tuple(_hops(node, row, upto, named=False))
+        return steps
 
     def items(self, source: dict[str, TensorMeta]) -> list[Item]:
         keys = self.keys

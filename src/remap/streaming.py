@@ -37,7 +37,7 @@ import time
 import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -266,38 +266,47 @@ class _Direct:
     def __init__(self, threads: int) -> None:
         self.threads = max(1, threads)
         self._pool: ThreadPoolExecutor | None = None
+        self._ahead: dict[str, list[Future[None]]] = {}  # target -> its pieces, being read
 
-    def read(self, jobs: Sequence[tuple[int, int, torch.Tensor, str]]) -> None:
-        """Fill each ``(fd, offset, tensor, path)`` from the file; large ones in pieces, on
-        several threads. Returns (or raises the first failure) only when every piece is done,
-        and each piece holds its tensor, so no thread ever writes into freed memory."""
-        pieces: list[tuple[int, int, memoryview, str, torch.Tensor]] = []
-        small: list[tuple[int, int, memoryview, str, torch.Tensor]] = []
-        for fd, offset, tensor, path in jobs:
+    def ahead(self, jobs: Iterable[tuple[str, int, int, torch.Tensor, str]]) -> None:
+        """Start reading the large tensors of ``(target, fd, offset, tensor, path)`` on the
+        reading threads, in this order (the files' order): the threads go on reading the
+        next batches while a batch is loaded, so they never wait at a batch's end. Small
+        tensors are left to :meth:`read` (a thread hand-off costs more than their read)."""
+        if self.threads == 1:
+            return
+        for target, fd, offset, tensor, path in jobs:
             buf = _writable_bytes(tensor)
-            if len(buf) < PIECE_BYTES or self.threads == 1:
-                small.append((fd, offset, buf, path, tensor))
+            if len(buf) < PIECE_BYTES:
                 continue
-            for lo in range(0, len(buf), PIECE_BYTES):
-                pieces.append((fd, offset + lo, buf[lo : lo + PIECE_BYTES], path, tensor))
-        futures = []
-        if len(pieces) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="remap-read")
-            futures = [self._pool.submit(_pread_into, *p) for p in pieces]
-        else:
-            small += pieces
+            self._ahead[target] = [self._pool.submit(_pread_into, fd, offset + lo, buf[lo : lo + PIECE_BYTES], path, tensor)
+                                   for lo in range(0, len(buf), PIECE_BYTES)]  # fmt: skip
+
+    def read(self, jobs: Sequence[tuple[str, int, int, torch.Tensor, str]]) -> None:
+        """Fill each tensor of ``(target, fd, offset, tensor, path)``: wait for those being
+        read ahead, read the others here. Returns (or raises the first failure) only when
+        every piece of these tensors is done."""
+        futures: list[Future[None]] = []
         try:
-            for job in small:
-                _pread_into(*job)
+            for target, fd, offset, tensor, path in jobs:
+                pieces = self._ahead.pop(target, None)
+                if pieces is None:
+                    _pread_into(fd, offset, _writable_bytes(tensor), path, tensor)
+                else:
+                    futures += pieces
         finally:
             wait(futures)
         for f in futures:
             f.result()  # the first failure
 
     def close(self) -> None:
+        """Stop: pieces not started are cancelled, running ones finish (each holds its
+        tensor, so no thread ever writes into freed memory)."""
+        self._ahead.clear()
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
 
@@ -508,9 +517,11 @@ def stream(plan: Plan, source: Source, module: torch.nn.Module, *, assign: bool,
     direct = _Direct(_read_threads())
     done = 0
     try:
+        jobs = _direct_jobs(ordered, routes, spans, files)
+        direct.ahead((t, *job) for t, job in jobs.items() if job[2].numel())
         for keys in plan_batches(sizes, batch_bytes):
             batch = [by_target[k] for k in keys]
-            values = _direct_values(batch, routes, spans, files, direct, reader, stats)
+            values = _direct_values(batch, routes, jobs, direct, reader, stats)
             values.update(_kept_values(batch, routes, spans, files, plan, reader, stats))
             with reader.batch(k for a in batch if routes[a.target].kind == "view" for k in a.sources):
                 out = {}
@@ -531,30 +542,41 @@ def stream(plan: Plan, source: Source, module: torch.nn.Module, *, assign: bool,
     return stats
 
 
-def _direct_values(batch: Sequence[Assignment], routes: Mapping[str, _Route], spans: Mapping[str, Span | None],
-                   files: _Files, direct: _Direct, reader: _Reader, stats: LoadStats) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The batch's direct reads, done: target key -> the tensor to hand to ``load_state_dict``."""
-    values: dict[str, torch.Tensor] = {}
-    jobs = []
-    for a in batch:
+def _direct_jobs(ordered: Sequence[Assignment], routes: Mapping[str, _Route], spans: Mapping[str, Span | None],
+                 files: _Files) -> dict[str, tuple[int, int, torch.Tensor, str]]:  # fmt: skip
+    """Every direct read, in file order: target key -> ``(fd, offset, destination, path)``.
+    The destination is the target's own tensor, or for a meta-device target the fresh
+    tensor that will be assigned (its pages are touched only by the read)."""
+    jobs = {}
+    for a in ordered:
         route = routes[a.target]
         if route.kind != "direct":
             continue
         span = spans[a.sources[0]]
         if span is None:
             raise InternalError(f"{a.target!r}: routed to a direct read without a span in the file")
-        if route.dest is not None:
-            dest, value = route.dest, route.dest.detach()  # copy_ of a tensor onto itself is a no-op
-        else:
-            dest = value = torch.empty(span.shape, dtype=route.dtype)
+        dest = route.dest if route.dest is not None else torch.empty(span.shape, dtype=route.dtype)
+        jobs[a.target] = (files.fds[span.path], span.offset + span.storage_offset * ITEMSIZE[span.dtype], dest, span.path)
+    return jobs
+
+
+def _direct_values(batch: Sequence[Assignment], routes: Mapping[str, _Route], jobs: Mapping[str, tuple[int, int, torch.Tensor, str]],
+                   direct: _Direct, reader: _Reader, stats: LoadStats) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The batch's direct reads, done: target key -> the tensor to hand to ``load_state_dict``."""
+    values: dict[str, torch.Tensor] = {}
+    todo = []
+    for a in batch:
+        if routes[a.target].kind != "direct":
+            continue
+        dest = jobs[a.target][2]
+        # An allocated target's own tensor: load_state_dict's copy_ of a tensor onto itself is a no-op.
+        values[a.target] = dest.detach() if routes[a.target].dest is not None else dest
         if dest.numel():
-            start = span.offset + span.storage_offset * ITEMSIZE[span.dtype]
-            jobs.append((files.fds[span.path], start, dest, span.path))
-        values[a.target] = value
+            todo.append((a.target, *jobs[a.target]))
         reader.count(a.sources[0])
         stats.direct += 1
-    if jobs:
-        direct.read(jobs)
+    if todo:
+        direct.read(todo)
     return values
 
 
