@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results.json",
                     help="where to write the JSON results (default: benchmarks/results.json)")  # fmt: skip
     ap.add_argument("--only", choices=["planning", "loading"], help="run one part only")
-    ap.add_argument("--repeats", type=int, help="loading runs per variant (default 3; --quick 1)")
+    ap.add_argument("--repeats", type=int, help="loading runs per variant (default 5; --quick 1)")
     ap.add_argument("--variants", help="loading variants to run, comma-separated (default: all): "
                     + ", ".join(loading.VARIANTS))
     ap.add_argument("--threads", type=int, help="torch threads in the loading subprocesses (OMP_NUM_THREADS; "
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"$ {saved['command']}")
         show(saved)
         return 0
-    repeats = a.repeats or (1 if a.quick else 3)
+    repeats = a.repeats or (1 if a.quick else 5)
 
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     info = machine_info()

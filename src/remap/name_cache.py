@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from itertools import compress
-from operator import itemgetter, not_
+from operator import itemgetter
 from collections.abc import Sequence
 from typing import Any
 from dataclasses import dataclass, field
@@ -751,9 +751,9 @@ class _Pass:
             ok = self.tests.passing(components[i].test(c), distinct)
             if not ok or len(ok) == len(distinct):
                 return [(((i, c, bool(ok)),), (), rows)]
-            mask = list(map(ok.__contains__, values))
-            return [(((i, c, True),), (), list(compress(rows, mask))),
-                    (((i, c, False),), (), list(compress(rows, map(not_, mask))))]  # fmt: skip
+            bad = distinct - ok
+            return [(((i, c, True),), (), list(compress(rows, map(ok.__contains__, values)))),
+                    (((i, c, False),), (), list(compress(rows, map(bad.__contains__, values))))]  # fmt: skip
         checks = [(i, c, components[i].test(c)) for i, c, _ in tested]
         columns = [node.values(s) for _, _, s in tested] + [node.values(s) for s in valued]
         by_value: dict[tuple[str, ...], list[int]] = {}
