@@ -9,12 +9,18 @@ are rewritten to match a placeholder wherever they could match such a component,
 steps run once per shape, and each key's names are restored by putting its numbers back.
 Digits inside names (``w1``, ``conv2``) stay as they are.
 
+The keys of one shape form a table (:class:`_Table`): their source positions, and their
+numbers column by column. A node (:class:`_Node`) is a set of rows of a table that went
+through the steps alike, named with placeholders that stand for the table's columns;
+only at the end is each key's final name formatted from its numbers.
+
 A pattern is rewritten only when that is equivalent (see :func:`abstract_pattern`). A
 step whose patterns can tell numbers apart (``downsample\\.0\\.``, ``layers\\.(\\d*[01])\\.``)
-runs key by key, but only on the shapes it could act on: every match of a pattern
-contains its literal text (:func:`required_literals`), and a shape lacking that text is
-skipped whole. Keys a key-by-key step renamed are grouped by their new shape, so the
-steps after it run once per shape again.
+splits a node's rows by what it can see of their numbers (a digit test, run once per
+distinct number; see :class:`ComponentView`) and runs once per part; it is skipped for
+every shape lacking the literal text that every match contains (:func:`required_literals`).
+Anything else runs key by key, and the keys it renamed become new tables by the shape of
+their new names, so the steps after it run once per shape again.
 
 >>> abstract_pattern(r"^layers\\.(\\d+)\\.") is not None
 True

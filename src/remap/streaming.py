@@ -14,7 +14,8 @@ read depends on what it needs:
   in the file) is read with ``pread`` straight from the file into the memory it ends in:
   the target's own parameter or buffer, or, for a meta-device target, the fresh tensor
   that is assigned. One kernel copy from the page cache, no mapping, no page of the file
-  in the process; large tensors are read in pieces by a few threads. See :class:`_Direct`
+  in the process; large tensors are read in pieces by a few threads, which are given all
+  of them at the start and read ahead of the batch being loaded. See :class:`_Direct`
   for why this still goes through ``load_state_dict``.
 * **mapped**: any other tensor is a zero-copy view of a ``mmap`` of the file, which the
   op, the cast or ``load_state_dict`` copies from; after each batch its pages are dropped
