@@ -59,8 +59,11 @@ BATCH_BYTES = 64 << 20
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
             "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16, "float8_e4m3fn": 1, "float8_e5m2": 1,
             "uint16": 2, "uint32": 4, "uint64": 8}  # fmt: skip
-#: Direct reads are cut into pieces of this size, shared among the reading threads.
-PIECE_BYTES = 8 << 20
+#: Direct reads are cut into pieces of at most this size, shared among the reading threads.
+PIECE_BYTES = 32 << 20
+#: Tensors from this size on (or PIECE_BYTES, if smaller) go to the reading threads; a
+#: smaller one is read where it is loaded (a hand-off to a thread costs more than its read).
+THREAD_MIN_BYTES = 4 << 20
 #: Reading threads at most (fewer when torch is told to use fewer threads).
 MAX_READ_THREADS = 8
 
@@ -276,9 +279,10 @@ class _Direct:
         tensors are left to :meth:`read` (a thread hand-off costs more than their read)."""
         if self.threads == 1:
             return
+        smallest = min(THREAD_MIN_BYTES, PIECE_BYTES)
         for target, fd, offset, tensor, path in jobs:
             buf = _writable_bytes(tensor)
-            if len(buf) < PIECE_BYTES:
+            if len(buf) < smallest:
                 continue
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="remap-read")
