@@ -33,9 +33,10 @@ True
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from itertools import compress
 from operator import itemgetter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from dataclasses import dataclass, field
 
@@ -75,6 +76,7 @@ def _can_match_digit(tok: str) -> bool:
     return tok.isdigit()
 
 
+@lru_cache(maxsize=4096)
 def abstract_pattern(pattern: str) -> str | None:
     """The pattern over keys whose numeric components are placeholders, or None when it
     could tell them apart: a literal digit that is not part of a name (``layers\\.0``), a
@@ -155,6 +157,7 @@ LITERAL_PUNCT = set("_-/:,;=<>@#%&'\"~ ")
 FLAG_GROUP = re.compile(r"\(\?(?!:|P<|P=|P>|=|!|<=|<!|<\w+>|>|\|)")  # (?i), (?x:...), (?V1)...
 
 
+@lru_cache(maxsize=4096)
 def required_literals(pattern: str) -> tuple[str, ...]:
     r"""Texts that every match of ``pattern`` contains, usable on key shapes: top-level
     literal runs, with any digits that could be a whole numeric component left out.
@@ -213,11 +216,23 @@ def _name_safe_pieces(text: str) -> list[str]:
     return [p for p in pieces if p and not HAS_PLACEHOLDER.search(p)]
 
 
-def _could_act(step: NameStep, literals: tuple[tuple[str, ...], ...] | None, shape: str) -> bool:
-    """False when no pattern of ``step`` can be found in any key of ``shape``."""
+def _could_act(literals: tuple[tuple[str, ...], ...] | None) -> Callable[[str], bool]:
+    """``could_act(shape)``: False when no pattern whose required texts are ``literals``
+    can be found in any key of ``shape``.
+
+    >>> could = _could_act((("model.", ".mlp."), ("lm_head",)))
+    >>> could("model.layers.\ue000.mlp.w"), could("lm_head.weight"), could("model.norm.weight")
+    (True, True, False)
+    """
     if literals is None:
-        return True
-    return any(all(text in shape for text in lits) for lits in literals)
+        return lambda shape: True
+    if len(literals) == 1:
+        if len(literals[0]) == 1:
+            text = literals[0][0]
+            return lambda shape: text in shape
+        texts = literals[0]
+        return lambda shape: all(map(shape.__contains__, texts))
+    return lambda shape: any(all(map(shape.__contains__, texts)) for texts in literals)
 
 
 def _literals_of(step: NameStep) -> tuple[tuple[str, ...], ...] | None:
@@ -298,6 +313,7 @@ class _Tests:
         return numbers & ok
 
 
+@lru_cache(maxsize=4096)
 def component_view(pattern: str) -> ComponentView | None:
     r"""The pattern as pieces per key component, or None when a match could cross a dot
     other than at its literal ``\.`` (a ``.``, a negated class), is not anchored at the
@@ -390,6 +406,10 @@ class _Views:
     components: tuple[ComponentView, ...] | None
     literals: tuple[tuple[str, ...], ...] | None
     variants: dict[Any, NameStep | None] = field(default_factory=dict, compare=False)
+    could_act: Callable[[str], bool] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "could_act", _could_act(self.literals))
 
     def variant(self, tests: tuple[tuple[int, int, bool], ...]) -> NameStep | None:
         """The step with its patterns rendered for ``tests`` ((pattern, piece, passes), ...)."""
@@ -403,7 +423,7 @@ class _Views:
 
 def _views(step: NameStep, on_shape: NameStep | None) -> _Views:
     if on_shape is not None:
-        return _Views(step, on_shape, None, None)
+        return _Views(step, on_shape, None, _literals_of(step))
     regexes = step.regexes()
     views = [component_view(p) for p in regexes] if regexes else [None]
     if None in views or len(set(regexes or ())) != len(views):
@@ -645,12 +665,12 @@ class _Pass:
     def _step(self, n: int, views: _Views, node: _Node) -> list[_Node]:
         """Step ``n`` over the node's rows; returns the nodes of rows it renamed apart."""
         step = views.step
+        if not views.could_act(node.name):
+            self._untouched(step, node)
+            return []
         if views.on_shape is not None:
             if self._whole(n, step, views.on_shape, node):
                 return []
-        elif not _could_act(step, views.literals, node.name):
-            self._untouched(step, node)
-            return []
         elif views.components is not None:
             born = self._by_numbers(n, views, node)
             if born is not None:
@@ -676,12 +696,8 @@ class _Pass:
         return True
 
     def _untouched(self, step: NameStep, node: _Node) -> None:
-        """No pattern of the step can be found in this shape: one key shows what all get."""
-        probe = node.at(node.rows[0], node.name)
-        new, hits = step.name_map(probe)
-        if hits or new not in (None, probe):
-            raise InternalError(f"{step.label}: acted on {probe!r} although its literal text is not in the key")
-        if new is None:
+        """No pattern of the step can be found in this shape: its keys go through unmatched."""
+        if step.drops_unmatched:
             self._drop(step, node, node.rows, node.name)
             node.rows = []
 

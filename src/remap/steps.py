@@ -267,6 +267,10 @@ class NameStep(Step):
     *shape* of key (digits abstracted, see :mod:`remap.name_cache`) instead of once per key.
     """
 
+    #: What a key in which none of :meth:`regexes` is found becomes: kept as it is, or
+    #: (for ``keep``) dropped.
+    drops_unmatched: ClassVar[bool] = False
+
     def labels(self) -> tuple[str, ...]:
         """What each entry of ``counts`` counts (patterns or prefixes)."""
         raise NotImplementedError
@@ -555,6 +559,7 @@ class Keep(_Filter):
 
     kind: ClassVar[str] = "keep"
     keep_matching: ClassVar[bool] = True
+    drops_unmatched: ClassVar[bool] = True
 
 
 def _has_digit(text: str) -> bool:
