@@ -151,3 +151,27 @@ def test_inspect_json(capsys, ddp_ckpt):
 def test_version(capsys):
     code, out, _ = run(capsys, "--version")
     assert (code, out) == (0, "remap 0.1.0\n")
+
+
+def test_mmap_weights_converts_without_copying(tmp_path, capsys):
+    """``--mmap-weights`` with a meta-device target: the weights saved are the file's."""
+    from safetensors.torch import load_file, save_file
+
+    src = {f"module.{k}": v.contiguous() for k, v in perturb(Small(), seed=3).state_dict().items()}
+    save_file(src, str(tmp_path / "ddp.safetensors"))
+    rules = write(tmp_path, f"version: 1\ntarget: {{model: '{SMALL}', device: meta}}\nrules:\n  - strip_prefix: module.\n")
+    out_path = tmp_path / "out.safetensors"
+    code, out, err = run(capsys, "apply", rules, "--source", tmp_path / "ddp.safetensors", "--mmap-weights", "--save", out_path, "--json")
+    assert (code, err) == (0, "")
+    report = json.loads(out)
+    assert report["stats"]["mmap_weights_tensors"] == report["totals"]["loaded"] == len(src)
+    saved = load_file(str(out_path))
+    assert saved.keys() == {k.removeprefix("module.") for k in src}
+    assert all(torch.equal(saved[k.removeprefix("module.")], v) for k, v in src.items())
+
+
+def test_mmap_weights_needs_a_meta_target(tmp_path, capsys, ddp_ckpt):
+    rules = write(tmp_path, f"version: 1\ntarget: {{model: '{SMALL}'}}\nrules:\n  - strip_prefix: module.\n")
+    code, out, err = run(capsys, "apply", rules, "--source", ddp_ckpt, "--mmap-weights")
+    assert (code, out) == (2, "")
+    assert err.startswith("remap: error: mmap_weights keeps the file's pages as the weights of a meta-device target")

@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--report", metavar="FILE", help="write the JSON report here")
     a.add_argument("--save", metavar="FILE", help="write the loaded state_dict here (.safetensors, or .pt/.pth)")
     a.add_argument("--max-shard-size", metavar="SIZE", help="shard --save above this size (e.g. 5GB), with an index")
+    a.add_argument("--mmap-weights", action="store_true",
+                   help="meta-device target (target.device: meta) only: keep the file's pages as the weights, copying "
+                        "nothing (for converting with --save); the checkpoint must not change while remap runs")  # fmt: skip
     a.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     a.add_argument("--verify", action="store_true", help="after loading, compare source and target outputs (rules' verify section)")
     a.add_argument("--explain", metavar="KEY", action="append", default=[], help="print the journey of a key (repeatable)")
@@ -119,7 +122,7 @@ def _apply(args: argparse.Namespace, out: TextIO) -> int:
     with _progress(enabled=not args.quiet and not args.dry_run and sys.stderr.isatty()) as progress:
         report = load(None, args.source, rules, dry_run=args.dry_run, key=args.key, trust_pickle=args.trust_pickle or None,
                       save=args.save, report=args.report, max_shard_size=args.max_shard_size, progress=progress,
-                      verify=args.verify)  # fmt: skip
+                      verify=args.verify, mmap_weights=args.mmap_weights)  # fmt: skip
     _render(report, out, args)
     return 0
 
