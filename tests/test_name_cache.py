@@ -198,3 +198,18 @@ def test_a_capture_glued_to_text_runs_on_shapes_unless_it_holds_a_number(monkeyp
     fast = run_name_steps(leading_name_steps(fused.steps), source)
     slow, _ = per_key([s for s, _ in leading_name_steps(fused.steps)], list(source))
     assert fast.names == [i.key for i in slow] and fast.names[0] == "layer0.attn.q_proj.weight"
+
+
+def test_a_step_looks_only_at_shapes_holding_its_literal_text(monkeypatch):
+    """1,000 keys without indices are 1,000 shapes: a rename runs on the few that hold its
+    text, a keep drops the rest without looking at them."""
+    calls = []
+    original = Rename.name_map
+    monkeypatch.setattr(Rename, "name_map", lambda self, key: calls.append(key) or original(self, key))
+    source = {f"{head}.p{n}.weight": TensorMeta((2,)) for head in ("encoder", "decoder", "head") for n in "abcdefghij"}
+    source |= {f"aux{n}x.weight": TensorMeta((2,)) for n in range(0, 970)}  # digits glued to a name: no index
+    rules = parse_rules({"version": 1, "rules": [{"keep": ["^encoder\\.", "^decoder\\.", "^head\\."]}, {"rename": {r"^head\.": "classifier."}}]})
+    fast = run_name_steps(leading_name_steps(rules.steps), source)
+    assert sorted(calls) == sorted(k for k in source if k.startswith("head."))  # 10 of 1,000
+    slow, slow_dropped = per_key([s for s, _ in leading_name_steps(rules.steps)], list(source))
+    assert fast.names == [i.key for i in slow] and len(fast.dropped) == len(slow_dropped) == 970

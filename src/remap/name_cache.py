@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from itertools import compress
-from operator import itemgetter
+from itertools import compress, repeat
+from operator import attrgetter, contains, itemgetter, not_
 from collections.abc import Callable, Sequence
 from typing import Any
 from dataclasses import dataclass, field
@@ -411,6 +411,15 @@ class _Views:
     def __post_init__(self) -> None:
         object.__setattr__(self, "could_act", _could_act(self.literals))
 
+    def acting(self, names: list[str]) -> list[bool] | None:
+        """For each shape in ``names``, whether a pattern of the step could be found in it
+        (None: in every one)."""
+        if self.literals is None:
+            return None
+        if len(self.literals) == 1 and len(self.literals[0]) == 1:
+            return list(map(contains, names, repeat(self.literals[0][0])))
+        return list(map(self.could_act, names))
+
     def variant(self, tests: tuple[tuple[int, int, bool], ...]) -> NameStep | None:
         """The step with its patterns rendered for ``tests`` ((pattern, piece, passes), ...)."""
         if tests not in self.variants:
@@ -651,23 +660,24 @@ class _Pass:
             table = _Table(members, columns)
             nodes.append(_Node(table, table.every, shape))
         for n, views in enumerate(self.views):
-            kept: list[_Node] = []
+            acting = views.acting(list(map(attrgetter("name"), nodes)))
+            busy = nodes if acting is None else list(compress(nodes, acting))
+            if acting is not None and views.step.drops_unmatched:  # keep: the shapes it cannot match leave
+                for node in compress(nodes, map(not_, acting)):
+                    self._drop(views.step, node, node.rows, node.name)
+                    node.rows = []
             born: list[_Node] = []
-            for node in nodes:
+            for node in busy:
                 born += self._step(n, views, node)
-                if node.rows:
-                    kept.append(node)
-            nodes = kept + [b for b in born if b.rows]
+            nodes = list(compress(nodes, map(attrgetter("rows"), nodes))) + [b for b in born if b.rows]
         if any(c == 0 for v, counts in zip(self.views, self.counts) if not v.step.optional for c in counts):
             raise _Fallback
         return self._result(nodes)
 
     def _step(self, n: int, views: _Views, node: _Node) -> list[_Node]:
-        """Step ``n`` over the node's rows; returns the nodes of rows it renamed apart."""
+        """Step ``n`` over the node's rows (a pattern of it could be found in the node's
+        shape); returns the nodes of rows it renamed apart."""
         step = views.step
-        if not views.could_act(node.name):
-            self._untouched(step, node)
-            return []
         if views.on_shape is not None:
             if self._whole(n, step, views.on_shape, node):
                 return []
@@ -694,12 +704,6 @@ class _Pass:
         elif new != node.name:
             node.rename(step.index, new)
         return True
-
-    def _untouched(self, step: NameStep, node: _Node) -> None:
-        """No pattern of the step can be found in this shape: its keys go through unmatched."""
-        if step.drops_unmatched:
-            self._drop(step, node, node.rows, node.name)
-            node.rows = []
 
     def _by_numbers(self, n: int, views: _Views, node: _Node) -> list[_Node] | None:
         """Run the step once per class of rows that its patterns cannot tell apart (see
@@ -866,6 +870,9 @@ def _may_collide(nodes: list[_Node]) -> set[_Node]:
     suspect: set[_Node] = set()
     by_form: dict[tuple[str, ...], list[tuple[_Node, list[str]]]] = {}
     for node in nodes:
+        if not NUMERIC_PART.search(node.name):
+            suspect.add(node)  # one name for all its rows: the set check compares them; no number could meet it
+            continue
         parts = node.name.split(".")
         width = len(node.table.columns)
         shown = {ord(p) - PH_FIRST for p in parts if _is_placeholder(p)}
@@ -882,6 +889,9 @@ def _may_collide(nodes: list[_Node]) -> set[_Node]:
                 if not any(x != y and x.isdigit() and y.isdigit() for x, y in zip(pa, pb)):
                     suspect.update((a, b))
     return suspect
+
+
+NUMERIC_PART = re.compile("(?<![^.])(?:[0-9]+|[\ue000-\uf8ff])(?![^.])")  # a component that is or stands for a number
 
 
 def _is_placeholder(part: str) -> bool:
