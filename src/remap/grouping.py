@@ -57,6 +57,8 @@ def fold_keys(keys: Iterable[str]) -> list[KeyGroup]:
     [('stem.{0, 1}.weight', 2), ('head', 1)]
     """
     unique = list(dict.fromkeys(keys))
+    if len(unique) <= 1:  # nothing to fold (a plan of distinct renames asks this once per key)
+        return [KeyGroup(k, (k,)) for k in unique]
     groups = _fold_integers(_fold_leaves(unique))
     groups.sort(key=lambda g: g.members[0])
     return [_key_group(g, unique) for g in groups]
