@@ -461,3 +461,25 @@ def test_rich_colours_by_status() -> None:
 def test_rich_without_a_terminal_writes_no_ansi() -> None:
     console = _rich(small_report(), terminal=False)
     assert not ANSI.search(console.file.getvalue())  # type: ignore[attr-defined]
+
+
+def _renamed_report(pairs: list[tuple[str, str]]) -> Report:
+    """Every ``(source, target)`` loaded as it is, under its new name."""
+    targets = tuple(_param(new, (4,), sources=(old,), trainable=True) for old, new in pairs)
+    sources = tuple(SourceRecord(old, USED, (4,), "float32", targets=(new,), final_key=new) for old, new in pairs)
+    return Report(dry_run=True, targets=targets, sources=sources, totals=_totals(targets, sources))
+
+
+def test_an_index_carried_over_folds_across_layers() -> None:
+    """Layers moved into pipeline chunks (a constant index added in front): one line per
+    chunk and kind, every layer folded, the constant kept as it is."""
+    pairs = [(f"model.layers.{i}.self_attn.q_proj.weight", f"chunks.{i // 4}.layers.{i}.attention.wq.weight") for i in range(8)]
+    lines = format_report(_renamed_report(pairs), width=200).splitlines()
+    assert "    chunks.0.layers.{0..3}.attention.wq.weight <- model.layers.{0..3}.self_attn.q_proj.weight" in lines
+    assert "    chunks.1.layers.{4..7}.attention.wq.weight <- model.layers.{4..7}.self_attn.q_proj.weight" in lines
+
+
+def test_a_changed_index_is_never_folded_away() -> None:
+    """Two layers swapped: folding both sides would read as if nothing moved."""
+    lines = format_report(_renamed_report([("layers.0.w", "blocks.1.w"), ("layers.1.w", "blocks.0.w")]), width=200).splitlines()
+    assert "    blocks.1.w <- layers.0.w" in lines and "    blocks.0.w <- layers.1.w" in lines

@@ -640,8 +640,16 @@ def _pair_text(pair: _Pair, arrow: str, joiner: str = ", ") -> str:
 def _rename_class(old: str, new: str) -> tuple[str, str, bool, bool]:
     """What changed between two dotted names: the differing middle and whether a common
     prefix / suffix surrounds it (``module.a.w`` -> ``a.w``: ``("module", "", False, True)``).
+    An index carried over unchanged (the same number, in the same order among the
+    indices) is ``#``, so that the keys of every layer share one class and fold together;
+    an index that changes stays as it is, so no fold hides which became which.
+
+    >>> _rename_class("model.layers.7.q_proj.w", "chunks.0.layers.7.wq.w")
+    ('model.layers.#.q_proj', 'chunks.0.layers.#.wq', False, True)
+    >>> _rename_class("layers.0.w", "layers.1.w")
+    ('0', '1', True, True)
     """
-    a, b = old.split("."), new.split(".")
+    a, b = _carried(old.split("."), new.split("."))
     p = 0
     while p < min(len(a), len(b)) and a[p] == b[p]:
         p += 1
@@ -649,6 +657,27 @@ def _rename_class(old: str, new: str) -> tuple[str, str, bool, bool]:
     while q < min(len(a), len(b)) - p and a[-1 - q] == b[-1 - q]:
         q += 1
     return ".".join(a[p : len(a) - q]), ".".join(b[p : len(b) - q]), p > 0, q > 0
+
+
+def _carried(a: list[str], b: list[str]) -> tuple[list[str], list[str]]:
+    """``a`` and ``b`` with the indices of ``a`` found again, in order, in ``b`` as ``#``:
+    of several equal candidates, the one after the same name (``layers.7``) is taken.
+
+    >>> _carried("model.layers.0.w".split("."), "chunks.0.layers.0.w".split("."))
+    (['model', 'layers', '#', 'w'], ['chunks', '0', 'layers', '#', 'w'])
+    """
+    a, b = list(a), list(b)
+    at = 0
+    for i, part in enumerate(a):
+        if not part.isdigit():
+            continue
+        found = [j for j in range(at, len(b)) if b[j] == part]
+        if not found:
+            continue
+        j = next((j for j in found if i and j and b[j - 1] == a[i - 1]), found[0])
+        a[i] = b[j] = "#"
+        at = j + 1
+    return a, b
 
 
 def _class_text(cls: tuple[str, str, bool, bool]) -> str:
