@@ -36,7 +36,7 @@ import re
 from functools import lru_cache
 from itertools import compress, repeat
 from operator import attrgetter, contains, itemgetter, not_
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 from dataclasses import dataclass, field
 
@@ -216,23 +216,18 @@ def _name_safe_pieces(text: str) -> list[str]:
     return [p for p in pieces if p and not HAS_PLACEHOLDER.search(p)]
 
 
-def _could_act(literals: tuple[tuple[str, ...], ...] | None) -> Callable[[str], bool]:
-    """``could_act(shape)``: False when no pattern whose required texts are ``literals``
-    can be found in any key of ``shape``.
+def _acting(literals: tuple[tuple[str, ...], ...] | None, shapes: list[str]) -> list[bool] | None:
+    """For each of ``shapes``, whether a pattern whose required texts are ``literals``
+    could be found in any key of it (None: in every one).
 
-    >>> could = _could_act((("model.", ".mlp."), ("lm_head",)))
-    >>> could("model.layers.\ue000.mlp.w"), could("lm_head.weight"), could("model.norm.weight")
-    (True, True, False)
+    >>> _acting((("model.", ".mlp."), ("lm_head",)), ["model.layers.\ue000.mlp.w", "lm_head.weight", "model.norm.weight"])
+    [True, True, False]
     """
     if literals is None:
-        return lambda shape: True
-    if len(literals) == 1:
-        if len(literals[0]) == 1:
-            text = literals[0][0]
-            return lambda shape: text in shape
-        texts = literals[0]
-        return lambda shape: all(map(shape.__contains__, texts))
-    return lambda shape: any(all(map(shape.__contains__, texts)) for texts in literals)
+        return None
+    if len(literals) == 1 and len(literals[0]) == 1:  # the common case, without a Python call per shape
+        return list(map(contains, shapes, repeat(literals[0][0])))
+    return [any(all(map(shape.__contains__, texts)) for texts in literals) for shape in shapes]
 
 
 def _literals_of(step: NameStep) -> tuple[tuple[str, ...], ...] | None:
@@ -406,19 +401,6 @@ class _Views:
     components: tuple[ComponentView, ...] | None
     literals: tuple[tuple[str, ...], ...] | None
     variants: dict[Any, NameStep | None] = field(default_factory=dict, compare=False)
-    could_act: Callable[[str], bool] = field(init=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "could_act", _could_act(self.literals))
-
-    def acting(self, names: list[str]) -> list[bool] | None:
-        """For each shape in ``names``, whether a pattern of the step could be found in it
-        (None: in every one)."""
-        if self.literals is None:
-            return None
-        if len(self.literals) == 1 and len(self.literals[0]) == 1:
-            return list(map(contains, names, repeat(self.literals[0][0])))
-        return list(map(self.could_act, names))
 
     def variant(self, tests: tuple[tuple[int, int, bool], ...]) -> NameStep | None:
         """The step with its patterns rendered for ``tests`` ((pattern, piece, passes), ...)."""
@@ -456,6 +438,7 @@ def _distinct(skeleton: str) -> str:
     return "".join(p + (chr(PH_FIRST + n) if n < len(parts) - 1 else "") for n, p in enumerate(parts))
 
 
+@lru_cache(maxsize=65536)
 def _template_of(name: str) -> tuple[str, tuple[int, ...]]:
     """A %-template that puts a key's numbers back into ``name``, and the column each
     ``%s`` takes, in order.
@@ -526,24 +509,17 @@ class _Node:
     first is the one that made the node, for a node split off ``parent`` after ``upto``
     of the parent's hops)."""
 
-    __slots__ = ("table", "rows", "name", "hops", "parent", "upto", "_formats")
+    __slots__ = ("table", "rows", "name", "hops", "parent", "upto")
 
     def __init__(self, table: _Table, rows: list[int], name: str, parent: _Node | None = None, hop: int | None = None) -> None:
         self.table, self.rows, self.name = table, rows, name
         self.parent = parent
         self.upto = len(parent.hops) if parent is not None else 0
         self.hops: list[tuple[int, str]] = [(hop, name)] if hop is not None else []
-        self._formats: dict[str, tuple[str, tuple[int, ...]]] = {}
-
-    def template(self, name: str) -> tuple[str, tuple[int, ...]]:
-        t = self._formats.get(name)
-        if t is None:
-            t = self._formats[name] = _template_of(name)
-        return t
 
     def concrete(self, rows: list[int], name: str | None = None) -> list[str]:
         """The names of ``rows`` when the node is named ``name`` (its current name)."""
-        template, slots = self.template(self.name if name is None else name)
+        template, slots = _template_of(self.name if name is None else name)
         if not slots:
             return [template % ()] * len(rows)
         if len(slots) == 1:
@@ -551,7 +527,7 @@ class _Node:
         return list(map(template.__mod__, zip(*(self.table.column(n, rows) for n in slots))))
 
     def at(self, row: int, name: str) -> str:
-        template, slots = self.template(name)
+        template, slots = _template_of(name)
         return template % tuple(self.table.columns[n][row] for n in slots)
 
     def rename(self, step: int, name: str) -> None:
@@ -660,7 +636,7 @@ class _Pass:
             table = _Table(members, columns)
             nodes.append(_Node(table, table.every, shape))
         for n, views in enumerate(self.views):
-            acting = views.acting(list(map(attrgetter("name"), nodes)))
+            acting = _acting(views.literals, list(map(attrgetter("name"), nodes)))
             busy = nodes if acting is None else list(compress(nodes, acting))
             if acting is not None and views.step.drops_unmatched:  # keep: the shapes it cannot match leave
                 for node in compress(nodes, map(not_, acting)):
@@ -698,18 +674,14 @@ class _Pass:
             return False
         for h in hits:
             self.counts[n][h] += len(node.rows)
-        if new is None:
-            self._drop(step, node, node.rows, node.name)
-            node.rows = []
-        elif new != node.name:
-            node.rename(step.index, new)
+        self._settle(step, node, node.name, new)
         return True
 
     def _by_numbers(self, n: int, views: _Views, node: _Node) -> list[_Node] | None:
         """Run the step once per class of rows that its patterns cannot tell apart (see
         :class:`ComponentView`); None when a result glues a number to a name."""
         parts = node.name.split(".")
-        slot_at = {c: ord(t) - PH_FIRST for c, t in enumerate(parts) if len(t) == 1 and PH_FIRST <= ord(t) <= PH_LAST}
+        slot_at = {c: ord(t) - PH_FIRST for c, t in enumerate(parts) if _is_placeholder(t)}
         valued: set[int] = set()
         tested: list[tuple[int, int, int]] = []  # (pattern, piece, column)
         for i, view in enumerate(views.components or ()):
