@@ -640,12 +640,7 @@ class _Aligner:
 
     def _by_shape(self, ss: list[str], tt: list[str], rel_s: dict[str, str], rel_t: dict[str, str], how: str, take: Any,
                   inside: bool = True) -> None:  # fmt: skip
-        by_s: dict[Shape, list[str]] = defaultdict(list)
-        by_t: dict[Shape, list[str]] = defaultdict(list)
-        for s in ss:
-            by_s[self.shape_s(s)].append(s)
-        for t in tt:
-            by_t[self.shape_t(t)].append(t)
+        by_s, by_t = self._by_shapes(ss, tt)
         for shape, group_s in by_s.items():
             group_t = by_t.get(shape, [])
             ranked = self._ranked(group_s, group_t, [rel_s[s] for s in group_s], [rel_t[t] for t in group_t],
@@ -653,6 +648,16 @@ class _Aligner:
             if ranked is not None:
                 for s, t in ranked[0]:
                     take(s, t, ranked[1] or how or "unique shape")
+
+    def _by_shapes(self, ss: Iterable[str], tt: Iterable[str]) -> tuple[dict[Shape, list[str]], dict[Shape, list[str]]]:
+        """Source keys ``ss`` and target keys ``tt`` bucketed by shape, in their order."""
+        by_s: dict[Shape, list[str]] = defaultdict(list)
+        by_t: dict[Shape, list[str]] = defaultdict(list)
+        for s in ss:
+            by_s[self.shape_s(s)].append(s)
+        for t in tt:
+            by_t[self.shape_t(t)].append(t)
+        return by_s, by_t
 
     def _pair_all(self, matched: Iterable[tuple[str, str, str]], detail: str, *, top: bool = False) -> int:
         """Pair what :meth:`_match` found. At the top level, which always corresponds, a key
@@ -793,12 +798,7 @@ class _Aligner:
         return made
 
     def unique_shapes(self) -> int:
-        by_s: dict[Shape, list[str]] = defaultdict(list)
-        by_t: dict[Shape, list[str]] = defaultdict(list)
-        for s in self.free_s:
-            by_s[self.shape_s(s)].append(s)
-        for t in self.free_t:
-            by_t[self.shape_t(t)].append(t)
+        by_s, by_t = self._by_shapes(self.free_s, self.free_t)
         made = 0
         for shape, ss in by_s.items():
             tt = by_t.get(shape, [])
@@ -818,12 +818,7 @@ class _Aligner:
     def finish(self) -> tuple[tuple[Choice, ...], tuple[str, ...], tuple[str, ...]]:
         for s, t, evidence, detail in self.deferred:
             self.pair(s, t, evidence, detail, defer=False)
-        by_s: dict[Shape, list[str]] = defaultdict(list)
-        by_t: dict[Shape, list[str]] = defaultdict(list)
-        for s in self.free_s:
-            by_s[self.shape_s(s)].append(s)
-        for t in self.free_t:
-            by_t[self.shape_t(t)].append(t)
+        by_s, by_t = self._by_shapes(self.free_s, self.free_t)
         choices = []
         chosen_s: set[str] = set()
         chosen_t: set[str] = set()
