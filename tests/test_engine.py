@@ -38,6 +38,8 @@ def test_load_copies_every_tensor_and_reports_it():
         ({"version": 1, "rules": [{"strip_prefix": "module."}, {"drop": "^nothing"}]}, {"unmatched_step"}),
         ({**PREFIX, "expect": {"min_loaded": 1.0, "missing": "^fc\\."}, "rules": [{"strip_prefix": "module."}, {"drop": "^fc\\."}]}, {"min_loaded"}),
         ({**PREFIX, "freeze": {"params": "^backbone\\."}}, {"freeze"}),
+        # every key declared away: a load of nothing fails unless the rules say min_loaded: 0
+        ({"version": 1, "rules": [{"drop": "."}], "expect": {"missing": "."}}, {"min_loaded"}),
     ],
 )
 def test_failed_check_leaves_module_byte_identical(rules, kinds):
@@ -309,3 +311,12 @@ def test_save_writes_loaded_state_atomically(tmp_path):
     assert report.target["saved"] == {"path": str(out), "format": "safetensors"}
     assert (tmp_path / "r.json").read_text().startswith("{")
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.safetensors"]
+
+
+def test_an_empty_load_passes_only_when_the_rules_say_so():
+    dst = perturb(Small(), seed=2)
+    before = snapshot(dst)
+    rules = {"version": 1, "rules": [{"drop": "."}], "expect": {"missing": ".", "min_loaded": 0}}
+    report = remap.load(dst, ddp_state(perturb(Small(), seed=1)), rules=rules)
+    assert report.ok and report.totals.loaded == 0
+    assert snapshot(dst) == before

@@ -226,7 +226,7 @@ def test_keep() -> None:
 
 def test_dropped_key_never_reaches_a_target() -> None:
     """A dropped key named like a target key does not load it: the target is missing."""
-    plan = plan_of({"rules": [{"drop": "^a$"}], "expect": {"missing": "^a$"}}, {"a": [1]}, {"a": [1]})
+    plan = plan_of({"rules": [{"drop": "^a$"}], "expect": {"missing": "^a$", "min_loaded": 0}}, {"a": [1]}, {"a": [1]})
     assert plan.ok
     assert targets(plan) == {"a": ("missing", ())}
 
@@ -416,6 +416,55 @@ def test_shape_mismatch_lists_every_key() -> None:
     assert plan.failures[0].keys == ("a", "b")
 
 
+def test_reversed_shapes_suggest_the_transpose_step() -> None:
+    """As diff would: a kernel stored (in, out) fails with the step that fixes it, one pattern
+    per leaf name when no other paired key has that leaf; applying the hint loads."""
+    source = {"h.0.fc.weight": [3, 5], "h.1.fc.weight": [3, 5], "h.0.fc.bias": [5], "head.weight": [2, 4]}
+    target = {"h.0.fc.weight": [5, 3], "h.1.fc.weight": [5, 3], "h.0.fc.bias": [5], "head.weight": [4, 2]}
+    plan = plan_of({}, source, target)
+    assert failures(plan) == [
+        (
+            "shape_mismatch",
+            "3 mapped key(s) differ in shape from the target (shapes: error):\n"
+            "  h.0.fc.weight: checkpoint [3, 5] (from 'h.0.fc.weight') vs model [5, 3] (reversed)\n"
+            "  h.1.fc.weight: checkpoint [3, 5] (from 'h.1.fc.weight') vs model [5, 3] (reversed)\n"
+            "  head.weight: checkpoint [2, 4] (from 'head.weight') vs model [4, 2] (reversed)\n"
+            "hint: shapes reversed: add `- transpose: ['\\.fc\\.weight$', '^head\\.weight$']` at the end of rules\n"
+            "Fix the rules, or allow skipping them with `shapes: {skip: [pattern]}` and list them in expect.missing.",
+        )
+    ]
+    fixed = plan_of({"rules": [{"transpose": ["\\.fc\\.weight$", "^head\\.weight$"]}]}, source, target)
+    assert fixed.ok and fixed.report.totals.loaded == 4
+
+
+def test_a_leaf_shared_with_a_fitting_key_is_not_suggested_as_a_pattern() -> None:
+    """A square fc.weight loads as it is, so '\\.fc\\.weight$' would transpose it too: the hint names the key."""
+    plan = plan_of({}, {"a.fc.weight": [3, 5], "b.fc.weight": [4, 4]}, {"a.fc.weight": [5, 3], "b.fc.weight": [4, 4]})
+    assert "hint: shapes reversed: add `- transpose: '^a\\.fc\\.weight$'` at the end of rules" in plan.failures[0].message
+
+
+def test_a_load_of_nothing_fails_even_when_every_key_is_declared() -> None:
+    """Drop every source key and declare every target key missing: nothing would load, so the
+    run fails (the promise) unless the rules say ``min_loaded: 0``."""
+    everything = {"rules": [{"drop": "."}], "expect": {"missing": "."}}
+    plan = plan_of(everything, {"a.weight": [4, 4], "b.weight": [4, 4]}, {"x.weight": [4, 4], "y.weight": [4, 4]})
+    assert failures(plan) == [
+        (
+            "min_loaded",
+            "nothing loaded: 0 of 2 target key(s) would come from the source (2 missing, 0 mismatched; "
+            "of 2 source key(s), 2 dropped, 0 unused); a load that loads nothing fails unless the rules say so "
+            "with `expect: {min_loaded: 0}`",
+        )
+    ]
+    said = plan_of({**everything, "expect": {"missing": ".", "min_loaded": 0}}, {"a.weight": [4, 4]}, {"x.weight": [4, 4]})
+    assert said.ok
+
+
+def test_an_empty_target_is_not_an_empty_load() -> None:
+    """A module without a state (a bare activation) has nothing to load: that passes."""
+    assert plan_of({"rules": [{"drop": "."}]}, {"a": [1]}, {}).ok
+
+
 def test_scalar_shapes() -> None:
     plan = plan_of({}, {"s": []}, {"s": []})
     assert plan.ok and targets(plan) == {"s": ("loaded", ("s",))}
@@ -583,14 +632,14 @@ def test_tied_duplicate_of_another_shape_fails_the_plan() -> None:
 
 def test_tied_neither_loaded_is_missing() -> None:
     target = {"a": TargetMeta((2,)), "b": TargetMeta((2,), tied_to="a")}
-    plan = plan_of({"expect": {"missing": "^[ab]$"}}, {}, target)
+    plan = plan_of({"expect": {"missing": "^[ab]$", "min_loaded": 0}}, {}, target)
     assert plan.ok
     assert targets(plan) == {"a": ("missing", ()), "b": ("tied", ())}  # an alias follows its first name
 
 
 def test_tied_alias_follows_its_first_name() -> None:
     target = {"a": TargetMeta((3,)), "b": TargetMeta((3,), tied_to="a")}
-    plan = make_plan(parse_rules({"version": 1, "shapes": {"skip": "^a$"}, "expect": {"missing": "^a$"}}), {"a": [2]}, target)
+    plan = make_plan(parse_rules({"version": 1, "shapes": {"skip": "^a$"}, "expect": {"missing": "^a$", "min_loaded": 0}}), {"a": [2]}, target)
     assert failures(plan) == []
     assert plan.report.totals.param_elements == 3
 
@@ -814,3 +863,21 @@ def test_hundred_thousand_keys() -> None:
     totals = plan.report.totals
     assert (totals.loaded, totals.used, totals.dropped, totals.loaded_elements) == (n, n, 1, 4 * n)
     assert len(plan.assignments) == n
+
+
+def test_missing_batchnorm_counters_carry_the_hint_that_names_the_fix() -> None:
+    """A file saved from a frozen-BatchNorm model by another tool has no counters: the
+    failure says so and names the declaration that accepts it; declaring it passes."""
+    target = {"bn.weight": [4], "bn.running_mean": [4], "bn.num_batches_tracked": []}
+    source = {"bn.weight": [4], "bn.running_mean": [4]}
+    plan = plan_of({}, source, target)
+    assert failures(plan) == [
+        (
+            "missing",
+            "1 target key(s) would keep their initial values and are not in expect.missing:\n  bn.num_batches_tracked\n"
+            "hint: 1 of these are BatchNorm num_batches_tracked counters, which FrozenBatchNorm2d does not keep: the checkpoint "
+            "was probably saved from a model with frozen BatchNorm; declare them with `expect: {missing: ['\\.num_batches_tracked$']}` "
+            "(the counters keep their initial values; eval-mode outputs do not depend on them)",
+        )
+    ]
+    assert plan_of({"expect": {"missing": r"\.num_batches_tracked$"}}, source, target).ok

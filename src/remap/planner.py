@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import re
 from contextlib import contextmanager
 from functools import cached_property
 from itertools import compress, filterfalse, repeat
@@ -98,10 +99,11 @@ class _Fate:
     note: str | None = None
 
 
-@dataclass
+@dataclass(repr=False)
 class Plan:
     """The checked recipe of one load. ``report`` is its dry-run report; ``ok`` says whether
-    applying it would load as declared. Nothing in a plan holds tensor data."""
+    applying it would load as declared. Nothing in a plan holds tensor data. ``print(plan)``
+    shows the dry-run report as the command line does; ``repr`` is one line."""
 
     rules: Rules
     source_meta: dict[str, TensorMeta]
@@ -117,6 +119,12 @@ class Plan:
     @property
     def ok(self) -> bool:
         return self.report.ok
+
+    def __repr__(self) -> str:
+        return "<Plan " + repr(self.report).removeprefix("<Report ")
+
+    def __str__(self) -> str:
+        return str(self.report)
 
     @property
     def failures(self) -> tuple[Failure, ...]:
@@ -199,6 +207,8 @@ def _make_plan(rules: Rules, source: Mapping[str, Any], target: Mapping[str, Any
     failures += _expectations(tally.undeclared_missing, sources_tally.undeclared_unused, totals, rules)
     failures += _unused_parts(unused_parts, rules)
     failures += _hints(sources_tally.undeclared_unused_finals, tally.missing)
+    if not failures and rules.expect.min_loaded is None and totals.loaded == 0 and totals.target_keys:
+        failures.append(Failure("min_loaded", _nothing_loaded(totals)))  # declared all the way to an empty load
     report = Report(
         dry_run=True,
         source=dict(source_description or {"kind": "metadata"}),
@@ -529,16 +539,57 @@ def _check_mismatches(out: _Pairing, cols: _Columns, tgt: Mapping[str, TargetMet
     skips = rules.shapes.skips
     mismatches = [(k, j) for k, j in out.mismatched.items() if not skips(k)]
     if mismatches:
-        lines = [f"{k}: checkpoint {list(shapes[j])} (from {_names(cols.sources(j))}) vs model {list(tgt[k].shape)}" for k, j in mismatches]
+        lines = [f"{k}: checkpoint {list(shapes[j])} (from {_names(cols.sources(j))}) vs model {list(tgt[k].shape)}"
+                 + (" (reversed)" if _reversed(shapes[j], tgt[k].shape) else "") for k, j in mismatches]  # fmt: skip
+        reversed_keys = [k for k, j in mismatches if _reversed(shapes[j], tgt[k].shape)]
+        hint = _transpose_hint(reversed_keys, [*out.loaded, *out.mismatched], tgt)
         out.failures.append(
             Failure(
                 "shape_mismatch",
                 f"{len(mismatches)} mapped key(s) differ in shape from the target (shapes: error):\n  "
                 + "\n  ".join(lines)
+                + (f"\n{hint}" if hint else "")
                 + "\nFix the rules, or allow skipping them with `shapes: {skip: [pattern]}` and list them in expect.missing.",
                 tuple(k for k, _ in mismatches),
             )
         )
+
+
+def _reversed(source: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """A shape that is the target's read backwards (a Dense or Conv1D kernel stored (in, out)).
+
+    >>> _reversed((768, 2304), (2304, 768)), _reversed((3, 3), (3, 3)), _reversed((4,), (4,))
+    (True, False, False)
+    """
+    return len(source) >= 2 and tuple(source) != tuple(target) and tuple(source)[::-1] == tuple(target)
+
+
+def _transpose_hint(keys: list[str], paired: list[str], tgt: Mapping[str, TargetMeta]) -> str | None:
+    """The ``transpose`` step that fixes ``keys`` (reversed shapes), as ``diff`` would draft it:
+    one pattern per leaf name (``.c_attn.weight``) when it matches no other paired key, else
+    the keys themselves. Placed last in the rules, a step sees the target's names.
+
+    >>> tgt = {k: TargetMeta((2, 3), "float32", True, True) for k in ("h.0.fc.weight", "h.1.fc.weight")}
+    >>> print(_transpose_hint(["h.0.fc.weight", "h.1.fc.weight"], list(tgt), tgt))
+    hint: shapes reversed: add `- transpose: '\\.fc\\.weight$'` at the end of rules
+    """
+    if not keys:
+        return None
+    wanted = set(keys)
+    patterns: list[str] = []
+    for key in keys:
+        leaf = ".".join(key.split(".")[-2:])
+        if key.count(".") >= 2 and all(k in wanted for k in paired if k.endswith("." + leaf)):
+            pattern = "\\." + re.escape(leaf) + "$"
+        else:
+            pattern = "^" + re.escape(key) + "$"
+        if pattern not in patterns:
+            patterns.append(pattern)
+    step = f"`- transpose: {quote(patterns[0])}`" if len(patterns) == 1 else f"`- transpose: [{', '.join(map(quote, patterns))}]`"
+    ndim = len(tgt[keys[0]].shape)
+    if ndim > 2 or any(len(tgt[k].shape) != ndim for k in keys):
+        return f"hint: shapes reversed: add a transpose step with dims reversed for {', '.join(map(quote, patterns))} at the end of rules"
+    return f"hint: shapes reversed: add {step} at the end of rules"
 
 
 def _duplicate(out: _Pairing, cols: _Columns, dup: int, first: int, canonical: str) -> None:
@@ -805,7 +856,8 @@ def _expectations(missing: list[str], unused: list[str], totals: Totals, rules: 
             Failure(
                 "missing",
                 f"{len(missing)} target key(s) would keep their initial values and are not in expect.missing:\n  "
-                + "\n  ".join(group_keys(missing)),
+                + "\n  ".join(group_keys(missing))
+                + _counter_hint(missing),
                 tuple(missing),
             )
         )
@@ -827,6 +879,35 @@ def _expectations(missing: list[str], unused: list[str], totals: Totals, rules: 
             )
         )
     return failures
+
+
+def _counter_hint(missing: list[str]) -> str:
+    """BatchNorm counters missing from a file saved with frozen BatchNorm by another tool.
+
+    >>> _counter_hint(["fc.weight"])
+    ''
+    """
+    n = sum(1 for k in missing if k.endswith(".num_batches_tracked") or k == "num_batches_tracked")
+    if not n:
+        return ""
+    return (f"\nhint: {n} of these are BatchNorm num_batches_tracked counters, which FrozenBatchNorm2d does not keep: the checkpoint "
+            "was probably saved from a model with frozen BatchNorm; declare them with `expect: {missing: ['\\.num_batches_tracked$']}` "
+            "(the counters keep their initial values; eval-mode outputs do not depend on them)")
+
+
+def _nothing_loaded(totals: Totals) -> str:
+    """Why a load of no key fails even when every key is declared: a rules file that drops
+    every source key and declares every target key missing loads nothing and would pass.
+
+    >>> print(_nothing_loaded(Totals(target_keys=2, missing=2, source_keys=2, dropped=2)))
+    nothing loaded: 0 of 2 target key(s) would come from the source (2 missing, 0 mismatched; of 2 source key(s), 2 dropped, 0 unused); a load that loads nothing fails unless the rules say so with `expect: {min_loaded: 0}`
+    """
+    return (
+        f"nothing loaded: 0 of {totals.target_keys} target key(s) would come from the source "
+        f"({totals.missing} missing, {totals.mismatched} mismatched; of {totals.source_keys} source key(s), "
+        f"{totals.dropped} dropped, {totals.unused} unused); "
+        "a load that loads nothing fails unless the rules say so with `expect: {min_loaded: 0}`"
+    )
 
 
 def _hints(unused: list[str], missing: set[str]) -> list[Failure]:
