@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
@@ -198,15 +198,21 @@ def test_two_same_shaped_candidates_with_unrelated_names_are_a_choice_and_nothin
     a = align(src, tgt)
     assert [p.source for p in a.pairs] == ["stem.weight"]
     assert a.choices == (Choice((8, 8), ("foo.weight",), ("bar.weight", "baz.weight"), a.choices[0].reason),)
-    assert a.choices[0].reason == "1 source and 2 target key(s) of shape [8, 8]; names, order and structure do not tell them apart"
+    assert a.choices[0].reason == "1 source and 2 target key(s) of shape [8, 8]; names and structure do not tell them apart"
     assert (a.source_only, a.target_only) == ((), ())
     draft = draft_rules(a)
-    assert draft.rules["rules"] == [{"drop": [r"^foo\."]}]  # no rename: the user chooses
-    assert draft.rules["expect"] == {"missing": [r"^bar\.", r"^baz\."]}
-    assert (
-        "# AMBIGUOUS, not written: foo.weight [8, 8] could feed any of bar.weight, baz.weight.\n"
-        "#   to load one, delete it from drop and expect.missing and add a rename such as '^foo\\.weight$': 'bar.weight'\n"
-    ) in draft.text
+    assert draft.rules == {"version": 1}  # no rename, no drop, no expect.missing: the user chooses, and apply fails until then
+    assert (draft.open_sources, draft.open_targets) == (("foo.weight",), ("bar.weight", "baz.weight"))
+    assert draft.text.endswith(
+        "# rules:                  # uncomment this line too when you uncomment a choice below\n"
+        "  # AMBIGUOUS, not written: foo.weight [8, 8] could feed any of bar.weight, baz.weight; each line is one candidate, not a pick: set the target you choose, then uncomment it (each target once)\n"
+        "  # - rename: {'^foo\\.weight$': 'bar.weight'}  # choice: foo.weight -> bar.weight or baz.weight (same shape [8, 8])\n"
+        "\n"
+        "# UNDECLARED, so `remap apply` fails and lists them until you decide:\n"
+        "#   ambiguous keys: choose with the commented renames in rules (or drop / expect.missing what you do not want)\n"
+    )
+    plan = remap.plan(tgt, src, draft.rules)
+    assert [(f.kind, f.keys) for f in plan.failures] == [("missing", ("bar.weight", "baz.weight")), ("unused", ("foo.weight",))]
     text = format_alignment(a)
     assert "Ambiguous (1): never guessed; choose, then write the rename yourself\n  foo.weight [8, 8] -> one of: bar.weight, baz.weight\n" in text
 
@@ -244,17 +250,15 @@ def test_structure_pairs_blocks_whose_names_differ_entirely_and_numbers_break_ti
     }}]  # fmt: skip
 
 
-def test_same_shaped_modules_without_numbers_are_a_choice_when_the_order_is_not_known():
-    src = dict(sorted({"a.pre.weight": [8], "a.post.weight": [8], "a.fc.weight": [4, 8]}.items()))  # sorted: no order
+def test_same_shaped_modules_without_numbers_are_a_choice_whatever_the_order():
+    """Definition order is not evidence: a library may declare a block's modules in any order."""
     tgt = {"b.start.weight": [8], "b.end.weight": [8], "b.proj.weight": [4, 8]}  # not sorted: definition order
-    a = align(src, tgt)
-    assert [(p.source, p.target) for p in a.pairs] == [("a.fc.weight", "b.proj.weight")]
-    assert a.choices[0].sources == ("a.post.weight", "a.pre.weight")
-    # the same keys in definition order on both sides: order is evidence
-    a = align({"a.pre.weight": [8], "a.post.weight": [8], "a.fc.weight": [4, 8]}, tgt)
-    assert {p.source: p.target for p in a.pairs} == {"a.pre.weight": "b.start.weight", "a.post.weight": "b.end.weight",
-                                                     "a.fc.weight": "b.proj.weight"}  # fmt: skip
-    assert {p.detail for p in a.pairs if p.source != "a.fc.weight"} == {"'a' ~ 'b', by order"}
+    for src in (dict(sorted({"a.pre.weight": [8], "a.post.weight": [8], "a.fc.weight": [4, 8]}.items())),
+                {"a.pre.weight": [8], "a.post.weight": [8], "a.fc.weight": [4, 8]}):  # fmt: skip
+        a = align(src, tgt)
+        assert [(p.source, p.target) for p in a.pairs] == [("a.fc.weight", "b.proj.weight")]
+        assert a.choices == (Choice((8,), tuple(k for k in src if k != "a.fc.weight"), ("b.start.weight", "b.end.weight"),
+                                    "2 source and 2 target key(s) of shape [8]; names and structure do not tell them apart"),)  # fmt: skip
 
 
 def test_order_never_pairs_same_shaped_top_level_keys():
@@ -571,8 +575,8 @@ def test_cli_write_pins_the_file_and_the_message(capsys, tmp_path, ddp_ckpt):
     )
     assert rules.read_text() == (
         "# Drafted by `remap diff` (remap 0.1.0). REVIEW IT BEFORE USE: nothing here was checked\n"
-        "# against the tensors' values. Each line rests on the evidence in its comment (names, shapes,\n"
-        "# the order of keys); read every one, then load with `remap apply` and compare the outputs.\n"
+        "# against the tensors' values. Each line rests on the evidence in its comment (names, shapes and\n"
+        "# the modules they sit in); read every one, then load with `remap apply` and compare the outputs.\n"
         f"#   source: {ddp_ckpt} (9 tensors)\n"
         "#   target: weights:Small (8 keys)\n"
         "# Loads 8 of 8 target keys; drops 1 source key; 0 target keys keep their initial values.\n"
@@ -677,7 +681,7 @@ def test_merge_and_split_candidates_are_shown_not_written():
             "  layers.{0, 1}.attn.q_proj.weight, layers.{0, 1}.attn.k_proj.weight, layers.{0, 1}.attn.v_proj.weight -> "
             "layers.{0, 1}.attn.in_proj_weight: merge 3 along dim 0  [the order of the parts is yours to check]\n") in format_alignment(a)  # fmt: skip
     draft = draft_rules(a)
-    assert not any("merge" in step or "rename" in step for step in draft.rules["rules"])
+    assert "rules" not in draft.rules and draft.open_sources and draft.open_targets  # left undeclared: apply fails naming them
     assert ("# MERGE CANDIDATE, not written: layers.{0, 1}.attn.q_proj.bias, layers.{0, 1}.attn.k_proj.bias, layers.{0, 1}.attn.v_proj.bias "
             "-> layers.{0, 1}.attn.in_proj_bias: merge 3 along dim 0; a `merge` step could join them once you have checked the "
             "order of the parts\n") in draft.text  # fmt: skip
@@ -736,19 +740,29 @@ _KEY = st.lists(_PART, min_size=1, max_size=5).map(".".join).filter(lambda k: no
 @given(st.lists(_KEY, min_size=1, max_size=24, unique=True), st.lists(_KEY, min_size=1, max_size=24, unique=True), st.randoms())
 def test_drafted_rules_load_exactly_the_pairs_of_any_alignment(sources, targets, rnd):
     """Whatever the names and whichever source pairs with whichever target, the drafted
-    rules load exactly those pairs, drop the other source keys and declare the other target
-    keys missing (draft_rules checks its own result with the planner and raises otherwise)."""
+    rules load exactly those pairs (draft_rules checks its own result with the planner and
+    raises otherwise). The other keys are declared (dropped, expect.missing) only when their
+    shapes are unrelated to any leftover on the other side and something loads; else they stay
+    undeclared and the plan fails naming exactly them. An unpaired source key never has a
+    target key's name here: align pairs those by name."""
     n = rnd.randint(0, min(len(sources), len(targets)))
     paired_s, paired_t = rnd.sample(sources, n), rnd.sample(targets, n)
+    left_s = [k for k in sources if k not in paired_s and k not in targets]
+    sources = [*paired_s, *left_s]
+    assume(sources)
+    left_t = [k for k in targets if k not in paired_t]
+    related = rnd.random() < 0.5
     meta_s = {k: (3,) for k in sources}
-    meta_t = {k: (3,) for k in targets}
+    meta_t = {k: (3,) if related or k in paired_t else (5, 7) for k in targets}
     pairs = tuple(Pair(s, t, "structure", "", (3,), (3,)) for s, t in zip(paired_s, paired_t))
-    a = Alignment(source_meta(meta_s), target_meta(meta_t), pairs,
-                  source_only=tuple(k for k in sources if k not in paired_s), target_only=tuple(k for k in targets if k not in paired_t))  # fmt: skip
+    a = Alignment(source_meta(meta_s), target_meta(meta_t), pairs, source_only=tuple(left_s), target_only=tuple(left_t))  # fmt: skip
     draft = draft_rules(a)
     plan = remap.plan(meta_t, meta_s, draft.rules)
-    assert plan.ok, plan.failures
     assert {x.target: x.sources for x in plan.assignments} == {t: (s,) for s, t in zip(paired_s, paired_t)}
+    undeclared = not n or related and left_s and left_t  # nothing loads, or the leftovers could feed each other
+    assert draft.open_sources == (tuple(left_s) if undeclared else ()) and draft.open_targets == (tuple(left_t) if undeclared else ())
+    assert {f.kind: set(f.keys) for f in plan.failures} == ({k: set(v) for k, v in (("missing", left_t), ("unused", left_s)) if v}
+                                                            if undeclared else {})  # fmt: skip
     assert yaml.safe_load(draft.text) == draft.rules
 
 

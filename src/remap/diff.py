@@ -13,8 +13,14 @@ on each side), never a tensor, and never guesses. Evidence is tried strongest fi
    abstracted, ``blocks.#`` <-> ``encoder.layers.encoder_layer_#``, whose instances hold the
    same shapes; or the one module on each side holding a set of shapes): submodules by
    their shapes, then leaves by name or shape; same-shaped ones by the numbers their
-   names end with (``norm1``, ``norm2`` ~ ``ln_1``, ``ln_2``), or by definition order when
-   neither side is sorted by name (a safetensors file is), else not at all;
+   names end with (``norm1``, ``norm2`` ~ ``ln_1``, ``ln_2``), else not at all. Then what
+   the pairs found so far pin down: an instance of a block pairs an inner key as the other
+   instances do; a module holding the same shapes as one on the other side, where every
+   pair found under either lands under the other, is paired inside (``downsample`` ~
+   ``shortcut`` once ``downsample.0`` ~ ``shortcut.convolution``); a module numbered like a
+   paired sibling goes where that sibling went (``bn1`` beside ``conv1`` ->
+   ``layer.0.convolution`` goes into ``layer.0``). Definition order is never evidence: a
+   library may declare a block's modules in any order;
 6. ``module`` — the same leaf name inside modules that already correspond;
 7. ``shape``  — the only key of its shape left on either side (the weakest: check it).
 
@@ -368,8 +374,6 @@ class _Aligner:
         self.pairs: dict[str, Pair] = {}
         self.deferred: list[tuple[str, str, str, str]] = []  # name evidence whose shapes differ
         self.prefixes: list[PrefixChange] = []
-        # definition order is evidence only when neither side was sorted by name (safetensors files are)
-        self.trusted = list(src) != sorted(src) and list(self.free_t) != sorted(self.free_t)
 
     # ---- bookkeeping
 
@@ -561,13 +565,14 @@ class _Aligner:
         m = _DIGITS.search(last)
         return int(m.group(1)) if m else None
 
-    def _ranked(self, ss: list[str], tt: list[str], names_s: list[str], names_t: list[str], pos_s: list[int],
-                pos_t: list[int], inside: bool = True) -> tuple[list[tuple[str, str]], str] | None:  # fmt: skip
+    def _ranked(self, ss: list[str], tt: list[str], names_s: list[str], names_t: list[str],
+                inside: bool = True) -> tuple[list[tuple[str, str]], str] | None:  # fmt: skip
         """Equally many same-shaped things on both sides, told apart (only ``inside`` a block
         or module, never among top-level keys, which share no module) by the numbers their
         names end with when both sides number them alike (``norm1``, ``norm2`` ~ ``ln_1``,
-        ``ln_2``; or shifted, ``conv1..3`` ~ ``conv_0..2``), else by definition order when
-        neither side was sorted by name; None when nothing tells them apart."""
+        ``ln_2``; or shifted, ``conv1..3`` ~ ``conv_0..2``); None when nothing tells them
+        apart. Definition order is not evidence: a library may declare a block's modules in
+        any order (Hugging Face's ResNet declares the shortcut before the layers)."""
         if len(ss) != len(tt):
             return None
         if len(ss) == 1:
@@ -580,8 +585,6 @@ class _Aligner:
             shift = {b - a for a, b in zip(sorted(ns), sorted(nt))}  # type: ignore[type-var]
             if len(shift) == 1:
                 return [(a, b) for (_, a), (_, b) in zip(sorted(zip(ns, ss)), sorted(zip(nt, tt)))], "by number"
-        if self.trusted:
-            return [(a, b) for (_, a), (_, b) in zip(sorted(zip(pos_s, ss)), sorted(zip(pos_t, tt)))], "by order"
         return None
 
     def _match(self, rel_s: dict[str, str], rel_t: dict[str, str], inside: bool = True) -> list[tuple[str, str, str]]:
@@ -618,8 +621,7 @@ class _Aligner:
             sig_t[tuple(sorted(self.shape_t(k) for k in keys))].append(m)
         for sig, ms in sig_s.items():
             mt = sig_t.get(sig, [])
-            ranked = self._ranked(ms, mt, ms, mt, [min(self.order_s[k] for k in mods_s[m]) for m in ms],
-                                  [min(self.order_t[k] for k in mods_t[m]) for m in mt], inside)  # fmt: skip
+            ranked = self._ranked(ms, mt, ms, mt, inside)
             if ranked is None:
                 continue
             for m_s, m_t in ranked[0]:
@@ -643,8 +645,7 @@ class _Aligner:
         by_s, by_t = self._by_shapes(ss, tt)
         for shape, group_s in by_s.items():
             group_t = by_t.get(shape, [])
-            ranked = self._ranked(group_s, group_t, [rel_s[s] for s in group_s], [rel_t[t] for t in group_t],
-                                  [self.order_s[s] for s in group_s], [self.order_t[t] for t in group_t], inside)  # fmt: skip
+            ranked = self._ranked(group_s, group_t, [rel_s[s] for s in group_s], [rel_t[t] for t in group_t], inside)
             if ranked is not None:
                 for s, t in ranked[0]:
                     take(s, t, ranked[1] or how or "unique shape")
@@ -711,8 +712,9 @@ class _Aligner:
             inst_s, inst_t = fs[ts_], ft[tt_]
             if any(k not in self.free_s for v in inst_s.values() for k in v) or any(k not in self.free_t for v in inst_t.values() for k in v):
                 continue
-            matched: list[tuple[str, str, str]] = []
+            instances: list[tuple[str, str, list[str], list[str], list[tuple[str, str, str]]]] = []
             seen: dict[str, tuple[str, str]] = {}
+            back: dict[str, str] = {}
             consistent = True
             for vs, vt in zip(sorted(inst_s), sorted(inst_t)):
                 base_s = ".".join(ts_[:-1] + (ts_[-1].replace("#", str(vs)),)) + "."
@@ -720,12 +722,34 @@ class _Aligner:
                 found = self._match({k: k[len(base_s) :] for k in inst_s[vs]}, {k: k[len(base_t) :] for k in inst_t[vt]})
                 for s, t, how in found:
                     rs, rt = s[len(base_s) :], t[len(base_t) :]
-                    if seen.setdefault(rs, (rt, how))[0] != rt:
+                    if seen.setdefault(rs, (rt, how))[0] != rt or back.setdefault(rt, rs) != rs:
                         consistent = False  # two instances pair one inner key differently: no rule says which
-                matched += found
+                instances.append((base_s, base_t, inst_s[vs], inst_t[vt], found))
             if consistent:
+                matched = [m for *_, found in instances for m in found]
+                matched += self._as_in_other_instances(instances, seen)
                 made += self._pair_all(matched, f"'{'.'.join(ts_)}' ~ '{'.'.join(tt_)}'")
         return made
+
+    def _as_in_other_instances(self, instances: Sequence[tuple[str, str, list[str], list[str], list[tuple[str, str, str]]]],
+                               seen: Mapping[str, tuple[str, str]]) -> list[tuple[str, str, str]]:  # fmt: skip
+        """Inner keys that one instance of a family could not tell apart (``conv3`` and
+        ``downsample.0``, same-shaped in the first block only) paired as the other instances
+        pair them: the same inner name to the same inner name."""
+        out = []
+        for base_s, base_t, keys_s, keys_t, found in instances:
+            done_s = {s for s, _, _ in found}
+            done_t = {t for _, t, _ in found}
+            free_t = set(keys_t) - done_t
+            for s in keys_s:
+                rs = s[len(base_s) :]
+                if s in done_s or rs not in seen:
+                    continue
+                t = base_t + seen[rs][0]
+                if t in free_t and self.shape_s(s) == self.shape_t(t):
+                    out.append((s, t, "as in the other instances"))
+                    free_t.discard(t)
+        return out
 
     def containers(self) -> int:
         """Modules (any ancestor prefix, the root included) whose free keys hold the same
@@ -797,6 +821,129 @@ class _Aligner:
                 made += self._pair_all(found, detail)
         return made
 
+    def anchored(self) -> int:
+        """Keys that nothing in their own container tells apart, placed by the pairs already
+        found beside them (see :meth:`corresponding` and :meth:`numbered`)."""
+        return self.corresponding() or self.numbered()
+
+    def _waiting(self) -> tuple[set[str], set[str]]:
+        """Source and target keys that name evidence already pairs, shapes apart (see
+        :meth:`pair`): placing them by their neighbours' pairs would overrule their names."""
+        return {s for s, *_ in self.deferred}, {t for _, t, *_ in self.deferred}
+
+    @functools.cached_property
+    def _modules(self) -> tuple[tuple[dict[str, list[str]], dict[str, list[str]]], tuple[dict[str, Shape], dict[str, Shape]]]:
+        """Per side, module -> all its keys, and module -> the sorted shapes of those keys."""
+        tied = set(self.tied)
+        sub = (self._subtrees(self.src), self._subtrees(k for k in self.tgt if k not in tied))
+        sig = ({m: tuple(sorted(self.shape_s(k) for k in ks)) for m, ks in sub[0].items()},
+               {m: tuple(sorted(self.shape_t(k) for k in ks)) for m, ks in sub[1].items()})  # fmt: skip
+        return sub, sig  # type: ignore[return-value]
+
+    def _subtrees(self, keys: Iterable[str]) -> dict[str, list[str]]:
+        """Module path (every proper dotted prefix, the root left out) -> the keys under it."""
+        out: dict[str, list[str]] = defaultdict(list)
+        for key in keys:
+            comps = key.split(".")
+            for j in range(1, len(comps)):
+                out[".".join(comps[:j])].append(key)
+        return out
+
+    def corresponding(self) -> int:
+        """A module whose keys hold the same shapes as a module on the other side, where every
+        pair found so far under either lands under the other (``downsample`` ~ ``shortcut``
+        once ``downsample.0.weight`` ~ ``shortcut.convolution.weight``): its free keys are
+        paired inside the two as in :meth:`_match`."""
+        (sub_s, sub_t), (sig_s, sig_t) = self._modules
+        open_s, open_t = self._subtrees(self.free_s), self._subtrees(self.free_t)
+        under_s: dict[str, list[Pair]] = defaultdict(list)
+        under_t: dict[str, list[Pair]] = defaultdict(list)
+        for p in self.pairs.values():
+            for m in self._subtrees([p.source]):
+                under_s[m].append(p)
+            for m in self._subtrees([p.target]):
+                under_t[m].append(p)
+        candidates = set()
+        for p in self.pairs.values():
+            ms = [m for m in self._subtrees([p.source]) if m in open_s]
+            mt = [m for m in self._subtrees([p.target]) if m in open_t]
+            candidates.update((a, b) for a in ms for b in mt if sig_s[a] == sig_t[b])
+        wait_s, wait_t = self._waiting()
+        made = 0
+        for ms, mt in sorted(candidates, key=lambda c: (len(sub_s[c[0]]), c)):
+            if not all(p.target.startswith(mt + ".") for p in under_s[ms]) or not all(p.source.startswith(ms + ".") for p in under_t[mt]):
+                continue
+            rel_s = {k: k[len(ms) + 1 :] for k in sub_s[ms] if k in self.free_s and k not in wait_s}
+            rel_t = {k: k[len(mt) + 1 :] for k in sub_t[mt] if k in self.free_t and k not in wait_t}
+            if rel_s and rel_t:
+                made += self._pair_all(self._match(rel_s, rel_t), f"'{ms}' ~ '{mt}', the pairs inside agree")
+        return made
+
+    def numbered(self) -> int:
+        """A module numbered like a paired sibling goes where that sibling went: ``bn1``
+        beside ``conv1`` -> ``layer.0.convolution`` goes into ``layer.0``, to the one module
+        there that holds its shapes; both ways, and only when nothing else claims either."""
+        forward = self._numbered_side(self.free_s, self.free_t, self.shape_s, self.shape_t, lambda p: (p.source, p.target))
+        backward = self._numbered_side(self.free_t, self.free_s, self.shape_t, self.shape_s, lambda p: (p.target, p.source))
+        proposals = forward + [(ms, mt, d) for mt, ms, d in backward]
+        count_s = Counter(ms for ms, _ in {(ms, mt) for ms, mt, _ in proposals})
+        count_t = Counter(mt for _, mt in {(ms, mt) for ms, mt, _ in proposals})
+        wait_s, wait_t = self._waiting()
+        made = 0
+        for ms, mt, detail in proposals:
+            if count_s[ms] != 1 or count_t[mt] != 1:
+                continue  # two modules claim one: nothing tells which
+            rel_s = {k: _leaf(k) for k in self.free_s if _parent(k) == ms and k not in wait_s}
+            rel_t = {k: _leaf(k) for k in self.free_t if _parent(k) == mt and k not in wait_t}
+            made += self._pair_all(self._match(rel_s, rel_t), detail)
+        return made
+
+    def _numbered_side(self, free_a: Iterable[str], free_b: Iterable[str], shape_a: Any, shape_b: Any,
+                       ends: Any) -> list[tuple[str, str, str]]:  # fmt: skip
+        """(module on side a, module on side b, detail) for :meth:`numbered`, reading the pairs
+        from side a (``ends`` gives a pair's (a key, b key))."""
+        went: dict[tuple[str, int], set[str]] = defaultdict(set)  # (parent, number) -> where paired modules so numbered went
+        names: dict[tuple[str, int], set[str]] = defaultdict(set)
+        for p in self.pairs.values():
+            a, b = ends(p)
+            m = _parent(a)
+            n = self._name_number(m)
+            if n is not None:
+                went[(_parent(m), n)].add(_parent(_parent(b)))
+                names[(_parent(m), n)].add(m)
+        mods_a: dict[str, list[str]] = defaultdict(list)
+        for k in free_a:
+            mods_a[_parent(k)].append(k)
+        mods_b: dict[str, list[str]] = defaultdict(list)
+        for k in free_b:
+            mods_b[_parent(k)].append(k)
+        by_parent_b: dict[str, list[str]] = defaultdict(list)
+        for m in mods_b:
+            by_parent_b[_parent(m)].append(m)
+        out = []
+        for m, keys in mods_a.items():
+            n = self._name_number(m)
+            where = went.get((_parent(m), n)) if n is not None else None
+            if not where or len(where) != 1 or m in names[(_parent(m), n)]:
+                continue
+            (home,) = where
+            sig = sorted(shape_a(k) for k in keys)
+            fits = [mb for mb in by_parent_b.get(home, ()) if sorted(shape_b(k) for k in mods_b[mb]) == sig]
+            if len(fits) == 1:
+                sibling = sorted(names[(_parent(m), n)])[0]
+                out.append((m, fits[0], f"'{m}' numbered like '{sibling}', which went into '{home or '(top level)'}'"))
+        return out
+
+    @staticmethod
+    def _name_number(module: str) -> int | None:
+        """The number a module's own name ends with (``bn1``, ``ln_2``), not an index
+        (``downsample.1``: its place in a sequence, not a name)."""
+        last = module.rpartition(".")[2]
+        if not last or _is_index(last):
+            return None
+        m = _DIGITS.search(last)
+        return int(m.group(1)) if m and m.start() > 0 else None
+
     def unique_shapes(self) -> int:
         by_s, by_t = self._by_shapes(self.free_s, self.free_t)
         made = 0
@@ -808,7 +955,7 @@ class _Aligner:
 
     def structure(self) -> None:
         while self.free_s and self.free_t:
-            if self.families() or self.containers() or self.modules():
+            if self.families() or self.containers() or self.modules() or self.anchored():
                 continue
             if not self.unique_shapes():
                 break
@@ -827,7 +974,7 @@ class _Aligner:
             if not tt:
                 continue
             reason = (f"{len(ss)} source and {len(tt)} target key(s) of shape {list(shape)}; "
-                      "names, order and structure do not tell them apart")  # fmt: skip
+                      "names and structure do not tell them apart")  # fmt: skip
             choices.append(Choice(shape, tuple(ss), tuple(tt), reason))
             chosen_s.update(ss)
             chosen_t.update(tt)

@@ -3,14 +3,20 @@ reproduce its unambiguous part, for a person to review.
 
 What goes in, in pipeline order:
 
-1. ``drop`` — source keys that reach no target (source only, ambiguous, or a shape
-   conflict no op certainly fixes), as few regexes as cover them and nothing else;
+1. ``drop`` — source keys that reach no target on evidence (a shape conflict no op
+   certainly fixes, or a leftover whose shape no leftover target key could take), as few
+   regexes as cover them and nothing else;
 2. ``strip_prefix`` / ``add_prefix`` — when one prefix change explains most renames;
 3. ``rename`` — one line per *family* of keys, indices captured
    (``'^blocks\\.(\\d+)\\.attn\\.qkv\\.': 'encoder.layers.encoder_layer_\\1.self_attention.in_proj_'``),
    the common tail of the names left to the key; an index offset becomes ``add``;
 4. ``transpose`` / ``reshape`` — shapes that are reversed, or differ only in size-1 dims;
-5. ``expect.missing`` — target keys nothing loads.
+5. ``expect.missing`` — target keys nothing loads, on the same evidence.
+
+What it cannot pair it never declares (see :func:`_undeclared`): ambiguous keys, leftovers
+that a leftover of a related shape could feed, and every key when nothing pairs at all stay
+out of ``drop`` and ``expect``, so that ``remap apply`` fails and names them until a person
+decides; each ambiguous key gets a commented-out rename to uncomment.
 
 Every regex is checked against every key before it is written: a rule that would catch a
 key of another family is first put after that family's rule, else narrowed (its indices
@@ -18,7 +24,7 @@ listed, then the whole name anchored, then one key per line) until the steps, ru
 the source keys exactly as the planner runs them, give every key its target. The result is then planned with :func:`remap.planner.make_plan`
 (names and shapes only) and must load every paired key, or this is a bug.
 
-Nothing is guessed: ambiguous keys get no rename, only a comment that shows the choice.
+Nothing is guessed: ambiguous keys get no rename, only a commented-out one that shows the choice.
 
 >>> from remap.diff import align
 >>> draft = draft_rules(align({"module.fc.weight": [2, 4], "module.fc.bias": [2]}, {"fc.weight": [2, 4], "fc.bias": [2]}))
@@ -35,7 +41,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .diff import EVIDENCE, Alignment, Pair, tokens as index_tokens
+from .diff import EVIDENCE, Alignment, Pair, candidate_ops, tokens as index_tokens
 
 __all__ = ["DraftRules", "draft_rules", "write_draft", "cover", "escape"]
 
@@ -366,13 +372,26 @@ class DraftRules:
     missing: tuple[str, ...]
     ambiguous: int
     conflicts: int
+    open_sources: tuple[str, ...] = ()  # left undeclared: `remap apply` fails and lists them until a person decides
+    open_targets: tuple[str, ...] = ()
 
     def summary(self) -> str:
-        """``11 rename rules; loads 32 of 32 target keys; drops 0 source keys; 0 target keys keep their initial values``"""
-        total = self.loaded + len(self.missing)
+        """``11 rename rules; loads 32 of 32 target keys; drops 0 source keys; 0 target keys keep their initial values``,
+        and when keys are left undeclared ``; 2 source and 2 target keys left for you to decide: remap apply fails until you do``"""
+        total = self.loaded + len(self.missing) + len(self.open_targets)
         keeps = "keeps" if len(self.missing) == 1 else "keep"
-        return (f"{_n(self.renames, 'rename rule')}; loads {self.loaded} of {total} target keys; drops {_n(len(self.dropped), 'source key')}; "
+        text = (f"{_n(self.renames, 'rename rule')}; loads {self.loaded} of {total} target keys; drops {_n(len(self.dropped), 'source key')}; "
                 f"{_n(len(self.missing), 'target key')} {keeps} their initial values")  # fmt: skip
+        if self.open_sources or self.open_targets:
+            text += f"; {_open_counts(len(self.open_sources), len(self.open_targets))} left for you to decide: remap apply fails until you do"
+        return text
+
+
+def _open_counts(n_s: int, n_t: int) -> str:
+    """``2 source and 1 target key``, ``3 source keys``, ``1 target key``."""
+    if n_s and n_t:
+        return f"{n_s} source and {_n(n_t, 'target key')}"
+    return _n(n_s, "source key") if n_s else _n(n_t, "target key")
 
 
 @dataclass
@@ -453,9 +472,10 @@ def _name_steps(plan: _Plan) -> tuple[list[Any], list[list[int | None]]]:
     return steps, owners
 
 
-def _simulate(plan: _Plan, kept: list[Pair]) -> tuple[set[int], list[tuple[int, int]]]:
+def _simulate(plan: _Plan, kept: list[Pair], untouched: Sequence[str] = ()) -> tuple[set[int], list[tuple[int, int]]]:
     """Run the name steps over every kept source key: the rules that touched a key they are
-    not for (or failed their own), and (thief, victim) pairs inside the one rename mapping."""
+    not for (or failed their own), and (thief, victim) pairs inside the one rename mapping.
+    The ``untouched`` source keys (left undeclared) must pass every rename untouched."""
     steps, owners = _name_steps(plan)
     owner_of: dict[str, int] = {}
     for n, r in enumerate(plan.rules):
@@ -463,6 +483,14 @@ def _simulate(plan: _Plan, kept: list[Pair]) -> tuple[set[int], list[tuple[int, 
             owner_of[s] = n
     bad: set[int] = set()
     steals: list[tuple[int, int]] = []
+    for key in untouched:
+        name: str | None = key
+        for step, own in zip(steps, owners):
+            name, hits = step.name_map(name)
+            if own[0] is not None and hits:
+                bad.add(own[hits[0]])
+            if name is None:
+                break
     for p in kept:
         key: str | None = p.source
         touched: list[int] = []
@@ -483,7 +511,7 @@ def _simulate(plan: _Plan, kept: list[Pair]) -> tuple[set[int], list[tuple[int, 
     return bad, steals
 
 
-def _fit_renames(plan: _Plan, groups: list[_Group], kept: list[Pair]) -> None:
+def _fit_renames(plan: _Plan, groups: list[_Group], kept: list[Pair], untouched: Sequence[str] = ()) -> None:
     """Narrow rules until every kept key reaches its target: first by putting a rule that
     took another's key after it, then by anchoring, listing indices, and one key per rule."""
     from .patterns import compile_regex
@@ -498,7 +526,7 @@ def _fit_renames(plan: _Plan, groups: list[_Group], kept: list[Pair]) -> None:
             if not r.add and r.pattern in seen:  # one pattern, two replacements: tell them apart
                 clash.update((n, seen[r.pattern]))
             seen.setdefault(r.pattern, n)
-        bad, steals = (clash, []) if clash else _simulate(plan, kept)
+        bad, steals = (clash, []) if clash else _simulate(plan, kept, untouched)
         if not bad:
             return
         progressed = False
@@ -523,7 +551,7 @@ def _fit_renames(plan: _Plan, groups: list[_Group], kept: list[Pair]) -> None:
 def _comment(rule_pairs: Sequence[Pair]) -> str:
     kinds = [e for e in EVIDENCE if any(p.evidence == e for p in rule_pairs)]
     notes = [EVIDENCE_NOTES[k] for k in kinds]
-    for how in ("by number", "by order"):  # how same-shaped keys were told apart
+    for how in ("by number", "as in the other instances"):  # how same-shaped keys were told apart
         if any(p.detail.endswith(", " + how) for p in rule_pairs):
             notes.append(f"same-shaped ones {how}")
     n = len(rule_pairs)
@@ -549,11 +577,9 @@ def draft_rules(alignment: Alignment, *, path: str | os.PathLike[str] | None = N
 
     fixable = [p for p in alignment.pairs if p.conflict is None or p.conflict.fix in _FIXES]
     unfixable = [p for p in alignment.pairs if p.conflict is not None and p.conflict.fix not in _FIXES]
-    ambiguous_s = [s for c in alignment.choices for s in c.sources]
-    ambiguous_t = [t for c in alignment.choices for t in c.targets]
-    drop_keys = [*alignment.source_only, *ambiguous_s, *(p.source for p in unfixable)]
-    missing_keys = [*alignment.target_only, *ambiguous_t, *(p.target for p in unfixable)]
-    drop_set, missing_set = set(drop_keys), set(missing_keys)
+    open_s, open_t = _undeclared(alignment, bool(fixable))
+    drop_set = {*alignment.source_only, *(p.source for p in unfixable)} - set(open_s)
+    missing_set = {*alignment.target_only, *(p.target for p in unfixable)} - set(open_t)
     drop_keys = [k for k in alignment.source if k in drop_set]
     order_t = {k: i for i, k in enumerate(alignment.target)}
     missing_keys = sorted(missing_set, key=order_t.__getitem__)
@@ -571,9 +597,10 @@ def draft_rules(alignment: Alignment, *, path: str | os.PathLike[str] | None = N
     groups = _groups(rows)
     order_s = {k: i for i, k in enumerate(alignment.source)}
     groups.sort(key=lambda g: min(order_s[r[2].source] for r in g.rows))
-    _fit_renames(plan, groups, fixable)
+    _fit_renames(plan, groups, fixable, open_s)
+    names = _names_after(plan, open_s)
 
-    finals = [p.target for p in fixable]
+    finals = [p.target for p in fixable] + [n for n in names.values() if n is not None]
     for fix in _FIXES:
         chosen = [p for p in fixable if p.conflict is not None and p.conflict.fix == fix]
         by_dims: dict[int, list[Pair]] = defaultdict(list)
@@ -603,23 +630,82 @@ def draft_rules(alignment: Alignment, *, path: str | os.PathLike[str] | None = N
     if missing:
         rules["expect"] = {"missing": [r for r, _ in missing]}
 
-    _check(rules, alignment, fixable, InternalError)
-    text = _yaml(alignment, plan, missing, rules, unfixable, path)
+    _check(rules, alignment, fixable, open_s, open_t, InternalError)
+    text = _yaml(alignment, plan, missing, rules, unfixable, path, _Open(open_s, open_t, names))
     renames = len(plan.rules) + (1 if plan.prefix else 0)
     return DraftRules(rules, text, len(fixable), renames, tuple(drop_keys), tuple(missing_keys),
-                      len(alignment.choices), len(unfixable))  # fmt: skip
+                      len(alignment.choices), len(unfixable), tuple(open_s), tuple(open_t))  # fmt: skip
 
 
-def _check(rules: dict[str, Any], alignment: Alignment, kept: list[Pair], error: Any) -> None:
-    """Plan the draft on names and shapes: it must load every kept pair, as paired."""
+def _undeclared(alignment: Alignment, loads: bool) -> tuple[list[str], list[str]]:
+    """The source and target keys the draft leaves undeclared, so that ``remap apply`` fails
+    and names them until a person decides: every key of a choice; every leftover key that
+    some leftover key on the other side could feed or take (a shape an op could fit, or a
+    merge/split candidate); and, when nothing at all pairs, every key (no declaration can
+    rest on evidence then, and declaring them would pass a load of nothing). The rest, a
+    leftover whose shape nothing on the other side could fit, is declared: that is evidence."""
+    if not loads:
+        return list(alignment.source), [k for k in alignment.target if k not in set(alignment.tied)]
+    left_s = [*alignment.source_only, *(s for c in alignment.choices for s in c.sources)]
+    left_t = [*alignment.target_only, *(t for c in alignment.choices for t in c.targets)]
+    shapes_s = {alignment.source[k].shape for k in left_s}
+    shapes_t = {alignment.target[k].shape for k in left_t}
+    related = {(a, b) for a in shapes_s for b in shapes_t if a == b or candidate_ops(a, b).ops}
+    fit_s = {a for a, _ in related}
+    fit_t = {b for _, b in related}
+    regrouped = {k for r in alignment.regroups for k in (*r.sources, *r.targets)}
+    chosen_s = {s for c in alignment.choices for s in c.sources}
+    chosen_t = {t for c in alignment.choices for t in c.targets}
+    open_s = [k for k in alignment.source if k in chosen_s or (k in set(left_s) and (alignment.source[k].shape in fit_s or k in regrouped))]
+    open_t = [k for k in alignment.target if k in chosen_t or (k in set(left_t) and (alignment.target[k].shape in fit_t or k in regrouped))]
+    return open_s, open_t
+
+
+@dataclass(frozen=True)
+class _Open:
+    """What the draft leaves undeclared, and each source key's name where a rename written
+    after the drafted steps would see it (None: a drafted step drops it)."""
+
+    sources: list[str]
+    targets: list[str]
+    names: dict[str, str | None]
+
+
+def _names_after(plan: _Plan, keys: Sequence[str]) -> dict[str, str | None]:
+    """Each key's name once the drafted name steps have run over it."""
+    steps = _name_steps(plan)[0]
+    out: dict[str, str | None] = {}
+    for key in keys:
+        name: str | None = key
+        for step in steps:
+            name = step.name_map(name)[0]
+            if name is None:
+                break
+        out[key] = name
+    return out
+
+
+def _check(rules: dict[str, Any], alignment: Alignment, kept: list[Pair], open_s: Sequence[str], open_t: Sequence[str],
+           error: Any) -> None:  # fmt: skip
+    """Plan the draft on names and shapes: it must load every kept pair, as paired, and
+    nothing else; with the undeclared keys declared, nothing may fail (so that without
+    them, ``remap apply`` fails for them and them alone)."""
     from .planner import make_plan
     from .rules import parse_rules
 
     checked = {k: v for k, v in rules.items() if k in ("version", "rules", "expect")}
+    expect = dict(checked.get("expect") or {})
+    expect["missing"] = list(expect.get("missing", [])) + [f"^{escape(k)}$" for k in open_t]
+    expect["unused"] = [f"^{escape(k)}$" for k in open_s]
+    if not kept:
+        expect["min_loaded"] = 0
+    checked["expect"] = {k: v for k, v in expect.items() if v != []}
     plan = make_plan(parse_rules(checked), dict(alignment.source), dict(alignment.target))
     got = {a.target: a.sources for a in plan.assignments}
     tied = set(alignment.tied)  # a source copy of a tied alias is checked equal, not loaded
     wrong = [p for p in kept if p.target not in tied and got.get(p.target) != (p.source,)]
+    stray = set(got) - {p.target for p in kept} - tied
+    wrong += [Pair(", ".join(got[t]), t, "", "", (), ()) for t in sorted(stray)]
     if not plan.ok or wrong:
         details = [f.message for f in plan.failures][:5] + [f"{p.source} -> {p.target}: {got.get(p.target)}" for p in wrong[:5]]
         raise error("remap diff drafted rules that do not load what it aligned: " + "; ".join(details), details=rules)
@@ -679,22 +765,26 @@ def _aligned(lines: list[tuple[str, str]]) -> list[str]:
 
 
 def _yaml(alignment: Alignment, plan: _Plan, missing: list[tuple[str, tuple[str, ...]]], rules: dict[str, Any],
-          unfixable: list[Pair], path: str | os.PathLike[str] | None) -> str:  # fmt: skip
+          unfixable: list[Pair], path: str | os.PathLike[str] | None, open_: _Open) -> str:  # fmt: skip
     from . import __version__
 
     sd, td = alignment.source_description, alignment.target_description
     n_src, n_tgt = len(alignment.source), len(alignment.target) - len(alignment.tied)
-    loaded = n_tgt - len({k for _, keys in missing for k in keys})
+    n_missing = len({k for _, keys in missing for k in keys})
+    loaded = n_tgt - n_missing - len(open_.targets)
     lines = [
         f"# Drafted by `remap diff` (remap {__version__}). REVIEW IT BEFORE USE: nothing here was checked",
-        "# against the tensors' values. Each line rests on the evidence in its comment (names, shapes,",
-        "# the order of keys); read every one, then load with `remap apply` and compare the outputs.",
+        "# against the tensors' values. Each line rests on the evidence in its comment (names, shapes and",
+        "# the modules they sit in); read every one, then load with `remap apply` and compare the outputs.",
         f"#   source: {sd.get('text', 'a state_dict')} ({n_src} tensors)",
         f"#   target: {td.get('text', 'a mapping')} ({n_tgt} keys)",
         f"# Loads {loaded} of {n_tgt} target keys; drops {_n(sum(len(k) for _, k in plan.drop), 'source key')}; "
-        f"{_n(n_tgt - loaded, 'target key')} keep{'s' if n_tgt - loaded == 1 else ''} their initial values.",
-        "version: 1",
+        f"{_n(n_missing, 'target key')} keep{'s' if n_missing == 1 else ''} their initial values.",
     ]
+    if open_.sources or open_.targets:
+        lines.append(f"# Leaves {_open_counts(len(open_.sources), len(open_.targets))} undeclared: `remap apply` fails and lists them "
+                     "until you decide (see UNDECLARED below).")  # fmt: skip
+    lines.append("version: 1")
     if "source" in rules:
         notes = {"key": "# where the weights sit in the checkpoint" + (" (found by remap diff)" if not sd.get("key") else ""),
                  "trust_pickle": "# as given to remap diff: unpickling runs code from the file; trust it"}  # fmt: skip
@@ -703,9 +793,12 @@ def _yaml(alignment: Alignment, plan: _Plan, missing: list[tuple[str, tuple[str,
         lines += ["", "target:"] + [f"  {k}: {_flow(v)}" for k, v in rules["target"].items()]
     elif td.get("kind") == "checkpoint":
         lines += ["", "# target: the diff compared a checkpoint; give the model with --target module.path:callable"]
-    choices = _choice_comments(alignment) + _regroup_comments(alignment)
+    choices = _choice_lines(alignment, open_)
+    undeclared = _undeclared_comments(alignment, open_) + _regroup_comments(alignment)
     conflicts = _conflict_comments(unfixable)
-    if "rules" not in rules:
+    if "rules" not in rules and choices:
+        lines += ["", "# rules:                  # uncomment this line too when you uncomment a choice below"]
+    elif "rules" not in rules:
         lines += ["", "# rules: none needed: every paired key has the same name and shape on both sides"]
     else:
         lines += ["", "rules:"]
@@ -729,22 +822,57 @@ def _yaml(alignment: Alignment, plan: _Plan, missing: list[tuple[str, tuple[str,
             ops.append((f"  - {kind}: {_flow(value)}", f"# {n} key{'' if n == 1 else 's'}, {what}"))
         lines += _aligned(ops)
         lines += [f"  # NOTE: {n}" for n in alignment.notes]
-    if choices or conflicts:
+    lines += choices
+    if undeclared or conflicts:
         lines.append("")
-        lines += conflicts + choices
+        lines += conflicts + undeclared
     if missing:
         lines += ["", "expect:", "  missing:                 # target keys nothing loads: they keep their initial values"]
         lines += _aligned([(f"    - {_q(r)}", f"# {_fold(keys)}") for r, keys in missing])
     return "\n".join(lines) + "\n"
 
 
-def _choice_comments(alignment: Alignment) -> list[str]:
-    out = []
+def _choice_lines(alignment: Alignment, open_: _Open) -> list[str]:
+    """Per ambiguous source key, a commented-out rename to one of its candidates, for the
+    reviewer to uncomment (or point elsewhere): never written as a rule. The suggested
+    targets are distinct, those with the key's own leaf name first; the comment names all."""
+    out: list[tuple[str, str]] = []
     for c in alignment.choices:
-        out.append(f"# AMBIGUOUS, not written: {_fold(c.sources, 3)} {_shape(c.shape)} could feed any of "
-                   f"{_fold(c.targets, 3)}.")  # fmt: skip
-        s, t = c.sources[0], c.targets[0]
-        out.append(f"#   to load one, delete it from drop and expect.missing and add a rename such as {_q('^' + escape(s) + '$')}: {_q(t)}")
+        taken: set[str] = set()
+        lines: list[tuple[str, str]] = []
+        for s in c.sources:
+            name = open_.names.get(s, s)
+            if name is None:
+                continue
+            same_leaf = [t for t in c.targets if t.rpartition(".")[2] == s.rpartition(".")[2]]
+            alts = same_leaf or list(c.targets)
+            t = next((t for t in alts if t not in taken), next((t for t in c.targets if t not in taken), alts[0]))
+            taken.add(t)
+            shown = " or ".join(alts[:3]) + (f" or {len(alts) - 3} more" if len(alts) > 3 else "")
+            lines.append((f"  # - rename: {_flow({'^' + escape(name) + '$': t})}", f"# choice: {s} -> {shown} (same shape {_shape(c.shape)})"))
+        if lines:
+            out.append((f"  # AMBIGUOUS, not written: {_fold(c.sources, 3)} {_shape(c.shape)} could feed any of {_fold(c.targets, 3)}; "
+                        "each line is one candidate, not a pick: set the target you choose, then uncomment it (each target once)", ""))  # fmt: skip
+            out += lines
+    return _aligned(out)
+
+
+def _undeclared_comments(alignment: Alignment, open_: _Open) -> list[str]:
+    """What the draft leaves undeclared, and why: `remap apply` fails and lists these keys."""
+    if not open_.sources and not open_.targets:
+        return []
+    chosen = {k for c in alignment.choices for k in (*c.sources, *c.targets)}
+    out = ["# UNDECLARED, so `remap apply` fails and lists them until you decide:"]
+    if not alignment.pairs:
+        out.append("#   nothing pairs on evidence, so nothing is declared: declaring every key would pass a load of nothing")
+    elif chosen:
+        out.append("#   ambiguous keys: choose with the commented renames in rules (or drop / expect.missing what you do not want)")
+    for side, keys in (("source", open_.sources), ("target", open_.targets)):
+        rest = [k for k in keys if k not in chosen]
+        if rest and alignment.pairs:
+            how = "drop or rename them" if side == "source" else "rename a source key to them or add them to expect.missing"
+            out.append(f"#   {side} keys that a leftover key of a related shape could {'feed' if side == 'target' else 'become'}: "
+                       f"{_fold(rest, 3)}; {how}")  # fmt: skip
     return out
 
 
