@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckError, UsageError
+from .errors import CheckError, TargetError, UsageError
 from .planner import Plan, make_plan
 from .rules import Rules, load_rules, parse_rules
 
@@ -47,11 +47,15 @@ def build_target(model: Any, rules: Rules) -> Any:
     if model is not None:
         return model
     if rules.target.model is None:
-        raise UsageError("no target: pass a module, give --target, or set target.model in the rules")
-    from .factories import build
+        raise UsageError("no target: set target.model in the rules, give --target on the command line, "
+                         "or pass a module to remap.load / remap.plan")  # fmt: skip
+    from .factories import build, describe_call
 
     spec = rules.target
     module = build(spec.model, spec.args, dict(spec.kwargs), what="target.model", device=spec.device)
+    if not _is_module(module):
+        raise TargetError(f"{describe_call(spec.model, spec.args, spec.kwargs)} returned a {type(module).__name__}, "
+                          "expected a torch.nn.Module", where="target.model (--target)")  # fmt: skip
     if spec.dtype is not None and spec.device != "meta":
         import torch
 
@@ -76,7 +80,8 @@ def open_rules_source(source: Any, rules: Rules, *, key: str | None = None, trus
         elif spec.model is not None:
             source = {"model": spec.model, "args": list(spec.args), "kwargs": dict(spec.kwargs)}
         else:
-            raise UsageError("no source: pass one, give --source, or set source.path in the rules")
+            raise UsageError("no source: set source.path (or source.model) in the rules, give --source on the command line, "
+                             "or pass a source to remap.load / remap.plan")  # fmt: skip
     return open_source(source, key=key, trust_pickle=trust, base_dir=base_dir)
 
 
@@ -95,20 +100,30 @@ def plan(
     r = resolve_rules(rules)
     target = build_target(model, r)
     src = open_rules_source(source, r, key=key, trust_pickle=trust_pickle)
-    return _make(r, target, src)
+    return _make(r, target, src, built=model is None)
 
 
-def _make(rules: Rules, target: Any, src: Source) -> Plan:
+def _is_module(obj: Any) -> bool:
+    """A torch.nn.Module, or anything that walks like one (without importing torch)."""
+    return hasattr(obj, "state_dict") and hasattr(obj, "named_modules")
+
+
+def _make(rules: Rules, target: Any, src: Source, *, built: bool) -> Plan:
+    """Plan for ``target``; ``built`` says remap built it from ``target.model`` (so the report
+    names the factory call), not that the caller passed it."""
     from .meta import target_meta_of_module
 
     if isinstance(target, Mapping):
         meta, description, bn = target, {"kind": "metadata", "keys": len(target)}, {}
-    elif hasattr(target, "state_dict") and hasattr(target, "named_modules"):
+    elif _is_module(target):
         from .freeze import batchnorm_modules
 
         cls = type(target)
         meta = target_meta_of_module(target)
-        description = {"kind": "module", "class": f"{cls.__module__}.{cls.__qualname__}", "factory": rules.target.model}
+        description: dict[str, Any] = {"kind": "module", "class": f"{cls.__module__}.{cls.__qualname__}", "factory": None}
+        if built:
+            spec = rules.target
+            description.update(factory=spec.model, args=list(spec.args), kwargs=dict(spec.kwargs))
         bn = batchnorm_modules(target)
     else:
         raise UsageError(f"target: expected a torch.nn.Module or a mapping of key -> shape, found {type(target).__name__}")
@@ -157,15 +172,21 @@ def load(
     """
     r = resolve_rules(rules)
     if verify and r.verify is None:
-        raise UsageError("verify was asked for, but the rules have no `verify` section (e.g. `verify: {input: [1, 3, 224, 224]}`)")
-    module = build_target(model, r)
-    if isinstance(module, Mapping):
-        raise UsageError("remap.load needs a module to load into; use remap.plan for a mapping of shapes")
+        raise UsageError("verify was asked for (--verify, verify=True), but the rules have no `verify` section "
+                         "(e.g. `verify: {input: [1, 3, 224, 224]}`)")  # fmt: skip
     report_path = _output(report, r.output.report, r)
-    save_path = _output(save, r.output.save, r)
+    save_path, save_what = _save_path(save, r)
+    module = build_target(model, r)
+    if not _is_module(module):
+        raise UsageError(f"remap.load needs a torch.nn.Module to load into, found a {type(module).__name__}"
+                         + ("; remap.plan takes a mapping of key -> shape" if isinstance(module, Mapping) else ""))  # fmt: skip
+    if save_path is not None and not dry_run:
+        from .saving import check_savable
+
+        check_savable(module, save_path, sharded=(max_shard_size or r.output.max_shard_size) is not None, what=save_what)
     src = open_rules_source(source, r, key=key, trust_pickle=trust_pickle)
     try:
-        p = _make(r, module, src)
+        p = _make(r, module, src, built=model is None)
         try:
             result = p.apply(module, dry_run=dry_run, device=device, dtype=dtype or r.target.dtype,
                              batch_bytes=batch_bytes, progress=progress, mmap_weights=mmap_weights)  # fmt: skip
@@ -210,15 +231,34 @@ def _source_model(rules: Rules, src: Source) -> Any:
         return built
     if rules.source.model is None:
         raise UsageError("verify needs the source architecture: set source.model (with source.path holding its weights)")
-    from .factories import build
+    from .errors import SourceError
+    from .factories import build, describe_call
+    from .verify import load_source_weights
 
-    model = build(rules.source.model, rules.source.args, dict(rules.source.kwargs), what="source.model")
-    state = {k: src.read(k) for k in src.meta}
+    spec = rules.source
+    model = build(spec.model, spec.args, dict(spec.kwargs), what="source.model")
+    if not _is_module(model):
+        raise SourceError(f"{describe_call(spec.model, spec.args, spec.kwargs)} returned a {type(model).__name__}, "
+                          "expected a torch.nn.Module", where="source.model")  # fmt: skip
+    where = src.description.get("path")
+    what = f"source.model {rules.source.model}" + (f" (from {where})" if where else "")
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise UsageError(f"verify: the source weights do not load strictly into source.model {rules.source.model}: {exc}") from None
+        load_source_weights(model, src, what=what)
+    except RuntimeError as exc:  # torch: the same keys in other shapes
+        raise UsageError(f"verify: the source weights do not load into {what}: {exc}") from None
     return model
+
+
+def _save_path(given: str | os.PathLike[str] | None, rules: Rules) -> tuple[Path | None, str]:
+    """Where to save (the argument, else the rules' output.save) and how messages name it;
+    a name of no known format fails here, before anything is built or read."""
+    path = _output(given, rules.output.save, rules)
+    what = "save (--save)" if given is not None else "output.save"
+    if path is not None:
+        from .saving import save_format
+
+        save_format(path, what=what)
+    return path, what
 
 
 def _output(given: str | os.PathLike[str] | None, from_rules: str | None, rules: Rules) -> Path | None:

@@ -22,7 +22,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["batchnorm_modules", "lock_eval", "apply_freeze"]
+__all__ = ["batchnorm_modules", "lock_eval", "apply_freeze", "plain_state_dict"]
+
+COUNTER = "remap_num_batches_tracked"  # a frozen copy's attribute: the replaced BatchNorm's counter, as loaded
 
 
 def batchnorm_modules(module: nn.Module) -> dict[str, str]:
@@ -67,7 +69,37 @@ def _frozen_copy(bn: nn.Module) -> nn.Module:
         if bn.running_mean is not None:
             frozen.running_mean.copy_(bn.running_mean)
             frozen.running_var.copy_(bn.running_var)
-    return frozen.to(device=bn.running_mean.device if bn.running_mean is not None else "cpu")
+    like = bn.running_mean if bn.running_mean is not None else bn.weight
+    frozen = frozen.to(device=like.device, dtype=like.dtype) if like is not None else frozen
+    if bn.num_batches_tracked is not None:  # FrozenBatchNorm2d has no counter; a save writes this one back
+        setattr(frozen, COUNTER, bn.num_batches_tracked.detach().clone())
+    return frozen
+
+
+def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with the keys of the plain architecture: every FrozenBatchNorm2d
+    that ``batchnorm: frozen`` put in place of a BatchNorm2d gets that BatchNorm's
+    ``num_batches_tracked`` back, as it was loaded, after its ``running_var``.
+
+    A file saved from it loads into the un-frozen model (strictly) and into a frozen one
+    (FrozenBatchNorm2d ignores the counter when loading).
+    """
+    counters = {}
+    for name, m in module.named_modules():
+        counter = getattr(m, COUNTER, None)
+        if isinstance(counter, torch.Tensor):
+            prefix = f"{name}." if name else ""
+            counters[f"{prefix}running_var"] = (f"{prefix}num_batches_tracked", counter)
+    state = module.state_dict()
+    if not counters:
+        return state
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        out[key] = value
+        if key in counters:
+            name, counter = counters[key]
+            out[name] = counter
+    return out
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:

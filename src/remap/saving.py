@@ -24,7 +24,31 @@ from .errors import UsageError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["atomic_path", "write_text_atomic", "save_state_dict", "parse_size"]
+__all__ = ["atomic_path", "write_text_atomic", "save_state_dict", "parse_size", "save_format", "check_savable", "SAVE_FORMATS"]
+
+SAVE_FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch"}
+
+
+def save_format(path: str | os.PathLike[str], *, what: str = "save") -> str:
+    """The format a save to ``path`` writes, from its suffix: ``safetensors`` or ``torch``.
+
+    Any other suffix is a UsageError naming the accepted ones (``what`` says where the
+    path came from), raised before anything is loaded or written.
+
+    >>> save_format("out/model.safetensors"), save_format("model.PTH")
+    ('safetensors', 'torch')
+    >>> save_format("out.npz", what="output.save")
+    Traceback (most recent call last):
+    ...
+    remap.errors.UsageError: output.save: cannot save 'out.npz': unknown format '.npz'; expected a file name ending in .safetensors, .pt, .pth, .bin or .ckpt
+    """
+    suffix = Path(path).suffix
+    fmt = SAVE_FORMATS.get(suffix.lower())
+    if fmt is None:
+        accepted = ", ".join(list(SAVE_FORMATS)[:-1]) + f" or {list(SAVE_FORMATS)[-1]}"
+        found = f"unknown format {suffix!r}" if suffix else "the name has no suffix"
+        raise UsageError(f"cannot save {str(path)!r}: {found}; expected a file name ending in {accepted}", where=what)
+    return fmt
 
 
 @contextlib.contextmanager
@@ -135,7 +159,12 @@ def parse_size(size: int | str) -> int:
 
 
 def save_state_dict(module: torch.nn.Module, path: str | os.PathLike[str], *, max_shard_size: int | str | None = None) -> dict[str, Any]:
-    """Write ``module.state_dict()`` atomically: safetensors unless the name ends in .pt/.pth/.bin/.ckpt.
+    """Write ``module``'s state_dict atomically: .safetensors, or torch.save for .pt/.pth/.bin/.ckpt
+    (any other suffix is a UsageError).
+
+    The keys are those of the plain architecture: a BatchNorm that ``batchnorm: frozen``
+    replaced by FrozenBatchNorm2d gets its ``num_batches_tracked`` back, as it was loaded
+    (:func:`remap.freeze.plain_state_dict`), so the file loads into the model it came from.
 
     Tied parameters are written once (safetensors refuses shared storage); the other names
     are listed in the metadata under ``remap.tied``. Above ``max_shard_size`` the tensors
@@ -149,16 +178,41 @@ def save_state_dict(module: torch.nn.Module, path: str | os.PathLike[str], *, ma
     shards, are removed only once the new save is complete. A reader, or a save killed at
     any point, sees the old save or the new one, never a mix.
     """
-    state = module.state_dict()
-    fmt = "torch" if Path(path).suffix in (".pt", ".pth", ".bin", ".ckpt") else "safetensors"
-    tensors, tied = _untie(state)
+    from .freeze import plain_state_dict
+
+    fmt = save_format(path)
+    state = plain_state_dict(module)
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
+    _check_tensors_only(state, path, fmt, sharded=limit is not None)
+    tensors, tied = _untie(state)
     shards = _shard(tensors, limit) if limit is not None else [tensors]
     if len(shards) == 1:
         _write(shards[0], Path(path), fmt, tied if fmt == "safetensors" else {}, state if fmt == "torch" else None)
         _retire_index(Path(path))
         return {"path": str(path), "format": fmt}
     return _write_sharded(shards, Path(path), fmt, tied)
+
+
+def check_savable(module: torch.nn.Module, path: str | os.PathLike[str], *, sharded: bool = False, what: str = "save") -> None:
+    """Raise the UsageError a save of ``module`` to ``path`` would raise for its format, before
+    anything is loaded: an unknown suffix, or state_dict entries that are not tensors (a
+    module's ``_extra_state``), which only a single torch.save file holds."""
+    fmt = save_format(path, what=what)
+    if fmt == "safetensors" or sharded:
+        _check_tensors_only(module.state_dict(), path, fmt, sharded=sharded, what=what)
+
+
+def _check_tensors_only(state: dict[str, Any], path: str | os.PathLike[str], fmt: str, *, sharded: bool, what: str = "save") -> None:
+    import torch
+
+    others = [f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not others or (fmt == "torch" and not sharded):
+        return
+    holder = "a sharded save" if sharded else "safetensors"
+    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    raise UsageError(f"cannot save {str(path)!r}: {holder} holds tensors only, and the state_dict has {len(others)} "
+                     f"entr{'y' if len(others) == 1 else 'ies'} that {'is' if len(others) == 1 else 'are'} not: {shown}; "
+                     "save to a single .pt file instead (torch.save keeps them)", where=what)  # fmt: skip
 
 
 def _index_path(path: Path) -> Path:
@@ -254,9 +308,13 @@ def _write_sharded(shards: list[dict[str, torch.Tensor]], path: Path, fmt: str, 
 
 
 def _untie(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    import torch
+
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
     tensors, tied = {}, {}
     for key, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            continue  # _extra_state: only a single torch.save file holds it, from the full state
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if t.numel() and ident in seen:
             tied[key] = seen[ident]
