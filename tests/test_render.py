@@ -12,6 +12,7 @@ import re
 import pytest
 from rich.console import Console
 
+from remap.planner import totals_of
 from remap.render import format_count, format_percent, format_report, format_shape, print_report, verdict
 from remap.report import (
     DROPPED,
@@ -44,23 +45,9 @@ def _param(key: str, shape: tuple[int, ...], **kw: object) -> TargetRecord:
 
 
 def _totals(targets: tuple[TargetRecord, ...], sources: tuple[SourceRecord, ...]) -> Totals:
-    params = [t for t in targets if t.kind == "parameter"]
-    return Totals(
-        target_keys=len(targets),
-        loaded=sum(t.status == LOADED for t in targets),
-        missing=sum(t.status == MISSING for t in targets),
-        mismatched=sum(t.status == MISMATCHED for t in targets),
-        source_keys=len(sources),
-        used=sum(s.fate == USED for s in sources),
-        dropped=sum(s.fate == DROPPED for s in sources),
-        unused=sum(s.fate == UNUSED for s in sources),
-        param_elements=sum(t.numel for t in params),
-        loaded_elements=sum(t.numel for t in params if t.status == LOADED),
-        frozen_elements=sum(t.numel for t in params if t.trainable is False),
-        trainable_elements=sum(t.numel for t in params if t.trainable),
-        frozen_params=sum(t.trainable is False for t in params),
-        trainable_params=sum(bool(t.trainable) for t in params),
-    )
+    """The totals the planner computes from these records (a tied alias is no key of its
+    own, a duplicate counts as used, a skipped key as unused): what the JSON says."""
+    return totals_of(list(targets), list(sources))
 
 
 def small_report() -> Report:
@@ -114,10 +101,11 @@ NOT LOADED  ckpt/r18.pth (torch, key "state_dict") -> tests.models:tiny
 rules: rules.yaml
 
 Steps
-  #  step                                    matched
-  1  strip_prefix 'module.'                        9
-  2  drop '\.num_batches_tracked$', '^fc\.'        3
-  3  rename '^encoder\.' -> 'backbone.'            0  matched nothing (rules.yaml:6:5)
+  #  step                                matched
+  1  strip_prefix 'module.'                    9
+  2  drop '\.num_batches_tracked$'             1
+          '^fc\.'                              2
+  3  rename '^encoder\.' -> 'backbone.'        0  matched nothing (rules.yaml:6:5)
 
 Target keys: 7
   loaded         5  9.5K params
@@ -135,10 +123,6 @@ Source keys: 9
       module.fc.{bias, weight}
   unused         1  not declared
     module.extra.scale -> extra.scale
-
-Freeze: frozen 9.5K params (3 tensors), trainable 650 (2 tensors)
-  trainable: head.{bias, weight}
-  batchnorm: frozen (1 module)
 
 Totals
   target  7 keys: 5 loaded, 2 missing, 0 mismatched
@@ -260,19 +244,21 @@ def test_small_report_pinned() -> None:
         "      blocks.{0..3}.mlp.fc.weight  [transpose]",
         "    blocks.{0..3}.proj.in_proj_weight",
         "      <- blocks.{0..3}.proj.q_proj.weight + blocks.{0..3}.proj.k_proj.weight + blocks.{0..3}.proj.v_proj.weight  [merge]",
+        "Target keys: 34 (and 1 tied alias)",
         "  tied           1  loaded through the name they are tied to",
         "    lm_head.weight = embed.weight",
         "  mismatched     2  declared",
         "    pos_embed: checkpoint [1, 577, 768] vs model [1, 197, 768]",
         "    head.weight <- classifier.weight: checkpoint [1000, 768] vs model [10, 768]",
+        "Source keys: 36",
+        "  used          33  incl. 1 duplicate of a tied parameter, checked equal",
         "  unused         1  declared",
         "    dist_token",
-        "  skipped        2  shape differs from the target's",
+        "  unused         2  skipped: shape differs from the target's",
         "    classifier.weight -> head.weight",
-        "  duplicate      1  copies of a tied parameter",
-        "  target  35 keys: 32 loaded, 0 missing, 2 mismatched, 1 tied",
-        "  source  36 keys: 32 used, 0 dropped, 1 unused, 2 skipped, 1 duplicate",
-        "  params  160.3K elements, 1.2K loaded (0.8%)",
+        "  target  34 keys: 32 loaded, 0 missing, 2 mismatched; 1 tied alias",
+        "  source  36 keys: 33 used (1 duplicate), 0 dropped, 3 unused (2 skipped)",
+        "  params  160.2K elements, 1.2K loaded (0.8%)",  # the tied alias's elements are its first name's
         "Warnings (1)",
         "  8 tensor(s) will be cast from float16 to float32 by load_state_dict",
         "OK: would load as declared (dry run)",
@@ -284,7 +270,7 @@ def test_transfer_report_lines(line: str) -> None:
 
 def test_lines_in_order() -> None:
     lines = format_report(transfer_report()).splitlines()
-    order = ["Steps: none", "Target keys: 35", "Source keys: 36", "Freeze: ", "Totals", "Warnings (1)", "OK: "]
+    order = ["Steps: none", "Target keys: 34", "Source keys: 36", "Totals", "Warnings (1)", "OK: "]
     positions = [next(i for i, line in enumerate(lines) if line.startswith(head)) for head in order]
     assert positions == sorted(positions)
     assert lines[-1] == "OK: would load as declared (dry run)"
@@ -326,9 +312,10 @@ def test_plain_text_has_no_ansi() -> None:
 
 
 def test_width_cuts_the_step_column_only() -> None:
-    lines = format_report(small_report(), width=50).splitlines()
-    assert "  2  drop '\\.num_batches_tracked$', '^…        3" in lines
-    assert "  3  rename '^encoder\\.' -> 'backbone.'        0  matched nothing (rules.yaml:6:5)" in lines
+    lines = format_report(small_report(), width=40).splitlines()
+    assert "  2  drop '\\.num_batches_tra…        1" in lines
+    assert "          '^fc\\.'                    2" in lines
+    assert "  3  rename '^encoder\\.' -> …        0  matched nothing (rules.yaml:6:5)" in lines
     assert "      module.bn1.num_batches_tracked" in lines  # keys are never cut
 
 
@@ -346,7 +333,19 @@ def test_optional_step_that_matched_nothing_is_not_red_flagged() -> None:
 def test_pattern_that_matched_nothing_is_named() -> None:
     step = StepRecord(1, "drop", "drop 'a', 'b'", 3, patterns=(("a", 3), ("b", 0)), where="r.yaml:2:3")
     lines = format_report(Report(dry_run=True, steps=(step,))).splitlines()
-    assert "  1  drop 'a', 'b'        3  matched nothing: b (r.yaml:2:3)" in lines
+    assert lines[lines.index("Steps") + 1 :][:3] == [
+        "  #  step      matched",
+        "  1  drop 'a'        3",
+        "          'b'        0  matched nothing (r.yaml:2:3)",
+    ]
+
+
+def test_a_summary_of_another_form_stays_one_row() -> None:
+    """Patterns the summary does not end with (a report from elsewhere): the step stays
+    whole, and the pattern that matched nothing is named in its note."""
+    step = StepRecord(1, "drop", "drop some keys", 3, patterns=(("a", 3), ("b", 0)), where="r.yaml:2:3")
+    lines = format_report(Report(dry_run=True, steps=(step,))).splitlines()
+    assert "  1  drop some keys        3  matched nothing: b (r.yaml:2:3)" in lines
 
 
 def test_missing_not_declared_and_unknown_status() -> None:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from .report import DROPPED, DUPLICATE, SKIPPED, UNUSED, USED
 
 if TYPE_CHECKING:
     from .planner import Plan
+    from .steps import Step
 
 __all__ = ["explain"]
 
@@ -63,24 +65,62 @@ def _explain_source(plan: Plan, key: str, *, indent: str, prefix: str = "") -> s
     meta = plan.source_meta[key]
     fate = plan.fates.get(key)
     lines = [f"{indent}{prefix}source {key!r} {_shape(meta.shape, meta.dtype)}"]
-    summaries = {s.index: f"step {s.index} ({s.summary()})" for s in plan.rules.steps}
+    steps = {s.index: s for s in plan.rules.steps}
     previous = key
     for step, after in fate.hops if fate else ():
         change = f"-> {after!r}" if after != previous else "(tensor op)"
-        lines.append(f"{indent}  {summaries[step]}: {change}")
+        lines.append(f"{indent}  {_acting(steps[step], previous)}: {change}")
         previous = after
-    lines.append(f"{indent}  => {_fate_words(fate, summaries)}")
+    dropped_by = ""
+    if fate is not None and fate.fate == DROPPED and fate.step in steps:
+        dropped_by = _acting(steps[fate.step], fate.final or previous)  # final: its name when dropped
+    lines.append(f"{indent}  => {_fate_words(fate, dropped_by)}")
     return "\n".join(lines)
 
 
-def _fate_words(fate, summaries: dict[int, str]) -> str:  # type: ignore[no-untyped-def]
+# The field of each step kind that holds what its ``labels()`` count, one entry per pattern.
+_PATTERN_FIELDS = ("rules", "prefixes", "match", "patterns")
+
+
+def _acting(step: Step, name: str) -> str:
+    """``step N (summary)`` as the step acted on a key named ``name``: of a step with
+    several patterns, only the ones that matched it, and which of how many they are
+    (``step 2 (rename '\\.norm1\\.' -> '.ln_1.', pattern 1 of 6)``)."""
+    whole = f"step {step.index} ({step.summary()})"
+    labels = step.labels() if hasattr(step, "labels") else tuple(getattr(step, "patterns", ()))
+    if len(labels) < 2:
+        return whole
+    hits = _hits(step, name, labels)
+    field = next((f for f in _PATTERN_FIELDS if len(getattr(step, f, ())) == len(labels)), None)
+    if not hits or field is None:
+        return whole
+    narrowed = dataclasses.replace(step, **{field: tuple(getattr(step, field)[n] for n in hits)})  # type: ignore[arg-type]
+    which = ", ".join(str(n + 1) for n in hits)
+    return f"step {step.index} ({narrowed.summary()}, pattern{'s' if len(hits) > 1 else ''} {which} of {len(labels)})"
+
+
+def _hits(step: Step, name: str, labels: tuple[str, ...]) -> tuple[int, ...]:
+    """The indexes of the patterns of ``step`` that act on ``name``, as the step decides it
+    (the first that matches, or for ``strip_prefix`` each prefix it removes)."""
+    from .patterns import compile_regex, search
+
+    name_map = getattr(step, "name_map", None)
+    if name_map is not None:
+        try:
+            return tuple(name_map(name)[1])
+        except ValueError:  # index arithmetic on a non-integer: the failure says which
+            return ()
+    return next(((n,) for n, p in enumerate(labels) if search(compile_regex(p), name)), ())
+
+
+def _fate_words(fate, dropped_by: str) -> str:  # type: ignore[no-untyped-def]
     if fate is not None and fate.note:
         return f"unused: {fate.note}"
     if fate is None or fate.fate == UNUSED:
         final = fate.final if fate else None
         return f"unused: no target key named {final!r}" if final else "unused"
     if fate.fate == DROPPED:
-        return f"dropped by {summaries[fate.step]}"
+        return f"dropped by {dropped_by or f'step {fate.step}'}"
     if fate.fate == USED:
         return f"loaded into {', '.join(map(repr, fate.targets))}"
     if fate.fate == SKIPPED:

@@ -2,8 +2,9 @@
 
 Both paths draw the same content from one intermediate form (lines of styled spans and
 one table), in this order: header, steps, target keys by status, source keys by fate,
-freeze, totals, warnings, failures and a verdict line. Keys are folded with
-:mod:`remap.grouping`; long lists are cut unless ``verbose``.
+freeze (when it froze something), totals, verify, warnings, failures and a verdict line.
+Every count is the JSON's (``report.totals``), and the lines of a section add up to its
+count. Keys are folded with :mod:`remap.grouping`; long lists are cut unless ``verbose``.
 
 >>> from remap.report import Report
 >>> print(format_report(Report(dry_run=True, source={"path": "a.pt"}, target={"model": "m:f"})))
@@ -15,9 +16,6 @@ Target keys: 0
   loaded         0
 <BLANKLINE>
 Source keys: 0
-<BLANKLINE>
-Freeze: frozen 0 params (0 tensors), trainable 0 (0 tensors)
-  batchnorm: keep
 <BLANKLINE>
 Totals
   target  0 keys: 0 loaded, 0 missing, 0 mismatched
@@ -50,12 +48,13 @@ from .report import (
     SourceRecord,
     StepRecord,
     TargetRecord,
+    Totals,
 )
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["format_report", "print_report", "format_count", "format_shape", "verdict"]
+__all__ = ["format_report", "print_report", "rich_lines", "format_html", "format_count", "format_shape", "verdict"]
 
 LIST_CAP = 20  # groups shown per list when not verbose
 QUIET_CAP = 8  # groups shown per list of deliberate, declared keys (dropped) when not verbose
@@ -113,8 +112,34 @@ def print_report(report: Report, *, console: Console | None = None, verbose: boo
     from rich.console import Console
 
     console = console or Console()
-    for line in _lines(_document(report, verbose=verbose, width=console.width), console.width):
-        console.print(_rich_text(line), soft_wrap=True)
+    for text in rich_lines(report, width=console.width, verbose=verbose):
+        console.print(text, soft_wrap=True)
+
+
+def rich_lines(report: Report, *, width: int = 100, verbose: bool = False) -> list[Any]:
+    """The lines of :func:`format_report` as styled ``rich.text.Text``, for a rich console
+    or layout (``console.print(report)`` draws these).
+
+    >>> [str(t) for t in rich_lines(Report(dry_run=False))][-1]
+    'OK: loaded as declared'
+    """
+    return [_rich_text(line) for line in _lines(_document(report, verbose=verbose, width=width), width)]
+
+
+def format_html(report: Report, *, verbose: bool = False, width: int = 100) -> str:
+    """The report as an HTML ``<pre>`` block with inline colours (what Jupyter shows).
+
+    >>> format_html(Report(dry_run=False)).startswith("<pre")
+    True
+    """
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), record=True, width=width, force_jupyter=False, color_system="truecolor")
+    print_report(report, console=console, verbose=verbose)
+    style = "white-space: pre; overflow-x: auto; line-height: normal; font-family: Menlo, 'DejaVu Sans Mono', consolas, monospace"
+    return console.export_html(inline_styles=True, code_format=f'<pre style="{style}">{{code}}</pre>')
 
 
 def verdict(report: Report) -> str:
@@ -173,8 +198,8 @@ def _document(report: Report, *, verbose: bool, width: int) -> list[Block]:
     for section in (
         _header(report),
         _steps(report.steps),
-        _targets(report.targets, verbose, width),
-        _sources(report.sources, report.steps, verbose, width),
+        _targets(report.targets, report.totals, verbose, width),
+        _sources(report.sources, report.steps, report.totals, verbose, width),
         _freeze(report, verbose),
         _totals(report),
         _verify(report),
@@ -191,13 +216,19 @@ def _document(report: Report, *, verbose: bool, width: int) -> list[Block]:
     return blocks
 
 
+def _refused(report: Report) -> bool:
+    """Whether the run failed a check before the module was touched (only ``verify`` fails
+    after loading: the weights are in, only the outputs disagree)."""
+    return not report.ok and not all(f.kind == "verify" for f in report.failures)
+
+
 def _header(report: Report) -> list[Block]:
     if report.dry_run:
         mode = ("DRY RUN", "bold cyan")
     elif report.ok:
         mode = ("APPLIED", "bold")
-    elif all(f.kind == "verify" for f in report.failures):
-        mode = ("APPLIED, VERIFY FAILED", FAIL_STYLE)  # the weights are in: only the outputs disagree
+    elif not _refused(report):
+        mode = ("APPLIED, VERIFY FAILED", FAIL_STYLE)
     else:
         mode = ("NOT LOADED", FAIL_STYLE)
     source = _mapping(report.source)
@@ -227,7 +258,7 @@ def _describe_source(source: dict[str, Any]) -> str:
     >>> _describe_source({"kind": "file", "path": "a.pth", "format": "torch", "key": "model", "key_detected": True})
     'a.pth (torch, key "model", detected)'
     """
-    what = source.get("path") or source.get("factory") or source.get("model") or source.get("kind") or "source"
+    what = source.get("path") or _call(source, source.get("factory") or source.get("model")) or source.get("kind") or "source"
     details = [str(source["format"])] if source.get("format") else []
     if source.get("key"):
         details.append(f'key "{source["key"]}"' + (", detected" if source.get("key_detected") else ""))
@@ -243,57 +274,115 @@ def _describe_target(target: dict[str, Any]) -> str:
     >>> _describe_target({"kind": "metadata", "keys": 320})
     'metadata (320 keys)'
     """
-    what = target.get("factory") or target.get("model") or target.get("class")
+    what = _call(target, target.get("factory") or target.get("model")) or target.get("class")
     if what:
         return str(what)
     kind = str(target.get("kind") or "target")
     return f"{kind} ({target['keys']} keys)" if isinstance(target.get("keys"), int) else kind
 
 
+def _call(description: dict[str, Any], factory: Any) -> str | None:
+    """A factory with the arguments it was called with, when the description has them
+    (``args``, ``kwargs``): ``timm:create_model('resnet18', num_classes=10)``.
+
+    >>> _call({"args": ["resnet18"], "kwargs": {"num_classes": 10}}, "timm:create_model")
+    "timm:create_model('resnet18', num_classes=10)"
+    >>> _call({}, "torchvision.models:resnet18"), _call({}, None)
+    ('torchvision.models:resnet18', None)
+    """
+    if not factory:
+        return None
+    args, kwargs = description.get("args"), description.get("kwargs")
+    if not args and not kwargs:
+        return str(factory)
+    parts = [repr(a) for a in args or ()] + [f"{k}={v!r}" for k, v in _mapping(kwargs).items()]
+    return f"{factory}({', '.join(parts)})"
+
+
 def _steps(steps: Sequence[StepRecord]) -> list[Block]:
+    """One row per step, and per pattern of a step that has several, with its match count:
+    a rename of 11 patterns is 11 rows, so that the pattern that matched nothing shows."""
     if not steps:
         return [(("Steps: none (keys keep their names)", TITLE),)]
-    rows = []
+    rows: list[tuple[Span, ...]] = []
     for step in steps:
-        note, style = _step_note(step)
-        rows.append(
-            (
-                (str(step.index), MUTED),
-                (step.summary or step.kind, style if step.matched == 0 else ""),
-                (str(step.matched), style if step.matched == 0 else ""),
-                (note, style),
-            )
-        )
+        for n, (text, matched, note) in enumerate(_step_rows(step)):
+            style = _unmatched_style(step) if matched == 0 else ""
+            rows.append(((str(step.index) if n == 0 else "", MUTED), (text, style), (str(matched), style), (note, style)))
     table = _Table(("#", "step", "matched", ""), ("right", "left", "right", "left"), tuple(rows))
     return [(("Steps", TITLE),), table]
 
 
-def _step_note(step: StepRecord) -> Span:
+def _step_rows(step: StepRecord) -> list[tuple[str, int, str]]:
+    """``(text, matched, note)`` per row: the step whole, or its patterns one by one (the
+    first row with the step's kind, the others aligned beneath it)."""
     where = f" ({step.where})" if step.where else ""
-    if step.matched == 0:
-        if step.optional:
-            return "matched nothing (optional)", MUTED
-        return "matched nothing" + where, FAIL_STYLE
-    idle = [p for p, n in step.patterns if n == 0]
-    if idle:
-        return "matched nothing: " + ", ".join(idle) + where, FAIL_STYLE
-    return "", ""
+    parts = _pattern_texts(step)
+    if parts is None:
+        idle = [p for p, n in step.patterns if n == 0]
+        note = "matched nothing: " + ", ".join(idle) + where if idle and step.matched else _idle_note(step, step.matched, where)
+        return [(step.summary or step.kind, step.matched, note)]
+    head, texts = parts
+    return [
+        ((head if n == 0 else " " * len(head)) + text, matched, _idle_note(step, matched, where))
+        for n, (text, (_, matched)) in enumerate(zip(texts, step.patterns))
+    ]
+
+
+def _idle_note(step: StepRecord, matched: int, where: str) -> str:
+    if matched:
+        return ""
+    return "matched nothing (optional)" if step.optional else "matched nothing" + where
+
+
+def _unmatched_style(step: StepRecord) -> str:
+    return MUTED if step.optional else FAIL_STYLE
+
+
+def _pattern_texts(step: StepRecord) -> tuple[str, list[str]] | None:
+    """A step of several patterns as ``(head, one text per pattern)``, cut from its summary:
+    ``rename 'a' -> 'b'; 'c' -> 'd'`` -> ``("rename ", ["'a' -> 'b'", "'c' -> 'd'"])``;
+    a list of patterns ends the summary of every other kind (``drop 'a', 'b'``,
+    ``transpose(-2, -1) on 'a', 'b'``). None for one pattern, or a summary of another form.
+
+    >>> _pattern_texts(StepRecord(1, "rename", "rename 'a' -> 'b'; 'c' -> 'd' add {1: 1}", 2, patterns=(("a", 1), ("c", 1))))
+    ('rename ', ["'a' -> 'b'", "'c' -> 'd' add {1: 1}"])
+    >>> _pattern_texts(StepRecord(1, "drop", "drop 'a', 'b'", 2, patterns=(("a", 1), ("b", 1))))
+    ('drop ', ["'a'", "'b'"])
+    """
+    quoted = [f"'{p}'" for p, _ in step.patterns]
+    if len(quoted) < 2:
+        return None
+    summary = step.summary
+    if step.kind != "rename":
+        tail = ", ".join(quoted)
+        return (summary[: -len(tail)], quoted) if summary.endswith(tail) else None
+    head = "rename "
+    starts = []
+    at = len(head)
+    for n, q in enumerate(quoted):
+        at = summary.find(("; " if n else "") + q + " -> ", at)
+        if at < 0 or (n == 0 and at != len(head)):
+            return None
+        starts.append(at + (2 if n else 0))
+        at += len(q)
+    ends = [s - 2 for s in starts[1:]] + [len(summary)]
+    return head, [summary[a:b] for a, b in zip(starts, ends)]
 
 
 # ---------------------------------------------------------------------- target keys
 
 
-def _targets(records: Sequence[TargetRecord], verbose: bool, width: int) -> list[Block]:
-    lines: list[Block] = [(("Target keys: ", TITLE), (str(len(records)), TITLE))]
+def _targets(records: Sequence[TargetRecord], totals: Totals, verbose: bool, width: int) -> list[Block]:
+    """Target keys by status. The count is ``totals.target_keys`` (a tied parameter counted
+    once, as in the JSON); tied aliases are named beside it and listed after the keys."""
+    tied = [r for r in records if r.status == TIED]
+    aliases = f" (and {_plural(len(tied), 'tied alias', 'tied aliases')})" if tied else ""
+    lines: list[Block] = [(("Target keys: ", TITLE), (str(totals.target_keys), TITLE), (aliases, MUTED))]
     loaded = [r for r in records if r.status == LOADED]
     elements = sum(r.numel for r in loaded if r.kind == "parameter")
     lines.append(_status_line("loaded", len(loaded), f"{format_count(elements)} params" if loaded else "", OK_STYLE))
     lines.extend(_loaded_lines(loaded, verbose, width))
-    tied = [r for r in records if r.status == TIED]
-    if tied:
-        lines.append(_status_line("tied", len(tied), "loaded through the name they are tied to", OK_STYLE))
-        pairs = _pair_groups([(r.key, (r.tied_to or "?",), None) for r in tied])
-        lines.extend(_capped([_pair_text(p, " = ") for p in pairs], verbose, LIST_CAP, width))
     for declared in (True, False):
         missing = [r for r in records if r.status == MISSING and r.declared == declared]
         if missing:
@@ -305,6 +394,10 @@ def _targets(records: Sequence[TargetRecord], verbose: bool, width: int) -> list
         if mismatched:
             lines.append(_status_line("mismatched", len(mismatched), _declared_word(declared), _decl_style(declared)))
             lines.extend(_capped(_mismatch_texts(mismatched), verbose, LIST_CAP, width))
+    if tied:
+        lines.append(_status_line("tied", len(tied), "loaded through the name they are tied to", OK_STYLE))
+        pairs = _pair_groups([(r.key, (r.tied_to or "?",), None) for r in tied])
+        lines.extend(_capped([_pair_text(p, " = ") for p in pairs], verbose, LIST_CAP, width))
     known = {LOADED, TIED, MISSING, MISMATCHED}
     lines.extend(_other_statuses([(r.key, r.status) for r in records if r.status not in known], verbose, width))
     return lines
@@ -370,11 +463,20 @@ def _mismatch_texts(records: Sequence[TargetRecord]) -> list[str]:
 # ---------------------------------------------------------------------- source keys
 
 
-def _sources(records: Sequence[SourceRecord], steps: Sequence[StepRecord], verbose: bool, width: int) -> list[Block]:
-    lines: list[Block] = [(("Source keys: ", TITLE), (str(len(records)), TITLE))]
+def _sources(
+    records: Sequence[SourceRecord], steps: Sequence[StepRecord], totals: Totals, verbose: bool, width: int
+) -> list[Block]:
+    """Source keys by fate, counted as the JSON totals count them: ``used`` includes the
+    duplicates of a tied parameter (checked equal, loaded once), ``unused`` the keys
+    skipped for their shape; each such part is named on its line."""
+    lines: list[Block] = [(("Source keys: ", TITLE), (str(totals.source_keys), TITLE))]
     used = sum(1 for r in records if r.fate == USED)
-    if used:
-        lines.append(_status_line("used", used, "", OK_STYLE))
+    duplicate = [r for r in records if r.fate == DUPLICATE]
+    if used or duplicate:
+        note = f"incl. {_plural(len(duplicate), 'duplicate')} of a tied parameter, checked equal" if duplicate else ""
+        lines.append(_status_line("used", used + len(duplicate), note, OK_STYLE))
+        if verbose and duplicate:
+            lines.extend(_capped(_target_texts(duplicate), verbose, LIST_CAP, width))
     lines.extend(_dropped_lines([r for r in records if r.fate == DROPPED], steps, verbose, width))
     for declared in (True, False):
         unused = [r for r in records if r.fate == UNUSED and r.declared == declared]
@@ -383,13 +485,8 @@ def _sources(records: Sequence[SourceRecord], steps: Sequence[StepRecord], verbo
             lines.extend(_capped(_renamed_source_texts(unused), verbose, LIST_CAP, width))
     skipped = [r for r in records if r.fate == SKIPPED]
     if skipped:
-        lines.append(_status_line("skipped", len(skipped), "shape differs from the target's", DECLARED_STYLE))
+        lines.append(_status_line("unused", len(skipped), "skipped: shape differs from the target's", DECLARED_STYLE))
         lines.extend(_capped(_target_texts(skipped), verbose, LIST_CAP, width))
-    duplicate = [r for r in records if r.fate == DUPLICATE]
-    if duplicate:
-        lines.append(_status_line("duplicate", len(duplicate), "copies of a tied parameter", MUTED))
-        if verbose:
-            lines.extend(_capped(_target_texts(duplicate), verbose, LIST_CAP, width))
     known = {USED, DROPPED, UNUSED, SKIPPED, DUPLICATE}
     lines.extend(_other_statuses([(r.key, r.fate) for r in records if r.fate not in known], verbose, width))
     return lines
@@ -444,9 +541,13 @@ def _other_statuses(rows: Sequence[tuple[str, str]], verbose: bool, width: int) 
 
 
 def _freeze(report: Report, verbose: bool) -> list[Block]:
+    """What freezing did, or would do: nothing when it froze nothing and left BatchNorm as
+    it was (no ``freeze`` section), nor on a run refused before the module was touched."""
     t = report.totals
     bn = report.freeze.batchnorm
     modules = report.freeze.batchnorm_modules
+    if (not t.frozen_params and bn == "keep" and not modules) or _refused(report):
+        return []
     text = (
         f"frozen {format_count(t.frozen_elements)} params ({_tensors(t.frozen_params)}), "
         f"trainable {format_count(t.trainable_elements)} ({_tensors(t.trainable_params)})"
@@ -468,11 +569,19 @@ def _tensors(n: int) -> str:
 
 
 def _totals(report: Report) -> list[Block]:
+    """The JSON totals: the keys of each side split into three counts that add up to it,
+    the parts those counts include in parentheses, tied aliases and newer statuses after."""
     t = report.totals
-    extra_t = _extra_counts(r.status for r in report.targets if r.status not in (LOADED, MISSING, MISMATCHED))
-    extra_s = _extra_counts(r.fate for r in report.sources if r.fate not in (USED, DROPPED, UNUSED))
+    statuses = _counts(r.status for r in report.targets)
+    fates = _counts(r.fate for r in report.sources)
+    tied = statuses.pop(TIED, 0)
+    extra_t = "".join(f"; {n} {s}" for s, n in statuses.items() if s not in (LOADED, MISSING, MISMATCHED))
+    extra_t += f"; {_plural(tied, 'tied alias', 'tied aliases')}" if tied else ""
+    extra_s = "".join(f"; {n} {f}" for f, n in fates.items() if f not in (USED, DROPPED, UNUSED, DUPLICATE, SKIPPED))
+    used = f"{t.used} used" + (f" ({_plural(fates[DUPLICATE], 'duplicate')})" if fates.get(DUPLICATE) else "")
+    unused = f"{t.unused} unused" + (f" ({fates[SKIPPED]} skipped)" if fates.get(SKIPPED) else "")
     target = f"{t.target_keys} keys: {t.loaded} loaded, {t.missing} missing, {t.mismatched} mismatched{extra_t}"
-    source = f"{t.source_keys} keys: {t.used} used, {t.dropped} dropped, {t.unused} unused{extra_s}"
+    source = f"{t.source_keys} keys: {used}, {t.dropped} dropped, {unused}{extra_s}"
     params = (
         f"{format_count(t.param_elements)} elements, {format_count(t.loaded_elements)} loaded "
         f"({format_percent(t.loaded_fraction)})"
@@ -495,11 +604,17 @@ def _verify(report: Report) -> list[Block]:
     return [(("Verify", TITLE), ("  ", ""), (verdict_text, style)), _indented(2, (detail, ""))]
 
 
-def _extra_counts(values: Iterable[str]) -> str:
+def _counts(values: Iterable[str]) -> dict[str, int]:
+    """How often each value occurs, in order of first occurrence."""
     counts: dict[str, int] = {}
     for v in values:
         counts[v] = counts.get(v, 0) + 1
-    return "".join(f", {n} {v}" for v, n in counts.items())
+    return counts
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    """``1 duplicate``, ``2 duplicates``, ``2 tied aliases``."""
+    return f"{n} {word if n == 1 else plural or word + 's'}"
 
 
 def _warnings(warnings: Sequence[str]) -> list[Block]:

@@ -1,12 +1,15 @@
 """The account of one load (or dry run): what happened to every target and source key.
 
 A :class:`Report` is plain data: frozen records, ``to_dict()`` / ``to_json()`` in the
-versioned schema documented in ``docs/report.md`` (and ``remap/report.schema.json``),
-and no printing. ``remap.render`` draws it for a terminal.
+versioned schema documented in ``docs/report.md`` (and ``remap/report.schema.json``).
+``remap.render`` draws it for people: ``print(report)`` prints the summary the command
+line shows, ``repr(report)`` is one line, and rich, IPython and Jupyter draw it in colour.
 
 >>> r = Report.empty(dry_run=True)
 >>> r.ok, r.to_dict()["schema"]
 (True, 1)
+>>> r
+<Report ok, dry run: 0 of 0 target keys loaded; 0 source keys: 0 used, 0 dropped, 0 unused>
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from operator import attrgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from rich.console import Console, ConsoleOptions
+    from rich.text import Text
 
 __all__ = [
     "REPORT_SCHEMA_VERSION",
@@ -159,9 +168,13 @@ class FreezeRecord:
     batchnorm_modules: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Report:
-    """The full account of one apply or dry run. ``ok`` is true iff ``failures`` is empty."""
+    """The full account of one apply or dry run. ``ok`` is true iff ``failures`` is empty.
+
+    ``str(report)`` (and ``print(report)``) is :func:`remap.render.format_report`'s text,
+    ``repr(report)`` one line of counts.
+    """
 
     dry_run: bool
     source: dict[str, Any] = field(default_factory=dict)
@@ -180,6 +193,36 @@ class Report:
     @property
     def ok(self) -> bool:
         return not self.failures
+
+    def __str__(self) -> str:
+        """The summary ``remap apply`` prints: :func:`remap.render.format_report`."""
+        from .render import format_report
+
+        return format_report(self)
+
+    def __repr__(self) -> str:
+        """One line: the verdict and the totals (``print(report)`` shows the whole summary)."""
+        t = self.totals
+        state = "ok" if self.ok else f"FAILED ({', '.join(dict.fromkeys(f.kind for f in self.failures))})"
+        mode = ", dry run" if self.dry_run else ""
+        return (f"<Report {state}{mode}: {t.loaded} of {t.target_keys} target keys loaded; "
+                f"{t.source_keys} source keys: {t.used} used, {t.dropped} dropped, {t.unused} unused>")  # fmt: skip
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Text]:
+        """rich draws the report as :func:`remap.render.print_report` does, in the space it has."""
+        from .render import rich_lines
+
+        yield from rich_lines(self, width=options.max_width)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython shows the summary."""
+        printer.text(repr(self) if cycle else str(self))
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the summary in colour."""
+        from .render import format_html
+
+        return format_html(self)
 
     @classmethod
     def empty(cls, *, dry_run: bool) -> Report:
