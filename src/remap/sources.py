@@ -1,8 +1,9 @@
 """Reading sources: names, shapes and dtypes first, tensor data one key at a time.
 
 :func:`open_source` accepts a checkpoint path (torch.save file, safetensors file, sharded
-``*.index.json`` or a folder holding one), an in-memory state_dict, a mapping of key ->
-shape (metadata only), or a model factory ``{"model": "module.path:callable"}``. The
+``*.index.json`` or a folder holding one), a Hugging Face repo already in the local hub
+cache (``hf://org/name@revision``), an in-memory state_dict, a mapping of key -> shape
+(metadata only), or a model factory ``{"model": "module.path:callable"}``. The
 :class:`Source` it returns gives the planner ``meta`` without reading any tensor data;
 the engine then calls :meth:`Source.read` for each key it needs.
 
@@ -31,15 +32,33 @@ import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import SourceError, TargetError, UsageError
 from .factories import build, describe_call
 from .meta import TensorMeta, meta_of_tensor, source_meta
+from .tree import itemsize
 
-__all__ = ["Source", "open_source", "CANDIDATE_KEYS", "FOLDER_FILES", "ACCEPTED_FORMATS", "PICKLE_ALLOW_LIST"]
+if TYPE_CHECKING:
+    import torch
+else:
+
+    class _Torch:
+        """``torch``, imported on first use: a safetensors header, an index or a hub folder
+        is read without it, so ``remap inspect`` of such a file never pays for importing torch."""
+
+        def __getattr__(self, name: str) -> Any:
+            import torch as real
+
+            globals()["torch"] = real
+            return getattr(real, name)
+
+    torch = _Torch()
+
+__all__ = [
+    "Source", "open_source", "CANDIDATE_KEYS", "FOLDER_FILES", "ACCEPTED_FORMATS", "PICKLE_ALLOW_LIST",
+    "HubRef", "parse_hub_ref", "hf_cache_dir",
+]  # fmt: skip
 
 #: Names under which checkpoints commonly nest their weights, searched two levels deep.
 CANDIDATE_KEYS = (
@@ -102,10 +121,22 @@ def _tensor_meta(tensor: torch.Tensor) -> TensorMeta:
         return TensorMeta(tuple(int(d) for d in tensor.shape), str(tensor.dtype).removeprefix("torch."))
 
 
+def _is_tensor(value: Any) -> bool:
+    """``isinstance(value, torch.Tensor)``, without importing torch: before it is imported, nothing is a tensor."""
+    loaded = sys.modules.get("torch")
+    return loaded is not None and isinstance(value, loaded.Tensor)
+
+
+def _is_module(value: Any) -> bool:
+    """``isinstance(value, torch.nn.Module)``, without importing torch."""
+    loaded = sys.modules.get("torch")
+    return loaded is not None and isinstance(value, loaded.nn.Module)
+
+
 def _count_tensors(value: Any, depth: int = 0) -> int:
-    if isinstance(value, torch.Tensor):
+    if _is_tensor(value):
         return 1
-    if isinstance(value, torch.nn.Module):
+    if _is_module(value):
         return len(value.state_dict())
     if depth >= 4:
         return 0
@@ -122,9 +153,9 @@ def _short(value: Any) -> str:
     >>> _short({"lr": 0.1})
     "{'lr': 0.1}"
     """
-    if isinstance(value, torch.Tensor):
+    if _is_tensor(value):
         return f"tensor {list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
-    if isinstance(value, torch.nn.Module):
+    if _is_module(value):
         return f"{type(value).__name__} module, {_plural(_count_tensors(value), 'tensor')}"
     if isinstance(value, (Mapping, list, tuple)):
         n = _count_tensors(value)
@@ -136,9 +167,9 @@ def _short(value: Any) -> str:
 
 def _kind_of(value: Any) -> str:
     """``"int"``, ``"dict, 62 tensors"``: an entry's type as error messages list it."""
-    if isinstance(value, torch.Tensor):
+    if _is_tensor(value):
         return "tensor"
-    n = _count_tensors(value) if isinstance(value, (Mapping, list, tuple, torch.nn.Module)) else 0
+    n = _count_tensors(value) if isinstance(value, (Mapping, list, tuple)) or _is_module(value) else 0
     return f"{type(value).__name__}, {_plural(n, 'tensor')}" if n else type(value).__name__
 
 
@@ -385,7 +416,7 @@ class _FactorySource(Source):
             state = self._state = self._state_dict()
             notes.append(f"built for real: it failed on the meta device ({exc.message})")
         name = spec if isinstance(spec, str) else describe_call(spec).removesuffix("()")
-        super().__init__(_tensors_meta(state), _describe("factory", factory=name, notes=notes), where)
+        super().__init__(_tensors_meta(state), _describe("factory", factory=name, args=list(args), kwargs=dict(kwargs), notes=notes), where)
 
     def _state_dict(self, device: str | None = None) -> dict[str, Any]:
         spec, args, kwargs = self._call
@@ -521,7 +552,7 @@ def _header_entry(key: str, info: Any, where: str) -> tuple[str, tuple[int, ...]
     start, stop = offsets
     if stop < start:
         raise SourceError(f"tensor {key!r}: data_offsets [{start}, {stop}] end before they start", where=where)
-    nbytes = math.prod(shape) * getattr(torch, _SAFETENSORS_DTYPES[code]).itemsize
+    nbytes = math.prod(shape) * itemsize(_SAFETENSORS_DTYPES[code])
     if stop - start != nbytes:
         raise SourceError(
             f"tensor {key!r}: shape {list(shape)} of {code} is {nbytes} bytes, but data_offsets [{start}, {stop}] "
@@ -1057,6 +1088,143 @@ def _open_path(path: Path, *, key: str | None, trust_pickle: bool) -> Source:
     return _FileSource(dict.fromkeys(reader.meta, reader), dict(reader.meta), desc, str(path))
 
 
+# ---------------------------------------------------------------------------- Hugging Face cache
+
+#: How a source names a Hugging Face repo explicitly: ``hf://org/name[@revision]`` (timm writes ``hf-hub:``).
+HUB_PREFIXES = ("hf://", "hf-hub:")
+HUB_EXTRA = "pip install 'remap[hub]'"
+_REPO_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w.-]+(?:/[\w.-]+)*))?$")
+_HASH_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A Hugging Face model repo and revision, as a source names it.
+
+    >>> parse_hub_ref("hf://timm/resnet18.a1_in1k@main")
+    HubRef(repo='timm/resnet18.a1_in1k', revision='main', text='hf://timm/resnet18.a1_in1k@main')
+    """
+
+    repo: str
+    revision: str
+    text: str
+
+
+def parse_hub_ref(text: str) -> HubRef | None:
+    """The repo a source string names: ``hf://org/name[@rev]`` (or ``hf-hub:``); None for anything else.
+
+    A bare ``org/name`` is not parsed here: :func:`open_source` looks it up only when no
+    such local path exists (see :func:`_bare_hub_ref`).
+    """
+    prefix = next((p for p in HUB_PREFIXES if text.startswith(p)), None)
+    if prefix is None:
+        return None
+    found = _REPO_RE.match(text[len(prefix) :])
+    if found is None:
+        raise SourceError(
+            f"expected {prefix}org/name or {prefix}org/name@revision (a Hugging Face model repo, e.g. "
+            f"{prefix}timm/resnet18.a1_in1k), found {text!r}",
+            where="source",
+        )
+    return HubRef(found["repo"], found["revision"] or "main", text)
+
+
+def _bare_hub_ref(text: str) -> HubRef | None:
+    """``org/name[@rev]`` that could be a repo: one slash, no weight-file suffix, not ./ or ~/."""
+    found = _REPO_RE.match(text)
+    if found is None or text.endswith((*WEIGHT_SUFFIXES, ".json", ".tar")):
+        return None
+    return HubRef(found["repo"], found["revision"] or "main", text)
+
+
+def hf_cache_dir() -> Path:
+    """The hub cache folder, found as huggingface_hub finds it, from the environment as it is now.
+
+    ``HF_HUB_CACHE`` (or the older ``HUGGINGFACE_HUB_CACHE``), else ``$HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``.
+    """
+    env = os.environ
+    folder = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if not folder:
+        home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+        folder = os.path.join(home, "hub")
+    return Path(os.path.expandvars(folder)).expanduser()
+
+
+def _repo_folder(ref: HubRef, cache: Path) -> Path:
+    return cache / ("models--" + ref.repo.replace("/", "--"))
+
+
+def _cached_revisions(folder: Path) -> str:
+    """``"refs main -> 1a2b…; snapshots 1a2b…"``: what the cache holds for one repo."""
+    refs_dir, snaps_dir = folder / "refs", folder / "snapshots"
+    refs = sorted(p.relative_to(refs_dir).as_posix() for p in refs_dir.rglob("*") if p.is_file()) if refs_dir.is_dir() else []
+    snaps = sorted(p.name for p in snaps_dir.iterdir() if p.is_dir()) if snaps_dir.is_dir() else []
+    pointed = [f"{r} -> {(refs_dir / r).read_text(encoding='utf-8', errors='replace').strip()[:12]}" for r in refs]
+    return f"refs: {', '.join(pointed) or 'none'}; snapshots: {', '.join(snaps[:5]) or 'none'}" + (
+        f" and {len(snaps) - 5} more" if len(snaps) > 5 else ""
+    )
+
+
+def _not_cached(ref: HubRef, cache: Path) -> str:
+    """Why ``ref`` is not in ``cache``: no such repo there, or not at that revision."""
+    folder = _repo_folder(ref, cache)
+    fetch = f"`hf download {ref.repo}" + (f" --revision {ref.revision}`" if ref.revision != "main" else "`")
+    if not folder.is_dir():
+        return (
+            f"no Hugging Face repo {ref.repo!r} in the local cache {cache} (no folder {folder.name} there); remap "
+            f"reads only files already downloaded: fetch them first ({fetch}), or point HF_HUB_CACHE (or HF_HOME) "
+            "at the cache that holds them"
+        )
+    kind = "commit" if _HASH_RE.match(ref.revision) else "revision"
+    return (
+        f"Hugging Face repo {ref.repo!r} is in the local cache {cache}, but not at {kind} {ref.revision!r} "
+        f"({_cached_revisions(folder)}); fetch it first ({fetch}), or name a cached revision with @"
+    )
+
+
+def _hub_snapshot(ref: HubRef, cache: Path) -> Path | None:
+    """The snapshot folder of ``ref`` in ``cache``, or None when the cache does not hold it."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise SourceError(
+            f"huggingface_hub is not installed, and remap needs it to find Hugging Face repo {ref.repo!r} in the "
+            f"local cache: {HUB_EXTRA}",
+            where=ref.text,
+        ) from None
+    try:
+        folder = snapshot_download(ref.repo, revision=ref.revision, cache_dir=cache, local_files_only=True)
+    except (OSError, ValueError):  # LocalEntryNotFoundError is an OSError, HFValidationError a ValueError
+        return None
+    return Path(folder)
+
+
+def _open_hub(ref: HubRef, *, key: str | None, trust_pickle: bool, tried: Path | None = None) -> Source:
+    """Open a repo's snapshot in the local Hugging Face cache, like a local folder.
+
+    ``tried`` is the local path looked for first (a bare ``org/name``): the error, when
+    the cache does not hold the repo either, names both.
+    """
+    cache = hf_cache_dir()
+    try:
+        folder = _hub_snapshot(ref, cache)
+    except SourceError as exc:
+        if tried is None:
+            raise
+        raise SourceError(f"no such file or folder {tried}, and {exc.message}", where=ref.text) from None
+    if folder is None:
+        reason = _not_cached(ref, cache)
+        if tried is not None:
+            reason = f"no such file or folder {tried}, and {reason}"
+        raise SourceError(reason, where=ref.text)
+    source = _open_path(folder, key=key, trust_pickle=trust_pickle)
+    source.description["notes"].append(
+        f"Hugging Face repo {ref.repo} at {ref.revision} (snapshot {folder.name}) from the local cache {cache}"
+    )
+    return source
+
+
 # ---------------------------------------------------------------------------- in memory
 
 
@@ -1094,7 +1262,9 @@ def open_source(
 
     ``source`` is a path (relative ones resolve against ``base_dir``), a state_dict, a
     mapping of key -> shape / (shape, dtype) / TensorMeta, a module, a factory spec
-    ``"module.path:callable"`` or ``{"model": spec, "args": [...], "kwargs": {...}}``.
+    ``"module.path:callable"`` or ``{"model": spec, "args": [...], "kwargs": {...}}``,
+    or a Hugging Face model repo in the local cache: ``hf://org/name[@revision]``, or a
+    bare ``org/name[@revision]`` when no such local path exists (nothing is downloaded).
     ``key`` says where the weights sit inside a torch checkpoint dict ("a.b").
 
     >>> open_source({"fc.weight": [10, 512]}).meta["fc.weight"].shape
@@ -1102,10 +1272,14 @@ def open_source(
     """
     if key is not None and (not isinstance(key, str) or not key.strip(".")):
         raise UsageError(f"source.key must be a non-empty string such as 'state_dict', found {key!r}")
+    if isinstance(source, str) and (hub := parse_hub_ref(source)) is not None:
+        return _open_hub(hub, key=key, trust_pickle=trust_pickle)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if not path.is_absolute() and base_dir is not None:
             path = Path(base_dir) / path
+        if isinstance(source, str) and not path.exists() and (hub := _bare_hub_ref(source)) is not None:
+            return _open_hub(hub, key=key, trust_pickle=trust_pickle, tried=path)  # an existing local path wins
         if not (isinstance(source, str) and _FACTORY_RE.match(source) and not path.exists()):
             return _open_path(path, key=key, trust_pickle=trust_pickle)
         source = {"model": source}  # "module.path:callable" names a factory, unless such a file exists
