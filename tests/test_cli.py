@@ -174,4 +174,5 @@ def test_mmap_weights_needs_a_meta_target(tmp_path, capsys, ddp_ckpt):
     rules = write(tmp_path, f"version: 1\ntarget: {{model: '{SMALL}'}}\nrules:\n  - strip_prefix: module.\n")
     code, out, err = run(capsys, "apply", rules, "--source", ddp_ckpt, "--mmap-weights")
     assert (code, out) == (2, "")
-    assert err.startswith("remap: error: mmap_weights keeps the file's pages as the weights of a meta-device target")
+    assert err == ("remap: error: --mmap-weights keeps the file's pages as the weights of a meta-device target; "
+                   "this target already has its memory: set `device: meta` under `target:` in the rules\n")

@@ -122,18 +122,19 @@ def test_the_python_api_refuses_too(tmp_path: Path) -> None:
 
 def test_trust_pickle_flag_runs_it_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path, marker = _checkpoint(tmp_path, ExecPayload)
-    with pytest.warns(UserWarning, match=r"loaded with torch.load\(weights_only=False\) because trust_pickle is set"):
-        code, out, err = run(capsys, "inspect", path, "--trust-pickle")
+    code, out, err = run(capsys, "inspect", path, "--trust-pickle")
     assert code == 0 and "state_dict" in out
+    assert err == (f"remap: warning: {path}: loaded with torch.load(weights_only=False) because --trust-pickle is given; "
+                   "unpickling runs code from the file\n")
     assert marker.read_text() == "pwned"  # the opt-in is real
 
 
 def test_trust_pickle_in_the_rules_runs_it_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path, marker = _checkpoint(tmp_path, ExecPayload)
     rules = _rules(tmp_path, f"source: {{path: {path.name}, trust_pickle: true}}\n")
-    with pytest.warns(UserWarning, match="trust_pickle is set"):
-        code, out, err = run(capsys, "apply", rules, "--json")
+    code, out, err = run(capsys, "apply", rules, "--json")
     assert code == 0, err
+    assert err.startswith("remap: warning: ") and "because source.trust_pickle is set in the rules" in err
     assert marker.exists()
 
 
@@ -146,7 +147,9 @@ def test_the_cli_prints_the_trust_warning(tmp_path: Path) -> None:
     assert not marker.exists()
     trusted = subprocess.run([sys.executable, "-m", "remap", "inspect", str(path), "--trust-pickle"], capture_output=True, text=True, env=env, timeout=120)
     assert trusted.returncode == 0, trusted.stderr
-    assert "UserWarning" in trusted.stderr and "unpickling runs code from the file" in trusted.stderr
+    assert "UserWarning" not in trusted.stderr
+    assert (f"remap: warning: {path}: loaded with torch.load(weights_only=False) because --trust-pickle is given; "
+            "unpickling runs code from the file") in trusted.stderr.splitlines()
     assert marker.exists()
 
 
@@ -157,10 +160,11 @@ def test_torchscript_is_refused_unless_trusted_through_the_cli(tmp_path: Path, c
         torch.jit.save(torch.jit.script(perturb(Small())), str(path))
     code, out, err = run(capsys, "inspect", path)
     assert code == 3 and "TorchScript archive" in err and TRUST in err
-    with pytest.warns(UserWarning, match="TorchScript"), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         code, out, err = run(capsys, "inspect", path, "--trust-pickle")
     assert code == 0 and "torchscript" in out
+    assert f"remap: warning: {path}: TorchScript archive loaded with torch.jit.load because --trust-pickle is given\n" in err
 
 
 # ---------------------------------------------------------------------------- harmless metadata loads

@@ -10,7 +10,7 @@ from helpers import save
 from weights import Small, perturb
 
 from remap.sources import open_source
-from remap.tree import format_tree, inspect_source, itemsize, tree_to_dict
+from remap.tree import flat_to_dict, format_flat, format_tree, inspect_source, itemsize, tree_to_dict
 
 
 def test_small_checkpoint_tree_text(tmp_path: Path) -> None:
@@ -112,3 +112,16 @@ def test_itemsize() -> None:
     assert [itemsize(d) for d in ("float32", "bfloat16", "bool", "float8_e4m3fn", "complex64")] == [4, 2, 1, 1, 8]
     assert itemsize(str(torch.float8_e4m3fnuz).removeprefix("torch.")) == 1
     assert itemsize("nonsense") == 0
+
+
+def test_flat_forms_keep_every_real_key_the_tree_folds() -> None:
+    meta = _blocks(3)
+    tree = inspect_source(open_source(meta))
+    data = json.loads(json.dumps(flat_to_dict(tree)))
+    assert list(data["keys"]) == list(meta)
+    assert all(data["keys"][k] == {"shape": shape, "dtype": "float32", "numel": torch.Size(shape).numel()} for k, shape in meta.items())
+    assert data["totals"] == tree_to_dict(tree)["totals"]
+    lines = format_flat(tree).splitlines()
+    assert [line.split()[0] for line in lines] == list(meta)
+    assert lines[1] == "blocks.0.attn.qkv.weight  [24, 8]   float32"
+    assert format_flat(inspect_source(open_source({}))) == "(no tensors)"

@@ -9,10 +9,12 @@ Exit codes: 0 loaded (or planned) as declared; 1 a check failed; 2 bad rules or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import re
 import sys
-from collections.abc import Sequence
-from typing import Any, TextIO
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from .errors import CheckError, RemapError, UsageError
@@ -20,111 +22,384 @@ from .errors import CheckError, RemapError, UsageError
 __all__ = ["main"]
 
 
+EXIT_CODES = {
+    0: "loaded (or planned, with --dry-run) as declared",
+    1: "a check failed: nothing was loaded (or --verify failed); the report says why",
+    2: "bad rules or usage",
+    3: "unreadable source or target",
+    4: "internal error: a bug in remap, please report it",
+}
+
+
+def _epilog(codes: Sequence[int], examples: Sequence[str]) -> str:
+    """The ``exit codes:`` and ``examples:`` sections printed under a command's help."""
+    lines = ["exit codes:", *(f"  {code}  {EXIT_CODES[code]}" for code in codes), "", "examples:"]
+    return "\n".join([*lines, *(f"  {example}" for example in examples)])
+
+
+class _ArgumentError(UsageError):
+    """argparse's complaint; ``usage`` is the usage line of the (sub)command it concerns."""
+
+    def __init__(self, message: str, usage: str) -> None:
+        super().__init__(f"{message}\n{usage}")
+        self.usage = usage
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of exiting, so main() owns every exit code."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message}\n{self.format_usage().strip()}")
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}
+
+    def error(self, message: str) -> NoReturn:
+        raise _ArgumentError(message, self.format_usage().strip())
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="remap", description="Selective and transfer loading of PyTorch weights from a rules file.")
+_FACTORY_HELP = "module.path:callable factory (e.g. torchvision.models:resnet50)"
+_KEY_HELP = "where the weights sit inside a checkpoint dict (a.b for nested; default: auto-detected)"
+_TRUST_HELP = "unpickle with weights_only=False: runs code from the file (only for files you trust)"
+
+
+def _parser() -> _Parser:
+    p = _Parser(
+        prog="remap",
+        description="Selective and transfer loading of PyTorch weights from a rules file: strict=False without silent failure.",
+        epilog=_epilog(
+            [0, 1, 2, 3, 4],
+            [
+                "remap inspect checkpoints/resnet50.pth",
+                "remap diff vit.safetensors torchvision.models:vit_b_16 --write rules.yaml",
+                "remap apply configs/torchvision-resnet-finetune.yaml --source checkpoints/resnet50.pth",
+                "remap COMMAND --help         (each command's options)",
+            ],
+        ),
+    )
     p.add_argument("--version", action="version", version=f"remap {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser,
+                           help="one of the commands below (remap COMMAND --help shows its options)")  # fmt: skip
     sub.required = True
 
-    a = sub.add_parser("apply", help="plan, check and load a rules file; print the report")
-    a.add_argument("rules", metavar="RULES.yaml")
-    a.add_argument("--source", metavar="PATH", help="checkpoint file or folder (overrides source in the rules)")
-    a.add_argument("--target", metavar="MODULE:CALLABLE", help="target factory (overrides target.model; its args/kwargs still apply)")
-    a.add_argument("--key", metavar="A.B", help="where the weights sit inside a checkpoint dict")
-    a.add_argument("--trust-pickle", action="store_true", help="unpickle with weights_only=False: runs code from the file")
+    a = sub.add_parser(
+        "apply",
+        help="plan, check and load a rules file; print the report",
+        description="Plan the load from names, shapes and dtypes, check it, then load and freeze. Without --save the "
+                    "loaded model ends with the process: apply checks the load; --save writes what was loaded.",
+        epilog=_epilog([0, 1, 2, 3, 4], [
+            "remap apply rules.yaml --source ckpt.pth --dry-run",
+            "remap apply rules.yaml --source ckpt.pth --target torchvision.models:resnet50 \\\n"
+            "        --target-kwargs '{\"num_classes\": 10}' --save out.safetensors",
+        ]),
+    )  # fmt: skip
+    a.add_argument("rules", metavar="RULES.yaml", help="the rules file (remap validate checks it alone)")
+    a.add_argument("--source", metavar="PATH", help="checkpoint file or folder, or hf://org/name[@revision] from the local Hugging Face cache (overrides source in the rules)")
+    a.add_argument("--target", metavar="MODULE:CALLABLE", help=f"target {_FACTORY_HELP}; overrides target.model")
+    a.add_argument("--target-args", metavar="JSON", help="positional arguments for the target factory, a JSON list "
+                                                         "(replaces target.args), e.g. '[\"resnet18\"]'")  # fmt: skip
+    a.add_argument("--target-kwargs", metavar="JSON", help="keyword arguments for the target factory, a JSON object "
+                                                           "(replaces target.kwargs), e.g. '{\"num_classes\": 10}'")  # fmt: skip
+    a.add_argument("--key", metavar="A.B", help=_KEY_HELP)
+    a.add_argument("--trust-pickle", action="store_true", help=_TRUST_HELP)
     a.add_argument("--dry-run", action="store_true", help="plan and check only: read no tensor, touch no module")
     a.add_argument("--report", metavar="FILE", help="write the JSON report here")
-    a.add_argument("--save", metavar="FILE", help="write the loaded state_dict here (.safetensors, or .pt/.pth)")
+    a.add_argument("--save", metavar="FILE", help="write the loaded state_dict here: .safetensors, or .pt/.pth/.bin/.ckpt for torch.save; the keys of the plain architecture")
     a.add_argument("--max-shard-size", metavar="SIZE", help="shard --save above this size (e.g. 5GB), with an index")
     a.add_argument("--mmap-weights", action="store_true",
                    help="meta-device target (target.device: meta) only: keep the file's pages as the weights, copying "
                         "nothing (for converting with --save); the checkpoint must not change while remap runs")  # fmt: skip
-    a.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    a.add_argument("--json", action="store_true", help="print the JSON report instead of the table (a JSON error object on errors)")
     a.add_argument("--verify", action="store_true", help="after loading, compare source and target outputs (rules' verify section)")
     a.add_argument("--explain", metavar="KEY", action="append", default=[], help="print the journey of a key (repeatable)")
     a.add_argument("-v", "--verbose", action="store_true", help="show every key group")
-    a.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    a.add_argument("-q", "--quiet", action="store_true", help="print no report: only errors, each failed check's reason and the verdict")
 
-    v = sub.add_parser("validate", help="check a rules file without loading anything")
-    v.add_argument("rules", metavar="RULES.yaml")
+    v = sub.add_parser("validate", help="check a rules file without loading anything",
+                       epilog=_epilog([0, 2, 4], ["remap validate rules.yaml", "remap validate rules.yaml --json"]))  # fmt: skip
+    v.add_argument("rules", metavar="RULES.yaml", help="the rules file to check")
+    v.add_argument("--json", action="store_true", help="print the result as JSON (a JSON error object on errors)")
 
-    i = sub.add_parser("inspect", help="keys, shapes, dtypes and parameter counts of a checkpoint, as a tree")
-    i.add_argument("checkpoint", metavar="CHECKPOINT")
-    i.add_argument("--key", metavar="A.B", help="where the weights sit inside a checkpoint dict")
-    i.add_argument("--trust-pickle", action="store_true", help="unpickle with weights_only=False: runs code from the file")
-    i.add_argument("--depth", type=int, default=None, help="show the tree down to this depth")
-    i.add_argument("--json", action="store_true", help="print JSON")
+    i = sub.add_parser(
+        "inspect",
+        help="keys, shapes, dtypes and parameter counts of a checkpoint, as a tree",
+        epilog=_epilog([0, 2, 3, 4], [
+            "remap inspect ckpt.pth --depth 2",
+            "remap inspect ckpt.pth --flat | grep layer1",
+            "remap inspect torchvision.models:resnet18 --json",
+        ]),
+    )  # fmt: skip
+    i.add_argument("checkpoint", metavar="CHECKPOINT", help=f"checkpoint file or folder, hf://org/name[@revision] from the local Hugging Face cache, or a {_FACTORY_HELP}")
+    i.add_argument("--key", metavar="A.B", help=_KEY_HELP)
+    i.add_argument("--trust-pickle", action="store_true", help=_TRUST_HELP)
+    shown = i.add_mutually_exclusive_group()
+    shown.add_argument("--depth", type=int, default=None, help="show the tree down to this depth")
+    shown.add_argument("--flat", action="store_true", help="list every real key (key, shape, dtype per line) instead of the tree")
+    i.add_argument("--json", action="store_true", help="print JSON: the real, flat keys with shape, dtype and numel")
 
-    d = sub.add_parser("diff", help="how two key sets line up, and the rules that would join them")
+    d = sub.add_parser(
+        "diff",
+        help="how two key sets line up, and the rules that would join them",
+        epilog=_epilog([0, 2, 3, 4], [
+            "remap diff vit.safetensors torchvision.models:vit_b_16 --write rules.yaml",
+            "remap diff ckpt.pth torchvision.models:resnet50 --target-kwargs '{\"num_classes\": 10}' --json",
+        ]),
+    )  # fmt: skip
     d.add_argument("source", metavar="SOURCE", help="checkpoint file or folder (or a module.path:callable factory)")
     d.add_argument("target", metavar="TARGET", help="module.path:callable factory (built on the meta device) or a checkpoint")
-    d.add_argument("--source-key", metavar="A.B", help="where the weights sit inside the source checkpoint dict")
-    d.add_argument("--trust-pickle", action="store_true", help="unpickle with weights_only=False: runs code from the file")
-    d.add_argument("--target-kwargs", metavar="JSON", help='keyword arguments for the target factory, e.g. \'{"num_classes": 10}\'')
+    d.add_argument("--key", "--source-key", dest="source_key", metavar="A.B",
+                   help="where the weights sit inside the source checkpoint dict (--source-key is an old alias)")  # fmt: skip
+    d.add_argument("--trust-pickle", action="store_true", help=_TRUST_HELP)
+    d.add_argument("--target-args", metavar="JSON", help="positional arguments for the target factory, a JSON list, e.g. '[\"resnet18\"]'")
+    d.add_argument("--target-kwargs", metavar="JSON", help='keyword arguments for the target factory, a JSON object, e.g. \'{"num_classes": 10}\'')
     d.add_argument("--write", metavar="RULES.yaml", help="write the rules that reproduce the unambiguous part, for review")
     d.add_argument("--force", action="store_true", help="let --write replace an existing file")
-    d.add_argument("--json", action="store_true", help="print the alignment as JSON")
+    d.add_argument("--json", action="store_true", help="print the alignment as JSON (a JSON error object on errors)")
     d.add_argument("-v", "--verbose", action="store_true", help="show every row")
+    p.commands = {"apply": a, "validate": v, "inspect": i, "diff": d}
     return p
 
 
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv``; an unknown argument is reported with its subcommand's usage, not the top level's."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code instead of exiting."""
+    """Run the command line; returns the exit code instead of exiting.
+
+    With ``--json`` among the arguments stdout gets one JSON object whatever the outcome:
+    the report (or the command's result) on exit 0 and 1, an error object otherwise
+    (see :func:`error_object`). remap's own warnings print as one line on stderr.
+    """
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     out, err = sys.stdout, sys.stderr
-    try:
-        args = _parser().parse_args(argv)
-        return {"apply": _apply, "validate": _validate, "inspect": _inspect, "diff": _diff}[args.command](args, out)
-    except SystemExit as exc:  # --help and --version
-        return int(exc.code or 0)
-    except CheckError as exc:
-        _render(exc.report, out, args)
-        print(f"remap: {exc.message.splitlines()[0]}", file=err)
-        return exc.exit_code
-    except RemapError as exc:
-        print(f"remap: error: {exc}", file=err)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("remap: interrupted", file=err)
-        return 130
-    except BrokenPipeError:  # `remap inspect x | head`: the reader left, which is fine
-        import os
+    as_json = "--json" in argv
+    args: argparse.Namespace | None = None
+    with _clean_warnings(err, trusted="--trust-pickle" in argv):
+        try:
+            args = _parse(argv)
+            return _COMMANDS[args.command](args, out)
+        except SystemExit as exc:  # --help and --version
+            return int(exc.code or 0)
+        except CheckError as exc:
+            _render(exc.report, out, args)
+            if getattr(args, "quiet", False) and not as_json:
+                _print_failures(exc.report, err)
+            print(f"remap: {exc.message.splitlines()[0]}", file=err)
+            return exc.exit_code
+        except RemapError as exc:
+            message = _cli_message(exc.message, args)
+            print(f"remap: error: {exc.where + ': ' if exc.where else ''}{message}", file=err)
+            if as_json:
+                _print_json(error_object(exc, message), out)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print("remap: interrupted", file=err)
+            if as_json:
+                _print_json({"ok": False, "error": {"kind": "Interrupted", "message": "interrupted", "exit_code": 130, "where": None}}, out)
+            return 130
+        except BrokenPipeError:  # `remap inspect x | head`: the reader left, which is fine
+            import os
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except Exception:  # a bug: say so, with the traceback that a bug report needs
-        import traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        except Exception as exc:  # a bug: say so, with the traceback that a bug report needs
+            import traceback
 
-        traceback.print_exc(file=err)
-        print("remap: internal error: this is a bug in remap; please report it with the command and rules file", file=err)
-        return 4
+            traceback.print_exc(file=err)
+            bug = "this is a bug in remap; please report it with the command and rules file"
+            print(f"remap: internal error: {bug}", file=err)
+            if as_json:
+                message = f"{type(exc).__name__}: {exc}; {bug}"
+                _print_json({"ok": False, "error": {"kind": "InternalError", "message": message, "exit_code": 4, "where": None}}, out)
+            return 4
+
+
+# ---------------------------------------------------------------------------- the CLI boundary
+
+_FILE_LINE = re.compile(r"^(?P<file>.+?):(?P<line>\d+):(?P<column>\d+)$")
+
+
+def error_object(exc: RemapError, message: str | None = None) -> dict[str, Any]:
+    """What ``--json`` prints for an error (exit 2, 3 or 4).
+
+    ``kind`` is the remap error class, ``message`` the text without its location, and
+    ``where`` the location as the error knows it (``text``; ``file``/``line``/``column``
+    when it is a place in a file), or null. A usage error also carries its ``usage`` line.
+
+    >>> from remap.errors import RulesError
+    >>> error_object(RulesError("unknown field 'expcet'", where="r.yaml:4:1"))["error"]["where"]
+    {'text': 'r.yaml:4:1', 'file': 'r.yaml', 'line': 4, 'column': 1}
+    """
+    kind = next(c.__name__ for c in type(exc).__mro__ if c.__module__ == RemapError.__module__)
+    text = exc.message if message is None else message
+    error: dict[str, Any] = {"kind": kind, "message": text, "exit_code": exc.exit_code, "where": None}
+    if isinstance(exc, _ArgumentError):
+        error["message"] = text.removesuffix(exc.usage).rstrip("\n")
+        error["usage"] = exc.usage
+    if exc.where:
+        found = _FILE_LINE.match(exc.where)
+        error["where"] = {"text": exc.where}
+        if found:
+            error["where"].update(file=found["file"], line=int(found["line"]), column=int(found["column"]))
+    return {"ok": False, "error": error}
+
+
+def _print_json(data: dict[str, Any], out: TextIO) -> None:
+    import json
+
+    print(json.dumps(data, indent=2), file=out)
+
+
+# The Python API's words, as a command-line user reads them: (pattern, CLI text), in order.
+_API_TO_CLI = (
+    # "pass a module to remap.load / remap.plan": the API's way in, not the command line's
+    (re.compile(r",? or pass (?:a|an|one|the) [^;,.]*? to remap\.\w+(?: / remap\.\w+)?"), ""),
+    (re.compile(r"\b(?:pass one|pass a module), (give --)"), r"\1"),
+    # "(--verify, verify=True)": the flag alone
+    (re.compile(r"\((--[\w-]+), \w+=\w+\)"), r"(\1)"),
+    (re.compile(r"remap\.load needs (?:a module|a torch\.nn\.Module) to load into[^;]*(?:; (?:use )?remap\.plan [^;]*)?"),
+     "the target factory (--target or target.model) must return a torch.nn.Module to load into"),
+    (re.compile(r"this module already has its memory: build it under torch\.device\('meta'\)"),
+     "this target already has its memory: set `device: meta` under `target:` in the rules"),
+    (re.compile(r"^mmap_weights "), "--mmap-weights "),
+    (re.compile(r"^verify was asked for, but"), "--verify was given, but"),
+)  # fmt: skip
+_KEY_HINT = re.compile(r"with `source\.key`(?: \(e\.g\. `key: ([^`]+)`\))?")
+
+
+def _cli_message(message: str, args: argparse.Namespace | None) -> str:
+    """``message`` in the command line's words: flags, not the Python API's names."""
+    for api, cli in _API_TO_CLI:
+        message = api.sub(cli, message)
+    if args is None:
+        return message
+    if getattr(args, "key", None) is not None or getattr(args, "source_key", None) is not None:
+        return message.replace("source.key ", "--key ").replace("leave `key` out", "leave --key out")
+    in_rules = args.command == "apply"
+
+    def hint(found: re.Match[str]) -> str:
+        example = found[1] or "A.B"
+        return f"with --key {example}" + (f" (or `source.key: {example}` in the rules)" if in_rules else "")
+
+    return _KEY_HINT.sub(hint, message)
+
+
+def _cli_warning(message: str, *, trusted: bool) -> str:
+    """A remap warning in the command line's words."""
+    cause = "--trust-pickle is given" if trusted else "source.trust_pickle is set in the rules"
+    return message.replace("because trust_pickle is set", f"because {cause}")
+
+
+@contextlib.contextmanager
+def _clean_warnings(err: TextIO, *, trusted: bool) -> Iterator[None]:
+    """Show remap's own warnings as ``remap: warning: <message>`` on ``err`` (no source line,
+    no category); other libraries' warnings as usual."""
+    import os
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:  # fmt: skip
+            if os.path.abspath(filename).startswith(package):
+                print(f"remap: warning: {_cli_warning(str(message), trusted=trusted)}", file=err)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+def _print_failures(report: Any, err: TextIO) -> None:
+    """``-q``: each failed check's one-line reason (its message's first line)."""
+    for failure in report.failures:
+        first = (failure.message.splitlines() or [""])[0].rstrip().removesuffix(":")
+        label = "" if first.startswith(f"{failure.kind}:") else f"{failure.kind}: "
+        print(f"remap: {label}{first}", file=err)
 
 
 def _apply(args: argparse.Namespace, out: TextIO) -> int:
     from .api import load
     from .rules import load_rules
 
+    if args.target is not None:
+        _check_factory_flag(args.target)
+    target_args = _json_flag(args.target_args, "--target-args", list, '\'["resnet18"]\'')
+    target_kwargs = _json_flag(args.target_kwargs, "--target-kwargs", dict, '\'{"num_classes": 10}\'')
+    if args.max_shard_size is not None:
+        _check_size_flag(args.max_shard_size)
     rules = load_rules(args.rules)
-    if args.target:  # the model only: the rules' args, kwargs, device and dtype still apply
-        rules = dataclasses.replace(rules, target=dataclasses.replace(rules.target, model=args.target))
+    changes: dict[str, Any] = {}  # the rules' device and dtype still apply
+    if args.target:
+        changes["model"] = args.target
+    if target_args is not None:
+        changes["args"] = tuple(target_args)
+    if target_kwargs is not None:
+        changes["kwargs"] = target_kwargs
+    if changes:
+        rules = dataclasses.replace(rules, target=dataclasses.replace(rules.target, **changes))
     if args.explain:
         from .api import plan
 
         p = plan(None, args.source, rules, key=args.key, trust_pickle=args.trust_pickle or None)
-        for key in args.explain:
-            print(p.explain(key), file=out)
+        for key in args.explain:  # with --json, stdout is the report alone
+            print(p.explain(key), file=sys.stderr if args.json else out)
     with _progress(enabled=not args.quiet and not args.dry_run and sys.stderr.isatty()) as progress:
         report = load(None, args.source, rules, dry_run=args.dry_run, key=args.key, trust_pickle=args.trust_pickle or None,
                       save=args.save, report=args.report, max_shard_size=args.max_shard_size, progress=progress,
                       verify=args.verify, mmap_weights=args.mmap_weights)  # fmt: skip
     _render(report, out, args)
     return 0
+
+
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".json", ".tar", ".pkl", ".h5", ".npz", ".onnx")
+
+
+def _check_factory_flag(spec: str) -> None:
+    """A checkpoint given as ``--target`` is a usage error that says to use ``--source``.
+
+    A checkpoint is an existing file or folder, a name with a checkpoint suffix, or a
+    path (a separator and no ``:``); anything else is left to the factory import.
+    """
+    import os
+
+    is_path = os.path.exists(spec) or spec.lower().endswith(_CHECKPOINT_SUFFIXES)
+    if is_path or (":" not in spec and any(sep and sep in spec for sep in (os.sep, os.altsep, "/"))):
+        raise UsageError(f"--target takes a module factory (module.path:callable, e.g. torchvision.models:resnet50); "
+                         f"to load the checkpoint {spec!r}, pass it with --source")  # fmt: skip
+
+
+def _json_flag(text: str | None, flag: str, kind: type, example: str) -> Any:
+    """The JSON value of ``flag`` (None when absent); exit 2 unless it is a JSON ``kind``."""
+    import json
+
+    if text is None:
+        return None
+    expected = "a JSON list" if kind is list else "a JSON object"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{flag}: expected {expected}, e.g. {example}; found {text!r}, which is not JSON ({exc})") from None
+    if not isinstance(value, kind):
+        raise UsageError(f"{flag}: expected {expected}, e.g. {example}; found {text!r}, a JSON {type(value).__name__}")
+    return value
+
+
+def _check_size_flag(text: str) -> None:
+    """``--max-shard-size`` must read as a size; the error names the flag."""
+    from .saving import parse_size
+
+    try:
+        parse_size(text)
+    except UsageError as exc:
+        raise UsageError(f"--max-shard-size: {exc.message.removeprefix('max_shard_size: ')}") from None
 
 
 class _progress:
@@ -161,10 +436,11 @@ class _progress:
 
 
 def _render(report: Any, out: TextIO, args: Any) -> None:
-    if getattr(args, "quiet", False):
-        return
+    """The report on ``out``: JSON with --json (even with -q), nothing with -q, else the table."""
     if getattr(args, "json", False):
         print(report.to_json(), file=out)
+        return
+    if getattr(args, "quiet", False):
         return
     from .render import format_report, print_report
 
@@ -178,6 +454,10 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
     from .rules import load_rules
 
     rules = load_rules(args.rules)
+    if args.json:
+        steps = [{"index": step.index, "kind": step.kind, "summary": step.summary(), "optional": step.optional} for step in rules.steps]
+        _print_json({"ok": True, "rules": str(args.rules), "version": rules.version, "steps": steps}, out)
+        return 0
     print(f"{args.rules}: OK, version {rules.version}, {len(rules.steps)} step(s)", file=out)
     for step in rules.steps:
         optional = " (optional)" if step.optional else ""
@@ -186,15 +466,15 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _inspect(args: argparse.Namespace, out: TextIO) -> int:
-    import json
-
     from .sources import open_source
-    from .tree import format_tree, inspect_source, tree_to_dict
+    from .tree import flat_to_dict, format_flat, format_tree, inspect_source
 
     with open_source(args.checkpoint, key=args.key, trust_pickle=args.trust_pickle) as src:
         tree = inspect_source(src)
-    if args.json:
-        print(json.dumps(tree_to_dict(tree), indent=2), file=out)
+    if args.json:  # always the real keys: folding is for people
+        _print_json(flat_to_dict(tree), out)
+    elif args.flat:
+        print(format_flat(tree), file=out)
     else:
         print(format_tree(tree, max_depth=args.depth), file=out)
     return 0
@@ -205,15 +485,10 @@ def _diff(args: argparse.Namespace, out: TextIO) -> int:
 
     from .diff import diff
 
-    kwargs = None
-    if args.target_kwargs is not None:
-        try:
-            kwargs = json.loads(args.target_kwargs)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"--target-kwargs: expected a JSON object, e.g. '{{\"num_classes\": 10}}': {exc}") from None
-        if not isinstance(kwargs, dict):
-            raise UsageError(f"--target-kwargs: expected a JSON object, found {args.target_kwargs!r}")
-    alignment = diff(args.source, args.target, source_key=args.source_key, trust_pickle=args.trust_pickle, target_kwargs=kwargs)
+    target_args = _json_flag(args.target_args, "--target-args", list, '\'["resnet18"]\'') or []
+    kwargs = _json_flag(args.target_kwargs, "--target-kwargs", dict, '\'{"num_classes": 10}\'')
+    alignment = diff(args.source, args.target, source_key=args.source_key, trust_pickle=args.trust_pickle,
+                     target_args=target_args, target_kwargs=kwargs)  # fmt: skip
     draft = None
     if args.write:
         from .diff_writer import write_draft
@@ -233,3 +508,6 @@ def _diff(args: argparse.Namespace, out: TextIO) -> int:
         print(f"\nwrote {args.write}: {draft.summary()}", file=out)
         print(f"review every line, then: remap apply {args.write}", file=out)
     return 0
+
+
+_COMMANDS = {"apply": _apply, "validate": _validate, "inspect": _inspect, "diff": _diff}

@@ -28,7 +28,7 @@ from .meta import TensorMeta
 if TYPE_CHECKING:
     from .sources import Source
 
-__all__ = ["Node", "Tree", "inspect_source", "format_tree", "tree_to_dict"]
+__all__ = ["Node", "Tree", "inspect_source", "format_tree", "format_flat", "tree_to_dict", "flat_to_dict"]
 
 _ITEMSIZE = {
     "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
@@ -84,7 +84,11 @@ class Node:
 
 @dataclass
 class Tree:
-    """A source's tree plus the header: its description and totals by dtype."""
+    """A source's tree plus the header: its description and totals by dtype.
+
+    ``keys`` are the source's real, flat keys in its order (folding is for people; JSON
+    and ``inspect --flat`` list these).
+    """
 
     description: dict[str, Any]
     nodes: list[Node]
@@ -92,6 +96,7 @@ class Tree:
     numel: int
     nbytes: int
     dtypes: dict[str, dict[str, int]]  # dtype -> {"tensors", "numel", "bytes"}
+    keys: dict[str, TensorMeta] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- building
@@ -217,7 +222,7 @@ def inspect_source(source: Source) -> Tree:
     _count(root)
     _collapse(root, {})
     _join_chains(root)
-    return Tree(dict(source.description), root.children, root.tensors, root.numel, root.nbytes, dtypes)
+    return Tree(dict(source.description), root.children, root.tensors, root.numel, root.nbytes, dtypes, dict(source.meta))
 
 
 # ---------------------------------------------------------------------------- text
@@ -314,6 +319,23 @@ def format_tree(tree: Tree, *, max_depth: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def format_flat(tree: Tree) -> str:
+    """One line per real key, in the source's order: ``key  shape  dtype``, no header, no
+    folding (for ``grep``, ``diff`` and ``wc -l``).
+
+    >>> from remap.sources import open_source
+    >>> print(format_flat(inspect_source(open_source({"blocks.0.w": [4, 4], "head.bias": [2]}))))
+    blocks.0.w  [4, 4]  float32
+    head.bias   [2]     float32
+    """
+    if not tree.keys:
+        return "(no tensors)"
+    shapes = {key: str(list(meta.shape)) for key, meta in tree.keys.items()}
+    key_w = max(map(len, tree.keys))
+    shape_w = max(map(len, shapes.values()))
+    return "\n".join(f"{key:<{key_w}}  {shapes[key]:<{shape_w}}  {meta.dtype}" for key, meta in tree.keys.items())
+
+
 def _node_dict(node: Node, path: str) -> dict[str, Any]:
     key = f"{path}.{node.name}" if path else node.name
     out: dict[str, Any] = {"name": node.name, "key": key, "repeat": node.repeat}
@@ -340,4 +362,20 @@ def tree_to_dict(tree: Tree) -> dict[str, Any]:
         "totals": {"tensors": tree.tensors, "numel": tree.numel, "bytes": tree.nbytes},
         "dtypes": tree.dtypes,
         "nodes": [_node_dict(n, "") for n in tree.nodes],
+    }
+
+
+def flat_to_dict(tree: Tree) -> dict[str, Any]:
+    """JSON-able form for ``remap inspect --json``: the header, totals and every real key
+    (``key -> {shape, dtype, numel}``, in the source's order); no folded names.
+
+    >>> from remap.sources import open_source
+    >>> flat_to_dict(inspect_source(open_source({"a.0.w": [2, 3]})))["keys"]
+    {'a.0.w': {'shape': [2, 3], 'dtype': 'float32', 'numel': 6}}
+    """
+    return {
+        "source": tree.description,
+        "totals": {"tensors": tree.tensors, "numel": tree.numel, "bytes": tree.nbytes},
+        "dtypes": tree.dtypes,
+        "keys": {key: {"shape": list(meta.shape), "dtype": meta.dtype, "numel": meta.numel} for key, meta in tree.keys.items()},
     }
