@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 import regex
 
 from .meta import TensorMeta
-from .errors import InternalError
-from .patterns import CaptureError, PatternError, compile_regex
+from .errors import InternalError, RulesError
+from .patterns import CaptureError, PatternError, PatternTimeout, compile_regex
 from .steps import Item, NameStep, Step
 
 __all__ = ["abstract_pattern", "leading_name_steps", "required_literals", "run_name_steps", "NamePass"]
@@ -615,11 +615,21 @@ def run_name_steps(steps: list[tuple[NameStep, NameStep | None]], source: dict[s
     """Run ``steps`` (from :func:`leading_name_steps`) over every source key, once per key
     shape where that is exact and key by key where it is not. None when the exact per-key
     run is needed for its messages (a step matched nothing, two keys collided, a capture
-    error), so the caller runs the steps on items."""
+    error), so the caller runs the steps on items. No step: the source as it is, at the
+    cost of a list of its keys (no shapes to find)."""
+    if not steps:
+        return _as_is(list(source))
     try:
         return _Pass(steps, source).run()
     except _Fallback:
         return None
+
+
+def _as_is(keys: list[str]) -> NamePass:
+    """The pass of no step: every key survives under its own name, renamed by nothing."""
+    table = _Table(list(range(len(keys))), ())
+    node = _Node(table, table.every, "")
+    return NamePass(keys, table.every, keys, [], [], [(node, table.every, None)])
 
 
 class _Pass:
@@ -669,7 +679,7 @@ class _Pass:
 
     def _whole(self, n: int, step: NameStep, abstract: NameStep, node: _Node) -> bool:
         """Run the step once for all rows; False when its result glues a number to a name."""
-        new, hits = _name_map(abstract, node.name)
+        new, hits = _name_map(abstract, node.name, step, node, node.rows)
         if new is not None and new != node.name and FUSED.search(new):
             return False
         for h in hits:
@@ -698,7 +708,7 @@ class _Pass:
             if step is None:
                 return None
             name = node.name.translate({PH_FIRST + s: v for s, v in zip(sorted(valued), filled)})
-            new, hits = _name_map(step, name)
+            new, hits = _name_map(step, name, views.step, node, rows)
             if new is not None and new != name and FUSED.search(new):
                 return None
             results.append((rows, name, new, hits))
@@ -774,7 +784,7 @@ class _Pass:
         moved: list[int] = []
         new_names: list[str] = []
         for r, key in zip(node.rows, node.concrete(node.rows)):
-            new, hits = _name_map(step, key)
+            new, hits = _name_map(step, key, step, None, ())
             for h in hits:
                 counts[h] += 1
             if new is None:
@@ -870,8 +880,21 @@ def _is_placeholder(part: str) -> bool:
     return len(part) == 1 and PH_FIRST <= ord(part) <= PH_LAST
 
 
-def _name_map(step: NameStep, name: str) -> tuple[str | None, tuple[int, ...]]:
+def _name_map(step: NameStep, name: str, original: NameStep, node: _Node | None, rows: list[int]) -> tuple[str | None, tuple[int, ...]]:
+    """``step.name_map(name)``, ``step`` being ``original`` or its copy for the rows ``rows``
+    of ``node`` (``name`` their name with placeholders). A pattern that took too long is
+    the rules' error at once, told of the step's own pattern and a real key: the run key
+    by key would only take as long again."""
     try:
         return step.name_map(name)
+    except PatternTimeout as exc:
+        key = node.concrete(rows[:1], name)[0] if node is not None and rows else name
+        raise RulesError(f"{original.label}: {exc.naming(_own_pattern(original, step, exc.pattern), key)}", where=original.where) from None
     except (CaptureError, PatternError):
         raise _Fallback from None
+
+
+def _own_pattern(original: NameStep, copy: NameStep, pattern: str) -> str:
+    """The pattern of ``original`` that ``copy`` rewrote into ``pattern``."""
+    ours, theirs = copy.regexes() or (), original.regexes() or ()
+    return theirs[ours.index(pattern)] if pattern in ours and len(ours) == len(theirs) else pattern

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OpError",
+    "MAX_SIZE",
+    "checked",
     "transpose_shape",
     "transpose",
     "reshape_shape",
@@ -30,6 +32,7 @@ __all__ = [
     "slice_shape",
     "slice_",
     "pad_shape",
+    "check_fill",
     "pad",
     "concat_shape",
     "concat",
@@ -46,6 +49,27 @@ Shape = tuple[int, ...]
 
 class OpError(ValueError):
     """An op cannot apply to a shape; the planner adds the step and the key."""
+
+
+MAX_SIZE = 2**63 - 1  # torch holds sizes and element counts in int64
+
+
+def checked(shape: Shape) -> Shape:
+    """``shape`` when a tensor can have it: each size, and the number of elements, at most
+    :data:`MAX_SIZE`; an op whose result could not exist fails at plan time.
+
+    >>> checked((2**62, 4))
+    Traceback (most recent call last):
+    ...
+    remap.ops.OpError: shape [4611686018427387904, 4] has 18446744073709551616 elements; a tensor holds at most 2**63 - 1
+    """
+    big = next((d for d in shape if d > MAX_SIZE), None)
+    if big is not None:
+        raise OpError(f"shape {list(shape)} has a size of {big}; a tensor dim holds at most 2**63 - 1")
+    numel = math.prod(shape)
+    if numel > MAX_SIZE:
+        raise OpError(f"shape {list(shape)} has {numel} elements; a tensor holds at most 2**63 - 1")
+    return shape
 
 
 def _dim(dim: int, ndim: int, what: str = "dim") -> int:
@@ -99,7 +123,7 @@ def reshape_shape(shape: Shape, new: Sequence[int]) -> Shape:
         new = [numel // known if d == -1 else d for d in new]
     elif known != numel:
         raise OpError(f"cannot reshape {list(shape)} ({numel} elements) to {list(new)} ({known} elements)")
-    return tuple(new)
+    return checked(tuple(new))
 
 
 def reshape(t: torch.Tensor, new: Sequence[int]) -> torch.Tensor:
@@ -109,32 +133,53 @@ def reshape(t: torch.Tensor, new: Sequence[int]) -> torch.Tensor:
 # --------------------------------------------------------------------------- slice
 
 
-def _slice_indices(size: int, index: Sequence[int] | None, start: int | None, stop: int | None, step: int | None, dim: int = 0) -> list[int]:
-    if index is not None:
-        bad = [i for i in index if not -size <= i < size]
-        if bad:
-            raise OpError(f"index {bad[0]} is out of range for dim {dim} of size {size}")
-        return [i % size for i in index]
+def _positions(size: int, start: int | None, stop: int | None, step: int | None) -> range:
+    """The positions a ``start:stop:step`` slice keeps of a dim of ``size``, as a range:
+    nothing is listed, so a dim of 2**40 costs what a dim of 10 does."""
     if step == 0:
         raise OpError("slice step cannot be 0")
-    return list(range(size))[slice(start, stop, step)]
+    return range(*slice(start, stop, step).indices(size))
+
+
+def _count(r: range) -> int:
+    """``len(r)`` for any range (``len`` overflows past ``sys.maxsize``)."""
+    return max(0, (r.stop - r.start + r.step - (1 if r.step > 0 else -1)) // r.step)
+
+
+def _check_index(size: int, index: Sequence[int], dim: int) -> None:
+    bad = next((i for i in index if not -size <= i < size), None)
+    if bad is not None:
+        raise OpError(f"index {bad} is out of range for dim {dim} of size {size}")
 
 
 def slice_shape(shape: Shape, dim: int, index: Sequence[int] | None, start: int | None, stop: int | None, step: int | None) -> Shape:
+    """The shape after keeping ``index`` (a list) or ``start:stop:step`` of dim ``dim``;
+    computed by arithmetic, whatever the size of the dim."""
     d = _dim(dim, len(shape))
-    n = len(_slice_indices(shape[d], index, start, stop, step, dim))
+    if index is not None:
+        _check_index(shape[d], index, dim)
+        n = len(index)
+    else:
+        n = _count(_positions(shape[d], start, stop, step))
     if n == 0:
         raise OpError(f"the slice selects nothing from dim {dim} of size {shape[d]}")
     return (*shape[:d], n, *shape[d + 1 :])
 
 
 def slice_(t: torch.Tensor, dim: int, index: Sequence[int] | None, start: int | None, stop: int | None, step: int | None) -> torch.Tensor:
+    """Keep ``index`` (gathered) or ``start:stop:step`` (a view, flipped for a negative
+    step) of dim ``dim``: a range builds no index tensor, however long the dim."""
     import torch
 
     slice_shape(tuple(t.shape), dim, index, start, stop, step)
     d = _dim(dim, t.dim())
-    idx = _slice_indices(t.shape[d], index, start, stop, step, dim)
-    return t.index_select(d, torch.tensor(idx, dtype=torch.long, device=t.device)).contiguous()
+    if index is not None:
+        idx = torch.tensor([i % t.shape[d] for i in index], dtype=torch.long, device=t.device)
+        return t.index_select(d, idx).contiguous()
+    r = _positions(t.shape[d], start, stop, step)
+    forward = r if r.step > 0 else r[::-1]
+    out = t[(slice(None),) * d + (slice(forward.start, forward.stop, forward.step),)]
+    return (out if r.step > 0 else out.flip(d)).contiguous()
 
 
 # --------------------------------------------------------------------------- pad
@@ -147,7 +192,34 @@ def pad_shape(shape: Shape, target: Shape) -> Shape:
     shrink = [i for i, (a, b) in enumerate(zip(shape, target)) if a > b]
     if shrink:
         raise OpError(f"cannot pad {list(shape)} to {list(target)}: dim {shrink[0]} would shrink (use slice)")
-    return tuple(target)
+    return checked(tuple(target))
+
+
+FLOAT_MAX = {"float64": 1.7976931348623157e308, "complex128": 1.7976931348623157e308, "float32": 3.4028234663852886e38,
+             "complex64": 3.4028234663852886e38, "bfloat16": 3.3895313892515355e38, "float16": 65504.0,
+             "float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}  # fmt: skip
+INT_RANGE = {"bool": (0, 1), "uint8": (0, 2**8 - 1), "uint16": (0, 2**16 - 1), "uint32": (0, 2**32 - 1), "uint64": (0, 2**64 - 1),
+             "int8": (-(2**7), 2**7 - 1), "int16": (-(2**15), 2**15 - 1), "int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}  # fmt: skip
+
+
+def check_fill(fill: float, dtype: str) -> None:
+    """A number ``pad`` may fill a ``dtype`` tensor with: an integer in range for an integer
+    dtype (0 or 1 for bool); for a floating dtype, NaN, an infinity, or a number within its
+    largest finite value. Checked at plan time: torch refuses the rest only when applying.
+
+    >>> check_fill(300, "int8")
+    Traceback (most recent call last):
+    ...
+    remap.ops.OpError: cannot pad with fill 300: int8 holds integers from -128 to 127
+    """
+    if dtype in INT_RANGE:
+        low, high = INT_RANGE[dtype]
+        if isinstance(fill, float) and not fill.is_integer():
+            raise OpError(f"cannot pad with fill {fill}: the tensor is {dtype}, which holds integers only")
+        if not low <= fill <= high:
+            raise OpError(f"cannot pad with fill {fill}: {dtype} holds integers from {low} to {high}")
+    elif dtype in FLOAT_MAX and math.isfinite(fill) and abs(fill) > FLOAT_MAX[dtype]:
+        raise OpError(f"cannot pad with fill {fill}: the largest finite {dtype} is {FLOAT_MAX[dtype]:g}")
 
 
 def pad(t: torch.Tensor, target: Shape, fill: str | float) -> torch.Tensor:
@@ -165,7 +237,7 @@ def pad(t: torch.Tensor, target: Shape, fill: str | float) -> torch.Tensor:
         if fill == "mean":
             extra = out.float().mean(dim=d, keepdim=True).to(out.dtype).expand(*shape)
         else:
-            extra = torch.full(shape, 0.0 if fill == "zeros" else float(fill), dtype=out.dtype, device=out.device)
+            extra = torch.full(shape, 0 if fill == "zeros" else fill, dtype=out.dtype, device=out.device)  # an int stays exact
         out = torch.cat([out, extra], dim=d)
     return out.contiguous()
 
@@ -179,13 +251,13 @@ def concat_shape(shapes: Sequence[Shape], dim: int, stack: bool) -> Shape:
         if any(s != first for s in shapes):
             raise OpError(f"cannot stack parts of different shapes: {[list(s) for s in shapes]}")
         d = _dim(dim, len(first) + 1)
-        return (*first[:d], len(shapes), *first[d:])
+        return checked((*first[:d], len(shapes), *first[d:]))
     if any(len(s) != len(first) for s in shapes):
         raise OpError(f"cannot concatenate parts with different numbers of dims: {[list(s) for s in shapes]}")
     d = _dim(dim, len(first))
     if any(s[:d] + s[d + 1 :] != first[:d] + first[d + 1 :] for s in shapes):
         raise OpError(f"cannot concatenate along dim {dim}: the other dims differ: {[list(s) for s in shapes]}")
-    return (*first[:d], sum(s[d] for s in shapes), *first[d + 1 :])
+    return checked((*first[:d], sum(s[d] for s in shapes), *first[d + 1 :]))
 
 
 def concat(tensors: Sequence[torch.Tensor], dim: int, stack: bool) -> torch.Tensor:
@@ -282,7 +354,7 @@ def interpolate_shape(shape: Shape, target: Shape, prefix_tokens: int, grid: str
     if grid == "2d":
         for s in (shape, target):
             _grid(s[-2] - prefix_tokens, s, prefix_tokens)
-    return tuple(target)
+    return checked(tuple(target))
 
 
 def interpolate_grid(t: torch.Tensor, target_tokens: int, prefix_tokens: int, mode: str, grid: str) -> torch.Tensor:

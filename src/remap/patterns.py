@@ -11,17 +11,78 @@ Patterns are compiled once and cached; a rename replacement is parsed once into 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any
 
 import regex
 
 from .errors import RulesError
 
-__all__ = ["quote", "compile_regex", "PatternError", "PatternTimeout", "TimedPattern", "Template", "CaptureError", "REGEX_TIMEOUT"]
+__all__ = ["quote", "compile_regex", "PatternError", "PatternTimeout", "TimedPattern", "Template", "CaptureError", "REGEX_TIMEOUT",
+           "REGEX_BUDGET", "pattern_budget"]  # fmt: skip
 
+MAX_INDEX_DIGITS = 100  # a captured index that `add` changes: far past any layer count, far below int()'s limit
 REGEX_TIMEOUT = 1.0  # seconds one match may take before the pattern is called catastrophic
+REGEX_BUDGET = 3.0  # seconds one pattern may take in all, over every key of one plan, beyond...
+REGEX_PER_KEY = 20e-6  # ...this much per key it is tried on: a pattern fast on most keys never runs out
+
+# Inside pattern_budget(): pattern -> [seconds left, keys tried, key it ran out on or None].
+_BUDGETS: ContextVar[dict[str, list[Any]] | None] = ContextVar("remap_regex_budgets", default=None)
+
+
+@contextmanager
+def pattern_budget() -> Iterator[None]:
+    """Add up the time each pattern takes over all the keys it is tried on, here and in
+    any call below: 120 keys that each take a pattern 0.5s stay under :data:`REGEX_TIMEOUT`
+    one by one, but not under :data:`REGEX_BUDGET` together. A pattern that ran out fails
+    at once on every later key, naming the key it ran out on. Nested scopes share the
+    outermost one (a plan is one scope, whatever step runs inside it).
+    """
+    if _BUDGETS.get() is not None:
+        yield
+        return
+    token = _BUDGETS.set({})
+    try:
+        yield
+    finally:
+        _BUDGETS.reset(token)
+
+
+def _timed(pattern: str, key: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, timeout=..., **kwargs)`` under the per-key timeout and, inside
+    :func:`pattern_budget`, the pattern's budget; a :class:`PatternTimeout` names the
+    pattern and the key."""
+    budgets = _BUDGETS.get()
+    if budgets is None:
+        try:
+            return call(*args, timeout=REGEX_TIMEOUT, **kwargs)
+        except TimeoutError:
+            raise PatternTimeout(pattern, key) from None
+    account = budgets.get(pattern)
+    if account is None:
+        account = budgets[pattern] = [REGEX_BUDGET, 0, None]
+    elif account[2] is not None:
+        raise PatternTimeout(pattern, account[2], tried=account[1])
+    left = account[0] + REGEX_PER_KEY
+    limit = REGEX_TIMEOUT if left > REGEX_TIMEOUT else left
+    account[1] += 1
+    if limit <= 0:  # spent to the last microsecond by the keys before: this key gets no time
+        account[2] = key
+        raise PatternTimeout(pattern, key, tried=account[1])
+    start = perf_counter()
+    try:
+        return call(*args, timeout=limit, **kwargs)
+    except TimeoutError:
+        if limit == REGEX_TIMEOUT:
+            raise PatternTimeout(pattern, key) from None
+        account[2] = key
+        raise PatternTimeout(pattern, key, tried=account[1]) from None
+    finally:
+        account[0] = left - (perf_counter() - start)
 
 
 def quote(text: str) -> str:
@@ -49,11 +110,20 @@ class PatternTimeout(PatternError, RulesError):
     ``expect``, ``freeze`` or ``shapes`` pattern) it is a clean error naming the pattern.
     """
 
-    def __init__(self, pattern: str, key: str) -> None:
+    def __init__(self, pattern: str, key: str, *, tried: int | None = None) -> None:
+        self.pattern, self.key, self.tried = pattern, key, tried
         shown = key if len(key) <= 200 else key[:197] + "..."
-        RulesError.__init__(
-            self, f"regex '{pattern}' took more than {REGEX_TIMEOUT}s on key '{shown}' (catastrophic backtracking?)"
-        )
+        if tried is None:
+            text = f"regex '{pattern}' took more than {REGEX_TIMEOUT}s on key '{shown}' (catastrophic backtracking?)"
+        else:
+            text = (f"regex '{pattern}' ran out of time on key '{shown}': more than {REGEX_BUDGET:g}s over the {tried} key(s) "
+                    "it was tried on (catastrophic backtracking?); remap tries it on no further key")  # fmt: skip
+        RulesError.__init__(self, text)
+
+    def naming(self, pattern: str, key: str) -> PatternTimeout:
+        """The same timeout told of ``pattern`` and ``key`` (a step's own pattern and a real
+        key, when it happened on a rewritten pattern over a key shape)."""
+        return PatternTimeout(pattern, key, tried=self.tried)
 
 
 class TimedPattern:
@@ -72,11 +142,8 @@ class TimedPattern:
         self.pattern, self.groups, self.groupindex = compiled.pattern, compiled.groups, compiled.groupindex
 
     def _run(self, name: str, string: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        kwargs.setdefault("timeout", REGEX_TIMEOUT)
-        try:
-            return getattr(self._re, name)(string, *args, **kwargs)
-        except TimeoutError:
-            raise PatternTimeout(self.pattern, str(string)) from None
+        kwargs.pop("timeout", None)  # the budget decides
+        return _timed(self.pattern, str(string), getattr(self._re, name), string, *args, **kwargs)
 
     def search(self, string: str, *args: Any, **kwargs: Any) -> regex.Match[str] | None:
         return self._run("search", string, args, kwargs)
@@ -97,14 +164,12 @@ class TimedPattern:
         return self._run("split", string, args, kwargs)
 
     def sub(self, repl: Any, string: str, *args: Any, **kwargs: Any) -> str:
-        return self._run("sub", repl, (string, *args), kwargs)
+        kwargs.pop("timeout", None)
+        return _timed(self.pattern, str(string), self._re.sub, repl, string, *args, **kwargs)
 
     def subn(self, repl: Any, string: str, *args: Any, **kwargs: Any) -> tuple[str, int]:
-        try:
-            kwargs.setdefault("timeout", REGEX_TIMEOUT)
-            return self._re.subn(repl, string, *args, **kwargs)
-        except TimeoutError:
-            raise PatternTimeout(self.pattern, string) from None
+        kwargs.pop("timeout", None)
+        return _timed(self.pattern, str(string), self._re.subn, repl, string, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._re, name)
@@ -127,10 +192,7 @@ def compile_regex(pattern: str) -> TimedPattern:
 def search(compiled: TimedPattern | regex.Pattern[str], key: str) -> regex.Match[str] | None:
     """``compiled.search(key)`` with a timeout, so a catastrophic pattern fails instead of hanging."""
     raw = compiled._re if isinstance(compiled, TimedPattern) else compiled
-    try:
-        return raw.search(key, timeout=REGEX_TIMEOUT)
-    except TimeoutError:
-        raise PatternTimeout(compiled.pattern, key) from None
+    return _timed(compiled.pattern, key, raw.search, key)
 
 
 # A template is a tuple of parts: str literals and int/str group references.
@@ -170,6 +232,9 @@ class Template:
                 raise CaptureError(f"group {_show(ref)} took no part in the match, so there is no integer to add {delta} to")
             if not _is_number(captured):
                 raise CaptureError(f"group {_show(ref)} captured '{captured}', which is not a non-negative integer")
+            if len(captured) > MAX_INDEX_DIGITS:  # a key is the checkpoint's: int() refuses 4300 digits
+                raise CaptureError(f"group {_show(ref)} captured a number of {len(captured)} digits; "
+                                   f"index arithmetic takes at most {MAX_INDEX_DIGITS}")  # fmt: skip
             value = int(captured) + delta
             if value < 0:
                 raise CaptureError(f"group {_show(ref)} captured {captured}; adding {delta} gives {value} < 0")
@@ -190,10 +255,7 @@ class Template:
     def subn(self, compiled: regex.Pattern[str], key: str) -> tuple[str, int]:
         """Replace every match of ``compiled`` in ``key``; also say how many there were (0: no match)."""
         raw = compiled._re if isinstance(compiled, TimedPattern) else compiled
-        try:
-            return raw.subn(self.expand, key, timeout=REGEX_TIMEOUT)
-        except TimeoutError:
-            raise PatternTimeout(compiled.pattern, key) from None
+        return _timed(compiled.pattern, key, raw.subn, self.expand, key)
 
 
 def _other_name(ref: Any, match: regex.Match[str]) -> Any:

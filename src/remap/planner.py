@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .meta import TargetMeta, TensorMeta, source_meta, target_meta
-from .patterns import compile_regex, quote
+from .patterns import compile_regex, pattern_budget, quote
 from .report import (
     DROPPED,
     DUPLICATE,
@@ -170,7 +170,7 @@ def make_plan(
     Everything a check needs is computed here; the per-key records, fates and
     assignments are built when first read.
     """
-    with _collector_paused():
+    with _collector_paused(), pattern_budget():  # a pattern's time is bounded over all its keys, not key by key
         return _make_plan(rules, source, target, source_description, target_description, batchnorm_modules, source_handle)
 
 
@@ -236,7 +236,7 @@ def _run_steps(steps: Sequence[Step], src: dict[str, TensorMeta], ctx: StepConte
     (:mod:`remap.name_cache`), the rest item by item."""
     records: list[StepRecord] = []
     leading = leading_name_steps(steps)
-    names = run_name_steps(leading, src) if leading else None
+    names = run_name_steps(leading, src) if leading or not steps else None  # no step: the pass is the source as it is
     if names is not None:
         for (step, _), n in zip(leading, names.counts):
             pairs = tuple(zip(step.labels(), n))

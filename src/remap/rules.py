@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RulesError, describe_value
+from .files import file_kind, read_text_capped
 from .patterns import PatternError, compile_regex
 from . import tensor_steps  # noqa: F401  (registers the tensor-op steps)
 from .steps import STEPS, Step, StepSpecError
 from .verify import VERIFY_SCHEMA, VerifySpec
-from .yaml_source import Locations, load_yaml
+from .yaml_source import Locations, check_scalar, load_yaml
 
 __all__ = [
     "Rules",
@@ -43,6 +44,8 @@ __all__ = [
     "load_rules",
     "SECTIONS",
 ]
+
+MAX_RULES_BYTES = 4 * 2**20  # a rules file is a page or two; nothing longer is read
 
 SECTIONS = ("version", "source", "target", "rules", "shapes", "expect", "freeze", "output", "verify")
 STEP_OPTIONS = ("optional",)
@@ -60,6 +63,7 @@ class SourceSpec:
     model: str | None = None
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    trust_links: bool = False  # shards reached through links out of the index's folder (a HF cache is always fine)
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "path": {"type": "string", "minLength": 1},
             "key": {"type": "string", "minLength": 1},
             "trust_pickle": {"type": "boolean"},
+            "trust_links": {"type": "boolean"},
             "model": {"type": "string", "minLength": 1},
             "args": {"type": "array"},
             "kwargs": {"type": "object"},
@@ -295,7 +300,7 @@ def _patterns(value: Any) -> tuple[str, ...]:
 def _source(d: dict[str, Any], ctx: _Context) -> SourceSpec:
     # With both, `path` holds the weights and `model` builds the source architecture (for verify).
     return SourceSpec(d.get("path"), d.get("key"), d.get("trust_pickle", False), d.get("model"),
-                      tuple(d.get("args", ())), dict(d.get("kwargs", {})))  # fmt: skip
+                      tuple(d.get("args", ())), dict(d.get("kwargs", {})), d.get("trust_links", False))  # fmt: skip
 
 
 def _target(d: dict[str, Any], ctx: _Context) -> TargetSpec:
@@ -416,32 +421,53 @@ def parse_rules(rules: str | Mapping[str, Any] | Rules, *, filename: str = "<rul
     if isinstance(rules, str):
         return _parse_text(rules, filename, base_dir)
     if isinstance(rules, Mapping):
-        return _build(_plain(rules), _Context(Locations(filename)), None, base_dir)
+        ctx = _Context(Locations(filename))
+        try:
+            plain = _plain(rules, ctx, ())
+        except RecursionError:
+            raise RulesError("the rules are nested too deeply", where=filename) from None
+        return _build(plain, ctx, None, base_dir)
     if isinstance(rules, os.PathLike):
         raise RulesError(f"parse_rules takes YAML text or a dict; read the file {str(rules)!r} with load_rules(path)")
     raise RulesError(f"expected rules as YAML text, a dict or Rules, found {describe_value(rules)}")
 
 
-def _plain(value: Any) -> Any:
-    """A dict given from Python may hold tuples; the schema speaks of lists."""
+def _plain(value: Any, ctx: _Context, path: tuple[Any, ...]) -> Any:
+    """A dict given from Python may hold tuples; the schema speaks of lists. Scalars are
+    checked as a YAML file's are (:func:`~remap.yaml_source.check_scalar`)."""
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
+        out = {}
+        for k, v in value.items():
+            problem = check_scalar(k)
+            if problem is not None:
+                raise ctx.error(f"a key: {problem}", path)
+            out[k] = _plain(v, ctx, (*path, k))
+        return out
+    if isinstance(value, (tuple, list)):
+        return [_plain(v, ctx, (*path, n)) for n, v in enumerate(value)]
+    problem = check_scalar(value)
+    if problem is not None:
+        raise ctx.error(problem, path)
     return value
 
 
 def load_rules(path: str | os.PathLike[str]) -> Rules:
-    """Read and parse a rules file; relative paths in it resolve against its folder."""
+    """Read and parse a rules file; relative paths in it resolve against its folder.
+
+    Only a regular file of at most :data:`MAX_RULES_BYTES` is read: a FIFO would block,
+    ``/dev/zero`` never ends and ``/dev/urandom`` never parses."""
     p = Path(path)
+    kind = file_kind(p)
+    if kind == "missing":
+        raise RulesError("no such rules file", where=str(path))
+    if kind == "a folder":
+        raise RulesError("expected a rules file, found a directory", where=str(path))
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        text = read_text_capped(p, limit=MAX_RULES_BYTES, error=RulesError, what="it")
+    except RulesError as exc:  # a FIFO, a device, too long, not UTF-8
+        raise RulesError(f"cannot read the rules file: {exc.message}", where=str(path)) from None
+    except FileNotFoundError:  # gone since we looked
         raise RulesError("no such rules file", where=str(path)) from None
-    except IsADirectoryError:
-        raise RulesError("expected a rules file, found a directory", where=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RulesError(f"cannot read the rules file: {exc}", where=str(path)) from None
+    except OSError as exc:
+        raise RulesError(f"cannot read the rules file: {exc.strerror or exc}", where=str(path)) from None
     return _parse_text(text, str(path), str(p.resolve().parent))

@@ -25,7 +25,7 @@ import regex
 
 from .errors import RulesError, describe_value
 from .meta import TensorMeta
-from .patterns import CaptureError, PatternError, Template, compile_regex, quote, quotes, search
+from .patterns import CaptureError, PatternError, Template, compile_regex, pattern_budget, quote, quotes, search
 from .report import Failure
 
 __all__ = ["Item", "NameStep", "Op", "Recipe", "StepContext", "StepResult", "Step", "STEPS", "register", "StepSpecError", "close_keys"]
@@ -196,13 +196,16 @@ class Step:
 
 
 def _guarded(run: Callable[..., StepResult]) -> Callable[..., StepResult]:
-    """Every step's ``run``: a pattern that times out on a key (catastrophic backtracking)
-    is an error in the rules, reported with the step and its position."""
+    """Every step's ``run``: a pattern that times out on a key (catastrophic backtracking),
+    or runs out of its time over all keys (:func:`~remap.patterns.pattern_budget`, here
+    or around the whole plan), is an error in the rules, reported with the step and its
+    position."""
 
     @functools.wraps(run)
     def guarded(self: Step, items: list[Item], ctx: StepContext | None = None) -> StepResult:
         try:
-            return run(self, items, ctx or StepContext())
+            with pattern_budget():
+                return run(self, items, ctx or StepContext())
         except PatternError as exc:
             raise RulesError(f"{self.label}: {exc}", where=self.where) from None
 
@@ -222,7 +225,7 @@ def close_keys(pattern: str, keys: Sequence[str], n: int = 3) -> list[str]:
     """Keys that look most like a pattern's literal text, for "matched no key" hints."""
     literal = regex.sub(r"\\(.)", r"\1", regex.sub(r"[\^\$\(\)\[\]\*\+\?\{\}\|]|\\d|\\w|\\s", "", pattern))
     sample = keys if len(keys) <= 5000 else keys[:5000]
-    fragments = {k[: len(literal) + 8] for k in sample} | set(sample)
+    fragments = {k[: len(literal) + 8] for k in sample} | {k for k in sample if len(k) <= 256}  # difflib is quadratic in length
     near = difflib.get_close_matches(literal, list(fragments), n=n, cutoff=0.5)
     return near
 

@@ -241,8 +241,8 @@ class Pad(_TensorStep):
         shape = ops.pad_shape(item.meta.shape, target)
         if shape == item.meta.shape:
             return item  # nothing to pad: no op, no copy
-        if isinstance(self.fill, float) and not self.fill.is_integer() and not item.meta.dtype.startswith(("float", "bfloat", "complex")):
-            raise OpError(f"cannot pad with fill {self.fill}: the tensor is {item.meta.dtype}, which holds integers only")
+        if not isinstance(self.fill, str):
+            ops.check_fill(self.fill, item.meta.dtype)
         op = Op("pad", f"pad(to={list(shape)}, fill={self.fill})", functools.partial(ops.pad, target=shape, fill=self.fill))
         return item.with_op(op, replace(item.meta, shape=shape), self.index)
 

@@ -21,9 +21,37 @@ import yaml
 
 from .errors import RulesError, describe_value
 
-__all__ = ["Locations", "load_yaml", "MAX_NODES"]
+__all__ = ["Locations", "load_yaml", "MAX_NODES", "INT_BITS", "check_scalar"]
 
 MAX_NODES = 100_000  # an alias bomb expands past this long before it exhausts memory
+INT_BITS = 64  # integers in rules fit in int64 (or uint64): every size, index and dim torch has does
+
+
+def check_scalar(value: Any) -> str | None:
+    """What is wrong with a scalar of a rules document, or None: an integer that no tensor
+    size, index or count can be (past 64 bits; Python would not even print one of 5000
+    digits), or a string holding a lone surrogate (not a character: it cannot be printed,
+    written to a report, or be part of a key read from a file).
+
+    >>> check_scalar(2**70)
+    'expected an integer of at most 64 bits, found a 71-bit integer'
+    >>> print(check_scalar("a" + chr(0xD800)))
+    expected text, found a string holding the lone surrogate '\\ud800' at position 1, which is not a character
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > INT_BITS:
+        return f"expected an integer of at most {INT_BITS} bits, found a {value.bit_length()}-bit integer"
+    if isinstance(value, str) and not _encodable(value):
+        at = next(n for n, ch in enumerate(value) if 0xD800 <= ord(ch) <= 0xDFFF)
+        return f"expected text, found a string holding the lone surrogate {ascii(value[at])} at position {at}, which is not a character"
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 Path = tuple[Any, ...]
 
@@ -102,14 +130,22 @@ class _Builder:
     def _scalar(self, node: yaml.ScalarNode) -> Any:
         """A scalar's value; an explicitly tagged one that does not parse (``!!int x``) is a RulesError."""
         try:
-            return self.constructor.construct_object(node, deep=True)
+            value = self.constructor.construct_object(node, deep=True)
         except yaml.YAMLError:
             raise  # load_yaml words it
         except Exception as exc:  # ValueError (!!int x), AttributeError (an empty !!timestamp): pyyaml's own
+            if node.tag == "tag:yaml.org,2002:int" and len(node.value) > 4000:  # past Python's 4300 digits
+                raise RulesError(f"expected an integer of at most {INT_BITS} bits, found one of {len(node.value)} digits",
+                                 where=f"{self.locs.filename}:{_fmt(node)}") from None  # fmt: skip
+            shown = node.value if len(node.value) <= 60 else node.value[:57] + "..."
             raise RulesError(
-                f"invalid YAML: cannot read {node.value!r} as {node.tag.rsplit(':', 1)[-1]}: {exc}",
+                f"invalid YAML: cannot read {shown!r} as {node.tag.rsplit(':', 1)[-1]}: {exc}",
                 where=f"{self.locs.filename}:{_fmt(node)}",
             ) from None
+        problem = check_scalar(value)
+        if problem is not None:
+            raise RulesError(problem, where=f"{self.locs.filename}:{_fmt(node)}")
+        return value
 
 
 _MAP_TAG = "tag:yaml.org,2002:map"
