@@ -198,7 +198,7 @@ def test_outputs_that_are_folders_are_usage_errors(tmp_path: Path, capsys: pytes
     folder.mkdir()
     for flag in ("--save", "--report"):
         code, _, err = cli(capsys, "apply", rules, "--source", files["zip"], flag, folder)
-        assert code == 2 and "it is a directory" in err, err
+        assert code == 2 and "a folder, not a regular file" in err, err
     assert list(folder.iterdir()) == []
 
 
@@ -207,7 +207,7 @@ def test_a_shard_that_is_a_folder_or_a_device(tmp_path: Path, capsys: pytest.Cap
     (tmp_path / "shard-a").mkdir()
     index.write_text(json.dumps({"weight_map": {"a": "shard-a", "b": "/dev/zero", "c": "../../../etc/passwd"}}))
     code, _, err = cli(capsys, "inspect", index)
-    assert code == 3 and "is missing" in err
+    assert code == 3 and "is a folder, not a regular file" in err
 
 
 @pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
@@ -416,7 +416,7 @@ def test_a_zip_checkpoint_whose_pickle_lies_about_a_storage_is_refused(tmp_path:
     for numel in (200, 2**31 - 1):
         path = _lying_zip(files["zip"], tmp_path / f"lie{numel}.pth", numel)
         code, _, err = cli(capsys, "apply", rules, "--source", path)
-        assert code == 3 and "corrupt checkpoint: the storage of tensor" in err and "its record in the archive holds" in err, err
+        assert code == 3 and "corrupt checkpoint: data.pkl gives storage" in err and "but its record" in err, err
 
 
 def test_a_recompressed_zip_checkpoint_loads_the_right_values(tmp_path: Path, files: dict[str, Path]) -> None:

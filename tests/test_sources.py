@@ -300,8 +300,8 @@ def _truncated_safetensors(p: Path) -> Path:
         (lambda p: p, f"no such file or folder; expected {ACCEPTED}"),
         (lambda p: (p.write_bytes(b""), p)[1], f"the file is empty (0 bytes); expected {ACCEPTED}"),
         (lambda p: (p.write_bytes(b"hello, weights!!" * 4), p)[1],
-         "not a checkpoint remap can read: it starts with b'hello, weights!!', which is neither a zip archive "
-         f"(torch.save), a pickle (legacy torch.save) nor a safetensors header; expected {ACCEPTED}"),
+         "not a checkpoint remap can read: its first bytes are neither a zip archive (torch.save), a pickle "
+         f"(legacy torch.save) nor a safetensors header; expected {ACCEPTED}"),  # the bytes are never echoed
         (_truncated_zip, "looks like a torch.save zip archive but is truncated or corrupt (File is not a zip file)"),
         (_truncated_safetensors, "truncated: the tensor data ends at byte 472 but the file has 464 bytes"),
         (lambda p: (p.write_bytes((11).to_bytes(8, "little") + b'{"w": [1, 2'), p)[1],

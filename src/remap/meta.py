@@ -35,6 +35,7 @@ __all__ = [
     "meta_of_tensor",
     "meta_of_state_dict",
     "target_meta_of_module",
+    "itemsize",
 ]
 
 Shape = tuple[int, ...]
@@ -87,20 +88,35 @@ def dtype_name(dtype: Any) -> str:
     name = str(dtype).removeprefix("torch.")
     name = DTYPE_ALIASES.get(name, name)
     if name not in DTYPE_NAMES:
-        raise UsageError(f"unknown dtype {dtype!r}; expected one of: {', '.join(DTYPE_NAMES)}")
+        raise UsageError(f"unknown dtype {_short(dtype)}; expected one of: {', '.join(DTYPE_NAMES)}")
     return name
+
+
+MAX_SIZE = 2**63 - 1  # torch holds sizes and element counts in int64
 
 
 def _shape(value: Any, key: str) -> Shape:
     if isinstance(value, (list, tuple)) and all(isinstance(d, int) and not isinstance(d, bool) for d in value):
         if any(d < 0 for d in value):
             raise UsageError(f"key {key!r}: negative dimension in shape {list(value)}")
+        if any(d > MAX_SIZE for d in value) or math.prod(value) > MAX_SIZE:
+            shown = ", ".join(str(d) if d.bit_length() <= 256 else f"<a {d.bit_length()}-bit integer>" for d in value)
+            raise UsageError(f"key {key!r}: shape [{shown}] is larger than any tensor can be (sizes and element counts stop at 2**63 - 1)")
         return tuple(value)
-    raise UsageError(f"key {key!r}: expected a shape (list of ints), found {value!r}")
+    raise UsageError(f"key {key!r}: expected a shape (list of ints), found {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` for a message, cut short; a value whose repr fails is named by its type."""
+    try:
+        text = repr(value)
+    except Exception:  # a huge int (over 4300 digits), a broken __repr__
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _coerce(key: str, value: Any) -> TensorMeta:
-    if type(value) is tuple and all(type(d) is int and d >= 0 for d in value):
+    if type(value) is tuple and all(type(d) is int and 0 <= d <= MAX_SIZE for d in value) and math.prod(value) <= MAX_SIZE:
         return TensorMeta(value)  # the common case, first
     if isinstance(value, TensorMeta):
         return value
@@ -177,6 +193,11 @@ def meta_of_state_dict(state_dict: Mapping[str, Any]) -> dict[str, TensorMeta]:
 def target_meta_of_module(module: torch.nn.Module) -> dict[str, TargetMeta]:
     """Every key of ``module.state_dict()``: non-persistent buffers are not keys, and a
     tensor reachable under several names (tied weights) is marked on its later names.
+
+    A key whose tensor is not a dense (strided), non-quantized tensor, and two keys whose
+    tensors overlap in memory without being one tensor (a buffer that is a view of part
+    of a parameter), are a :class:`~remap.errors.TargetError`: loading both would let one
+    overwrite the other.
     """
     import torch
 
@@ -185,14 +206,18 @@ def target_meta_of_module(module: torch.nn.Module) -> dict[str, TargetMeta]:
     grads = {id(p): p.requires_grad for p in named}
     first_name: dict[tuple[int, int, Shape, Shape], str] = {}
     out: dict[str, TargetMeta] = {}
+    extents: list[tuple[int, int, int, str, tuple[int, int, Shape, Shape]]] = []
     for key, tensor in module.state_dict(keep_vars=True).items():
         if not isinstance(tensor, torch.Tensor):
             continue  # _extra_state objects are not tensors to load
+        _require_dense(key, tensor)
         ident = (id(tensor) if tensor.device.type == "meta" else tensor.untyped_storage().data_ptr(),
                  tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))  # fmt: skip
         if tensor.device.type != "meta" and tensor.numel() == 0:
             ident = (id(tensor), 0, tuple(tensor.shape), ())
         tied_to = first_name.setdefault(ident, key)
+        if tensor.device.type != "meta" and tensor.numel():
+            extents.append((*_byte_extent(tensor), key, ident))
         out[key] = TargetMeta(
             shape=tuple(tensor.shape),
             dtype=dtype_name(tensor.dtype),
@@ -200,4 +225,62 @@ def target_meta_of_module(module: torch.nn.Module) -> dict[str, TargetMeta]:
             requires_grad=grads.get(id(tensor), False),
             tied_to=None if tied_to == key else tied_to,
         )
+    _refuse_overlaps(extents)
     return out
+
+
+def _require_dense(key: str, tensor: torch.Tensor) -> None:
+    """A target key remap can load: a dense (strided), non-quantized tensor."""
+    import torch
+
+    from .errors import TargetError
+
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        what = f"a quantized ({str(tensor.dtype).removeprefix('torch.')})" if tensor.is_quantized else f"a {str(tensor.layout).removeprefix('torch.')}"
+        raise TargetError(f"target key {key!r} is {what} tensor: remap loads only dense (strided) tensors; "
+                          "make it dense, or a non-persistent buffer", where="target")  # fmt: skip
+
+
+def _byte_extent(tensor: torch.Tensor) -> tuple[int, int, int]:
+    """(storage address, first byte, one past the last byte) that ``tensor`` can touch."""
+    size = tensor.element_size()
+    last = tensor.storage_offset() + sum((d - 1) * abs(st) for d, st in zip(tensor.shape, tensor.stride()))
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset() * size, (last + 1) * size
+
+
+def _refuse_overlaps(extents: list[tuple[int, int, int, str, tuple[int, int, Shape, Shape]]]) -> None:
+    """Two keys whose memory overlaps, unless they are one tensor (tied), are a TargetError."""
+    from .errors import TargetError
+
+    reach: tuple[int, int, str, tuple[int, int, Shape, Shape]] | None = None  # (storage, end, key, ident) reaching furthest
+    for ptr, start, end, key, ident in sorted(extents, key=lambda e: e[:3]):
+        if reach is not None and reach[0] == ptr and start < reach[1] and ident != reach[3]:
+            raise TargetError(
+                f"target keys {reach[2]!r} and {key!r} overlap in memory without being one tensor (one is a view of part of "
+                "the other): loading both would let one overwrite the other; make one of them "
+                "a non-persistent buffer (register_buffer(..., persistent=False)) or compute it from the other",
+                where="target",
+            )  # fmt: skip
+        if reach is None or reach[0] != ptr or end > reach[1]:
+            reach = (ptr, end, key, ident)
+
+
+_ITEMSIZE = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "float8_e8m0fnu": 1, "complex64": 8, "complex128": 16, "int64": 8, "int32": 4, "int16": 2,
+    "int8": 1, "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1,
+}  # fmt: skip
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a dtype named as torch names it (0 when unknown).
+
+    >>> itemsize("bfloat16")
+    2
+    """
+    if dtype in _ITEMSIZE:
+        return _ITEMSIZE[dtype]
+    import torch
+
+    found = getattr(torch, dtype, None)
+    return int(found.itemsize) if isinstance(found, torch.dtype) else 0

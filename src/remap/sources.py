@@ -25,19 +25,21 @@ import difflib
 import json
 import math
 import os
+import pickle
 import re
+import reprlib
 import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import SourceError, TargetError, UsageError
 from .factories import build, describe_call
-from .meta import TensorMeta, meta_of_tensor, source_meta
-from .tree import itemsize
+from .files import file_kind, read_text_capped, require_regular
+from .meta import TensorMeta, itemsize, meta_of_tensor, source_meta
 
 if TYPE_CHECKING:
     import torch
@@ -161,8 +163,52 @@ def _short(value: Any) -> str:
         n = _count_tensors(value)
         if n:
             return f"{type(value).__name__} of {_plural(len(value), 'entry', 'entries')}, {_plural(n, 'tensor')}"
-    text = repr(value)
+    text = _safe_repr(value)
     return text if len(text) <= _SHORT else text[: _SHORT - 1] + "…"
+
+
+class _BoundedRepr(reprlib.Repr):
+    """``repr`` that a hostile value cannot break: nesting, length and huge integers are bounded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxdict, self.maxlist, self.maxtuple, self.maxset = 3, 6, 6, 6, 6
+        self.maxstring, self.maxother, self.maxlong = _SHORT, _SHORT, _SHORT
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 256:  # repr of a 5000-digit int raises ValueError (sys.set_int_max_str_digits)
+            return f"<an integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+    def repr_instance(self, x: Any, level: int) -> str:
+        if isinstance(x, dict):  # OrderedDict, Counter: bounded like a dict
+            return f"{type(x).__name__}({self.repr_dict(x, level)})"
+        if type(x).__name__ == "Namespace" and isinstance(getattr(x, "__dict__", None), dict):
+            items = list(vars(x).items())
+            inner = [f"{k}={self.repr1(v, level - 1)}" for k, v in items[: self.maxdict]]
+            return f"Namespace({', '.join(inner)}{', ...' if len(items) > self.maxdict else ''})"
+        try:
+            text = repr(x)
+        except Exception:  # noqa: BLE001 - a repr that fails says so instead of failing the load
+            return f"<{type(x).__name__} that cannot be shown>"
+        return text if len(text) <= self.maxother else text[: self.maxother - 1] + "…"
+
+
+_BOUNDED_REPR = _BoundedRepr()
+
+
+def _safe_repr(value: Any) -> str:
+    """A bounded repr of checkpoint metadata; never raises, never recurses without bound.
+
+    >>> _safe_repr({"a": {"b": {"c": {"d": 1}}}})
+    "{'a': {'b': {'c': {...}}}}"
+    >>> _safe_repr(10**5000)
+    '<an integer of 16610 bits>'
+    """
+    try:
+        return _BOUNDED_REPR.repr(value)
+    except Exception:  # noqa: BLE001 - e.g. a __repr__ of an allowed class failing on odd state
+        return f"<{type(value).__name__} that cannot be shown>"
 
 
 def _kind_of(value: Any) -> str:
@@ -383,8 +429,25 @@ class Source:
         return f"<Source {d['kind']} {d['format'] or ''} {at} ({len(self.meta)} tensors)>".replace("  ", " ")
 
 
+def _not_loadable(value: Any) -> str | None:
+    """Why a tensor cannot be loaded into a module's dense parameters, or None when it can."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    if value.is_quantized:
+        return "is a quantized tensor, which remap cannot load; dequantize it (`t.dequantize()`) first"
+    if value.is_nested:
+        return "is a nested tensor, which remap cannot load"
+    if value.layout != torch.strided:
+        return f"is a sparse tensor ({str(value.layout).removeprefix('torch.')}), which remap cannot load; make it dense (`t.to_dense()`)"
+    return None
+
+
 class _StateDictSource(Source):
     def __init__(self, tensors: Mapping[str, torch.Tensor], description: dict[str, Any]) -> None:
+        for key, tensor in tensors.items():
+            problem = _not_loadable(tensor)
+            if problem:
+                raise SourceError(f"tensor {key!r} {problem}", where="source (state_dict)")
         super().__init__(_tensors_meta(tensors), description, "source (state_dict)")
         self._tensors = tensors
 
@@ -527,6 +590,20 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _check_names(names: Iterable[Any], what: str, where: str) -> None:
+    """Every tensor name is text that can be written out (no lone surrogate such as ``"\\ud800"``)."""
+    for name in names:
+        if isinstance(name, str):
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise SourceError(
+                    f"{what} has a name that is not valid Unicode (a lone surrogate {name[exc.start]!a} at position "
+                    f"{exc.start} of {name!a})",
+                    where=where,
+                ) from None
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -599,6 +676,7 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[st
     if not isinstance(header, dict):
         raise SourceError(f"the safetensors header is a JSON {type(header).__name__}, expected an object", where=where)
     extra = header.pop("__metadata__", None) or {}
+    _check_names(header, "the safetensors header", where)
     meta, spans, ranges = {}, {}, []
     for key, info in header.items():
         code, shape, start, stop = _header_entry(key, info, where)
@@ -716,7 +794,10 @@ def _allowed_globals() -> list[Any]:
         found = [(obj, name) for name in PICKLE_ALLOW_LIST if (obj := _resolve_global(name)) is not None]
         # the object's own name too, which is what a pickle written by this Python and numpy holds
         own = [(obj, f"{obj.__module__}.{obj.__qualname__}") for obj, _ in found if hasattr(obj, "__qualname__")]
-        _allowed = list(dict.fromkeys([*found, *own]))
+        pairs = list(dict.fromkeys([*found, *own]))
+        # numpy's _reconstruct makes an array of any shape, uninitialised: only the empty one numpy writes is allowed
+        checked = {id(obj): _checked_reconstruct(obj) for obj, name in pairs if name.endswith("multiarray._reconstruct")}
+        _allowed = [(checked.get(id(obj), obj), name) for obj, name in pairs]
     return _allowed
 
 
@@ -766,10 +847,339 @@ def _torch_load(path: Path, *, meta: bool, weights_only: bool, mmap: bool) -> An
             with _metadata_globals():
                 return torch.load(path, weights_only=True, **options)
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ModuleNotFoundError (trusted pickles)...
+        if isinstance(exc, _ArrayFromNothing) or _EMPTY_ARRAY[:40] in str(exc):
+            raise SourceError(str(exc).split("\n")[0] if isinstance(exc, _ArrayFromNothing) else _EMPTY_ARRAY.format(shape="?"),
+                              where=str(path)) from None
         if weights_only and "Weights only load failed" in str(exc):
             raise _refused(path, exc) from None
         message = f"torch.load cannot read it: {type(exc).__name__}: {_first_line(exc)}"
         raise SourceError(message, where=str(path)) from None
+
+
+# ---------------------------------------------------------------------------- what torch would trust
+
+#: Rebuild functions whose tensor has no bytes in the file: nothing to load into a module.
+_NO_DATA = {
+    "torch._utils._rebuild_meta_tensor_no_storage": "has no data in the file (it was saved from the meta device)",
+    "torch._utils._rebuild_wrapper_subclass": "has no data in the file (a tensor subclass saved without storage)",
+}
+#: Rebuild functions of tensors remap cannot load, anywhere in a checkpoint (torch cannot even describe them on the meta device).
+_UNREADABLE = {"torch._utils._rebuild_qtensor": "is a quantized tensor, which remap cannot load; dequantize it (`t.dequantize()`) before saving"}
+#: ... and of tensors remap cannot load as weights.
+_NOT_DENSE = {
+    "torch._utils._rebuild_sparse_tensor": "is a sparse tensor, which remap cannot load; save it dense (`t.to_dense()`)",
+    "torch._utils._rebuild_nested_tensor": "is a nested tensor, which remap cannot load",
+}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class _Named:
+    """What a pickled global stands for during :func:`_scan_pickle`: its name, never the object.
+
+    Calling it, building it or filling it only records what the pickle asked for, so a
+    pickle is read through without importing or running anything it names.
+    """
+
+    name = "?"
+    args: tuple[Any, ...] = ()
+    state: Any = None
+    items: Any = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Named:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Named:  # e.g. a method fetched with getattr
+        return type(self)(*args)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if self.items is None:
+            self.items = {}
+        self.items[key] = value
+
+    def append(self, value: Any) -> None:
+        self.extend([value])
+
+    def extend(self, values: Any) -> None:
+        if self.items is None:
+            self.items = {}
+        for value in values:
+            self.items[len(self.items)] = value
+
+
+class _ScanUnpickler(pickle.Unpickler):
+    """An unpickler whose globals are :class:`_Named` stand-ins and whose storages are recorded."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file, encoding="latin1")
+        self.storages: list[Any] = []
+        self.calls: list[_Named] = []
+        self._types: dict[str, type[_Named]] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        full = f"{module}.{name}"
+        if full not in self._types:
+            scan = self
+
+            class Stand(_Named):
+                def __init__(self, *args: Any, **kwargs: Any) -> None:
+                    super().__init__(*args, **kwargs)
+                    scan.calls.append(self)
+
+            Stand.name = full
+            self._types[full] = Stand
+        return self._types[full]
+
+    def persistent_load(self, pid: Any) -> Any:
+        self.storages.append(pid)
+        return _Named()
+
+
+def _scan_pickle(data: Any) -> _ScanUnpickler:
+    """Read one pickle from the file object ``data`` with stand-ins for every global."""
+    scan = _ScanUnpickler(data)
+    scan.result = scan.load()  # type: ignore[attr-defined]
+    return scan
+
+
+def _storage_itemsize(kind: Any) -> int | None:
+    """Bytes per element of a pickled storage class (``torch.FloatStorage`` -> 4), None if unknown."""
+    name = getattr(kind, "name", "")
+    attr = name.rpartition(".")[2]
+    if not (name.startswith("torch.") and attr.endswith("Storage")):
+        return None
+    if attr == "UntypedStorage":
+        return 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage is deprecated
+        dtype = getattr(getattr(torch, attr, None), "dtype", None)
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else None
+
+
+def _numel(shape: Any) -> int | None:
+    """The element count of a pickled shape, None when it is not a tuple of non-negative ints."""
+    if isinstance(shape, (tuple, list)) and all(_is_int(d) and d >= 0 for d in shape):
+        return math.prod(shape)
+    return None
+
+
+def _check_arrays(scan: _ScanUnpickler, where: str) -> None:
+    """numpy arrays get memory only from bytes the pickle holds (see :func:`_checked_reconstruct`)."""
+    for call in scan.calls:
+        if not call.name.endswith("multiarray._reconstruct"):
+            continue
+        if len(call.args) != 3 or _numel(call.args[1]) != 0:
+            raise SourceError(_EMPTY_ARRAY.format(shape=_safe_repr(call.args[1] if len(call.args) > 1 else None)), where=where)
+        state = call.state
+        if isinstance(state, tuple) and len(state) == 5 and isinstance(state[4], (list, tuple)):  # an object array
+            count = _numel(state[1])
+            if count != len(state[4]):
+                raise SourceError(
+                    f"corrupt pickle: a numpy object array of shape {_safe_repr(state[1])} is given "
+                    f"{len(state[4])} items; it needs exactly one per element",
+                    where=where,
+                )
+
+
+def _flagged(root: Any, limit: int = 1_000_000) -> dict[tuple[Any, ...], str]:
+    """Path -> rebuild function of every tensor in ``root`` that has no data or is not dense.
+
+    Walked without recursion (a checkpoint may nest 10,000 dicts deep); a tensor's path is
+    the keys of the dicts (and indexes of the lists) that lead to it.
+    """
+    found: dict[tuple[Any, ...], str] = {}
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), root)]
+    seen: set[int] = set()
+    while stack and len(seen) < limit:
+        path, value = stack.pop()
+        if id(value) in seen or isinstance(value, (str, bytes, int, float, type)) or value is None:
+            continue
+        seen.add(id(value))
+        if isinstance(value, _Named):
+            if value.name in _NO_DATA or value.name in _UNREADABLE or value.name in _NOT_DENSE:
+                found.setdefault(path, value.name)
+            stack += [(path, a) for a in value.args if isinstance(a, (_Named, tuple, list))]
+            if value.items is not None:
+                stack += [((*path, k), v) for k, v in value.items.items()]
+            if isinstance(value.state, (dict, _Named)):
+                stack.append((path, value.state))
+        elif isinstance(value, dict):
+            stack += [((*path, k), v) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            stack += [((*path, i), v) for i, v in enumerate(value)]
+    return found
+
+
+def _dotted(path: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _refuse_unreadable(found: Mapping[tuple[Any, ...], str], where: str) -> None:
+    for path, name in found.items():
+        if name in _UNREADABLE:
+            raise SourceError(f"the tensor at {_dotted(path)!r} {_UNREADABLE[name]} ({name})", where=where)
+
+
+def _refuse_in_weights(found: Mapping[tuple[Any, ...], str], parts: Sequence[str], keys: Any, where: str) -> None:
+    """A weight that apply could not read is an error now, at planning, naming its key."""
+    for key in keys:
+        name = found.get((*parts, key))
+        if name is not None:
+            reason = _NO_DATA.get(name) or _NOT_DENSE[name]
+            raise SourceError(f"tensor {key!r} {reason} ({name}); remap loads only tensors stored in the file", where=where)
+
+
+def _record_text(z: zipfile.ZipFile, name: str, limit: int = 64) -> str | None:
+    """A small text record of a torch archive, None when absent; an error when oversized or not ASCII."""
+    try:
+        info = z.getinfo(name)
+    except KeyError:
+        return None
+    if info.file_size > limit:
+        raise SourceError(f"corrupt checkpoint: the record {name} holds {info.file_size} bytes, expected at most {limit}")
+    raw = z.read(info)
+    if not raw.isascii():
+        raise SourceError(f"corrupt checkpoint: the record {name} is not ASCII text")
+    return raw.decode("ascii").strip()
+
+
+def _check_zip_records(z: zipfile.ZipFile, prefix: str) -> None:
+    """The records torch.load trusts without checking; a wrong one crashes the process."""
+    order = _record_text(z, f"{prefix}/byteorder")
+    if order is not None and order != sys.byteorder:
+        said = f"says {order!r}" if order in ("little", "big") else "is neither 'little' nor 'big'"
+        raise SourceError(
+            f"the record {prefix}/byteorder {said}, but this machine is {sys.byteorder}-endian: remap reads "
+            f"checkpoints written in its own byte order only (torch.load on the meta device crashes on any other)"
+        )
+    for name, low, high in ((".storage_alignment", 1, 1 << 20), (".format_version", 0, 1 << 16),
+                            ("version", 0, 1 << 16), (".data/version", 0, 1 << 16)):  # fmt: skip
+        text = _record_text(z, f"{prefix}/{name}")
+        if text is not None and not (text.isdigit() and low <= int(text) <= high):
+            raise SourceError(
+                f"corrupt checkpoint: the record {prefix}/{name} must be an integer from {low} to {high}, "
+                f"found {_safe_repr(text)}"
+            )
+
+
+def _check_zip_storages(scan: _ScanUnpickler, sizes: Mapping[str, int], prefix: str) -> None:
+    """Every storage the pickle names has its record, and fits in it."""
+    for pid in scan.storages:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
+            raise SourceError(f"corrupt checkpoint: data.pkl names a persistent object {_safe_repr(pid)}, expected a storage")
+        _, kind, key, _location, numel = pid
+        itemsize = _storage_itemsize(kind)
+        if itemsize is None:
+            raise SourceError(f"corrupt checkpoint: data.pkl names a storage of unknown type {getattr(kind, 'name', _safe_repr(kind))!r}")
+        if not (isinstance(key, str) and _is_int(numel) and numel >= 0):
+            raise SourceError(f"corrupt checkpoint: data.pkl names a storage {_safe_repr(key)} of {_safe_repr(numel)} elements")
+        record = f"{prefix}/data/{key}"
+        if record not in sizes:
+            raise SourceError(f"corrupt checkpoint: data.pkl names storage {key!r}, but the archive has no record {record}")
+        if numel * itemsize > sizes[record]:
+            raise SourceError(
+                f"corrupt checkpoint: data.pkl gives storage {key!r} {numel * itemsize} bytes, "
+                f"but its record {record} holds {sizes[record]}"
+            )
+
+
+def _prescan_zip(path: Path) -> dict[tuple[Any, ...], str]:
+    """Check a torch zip archive before torch.load sees it; the tensors that have no data or are not dense."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            prefix = infos[0].filename.split("/", 1)[0] if infos else ""
+            sizes = {i.filename: i.file_size for i in infos}
+            _check_zip_records(z, prefix)
+            if f"{prefix}/data.pkl" not in sizes:
+                raise SourceError(f"corrupt checkpoint: no record {prefix}/data.pkl")
+            with z.open(f"{prefix}/data.pkl") as f:
+                scan = _scan_pickle(f)
+    except SourceError as exc:
+        raise SourceError(exc.message, where=str(path)) from None
+    except Exception as exc:  # noqa: BLE001 - zipfile and pickle on hostile bytes raise many types
+        raise SourceError(f"corrupt checkpoint: data.pkl cannot be read: {_pickle_problem(exc)}", where=str(path)) from None
+    _check_storages_named(scan, sizes, prefix, path)
+    return _scanned(scan, str(path))
+
+
+def _check_storages_named(scan: _ScanUnpickler, sizes: Mapping[str, int], prefix: str, path: Path) -> None:
+    try:
+        _check_zip_storages(scan, sizes, prefix)
+    except SourceError as exc:
+        raise SourceError(exc.message, where=str(path)) from None
+
+
+def _scanned(scan: _ScanUnpickler, where: str) -> dict[tuple[Any, ...], str]:
+    _check_arrays(scan, where)
+    found = _flagged(scan.result)  # type: ignore[attr-defined]
+    _refuse_unreadable(found, where)
+    return found
+
+
+def _prescan_legacy(path: Path) -> dict[tuple[Any, ...], str]:
+    """Check a legacy torch.save file's pickle before torch.load sees it (storage sizes against the file's)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            if f.read(512)[257:262] == b"ustar":
+                return {}  # the tar variant of torch 0.1-0.3: torch's reader checks it
+            f.seek(0)
+            if _scan_pickle(f).result != _LEGACY_MAGIC:  # type: ignore[attr-defined]
+                return {}  # not torch's legacy layout: torch.load says what it is
+            _scan_pickle(f), _scan_pickle(f)  # protocol version, system info
+            scan = _scan_pickle(f)
+    except Exception as exc:  # noqa: BLE001 - pickle on hostile bytes raises many types
+        raise SourceError(f"corrupt checkpoint: its pickle cannot be read: {_pickle_problem(exc)}", where=str(path)) from None
+    claimed: dict[Any, int] = {}
+    for pid in scan.storages:
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage"):
+            itemsize, numel = _storage_itemsize(pid[1]), pid[4]
+            if itemsize is not None and _is_int(numel) and numel >= 0 and isinstance(pid[2], (str, bytes)):
+                claimed[pid[2]] = max(claimed.get(pid[2], 0), numel * itemsize)
+    if sum(claimed.values()) > size:
+        raise SourceError(
+            f"corrupt checkpoint: its pickle claims {len(claimed)} storages of {sum(claimed.values())} bytes in all, "
+            f"more than the whole file ({size} bytes)",
+            where=str(path),
+        )
+    return _scanned(scan, str(path))
+
+
+def _pickle_problem(exc: BaseException) -> str:
+    """An unpickling error in words, without echoing the file's bytes."""
+    if isinstance(exc, RecursionError):
+        return "it is nested too deeply"
+    text = _first_line(exc)
+    if "load key" in text or "opcode" in text:
+        return f"{type(exc).__name__}: an unknown pickle opcode"
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+_EMPTY_ARRAY = (
+    "refused a numpy array built with shape {shape} from no data: numpy pickles an array as an empty one "
+    "filled from the bytes in its state, so a non-empty shape here would hand out memory the file never held"
+)
+
+
+class _ArrayFromNothing(Exception):
+    """Raised inside torch.load by :func:`_checked_reconstruct`."""
+
+
+def _checked_reconstruct(real: Callable[..., Any]) -> Callable[..., Any]:
+    """numpy's ``_reconstruct``, refusing any shape but an empty one (the only one numpy writes)."""
+
+    def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
+        if _numel(shape) != 0:
+            raise _ArrayFromNothing(_EMPTY_ARRAY.format(shape=_safe_repr(shape)))
+        return real(subtype, shape, dtype)
+
+    return _reconstruct
 
 
 class _TorchReader(_Reader):
@@ -780,6 +1190,7 @@ class _TorchReader(_Reader):
         self._stamp = _stamp(path)
         self._weights_only = True
         self.notes: list[str] = []
+        found = _prescan_zip(path) if fmt == "torch-zip" else _prescan_legacy(path)
         try:
             obj = _torch_load(path, meta=True, weights_only=True, mmap=False)
         except _PickleRefused:
@@ -798,6 +1209,8 @@ class _TorchReader(_Reader):
             weights, self.parts, self.detected = _locate(obj, key)
         except SourceError as exc:
             raise SourceError(exc.message, where=str(path)) from None
+        _refuse_in_weights(found, self.parts, weights.keys(), str(path))
+        _check_names(weights.keys(), "the checkpoint", str(path))
         self.meta = _tensors_meta(weights)
         if fmt == "torch-zip":
             self._check_storages(weights)
@@ -919,9 +1332,9 @@ def _sniff(path: Path) -> str:
         return "safetensors"
     if (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5) or head[257:262] == b"ustar":
         return "torch-legacy"
-    raise SourceError(
-        f"not a checkpoint remap can read: it starts with {head[:16]!r}, which is neither a zip archive "
-        f"(torch.save), a pickle (legacy torch.save) nor a safetensors header; expected {ACCEPTED_FORMATS}",
+    raise SourceError(  # the bytes themselves are not shown: the file may be anything (a link to a secret)
+        f"not a checkpoint remap can read: its first bytes are neither a zip archive (torch.save), a pickle "
+        f"(legacy torch.save) nor a safetensors header; expected {ACCEPTED_FORMATS}",
         where=str(path),
     )
 
@@ -962,6 +1375,7 @@ def _zip_kind(path: Path) -> str:
 
 def _open_reader(path: Path, *, key: str | None, trust_pickle: bool) -> tuple[_Reader, str]:
     """Open one file by its content: (reader, format)."""
+    require_regular(path, error=SourceError, what="checkpoints")
     fmt = _sniff(path)
     if fmt == "safetensors":
         if key is not None:
@@ -988,6 +1402,10 @@ def _open_reader(path: Path, *, key: str | None, trust_pickle: bool) -> tuple[_R
 
 def _resolve_folder(folder: Path) -> Path:
     """The file in ``folder`` that holds the weights (see :data:`FOLDER_FILES`)."""
+    for p in sorted(folder.iterdir()):
+        if p.name.endswith((".json", *WEIGHT_SUFFIXES)) and file_kind(p) not in (None, "missing", "a folder"):
+            raise SourceError(f"{p.name} is {file_kind(p)}, not a regular file: remap reads checkpoints only from regular files",
+                              where=str(folder))
     for name in FOLDER_FILES:
         if (folder / name).is_file():
             return folder / name
@@ -1006,11 +1424,16 @@ def _resolve_folder(folder: Path) -> Path:
     )
 
 
+#: The largest index remap reads (the index of a 1T-parameter model is a few MB).
+MAX_INDEX_BYTES = 100_000_000
+
+
 def _load_index(path: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
     """An index's shards in order of first appearance, each with its keys; other entries."""
+    text = read_text_capped(path, limit=MAX_INDEX_BYTES, error=SourceError, what="a sharded checkpoint index")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(text, object_pairs_hook=_unique_keys)
+    except ValueError as exc:  # JSONDecodeError, a key named twice, an integer of more than 4300 digits
         raise SourceError(f"not a valid JSON index: {exc}", where=str(path)) from None
     except RecursionError:
         raise SourceError("not a valid JSON index: it is nested too deeply", where=str(path)) from None
@@ -1020,13 +1443,43 @@ def _load_index(path: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
             "not a sharded checkpoint index: expected a JSON object with a `weight_map` of tensor name -> shard file",
             where=str(path),
         )
+    _check_names([*weight_map, *weight_map.values()], "the weight_map", str(path))
     shards: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
         shards.setdefault(shard, []).append(key)
     return shards, {str(k): _short(v) for k, v in data.items() if k != "weight_map"}
 
 
-def _open_index(path: Path, *, key: str | None, trust_pickle: bool, folder: Path | None) -> Source:
+def _hub_blobs(folder: Path) -> Path | None:
+    """The ``blobs`` folder of the Hugging Face cache repo whose snapshot holds ``folder``, or None.
+
+    A cache snapshot (``models--org--name/snapshots/<rev>/...``) is a tree of symlinks into
+    that repo's ``blobs/``: the one layout in which a shard may lie outside the index's folder.
+    """
+    for at in (folder, *folder.parents):
+        repo = at.parent.parent
+        if at.parent.name == "snapshots" and re.match(r"^(models|datasets|spaces)--.", repo.name):
+            return repo / "blobs"
+    return None
+
+
+def _refuse_escaping_link(shard: str, shard_path: Path, index: Path) -> None:
+    """A shard that a symlink (of the file or of a folder on its way) takes outside the index's folder is refused."""
+    base, real = index.parent.resolve(), shard_path.resolve()
+    if real.is_relative_to(base):
+        return
+    blobs = _hub_blobs(base)
+    if blobs is not None and real.parent == blobs:
+        return
+    raise SourceError(
+        f"shard {shard!r} is a symbolic link (or lies under one) that leads outside the index's folder, to {real}; "
+        "an index names shard files in its own folder. If you trust this layout, say so with --trust-links "
+        "(`source.trust_links: true` in the rules, trust_links=True in Python)",
+        where=str(index),
+    )
+
+
+def _open_index(path: Path, *, key: str | None, trust_pickle: bool, folder: Path | None, trust_links: bool = False) -> Source:
     """A sharded checkpoint: only the shards' headers are read here."""
     if key is not None:
         raise SourceError(f"source.key {key!r} does not apply to a sharded checkpoint; leave `key` out", where=str(path))
@@ -1042,11 +1495,19 @@ def _open_index(path: Path, *, key: str | None, trust_pickle: bool, folder: Path
                 "an index names shard files in its own folder",
                 where=str(path),
             )
-        if not shard_path.is_file():
+        kind = file_kind(shard_path)
+        if kind == "missing":
             raise SourceError(
                 f"shard {shard!r} (holding {len(keys)} tensors, e.g. {keys[0]!r}) is missing: no file {shard_path}",
                 where=str(path),
             )
+        if kind is not None:
+            raise SourceError(
+                f"shard {shard!r} (holding {len(keys)} tensors, e.g. {keys[0]!r}) is {kind}, not a regular file",
+                where=str(path),
+            )
+        if not trust_links:
+            _refuse_escaping_link(shard, shard_path, path)
         try:
             reader, fmt = _open_reader(shard_path, key=None, trust_pickle=trust_pickle)
         except SourceError as exc:
@@ -1067,7 +1528,7 @@ def _open_index(path: Path, *, key: str | None, trust_pickle: bool, folder: Path
     return _FileSource(owner, meta, desc, str(path))
 
 
-def _open_path(path: Path, *, key: str | None, trust_pickle: bool) -> Source:
+def _open_path(path: Path, *, key: str | None, trust_pickle: bool, trust_links: bool = False) -> Source:
     folder = None
     if not path.exists():
         raise SourceError(f"no such file or folder; expected {ACCEPTED_FORMATS}", where=str(path))
@@ -1075,7 +1536,7 @@ def _open_path(path: Path, *, key: str | None, trust_pickle: bool) -> Source:
         if path.is_dir():
             folder, path = path, _resolve_folder(path)
         if path.name.endswith(".json"):
-            return _open_index(path, key=key, trust_pickle=trust_pickle, folder=folder)
+            return _open_index(path, key=key, trust_pickle=trust_pickle, folder=folder, trust_links=trust_links)
         reader, fmt = _open_reader(path, key=key, trust_pickle=trust_pickle)
     except OSError as exc:  # permissions, a folder where a file was expected, I/O errors
         raise SourceError(f"cannot read it: {exc.strerror or exc}", where=str(exc.filename or path)) from None
@@ -1257,6 +1718,7 @@ def open_source(
     factory_args: Sequence[Any] = (),
     factory_kwargs: Mapping[str, Any] | None = None,
     base_dir: str | os.PathLike[str] | None = None,
+    trust_links: bool = False,
 ) -> Source:
     """Open ``source`` for planning (metadata now) and applying (tensors on demand).
 
@@ -1266,6 +1728,9 @@ def open_source(
     or a Hugging Face model repo in the local cache: ``hf://org/name[@revision]``, or a
     bare ``org/name[@revision]`` when no such local path exists (nothing is downloaded).
     ``key`` says where the weights sit inside a torch checkpoint dict ("a.b").
+    A sharded index's shards must lie in its folder once symlinks are followed (a Hugging
+    Face cache snapshot's links into its ``blobs/`` excepted); ``trust_links=True`` allows
+    links that lead elsewhere, for a layout you trust.
 
     >>> open_source({"fc.weight": [10, 512]}).meta["fc.weight"].shape
     (10, 512)
@@ -1281,7 +1746,7 @@ def open_source(
         if isinstance(source, str) and not path.exists() and (hub := _bare_hub_ref(source)) is not None:
             return _open_hub(hub, key=key, trust_pickle=trust_pickle, tried=path)  # an existing local path wins
         if not (isinstance(source, str) and _FACTORY_RE.match(source) and not path.exists()):
-            return _open_path(path, key=key, trust_pickle=trust_pickle)
+            return _open_path(path, key=key, trust_pickle=trust_pickle, trust_links=trust_links)
         source = {"model": source}  # "module.path:callable" names a factory, unless such a file exists
     if isinstance(source, torch.nn.Module):
         if key is not None:

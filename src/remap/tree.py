@@ -23,33 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .meta import TensorMeta
+from .grouping import printable
+from .meta import TensorMeta, itemsize
 
 if TYPE_CHECKING:
     from .sources import Source
 
 __all__ = ["Node", "Tree", "inspect_source", "format_tree", "format_flat", "tree_to_dict", "flat_to_dict"]
-
-_ITEMSIZE = {
-    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
-    "float8_e8m0fnu": 1, "complex64": 8, "complex128": 16, "int64": 8, "int32": 4, "int16": 2,
-    "int8": 1, "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1,
-}  # fmt: skip
-
-
-def itemsize(dtype: str) -> int:
-    """Bytes per element of a dtype named as torch names it (0 when unknown).
-
-    >>> itemsize("bfloat16")
-    2
-    """
-    if dtype in _ITEMSIZE:
-        return _ITEMSIZE[dtype]
-    import torch
-
-    found = getattr(torch, dtype, None)
-    return int(found.itemsize) if isinstance(found, torch.dtype) else 0
-
 
 @dataclass
 class Node:
@@ -102,9 +82,14 @@ class Tree:
 # ---------------------------------------------------------------------------- building
 
 
+MAX_DEPTH = 64  # levels of the tree; the rest of a deeper key is one name (a tree that deep is for no one)
+
+
 def _insert(root: Node, key: str, meta: TensorMeta, index: dict[tuple[int, str], Node]) -> None:
+    """Add ``key`` under ``root``, one level per dotted part, at most :data:`MAX_DEPTH`
+    levels (a crafted key of 10,000 parts must not exhaust the stack of the walks below)."""
     node = root
-    for part in key.split("."):
+    for part in key.split(".", MAX_DEPTH - 1):
         child = index.get((id(node), part))
         if child is None:
             child = Node(part)
@@ -126,12 +111,18 @@ def _count(node: Node) -> None:
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")
 
 
-def _signature(node: Node, memo: dict[int, Any]) -> Any:
-    """What makes two siblings the same: everything below them, not their names."""
+def _signature(node: Node, memo: dict[Any, int]) -> int:
+    """What makes two siblings the same: everything below them, not their names.
+
+    Hash-consed: a structure seen before gets the same small integer, so comparing two
+    siblings costs O(1) however deep they are, and each node's signature is built from
+    its children's integers once (``memo`` maps ``id(node)`` and each structure to it).
+    """
     sig = memo.get(id(node))
     if sig is None:
-        kids = tuple((c.name, c.repeat, _signature(c, memo)) for c in node.children)
-        sig = memo[id(node)] = (node.meta, kids)
+        shape = (node.meta, tuple((c.name, c.repeat, _signature(c, memo)) for c in node.children))
+        sig = memo.setdefault(("sig", shape), len(memo))
+        memo[id(node)] = sig
     return sig
 
 
@@ -149,25 +140,39 @@ def _stem(node: Node) -> str | None:
 
 
 def _merge_runs(children: list[Node], same: Any) -> list[Node]:
-    """Merge consecutive siblings for which ``same(last, child)`` holds."""
+    """Merge consecutive siblings for which ``same(last, child)`` holds.
+
+    Linear in the number of siblings: a run's member names are gathered in a list and
+    its ``members`` tuple is built once, when the run ends (not copied per member).
+    """
     merged: list[Node] = []
+    names: list[str] = []  # the members of merged[-1]'s run so far
     for child in children:
         last = merged[-1] if merged else None
         if last is not None and same(last, child):
-            last.members = (*(last.members or (last.name,)), child.name)
-            last.repeat = len(last.members)
-        else:
-            merged.append(child)
+            names.append(child.name)
+            continue
+        _close_run(last, names)
+        merged.append(child)
+        names = [*(child.members or (child.name,))]
+    _close_run(merged[-1] if merged else None, names)
     return merged
 
 
-def _collapse(node: Node, memo: dict[int, Any]) -> None:
+def _close_run(node: Node | None, names: list[str]) -> None:
+    """Give a run's first node all its members (nothing to do for a node that merged none)."""
+    if node is not None and len(names) > max(1, len(node.members)):
+        node.members = tuple(names)
+        node.repeat = len(names)
+
+
+def _collapse(node: Node, memo: dict[Any, int]) -> None:
     """Bottom-up: merge runs of numbered siblings with identical structure
     (``layers.{0..11}``), then runs of leaves with one shape and dtype (``{weight,bias}``).
     """
     for child in node.children:
         _collapse(child, memo)
-    if node.children and all(c.name.isdigit() for c in node.children):
+    if node.children and all(c.name.isascii() and c.name.isdigit() for c in node.children):
         node.children.sort(key=lambda c: int(c.name))
     stems = {id(c): _stem(c) for c in node.children}
     numbered = _merge_runs(
@@ -276,7 +281,7 @@ def _header(tree: Tree) -> list[str]:
         lines.append(
             f"         {dtype:<{widths[0]}}  {tensors:<{widths[1]}}  {numel:<{widths[2]}}  {size:>{widths[3]}}".rstrip()
         )
-    return lines
+    return [printable(line) for line in lines]  # paths, keys, entries and notes come from files
 
 
 def _rows(nodes: list[Node], prefix: str, depth: int, max_depth: int | None) -> Iterator[tuple[str, Node, bool]]:
@@ -284,7 +289,7 @@ def _rows(nodes: list[Node], prefix: str, depth: int, max_depth: int | None) -> 
     for i, node in enumerate(nodes):
         last = i == len(nodes) - 1
         times = f" ×{node.repeat}" if node.repeat > 1 else ""
-        label = f"{prefix}{'└── ' if last else '├── '}{node.name}{times}"
+        label = f"{prefix}{'└── ' if last else '├── '}{printable(node.name)}{times}"
         open_ = max_depth is None or depth < max_depth
         yield label, node, open_
         if node.children and open_:
@@ -300,12 +305,12 @@ def format_tree(tree: Tree, *, max_depth: int | None = None) -> str:
     rows = list(_rows(tree.nodes, "", 1, max_depth))
     label_w = min(max((len(r[0]) for r in rows), default=0), 72)
     shape_w = max((len(str(list(n.meta.shape))) for _, n, _ in rows if n.meta), default=0)
-    dtype_w = max((len(n.meta.dtype) for _, n, _ in rows if n.meta), default=0)
+    dtype_w = max((len(printable(n.meta.dtype)) for _, n, _ in rows if n.meta), default=0)
     count_w = max((len(f"{n.total_numel:,}") for _, n, _ in rows), default=0)
     lines = [*_header(tree), ""]
     for label, node, open_ in rows:
         shape = str(list(node.meta.shape)) if node.meta else ""
-        dtype = node.meta.dtype if node.meta else ""
+        dtype = printable(node.meta.dtype) if node.meta else ""
         line = f"{label:<{label_w}}  {shape:<{shape_w}}  {dtype:<{dtype_w}}  {node.total_numel:>{count_w},}"
         if node.children:
             line += f"  {_plural(node.total_tensors, 'tensor')}"
@@ -330,10 +335,11 @@ def format_flat(tree: Tree) -> str:
     """
     if not tree.keys:
         return "(no tensors)"
+    shown = {key: printable(key) for key in tree.keys}  # one line per key, whatever its characters
     shapes = {key: str(list(meta.shape)) for key, meta in tree.keys.items()}
-    key_w = max(map(len, tree.keys))
+    key_w = max(map(len, shown.values()))
     shape_w = max(map(len, shapes.values()))
-    return "\n".join(f"{key:<{key_w}}  {shapes[key]:<{shape_w}}  {meta.dtype}" for key, meta in tree.keys.items())
+    return "\n".join(f"{shown[key]:<{key_w}}  {shapes[key]:<{shape_w}}  {meta.dtype}" for key, meta in tree.keys.items())
 
 
 def _node_dict(node: Node, path: str) -> dict[str, Any]:
