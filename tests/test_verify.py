@@ -125,7 +125,8 @@ def test_compare_nested_outputs_and_nan():
     b = {"x": torch.ones(2) + 1e-3, "y": (torch.zeros(3),)}
     result = compare(a, b, atol=1e-2, rtol=0)
     assert result["ok"] and result["tensors"] == 2 and result["worst"] == "x"
-    assert not compare(torch.tensor([float("nan")]), torch.tensor([float("nan")]), atol=1, rtol=1)["ok"]
+    assert compare(torch.tensor([float("nan")]), torch.tensor([float("nan")]), atol=1, rtol=1)["ok"]  # issue 12: NaN at the same place matches
+    assert not compare(torch.tensor([float("nan")]), torch.tensor([0.0]), atol=1, rtol=1)["ok"]
 
 
 def test_verify_rules_are_checked_when_parsed():

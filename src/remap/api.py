@@ -63,7 +63,8 @@ def build_target(model: Any, rules: Rules) -> Any:
     return module
 
 
-def open_rules_source(source: Any, rules: Rules, *, key: str | None = None, trust_pickle: bool | None = None) -> Source:
+def open_rules_source(source: Any, rules: Rules, *, key: str | None = None, trust_pickle: bool | None = None,
+                      trust_links: bool | None = None) -> Source:
     """Open ``source`` (path, state_dict, metadata mapping, Source), else the rules' ``source``."""
     from .sources import Source, open_source
 
@@ -82,7 +83,8 @@ def open_rules_source(source: Any, rules: Rules, *, key: str | None = None, trus
         else:
             raise UsageError("no source: set source.path (or source.model) in the rules, give --source on the command line, "
                              "or pass a source to remap.load / remap.plan")  # fmt: skip
-    return open_source(source, key=key, trust_pickle=trust, base_dir=base_dir)
+    links = spec.trust_links if trust_links is None else trust_links
+    return open_source(source, key=key, trust_pickle=trust, base_dir=base_dir, trust_links=links)
 
 
 def plan(
@@ -92,14 +94,18 @@ def plan(
     *,
     key: str | None = None,
     trust_pickle: bool | None = None,
+    trust_links: bool | None = None,
 ) -> Plan:
     """Plan a load without touching anything: ``model`` is a module or a mapping of key ->
     shape; ``source`` a path, a state_dict, a mapping of key -> shape, or None for the
     rules' ``source``. ``plan.report`` is the dry-run report; ``plan.apply(model)`` loads.
+    ``trust_links`` (default: the rules' ``source.trust_links``, else off) accepts shards
+    reached through symbolic links out of the index's folder; a Hugging Face cache
+    snapshot's links into its own ``blobs/`` are always accepted.
     """
     r = resolve_rules(rules)
     target = build_target(model, r)
-    src = open_rules_source(source, r, key=key, trust_pickle=trust_pickle)
+    src = open_rules_source(source, r, key=key, trust_pickle=trust_pickle, trust_links=trust_links)
     return _make(r, target, src, built=model is None)
 
 
@@ -139,6 +145,7 @@ def load(
     dry_run: bool = False,
     key: str | None = None,
     trust_pickle: bool | None = None,
+    trust_links: bool | None = None,
     save: str | os.PathLike[str] | None = None,
     report: str | os.PathLike[str] | None = None,
     max_shard_size: int | str | None = None,
@@ -148,6 +155,7 @@ def load(
     progress: Any = None,
     verify: bool = False,
     mmap_weights: bool = False,
+    rollback: bool = True,
 ) -> Report:
     """Plan, check, load with ``strict=False`` and freeze; returns the :class:`Report`.
 
@@ -161,7 +169,7 @@ def load(
     ``verify`` the rules' ``verify`` section runs after loading: the source model and the
     target on the same input, :class:`~remap.errors.VerifyError` when their outputs differ.
 
-    ``mmap_weights`` (off by default; a meta-device target on the CPU only) copies nothing
+    ``trust_links`` is :func:`plan`'s. ``mmap_weights`` (off by default; a meta-device target on the CPU only) copies nothing
     where no op or cast changes a tensor: the module's tensors stay views of a private,
     copy-on-write mapping of the checkpoint file, so loading is instant and the weights
     share the page cache. Writes to them (training) make private copies of the touched
@@ -169,12 +177,22 @@ def load(
     the pages not yet copied may show the new bytes; truncated, reading them kills the
     process with SIGBUS. Use it only for files nobody modifies while the model lives
     (replacing a file by renaming a new one over it is safe).
+
+    A failure during the load itself (the file truncated or changed meanwhile, an I/O
+    error, Ctrl-C) puts the module back as it was. For a module that already has its
+    memory that costs a host-memory copy of the tensors being loaded, for the duration of
+    the load; ``rollback=False`` saves that copy, and such a failure may then leave the
+    module partly loaded. A meta-device target is put back at no cost.
     """
     r = resolve_rules(rules)
     if verify and r.verify is None:
         raise UsageError("verify was asked for (--verify, verify=True), but the rules have no `verify` section "
                          "(e.g. `verify: {input: [1, 3, 224, 224]}`)")  # fmt: skip
     report_path = _output(report, r.output.report, r)
+    if report_path is not None:  # before anything is built or read: a FIFO or device is never replaced
+        from .files import refuse_non_regular_target
+
+        refuse_non_regular_target(report_path, error=UsageError, what="report (--report / output.report)")
     save_path, save_what = _save_path(save, r)
     module = build_target(model, r)
     if not _is_module(module):
@@ -184,12 +202,12 @@ def load(
         from .saving import check_savable
 
         check_savable(module, save_path, sharded=(max_shard_size or r.output.max_shard_size) is not None, what=save_what)
-    src = open_rules_source(source, r, key=key, trust_pickle=trust_pickle)
+    src = open_rules_source(source, r, key=key, trust_pickle=trust_pickle, trust_links=trust_links)
     try:
         p = _make(r, module, src, built=model is None)
         try:
             result = p.apply(module, dry_run=dry_run, device=device, dtype=dtype or r.target.dtype,
-                             batch_bytes=batch_bytes, progress=progress, mmap_weights=mmap_weights)  # fmt: skip
+                             batch_bytes=batch_bytes, progress=progress, mmap_weights=mmap_weights, rollback=rollback)  # fmt: skip
             if verify and not dry_run:
                 result = _verify(r, src, module, result)
         except CheckError as exc:

@@ -12,6 +12,10 @@ Order matters, so that a failed check leaves the module untouched:
 5. a meta-device target's keys that were not loaded are materialised and initialised
    by their module's ``reset_parameters``; then freezing. The final report reads
    requires_grad back from the module.
+
+Steps 4 and 5 run under a :class:`~remap.streaming.Rollback`: if anything fails once
+writing has begun (a file truncated or changed during the load, an I/O error, Ctrl-C),
+the module is put back as it was before the error propagates.
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import CheckError, InternalError, UsageError
+from .errors import CheckError, InternalError, SourceError, UsageError
 from .freeze import apply_freeze
 from .meta import dtype_name
 from .report import Failure, Report, TargetRecord
 from .planner import totals_of
-from .streaming import BATCH_BYTES, Progress, stream
+from .streaming import BATCH_BYTES, Progress, Rollback, read_tensor, stream
 
 if TYPE_CHECKING:
     from .planner import Assignment, Plan
@@ -56,6 +60,7 @@ def apply_plan(
     batch_bytes: int | None = None,
     progress: Progress | None = None,
     mmap_weights: bool = False,
+    rollback: bool = True,
 ) -> Report:
     """Load ``plan`` into ``module`` and freeze; returns the report of what happened.
 
@@ -66,6 +71,11 @@ def apply_plan(
     ``mmap_weights`` (meta-device targets only) the tensors that need no op or cast are not
     copied: they stay views of a private copy-on-write mapping of the file (see
     :func:`remap.load` for what that risks).
+
+    A failure once writing has begun puts the module back as it was. For an allocated
+    target that costs one host-memory copy of the tensors being loaded, held during the
+    load; ``rollback=False`` saves it, and a failure then may leave the module partly
+    loaded (the error says so). A meta-device target is always put back (it costs nothing).
     """
     state = module.state_dict(keep_vars=True)  # walked once: the checks and the stream share it
     _check_same_target(plan, state)
@@ -79,17 +89,28 @@ def apply_plan(
     if mmap_weights and not on_meta:
         raise UsageError("mmap_weights keeps the file's pages as the weights of a meta-device target; "
                          "this module already has its memory: build it under torch.device('meta')")  # fmt: skip
-    dev = torch.device(device) if device is not None else None
+    dev = _device(device)
     if mmap_weights and dev is not None and dev.type != "cpu":
         raise UsageError(f"mmap_weights maps the file into CPU memory; it cannot load onto device {dev}")
     _preflight(plan, module, on_meta)
     _check_duplicates(plan, plan.source)
     dt = getattr(torch, dtype_name(dtype)) if isinstance(dtype, str) else dtype
-    stats = stream(plan, plan.source, module, assign=on_meta, device=dev, dtype=dt, state=state,
-                   batch_bytes=batch_bytes or BATCH_BYTES, progress=progress, mmap_weights=mmap_weights)  # fmt: skip
-    del state  # a meta target's entries are stale now
-    if on_meta:
-        stats.materialised = _materialise_rest(module, dev or torch.device("cpu"), dt)
+    undo = Rollback(module)
+    try:
+        stats = stream(plan, plan.source, module, assign=on_meta, device=dev, dtype=dt, state=state,
+                       rollback=undo if rollback else None,
+                       batch_bytes=batch_bytes or BATCH_BYTES, progress=progress, mmap_weights=mmap_weights)  # fmt: skip
+        del state  # a meta target's entries are stale now
+        if on_meta:
+            stats.materialised = _materialise_rest(module, dev or torch.device("cpu"), dt)
+    except BaseException as exc:
+        undo.restore()
+        if isinstance(exc, SourceError):
+            state_now = ("the module was restored as it was before the load" if rollback or on_meta else
+                         "the module may be partly loaded (rollback=False)")  # fmt: skip
+            raise SourceError(f"{exc.message}; {state_now}", where=exc.where) from None
+        raise
+    del undo
     apply_freeze(module, plan.frozen, plan.rules.freeze.batchnorm, plan.batchnorm_modules)
     report = _final_report(plan, module)
     warnings = report.warnings
@@ -98,6 +119,19 @@ def apply_plan(
         warnings = (*warnings, f"mmap_weights: {copied} tensor(s) were copied, not mapped: an op or a cast changes them, "
                                "or the source has no file to map")  # fmt: skip
     return report.replace(target={**report.target, "meta": on_meta}, stats=stats.as_dict(), warnings=warnings)
+
+
+def _device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a torch.device this build can allocate on; UsageError otherwise (before anything is read)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load onto device {device!r}: {message}") from None
+    return dev
 
 
 def _check_same_target(plan: Plan, state: Mapping[str, Any]) -> None:
@@ -197,7 +231,7 @@ def _materialise_rest(module: torch.nn.Module, device: torch.device, dtype: torc
 def _check_duplicates(plan: Plan, source: Source) -> None:
     failures = []
     for d in plan.duplicates:
-        if not torch.equal(source.read(d.source), source.read(d.first)):
+        if not torch.equal(read_tensor(source, d.source), read_tensor(source, d.first)):
             failures.append(
                 Failure(
                     "tied_conflict",

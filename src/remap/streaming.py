@@ -17,13 +17,17 @@ read depends on what it needs:
   in the process; large tensors are read in pieces by a few threads, which are given all
   of them at the start and read ahead of the batch being loaded. See :class:`_Direct`
   for why this still goes through ``load_state_dict``.
-* **mapped**: any other tensor is a zero-copy view of a ``mmap`` of the file, which the
-  op, the cast or ``load_state_dict`` copies from; after each batch its pages are dropped
-  from the process, so it never holds more than about one batch of file pages.
+* **staged**: any other tensor is read with ``pread`` into a fresh buffer of its batch,
+  which the op, the cast or ``load_state_dict`` copies from; the buffers are freed after
+  the batch, so the process never holds more than about one batch of them. Never a view
+  of a mapping: a file truncated under a mapping would kill the process with SIGBUS,
+  while a short ``pread`` is a :class:`SourceError`.
 * **kept mapped** (``mmap_weights``, opt-in, meta-device targets only): the assigned
   tensors *are* views of a private copy-on-write mapping of the file; nothing is copied.
 
-Every file is opened (and mapped where a view is needed) before the first write.
+Every file is opened (and mapped for ``mmap_weights``) before the first write. A failure
+after the first write (a file truncated or rewritten during the load, an I/O error, an
+interrupt) leaves the module as it was: :class:`Rollback` puts back what was written.
 
 >>> plan_batches([("a", 10), ("b", 10), ("c", 30)], 20)
 [['a', 'b'], ['c']]
@@ -34,6 +38,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 import time
 import warnings
 from collections import OrderedDict, defaultdict
@@ -53,7 +58,7 @@ if TYPE_CHECKING:
     from .sources import Source, Span
     from .steps import Recipe
 
-__all__ = ["BATCH_BYTES", "LoadStats", "plan_batches", "stream"]
+__all__ = ["BATCH_BYTES", "LoadStats", "Rollback", "plan_batches", "read_tensor", "stream"]
 
 BATCH_BYTES = 64 << 20
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
@@ -128,16 +133,15 @@ def _order(assignments: Iterable[Assignment], spans: Mapping[str, Span | None], 
 
 
 class _Files:
-    """Every file the load reads, opened before the first write, and mapped whole where a
-    tensor is read as a view.
-
-    A read-only mapping reserves address space only; pages are read as tensors are copied,
-    and after each batch :meth:`release` tells the kernel to drop that batch's pages from
-    this process (``MADV_DONTNEED``: they stay in the page cache). A private mapping
-    (``mmap_weights``) is copy-on-write and stays: the loaded tensors are views of it.
+    """Every file the load reads, opened as reads need it and mapped whole (a private,
+    copy-on-write mapping) where ``mmap_weights`` keeps tensors as views of it. Everything
+    else is read with ``pread``: no read-only mapping, so a file truncated during the load
+    is an error, never a SIGBUS. At most :attr:`cap` files stay open at once (the least
+    recently used idle one is closed first), so a checkpoint of thousands of shards loads
+    under the usual limit of 1,024 open files.
     """
 
-    def __init__(self, spans: Iterable[Span], mapped: Iterable[str] = (), private: Iterable[str] = ()) -> None:
+    def __init__(self, spans: Iterable[Span], private: Iterable[str] = (), *, cap: int | None = None) -> None:
         ends: dict[str, int] = defaultdict(int)
         sizes: dict[str, int] = {}
         for s in spans:
@@ -145,54 +149,72 @@ class _Files:
                 sizes[s.path] = os.path.getsize(s.path)
             _check_span(s, sizes[s.path])
             ends[s.path] = max(ends[s.path], s.offset + s.nbytes)
-        self.maps: dict[str, mmap.mmap | None] = {}
+        self.cap = cap if cap is not None else _open_file_cap()
         self.private: dict[str, mmap.mmap | None] = {}
-        self.fds: dict[str, int] = {}
-        self._files: list[Any] = []
-        path = ""
-        try:
-            for path, end in ends.items():
-                f = open(path, "rb")  # noqa: SIM115 - closed in close()
-                self._files.append(f)
-                self.fds[path] = f.fileno()
-            for path in dict.fromkeys(mapped):
-                self.maps[path] = mmap.mmap(self.fds[path], ends[path], access=mmap.ACCESS_READ) if ends[path] else None
-            for path in dict.fromkeys(private):
-                self.private[path] = mmap.mmap(self.fds[path], ends[path], access=mmap.ACCESS_COPY) if ends[path] else None
-        except (OSError, ValueError) as exc:
-            self.close()
-            raise SourceError(f"cannot open or map the file for reading: {exc}", where=path) from None
+        self._open: OrderedDict[str, list[Any]] = OrderedDict()  # path -> [file, readers now]
+        self._lock = threading.Lock()
+        for path in dict.fromkeys(private):
+            with self.opened(path) as fd:
+                try:
+                    self.private[path] = mmap.mmap(fd, ends[path], access=mmap.ACCESS_COPY) if ends[path] else None
+                except (OSError, ValueError) as exc:
+                    raise SourceError(f"cannot map the file for reading: {exc}", where=path) from None
 
-    def release(self, spans: Iterable[Span]) -> None:
-        """Drop the pages of each read-only mapped file's byte range this batch read (one call per file)."""
-        ranges: dict[str, tuple[int, int]] = {}
-        for s in spans:
-            lo, hi = ranges.get(s.path, (s.offset, s.offset + s.nbytes))
-            ranges[s.path] = (min(lo, s.offset), max(hi, s.offset + s.nbytes))
-        page = mmap.PAGESIZE
-        for path, (lo, hi) in ranges.items():
-            mm = self.maps.get(path)
-            if mm is None or not hasattr(mm, "madvise") or hi <= lo:
-                continue
-            start = lo // page * page
-            try:
-                mm.madvise(mmap.MADV_DONTNEED, start, min(len(mm), hi) - start)
-            except (OSError, ValueError):  # an advice, not a requirement
-                pass
+    @contextmanager
+    def opened(self, path: str) -> Iterator[int]:
+        """The descriptor of ``path``, open for as long as the block runs."""
+        with self._lock:
+            entry = self._open.get(path)
+            if entry is None:
+                self._close_idle(keep=self.cap - 1)
+                try:
+                    entry = self._open[path] = [open(path, "rb"), 0]  # noqa: SIM115 - closed by _close_idle/close
+                except OSError as exc:
+                    raise SourceError(f"cannot open the file for reading: {exc.strerror or exc}", where=path) from None
+            self._open.move_to_end(path)
+            entry[1] += 1
+        try:
+            yield entry[0].fileno()
+        finally:
+            with self._lock:
+                entry[1] -= 1
+
+    def _close_idle(self, *, keep: int) -> None:
+        """Close the least recently used files nobody reads until at most ``keep`` are open."""
+        for path in [p for p, (_, users) in self._open.items() if not users][: max(0, len(self._open) - keep)]:
+            self._open.pop(path)[0].close()
 
     def close(self) -> None:
-        """Unmap the read-only maps and close the files. A private map stays alive for as
-        long as a tensor views it (the mapping holds its own reference to the file)."""
-        for mm in self.maps.values():
-            if mm is None:
-                continue
-            try:
-                mm.close()
-            except BufferError:  # a view is still referenced somewhere: the GC unmaps it later
-                pass
-        for f in self._files:
-            f.close()
-        self.maps, self.private, self.fds, self._files = {}, {}, {}, []
+        """Close the files. A private map stays alive for as long as a tensor views it (the
+        mapping holds its own reference to the file)."""
+        with self._lock:
+            for f, _ in self._open.values():
+                f.close()
+            self._open.clear()
+        self.private = {}
+
+
+def _open_file_cap() -> int:
+    """How many checkpoint files a load keeps open: a quarter of the process's limit, 8 to 256.
+
+    >>> 8 <= _open_file_cap() <= 256
+    True
+    """
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY or soft <= 0:
+            soft = 1024
+    except (ImportError, OSError, ValueError):  # no resource module (Windows)
+        soft = 1024
+    return max(8, min(256, soft // 4))
+
+
+def _pread_path(files: _Files, path: str, offset: int, buf: memoryview, owner: torch.Tensor | None = None) -> None:
+    """:func:`_pread_into` through the file pool."""
+    with files.opened(path) as fd:
+        _pread_into(fd, offset, buf, path, owner)
 
 
 def _check_span(span: Span, size: int) -> None:
@@ -219,6 +241,29 @@ def _view(span: Span, mm: mmap.mmap | None) -> torch.Tensor:
     if span.offset % itemsize:
         raw = raw.clone()  # unaligned for this dtype: one copy of this tensor
     return raw.view(dtype).as_strided(span.shape, span.stride, span.storage_offset)
+
+
+def _staged(span: Span, fd: int) -> torch.Tensor:
+    """The tensor of ``span``, read with ``pread`` into a fresh buffer (no mapping: a file
+    truncated meanwhile is a SourceError, not a SIGBUS)."""
+    raw = torch.empty(span.nbytes, dtype=torch.uint8)
+    if span.nbytes:
+        _pread_into(fd, span.offset, _writable_bytes(raw), span.path, raw)
+    return raw.view(getattr(torch, span.dtype)).as_strided(span.shape, span.stride, span.storage_offset)
+
+
+def read_tensor(source: Source, key: str) -> torch.Tensor:
+    """One source tensor, read with ``pread`` where it has a span in a file (never through a
+    mapping that a truncation would turn into SIGBUS), else by ``Source.read``."""
+    span = source.span(key)
+    if span is None:
+        return source.read(key)
+    try:
+        with open(span.path, "rb") as f:
+            _check_span(span, os.fstat(f.fileno()).st_size)
+            return _staged(span, f.fileno())
+    except OSError as exc:
+        raise SourceError(f"cannot open the file for reading: {exc.strerror or exc}", where=span.path) from None
 
 
 def _contiguous(span: Span) -> bool:
@@ -272,33 +317,33 @@ class _Direct:
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: dict[str, list[Future[None]]] = {}  # target -> its pieces, being read
 
-    def ahead(self, jobs: Iterable[tuple[str, int, int, torch.Tensor, str]]) -> None:
-        """Start reading the large tensors of ``(target, fd, offset, tensor, path)`` on the
+    def ahead(self, jobs: Iterable[tuple[str, _Files, int, torch.Tensor, str]]) -> None:
+        """Start reading the large tensors of ``(target, files, offset, tensor, path)`` on the
         reading threads, in this order (the files' order): the threads go on reading the
         next batches while a batch is loaded, so they never wait at a batch's end. Small
         tensors are left to :meth:`read` (a thread hand-off costs more than their read)."""
         if self.threads == 1:
             return
         smallest = min(THREAD_MIN_BYTES, PIECE_BYTES)
-        for target, fd, offset, tensor, path in jobs:
+        for target, files, offset, tensor, path in jobs:
             buf = _writable_bytes(tensor)
             if len(buf) < smallest:
                 continue
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="remap-read")
-            self._ahead[target] = [self._pool.submit(_pread_into, fd, offset + lo, buf[lo : lo + PIECE_BYTES], path, tensor)
+            self._ahead[target] = [self._pool.submit(_pread_path, files, path, offset + lo, buf[lo : lo + PIECE_BYTES], tensor)
                                    for lo in range(0, len(buf), PIECE_BYTES)]  # fmt: skip
 
-    def read(self, jobs: Sequence[tuple[str, int, int, torch.Tensor, str]]) -> None:
-        """Fill each tensor of ``(target, fd, offset, tensor, path)``: wait for those being
+    def read(self, jobs: Sequence[tuple[str, _Files, int, torch.Tensor, str]]) -> None:
+        """Fill each tensor of ``(target, files, offset, tensor, path)``: wait for those being
         read ahead, read the others here. Returns (or raises the first failure) only when
         every piece of these tensors is done."""
         futures: list[Future[None]] = []
         try:
-            for target, fd, offset, tensor, path in jobs:
+            for target, files, offset, tensor, path in jobs:
                 pieces = self._ahead.pop(target, None)
                 if pieces is None:
-                    _pread_into(fd, offset, _writable_bytes(tensor), path, tensor)
+                    _pread_path(files, path, offset, _writable_bytes(tensor), tensor)
                 else:
                     futures += pieces
         finally:
@@ -346,21 +391,19 @@ class _Reader:
 
     @contextmanager
     def batch(self, keys: Iterable[str]) -> Iterator[None]:
-        """Views of ``keys`` (those with spans) for the duration of the batch."""
-        mapped = []
+        """``keys`` (those with spans) read into staging buffers for the duration of the batch."""
         try:
             for key in keys:
                 span = self.spans[key]
                 if span is not None and key not in self.views:
-                    self.views[key] = _view(span, self.files.maps[span.path])
+                    with self.files.opened(span.path) as fd:
+                        self.views[key] = _staged(span, fd)
                     self.stats.zero_copy += 1
-                    mapped.append(span)
             yield
         finally:
             self.views.clear()
             self.read_once.clear()
             self.memo.clear()
-            self.files.release(mapped)
 
     def count(self, key: str) -> None:
         self.stats.bytes += _nbytes(self.source, key)
@@ -474,12 +517,68 @@ def _route(a: Assignment, span: Span | None, plan: Plan, state: Mapping[str, Any
     return _Route("direct", dest=dest)
 
 
+# --------------------------------------------------------------------------- rollback
+
+
+class Rollback:
+    """What a load changes in a module, kept so that a failed load can put it back.
+
+    A load can fail after its first write: the file is truncated or rewritten under it, a
+    disk returns an I/O error, the user presses Ctrl-C, a module's own
+    ``_load_from_state_dict`` raises. The module must then be as it was, byte for byte.
+
+    * Every module's parameter and buffer slots (which tensor object sits under which
+      name) and every tensor's ``.data`` are recorded up front: references only, no copy.
+      That undoes ``assign=True`` (a meta-device target) and materialisation.
+    * An allocated target is written in place, so :meth:`keep` copies the tensors that are
+      about to be written (only the planned targets, once per storage) into host memory
+      before the first write. This is the price of the promise: one copy of the loaded
+      tensors for as long as the load runs (a meta-device target pays nothing).
+
+    Restoring reverses the copies in the opposite order of keeping them.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self._slots = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+        self._data = [(t, t.data) for _, params, buffers in self._slots for t in (*params.values(), *buffers.values())
+                      if isinstance(t, torch.Tensor)]  # fmt: skip
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._seen: set[tuple[int, int]] = set()
+        self.bytes = 0
+
+    def keep(self, tensor: torch.Tensor) -> None:
+        """Copy ``tensor``'s values (to host memory) before the load writes into it."""
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            return
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if ident in self._seen:
+            return
+        self._seen.add(ident)
+        with torch.no_grad():
+            copy = tensor.detach().to("cpu", copy=True)
+        self._saved.append((tensor, copy))
+        self.bytes += copy.numel() * copy.element_size()
+
+    def restore(self) -> None:
+        """Put every slot, every ``.data`` and every kept value back."""
+        with torch.no_grad():
+            for m, params, buffers in self._slots:
+                m._parameters.clear()
+                m._parameters.update(params)
+                m._buffers.clear()
+                m._buffers.update(buffers)
+            for t, data in self._data:
+                t.data = data
+            for tensor, copy in reversed(self._saved):
+                tensor.detach().copy_(copy)
+
+
 # --------------------------------------------------------------------------- the stream
 
 
 def stream(plan: Plan, source: Source, module: torch.nn.Module, *, assign: bool, device: torch.device | None = None,
            dtype: torch.dtype | None = None, batch_bytes: int = BATCH_BYTES, progress: Progress | None = None,
-           state: Mapping[str, Any] | None = None, mmap_weights: bool = False) -> LoadStats:  # fmt: skip
+           state: Mapping[str, Any] | None = None, mmap_weights: bool = False, rollback: Rollback | None = None) -> LoadStats:  # fmt: skip
     """Load every assignment of ``plan`` into ``module``, one batch at a time.
 
     With ``assign`` (a meta-device target) every tensor is copied once into fresh memory on
@@ -487,7 +586,9 @@ def stream(plan: Plan, source: Source, module: torch.nn.Module, *, assign: bool,
     into the module's own parameters by ``load_state_dict``. ``state`` is the module's
     ``state_dict(keep_vars=True)`` when the caller has it. ``mmap_weights`` (with
     ``assign`` only) assigns views of a private copy-on-write mapping of the file instead of
-    copies, wherever no op or cast changes the tensor: see ``remap.load``.
+    copies, wherever no op or cast changes the tensor: see ``remap.load``. ``rollback``,
+    when given, is handed every allocated tensor before anything is written into it (the
+    caller restores it on failure).
     """
     stats = LoadStats()
     start = time.perf_counter()
@@ -510,18 +611,18 @@ def stream(plan: Plan, source: Source, module: torch.nn.Module, *, assign: bool,
     routes = {a.target: _route(a, spans[a.sources[0]] if a.sources else None, plan, state or {}, loader, assign=assign,
                                device=device, dtype=dtype, mmap_weights=mmap_weights, can_pread=can_pread)
               for a in ordered}  # fmt: skip
-    viewed = {k for a in ordered if routes[a.target].kind == "view" for k in a.sources}
     kept = {k for a in ordered if routes[a.target].kind == "keep" for k in a.sources}
     check = getattr(source, "check_unchanged", None)
     if check is not None:
         check()  # the files are still the ones planned from
-    files = _Files((s for s in spans.values() if s is not None),
-                   mapped=(spans[k].path for k in viewed if spans[k] is not None),  # type: ignore[union-attr]
-                   private=(spans[k].path for k in kept))  # type: ignore[union-attr]  # fmt: skip
+    files = _Files((s for s in spans.values() if s is not None), private=(spans[k].path for k in kept))  # type: ignore[union-attr]
     reader = _Reader(source, spans, stats, files)
     direct = _Direct(_read_threads())
     done = 0
     try:
+        if rollback is not None and not assign:
+            for a in ordered:  # before the first write: the reading threads start at once
+                rollback.keep((state or {})[a.target])
         jobs = _direct_jobs(ordered, routes, spans, files)
         direct.ahead((t, *job) for t, job in jobs.items() if job[2].numel())
         for keys in plan_batches(sizes, batch_bytes):
@@ -548,8 +649,8 @@ def stream(plan: Plan, source: Source, module: torch.nn.Module, *, assign: bool,
 
 
 def _direct_jobs(ordered: Sequence[Assignment], routes: Mapping[str, _Route], spans: Mapping[str, Span | None],
-                 files: _Files) -> dict[str, tuple[int, int, torch.Tensor, str]]:  # fmt: skip
-    """Every direct read, in file order: target key -> ``(fd, offset, destination, path)``.
+                 files: _Files) -> dict[str, tuple[_Files, int, torch.Tensor, str]]:  # fmt: skip
+    """Every direct read, in file order: target key -> ``(files, offset, destination, path)``.
     The destination is the target's own tensor, or for a meta-device target the fresh
     tensor that will be assigned (its pages are touched only by the read)."""
     jobs = {}
@@ -561,11 +662,11 @@ def _direct_jobs(ordered: Sequence[Assignment], routes: Mapping[str, _Route], sp
         if span is None:
             raise InternalError(f"{a.target!r}: routed to a direct read without a span in the file")
         dest = route.dest if route.dest is not None else torch.empty(span.shape, dtype=route.dtype)
-        jobs[a.target] = (files.fds[span.path], span.offset + span.storage_offset * ITEMSIZE[span.dtype], dest, span.path)
+        jobs[a.target] = (files, span.offset + span.storage_offset * ITEMSIZE[span.dtype], dest, span.path)
     return jobs
 
 
-def _direct_values(batch: Sequence[Assignment], routes: Mapping[str, _Route], jobs: Mapping[str, tuple[int, int, torch.Tensor, str]],
+def _direct_values(batch: Sequence[Assignment], routes: Mapping[str, _Route], jobs: Mapping[str, tuple[_Files, int, torch.Tensor, str]],
                    direct: _Direct, reader: _Reader, stats: LoadStats) -> dict[str, torch.Tensor]:  # fmt: skip
     """The batch's direct reads, done: target key -> the tensor to hand to ``load_state_dict``."""
     values: dict[str, torch.Tensor] = {}
