@@ -80,6 +80,21 @@ def test_a_draft_between_unrelated_names_declares_nothing_and_apply_fails_naming
     assert torch.equal(model.x.weight.detach(), state["a.weight"]) and torch.equal(model.y.weight.detach(), state["b.weight"])
 
 
+def test_a_draft_whose_only_pair_has_no_certain_fix_is_written_and_fails_on_apply(capsys, tmp_path):
+    """A 1000-class head against a 10-class one, nothing else: the draft declares nothing
+    (it used to stop with an internal error), and apply fails on that key's shape."""
+    torch.save({"fc.weight": torch.zeros(1000, 4)}, tmp_path / "s.pth")
+    torch.save({"fc.weight": torch.zeros(10, 4)}, tmp_path / "t.pth")
+    code, out, err = run(capsys, "diff", tmp_path / "s.pth", tmp_path / "t.pth", "--write", tmp_path / "r.yaml")
+    assert code == 0, err
+    assert "1 source and 1 target key left for you to decide" in out
+    drafted = yaml.safe_load((tmp_path / "r.yaml").read_text())
+    assert "expect" not in drafted and "rules" not in drafted
+    with pytest.raises(remap.CheckError) as info:
+        remap.load(nn.ModuleDict({"fc": nn.Linear(4, 10, bias=False)}), tmp_path / "s.pth", rules=tmp_path / "r.yaml")
+    assert [f.kind for f in info.value.report.failures] == ["shape_mismatch"]
+
+
 def test_a_leftover_that_nothing_could_feed_is_declared_one_with_a_candidate_is_not():
     """Evidence-based declarations only: ``aux`` [7] has no leftover of a related shape on the
     target side, so it is dropped; ``head`` [1000, 4] could be sliced into ``fc`` [10, 4], so

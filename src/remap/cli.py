@@ -18,6 +18,7 @@ from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from .errors import CheckError, RemapError, UsageError
+from .grouping import printable, printable_lines
 
 __all__ = ["main"]
 
@@ -60,6 +61,8 @@ class _Parser(argparse.ArgumentParser):
 _FACTORY_HELP = "module.path:callable factory (e.g. torchvision.models:resnet50)"
 _KEY_HELP = "where the weights sit inside a checkpoint dict (a.b for nested; default: auto-detected)"
 _TRUST_HELP = "unpickle with weights_only=False: runs code from the file (only for files you trust)"
+_LINKS_HELP = ("read shards that symbolic links place outside the index's folder (a Hugging Face cache's links "
+               "into its blobs/ need no flag)")
 
 
 def _parser() -> _Parser:
@@ -101,6 +104,7 @@ def _parser() -> _Parser:
                                                            "(replaces target.kwargs), e.g. '{\"num_classes\": 10}'")  # fmt: skip
     a.add_argument("--key", metavar="A.B", help=_KEY_HELP)
     a.add_argument("--trust-pickle", action="store_true", help=_TRUST_HELP)
+    a.add_argument("--trust-links", action="store_true", help=_LINKS_HELP)
     a.add_argument("--dry-run", action="store_true", help="plan and check only: read no tensor, touch no module")
     a.add_argument("--report", metavar="FILE", help="write the JSON report here")
     a.add_argument("--save", metavar="FILE", help="write the loaded state_dict here: .safetensors, or .pt/.pth/.bin/.ckpt for torch.save; the keys of the plain architecture")
@@ -108,6 +112,9 @@ def _parser() -> _Parser:
     a.add_argument("--mmap-weights", action="store_true",
                    help="meta-device target (target.device: meta) only: keep the file's pages as the weights, copying "
                         "nothing (for converting with --save); the checkpoint must not change while remap runs")  # fmt: skip
+    a.add_argument("--no-rollback", action="store_true",
+                   help="skip the host copy that puts an allocated target back if the load fails midway (a file truncated "
+                        "meanwhile, an I/O error, Ctrl-C); such a failure may then leave the module partly loaded")  # fmt: skip
     a.add_argument("--json", action="store_true", help="print the JSON report instead of the table (a JSON error object on errors)")
     a.add_argument("--verify", action="store_true", help="after loading, compare source and target outputs (rules' verify section)")
     a.add_argument("--explain", metavar="KEY", action="append", default=[], help="print the journey of a key (repeatable)")
@@ -131,6 +138,7 @@ def _parser() -> _Parser:
     i.add_argument("checkpoint", metavar="CHECKPOINT", help=f"checkpoint file or folder, hf://org/name[@revision] from the local Hugging Face cache, or a {_FACTORY_HELP}")
     i.add_argument("--key", metavar="A.B", help=_KEY_HELP)
     i.add_argument("--trust-pickle", action="store_true", help=_TRUST_HELP)
+    i.add_argument("--trust-links", action="store_true", help=_LINKS_HELP)
     shown = i.add_mutually_exclusive_group()
     shown.add_argument("--depth", type=int, default=None, help="show the tree down to this depth")
     shown.add_argument("--flat", action="store_true", help="list every real key (key, shape, dtype per line) instead of the tree")
@@ -149,6 +157,7 @@ def _parser() -> _Parser:
     d.add_argument("--key", "--source-key", dest="source_key", metavar="A.B",
                    help="where the weights sit inside the source checkpoint dict (--source-key is an old alias)")  # fmt: skip
     d.add_argument("--trust-pickle", action="store_true", help=_TRUST_HELP)
+    d.add_argument("--trust-links", action="store_true", help=_LINKS_HELP)
     d.add_argument("--target-args", metavar="JSON", help="positional arguments for the target factory, a JSON list, e.g. '[\"resnet18\"]'")
     d.add_argument("--target-kwargs", metavar="JSON", help='keyword arguments for the target factory, a JSON object, e.g. \'{"num_classes": 10}\'')
     d.add_argument("--write", metavar="RULES.yaml", help="write the rules that reproduce the unambiguous part, for review")
@@ -189,11 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             _render(exc.report, out, args)
             if getattr(args, "quiet", False) and not as_json:
                 _print_failures(exc.report, err)
-            print(f"remap: {exc.message.splitlines()[0]}", file=err)
+            print(f"remap: {printable(exc.message.split(chr(10))[0])}", file=err)
             return exc.exit_code
         except RemapError as exc:
             message = _cli_message(exc.message, args)
-            print(f"remap: error: {exc.where + ': ' if exc.where else ''}{message}", file=err)
+            print(printable_lines(f"remap: error: {exc.where + ': ' if exc.where else ''}{message}"), file=err)
             if as_json:
                 _print_json(error_object(exc, message), out)
             return exc.exit_code
@@ -309,7 +318,7 @@ def _clean_warnings(err: TextIO, *, trusted: bool) -> Iterator[None]:
         def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                  file: TextIO | None = None, line: str | None = None) -> None:  # fmt: skip
             if os.path.abspath(filename).startswith(package):
-                print(f"remap: warning: {_cli_warning(str(message), trusted=trusted)}", file=err)
+                print(printable_lines(f"remap: warning: {_cli_warning(str(message), trusted=trusted)}"), file=err)
             else:
                 shown(message, category, filename, lineno, file, line)
 
@@ -320,9 +329,9 @@ def _clean_warnings(err: TextIO, *, trusted: bool) -> Iterator[None]:
 def _print_failures(report: Any, err: TextIO) -> None:
     """``-q``: each failed check's one-line reason (its message's first line)."""
     for failure in report.failures:
-        first = (failure.message.splitlines() or [""])[0].rstrip().removesuffix(":")
+        first = failure.message.split("\n")[0].rstrip().removesuffix(":")
         label = "" if first.startswith(f"{failure.kind}:") else f"{failure.kind}: "
-        print(f"remap: {label}{first}", file=err)
+        print(printable(f"remap: {label}{first}"), file=err)
 
 
 def _apply(args: argparse.Namespace, out: TextIO) -> int:
@@ -348,13 +357,13 @@ def _apply(args: argparse.Namespace, out: TextIO) -> int:
     if args.explain:
         from .api import plan
 
-        p = plan(None, args.source, rules, key=args.key, trust_pickle=args.trust_pickle or None)
+        p = plan(None, args.source, rules, key=args.key, trust_pickle=args.trust_pickle or None, trust_links=args.trust_links or None)
         for key in args.explain:  # with --json, stdout is the report alone
-            print(p.explain(key), file=sys.stderr if args.json else out)
+            print(printable_lines(p.explain(key)), file=sys.stderr if args.json else out)
     with _progress(enabled=not args.quiet and not args.dry_run and sys.stderr.isatty()) as progress:
-        report = load(None, args.source, rules, dry_run=args.dry_run, key=args.key, trust_pickle=args.trust_pickle or None,
+        report = load(None, args.source, rules, dry_run=args.dry_run, key=args.key, trust_pickle=args.trust_pickle or None, trust_links=args.trust_links or None,
                       save=args.save, report=args.report, max_shard_size=args.max_shard_size, progress=progress,
-                      verify=args.verify, mmap_weights=args.mmap_weights)  # fmt: skip
+                      verify=args.verify, mmap_weights=args.mmap_weights, rollback=not args.no_rollback)  # fmt: skip
     _render(report, out, args)
     return 0
 
@@ -458,10 +467,10 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
         steps = [{"index": step.index, "kind": step.kind, "summary": step.summary(), "optional": step.optional} for step in rules.steps]
         _print_json({"ok": True, "rules": str(args.rules), "version": rules.version, "steps": steps}, out)
         return 0
-    print(f"{args.rules}: OK, version {rules.version}, {len(rules.steps)} step(s)", file=out)
+    print(printable(f"{args.rules}: OK, version {rules.version}, {len(rules.steps)} step(s)"), file=out)
     for step in rules.steps:
         optional = " (optional)" if step.optional else ""
-        print(f"  {step.index}. {step.summary()}{optional}", file=out)
+        print(printable(f"  {step.index}. {step.summary()}{optional}"), file=out)
     return 0
 
 
@@ -469,7 +478,7 @@ def _inspect(args: argparse.Namespace, out: TextIO) -> int:
     from .sources import open_source
     from .tree import flat_to_dict, format_flat, format_tree, inspect_source
 
-    with open_source(args.checkpoint, key=args.key, trust_pickle=args.trust_pickle) as src:
+    with open_source(args.checkpoint, key=args.key, trust_pickle=args.trust_pickle, trust_links=args.trust_links) as src:
         tree = inspect_source(src)
     if args.json:  # always the real keys: folding is for people
         _print_json(flat_to_dict(tree), out)
@@ -487,7 +496,7 @@ def _diff(args: argparse.Namespace, out: TextIO) -> int:
 
     target_args = _json_flag(args.target_args, "--target-args", list, '\'["resnet18"]\'') or []
     kwargs = _json_flag(args.target_kwargs, "--target-kwargs", dict, '\'{"num_classes": 10}\'')
-    alignment = diff(args.source, args.target, source_key=args.source_key, trust_pickle=args.trust_pickle,
+    alignment = diff(args.source, args.target, source_key=args.source_key, trust_pickle=args.trust_pickle, trust_links=args.trust_links,
                      target_args=target_args, target_kwargs=kwargs)  # fmt: skip
     draft = None
     if args.write:
@@ -505,8 +514,8 @@ def _diff(args: argparse.Namespace, out: TextIO) -> int:
     else:
         print(format_alignment(alignment, verbose=args.verbose), file=out)
     if draft:
-        print(f"\nwrote {args.write}: {draft.summary()}", file=out)
-        print(f"review every line, then: remap apply {args.write}", file=out)
+        print(printable_lines(f"\nwrote {args.write}: {draft.summary()}"), file=out)
+        print(printable(f"review every line, then: remap apply {args.write}"), file=out)
     return 0
 
 

@@ -1079,6 +1079,7 @@ def diff(
     *,
     source_key: str | None = None,
     trust_pickle: bool = False,
+    trust_links: bool = False,
     target_args: Sequence[Any] = (),
     target_kwargs: Mapping[str, Any] | None = None,
 ) -> Alignment:
@@ -1095,7 +1096,7 @@ def diff(
     from .errors import SourceError, TargetError
     from .sources import open_source
 
-    with open_source(source, key=source_key, trust_pickle=trust_pickle) as src:
+    with open_source(source, key=source_key, trust_pickle=trust_pickle, trust_links=trust_links) as src:
         smeta = dict(src.meta)
         sdesc = _describe_source(source, src.description, source_key)
         if trust_pickle:
@@ -1103,7 +1104,7 @@ def diff(
     tdesc: dict[str, Any]
     if isinstance(target, (str, os.PathLike)) and not (isinstance(target, str) and _is_factory_spec(target) and not Path(target).exists()):
         try:
-            with open_source(target, trust_pickle=trust_pickle) as t:
+            with open_source(target, trust_pickle=trust_pickle, trust_links=trust_links) as t:
                 tmeta = {k: TargetMeta(m.shape, m.dtype) for k, m in t.meta.items()}
         except SourceError as exc:
             raise TargetError(exc.message, where=f"target {exc.where}" if exc.where else "target") from None

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .diff import Alignment, Pair, tokens as index_tokens
-from .grouping import group_keys
+from .grouping import fold_keys, group_keys, printable
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -50,7 +50,7 @@ STYLES = {"exact": "green", "prefix": "green", "suffix": "green", "offset": "gre
 
 def format_alignment(alignment: Alignment, *, verbose: bool = False) -> str:
     """The alignment as plain text (no ANSI codes)."""
-    return "\n".join("".join(text for text, _ in line).rstrip() for line in _document(alignment, verbose))
+    return "\n".join("".join(text for text, _ in line).rstrip() for line in _shown(alignment, verbose))
 
 
 def print_alignment(alignment: Alignment, *, console: Console | None = None, verbose: bool = False) -> None:
@@ -59,7 +59,7 @@ def print_alignment(alignment: Alignment, *, console: Console | None = None, ver
     from rich.text import Text
 
     console = console or Console()
-    for line in _document(alignment, verbose):
+    for line in _shown(alignment, verbose):
         text = Text()
         for part, style in line:
             text.append(part, style=style or None)
@@ -89,8 +89,15 @@ def fold(keys: Iterable[str]) -> list[str]:
     >>> fold(f"encoder.layers.encoder_layer_{i}.ln_1.{p}" for i in range(3) for p in ("weight", "bias"))
     ['encoder.layers.encoder_layer_{0..2}.ln_1.{bias, weight}']
     """
-    marked = [_UNDERSCORE_INDEX.sub(lambda m: f"{m.group(1)}{m.group(2)}{_MARK}.{m.group(3)}", k) for k in keys]
-    return [g.replace(_MARK + ".", "") for g in group_keys(marked)]
+    marked = [_marked(k) for k in keys]
+    return [g.text.replace(_MARK + ".", "") for g in fold_keys(marked, escape=False)]
+
+
+def _marked(key: str) -> str:
+    """``key`` as people see it (:func:`~remap.grouping.printable`: no control characters,
+    so none is mistaken for the marker), with ``_MARK.`` before an index that ends a name
+    after an underscore, so that grouping folds it like a dotted index."""
+    return _UNDERSCORE_INDEX.sub(lambda m: f"{m.group(1)}{m.group(2)}{_MARK}.{m.group(3)}", printable(key))
 
 
 
@@ -128,6 +135,12 @@ def _rows(pairs: Sequence[Pair], changes: Sequence[Any] = (), source: Sequence[s
         tgt = ", ".join(fold(p.target for p in ps))
         out.append((evidence, len(ps), f"{src} -> {tgt}", detail))
     return out
+
+
+def _shown(a: Alignment, verbose: bool) -> list[Line]:
+    """The document with every span made :func:`~remap.grouping.printable`: names come from
+    checkpoints, and a name must not reach the terminal with an escape sequence or a line break."""
+    return [tuple((printable(text), style) for text, style in line) for line in _document(a, verbose)]
 
 
 def _document(a: Alignment, verbose: bool) -> list[Line]:
@@ -243,13 +256,14 @@ def _regroups(a: Alignment, verbose: bool) -> list[Line]:
 def _leftover(keys: Sequence[str], meta: Any, title: str, note: str, verbose: bool) -> list[Line]:
     if not keys:
         return []
-    from .grouping import fold_keys
-
     lines: list[Line] = [(), ((f"{title} ({len(keys)}): {note}", "bold"),)]
     body: list[Line] = []
-    marked = {_UNDERSCORE_INDEX.sub(lambda m: f"{m.group(1)}{m.group(2)}{_MARK}.{m.group(3)}", k): k for k in keys}
-    for g in fold_keys(marked):
-        shapes = {tuple(meta[marked[k]].shape) for k in g.keys}
-        shape = f"  {_shape(next(iter(shapes)))}" if len(shapes) == 1 else f"  ({len(g.keys)} keys)"
+    marked: dict[str, list[str]] = {}  # two keys may read the same once escaped: both are counted
+    for k in keys:
+        marked.setdefault(_marked(k), []).append(k)
+    for g in fold_keys(marked, escape=False):
+        originals = [k for m in g.keys for k in marked[m]]
+        shapes = {tuple(meta[k].shape) for k in originals}
+        shape = f"  {_shape(next(iter(shapes)))}" if len(shapes) == 1 else f"  ({len(originals)} keys)"
         body.append((("  ", ""), (g.text.replace(_MARK + ".", ""), ""), (shape, "dim")))
     return lines + _capped(body, verbose)

@@ -38,6 +38,8 @@ def file_kind(path: str | os.PathLike[str]) -> str | None:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         return "missing"
+    except OSError as exc:  # a name too long, a loop of links, no permission
+        return f"unreadable ({exc.strerror or exc})"
     if stat.S_ISREG(mode):
         return None
     return next((words for test, words in _KINDS if test(mode)), "not a regular file")

@@ -18,11 +18,41 @@ Groups come out in the order their first key came in. Nothing here imports torch
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-__all__ = ["KeyGroup", "fold_keys", "group_keys", "group_counts", "format_indices"]
+__all__ = ["KeyGroup", "fold_keys", "group_keys", "group_counts", "format_indices", "printable", "printable_lines"]
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    r"""``text`` safe to show on a terminal: every character that is not printable (ESC,
+    NUL, newline, other control and format characters, lone surrogates, line separators)
+    written the way ``repr`` writes it (``\x1b``, ``\n``, ``\u202e``), so a key name
+    cannot retitle or clear a terminal, forge a line of a report, or fail to encode. Rich
+    markup (``[bold]``) is left as text: remap hands rich ``Text``, never markup. JSON
+    output uses the exact names, never this. Printable text comes back as it is, and
+    ``printable(printable(t)) == printable(t)``.
+
+    >>> printable("blocks.0.w"), printable("a\x1b]0;pwned\x07b"), printable("x\ny"), printable("\ud800")
+    ('blocks.0.w', 'a\\x1b]0;pwned\\x07b', 'x\\ny', '\\ud800')
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _ESCAPES.get(c) or ascii(c)[1:-1] for c in text)
+
+
+def printable_lines(text: str) -> str:
+    r"""A multi-line message safe for a terminal: its own line breaks kept, every line
+    passed through :func:`printable`.
+
+    >>> printable_lines("missing:\n  a\x1bb")
+    'missing:\n  a\\x1bb'
+    """
+    return "\n".join(printable(line) for line in text.split("\n"))
+
 
 # A component of a folded key: a literal name, or the sorted names it stands for.
 Segment = str | tuple[str, ...]
@@ -50,23 +80,29 @@ class _Group:
     indexed: frozenset[int] = frozenset()  # positions of integer components; none for a key without dots
 
 
-def fold_keys(keys: Iterable[str]) -> list[KeyGroup]:
-    """Fold ``keys`` into groups, each with its text and the keys behind it.
+def fold_keys(keys: Iterable[str], *, escape: bool = True) -> list[KeyGroup]:
+    r"""Fold ``keys`` into groups, each with its text and the keys behind it.
+
+    A group's ``text`` is for people: with ``escape`` (the default) it passes through
+    :func:`printable`; its ``keys`` are always the exact names.
 
     >>> [(g.text, len(g)) for g in fold_keys(["stem.0.weight", "stem.1.weight", "head"])]
     [('stem.{0, 1}.weight', 2), ('head', 1)]
+    >>> fold_keys(["a\nb"])
+    [KeyGroup(text='a\\nb', keys=('a\nb',))]
     """
     unique = list(dict.fromkeys(keys))
+    show = printable if escape else str
     if len(unique) <= 1:  # nothing to fold (a plan of distinct renames asks this once per key)
-        return [KeyGroup(k, (k,)) for k in unique]
+        return [KeyGroup(show(k), (k,)) for k in unique]
     groups = _fold_integers(_fold_leaves(unique))
     groups.sort(key=lambda g: g.members[0])
-    return [_key_group(g, unique) for g in groups]
+    return [_key_group(g, unique, show) for g in groups]
 
 
-def _key_group(group: _Group, unique: Sequence[str]) -> KeyGroup:
+def _key_group(group: _Group, unique: Sequence[str], show: Callable[[str], str]) -> KeyGroup:
     keys = tuple(unique[i] for i in group.members)
-    return KeyGroup(keys[0] if len(keys) == 1 else _render(group.segments), keys)
+    return KeyGroup(show(keys[0] if len(keys) == 1 else _render(group.segments)), keys)
 
 
 def group_keys(keys: Iterable[str]) -> list[str]:

@@ -33,7 +33,7 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .grouping import KeyGroup, fold_keys
+from .grouping import KeyGroup, fold_keys, printable
 from .report import (
     DROPPED,
     DUPLICATE,
@@ -601,6 +601,11 @@ def _verify(report: Report) -> list[Block]:
     verdict_text, style = ("outputs agree", OK_STYLE) if v.get("ok") else ("outputs DIFFER", FAIL_STYLE)
     detail = (f"max abs diff {v['max_abs']:.3g}, max rel diff {v['max_rel']:.3g} "
               f"(atol {v['atol']:g}, rtol {v['rtol']:g}) over {v['tensors']} tensor(s)")  # fmt: skip
+    nan, inf, moved = v.get("nan_matched", 0), v.get("inf_matched", 0), v.get("nonfinite_mismatched", 0)
+    if nan or inf:
+        detail += f"; {nan} NaN and {inf} Inf position(s) matched"
+    if moved:
+        detail += f"; {moved} NaN/Inf position(s) differ (first at {v.get('first_mismatch')})"
     return [(("Verify", TITLE), ("  ", ""), (verdict_text, style)), _indented(2, (detail, ""))]
 
 
@@ -639,7 +644,7 @@ def _failures(report: Report, verbose: bool) -> list[Block]:
 
 def _cap_message(message: str, keep: int = 6) -> str:
     """A long failure message (a list of key groups) cut to ``keep`` lines; hints and advice stay."""
-    first, *rest = message.splitlines() or [""]
+    first, *rest = message.rstrip("\n").split("\n")
     body = [line for line in rest if line.startswith("  ")]
     if len(body) <= keep + 2:
         return message
@@ -649,7 +654,9 @@ def _cap_message(message: str, keep: int = 6) -> str:
 
 
 def _message_lines(message: str, style: str, *, label: str | None = None) -> list[Line]:
-    first, *rest = message.splitlines() or [""]
+    """A message's lines (split at its own ``\\n`` only: a vertical tab or U+2028 in a
+    name is escaped, never a line break)."""
+    first, *rest = message.rstrip("\n").split("\n")
     head: Line = ((f"{label}: ", FAIL_STYLE),) if label else ()
     lines: list[Line] = [_indented(2, *head, (first, style))]
     lines.extend(_indented(4, (more, style)) for more in rest)
@@ -781,18 +788,45 @@ def _carried(a: list[str], b: list[str]) -> tuple[list[str], list[str]]:
     >>> _carried("model.layers.0.w".split("."), "chunks.0.layers.0.w".split("."))
     (['model', 'layers', '#', 'w'], ['chunks', '0', 'layers', '#', 'w'])
     """
+    from bisect import bisect_left
+
     a, b = list(a), list(b)
-    at = 0
+    by_part: dict[str, list[int]] = {}  # where each index sits in b, ascending (and after which name)
+    by_pair: dict[tuple[str, str], list[int]] = {}
+    for j, part in enumerate(b):
+        if part.isascii() and part.isdigit():
+            by_part.setdefault(part, []).append(j)
+            if j:
+                by_pair.setdefault((b[j - 1], part), []).append(j)
+    at, last = 0, -2  # last: where the previous index was found in b (it reads "#" now)
     for i, part in enumerate(a):
-        if not part.isdigit():
+        if not (part.isascii() and part.isdigit()):
             continue
-        found = [j for j in range(at, len(b)) if b[j] == part]
-        if not found:
+        j = _after_same_name(by_pair.get((a[i - 1], part), []), at, last, bisect_left) if i else None
+        if i and a[i - 1] == "#" and at == last + 1 and at < len(b) and b[at] == part:
+            j = at  # right after the index just carried, which reads "#" as a[i - 1] does
+        j = _first_from(by_part.get(part, []), at, bisect_left) if j is None else j
+        if j is None:
             continue
-        j = next((j for j in found if i and j and b[j - 1] == a[i - 1]), found[0])
         a[i] = b[j] = "#"
-        at = j + 1
+        at, last = j + 1, j
     return a, b
+
+
+def _after_same_name(positions: list[int], at: int, last: int, bisect_left: Any) -> int | None:
+    """The first of ``positions`` (ascending, each after the wanted name in the original
+    ``b``) at or after ``at``, skipping the one right after ``last``, which now follows a ``#``."""
+    k = bisect_left(positions, at)
+    if k < len(positions) and positions[k] == last + 1:
+        k += 1
+    return positions[k] if k < len(positions) else None
+
+
+def _first_from(positions: list[int], at: int, bisect_left: Any) -> int | None:
+    """The first of the ascending ``positions`` at or after ``at`` (a key of thousands of
+    components is searched in log time, not by a scan per index)."""
+    k = bisect_left(positions, at)
+    return positions[k] if k < len(positions) else None
 
 
 def _class_text(cls: tuple[str, str, bool, bool]) -> str:
@@ -817,10 +851,21 @@ def _plain_lines(blocks: Sequence[Block], width: int) -> list[str]:
 
 
 def _lines(blocks: Sequence[Block], width: int) -> list[Line]:
+    """The blocks as lines, every text :func:`~remap.grouping.printable` (names, paths,
+    patterns and messages come from files: none may reach a terminal with an escape
+    sequence or a line break of its own), before tables measure their columns."""
     out: list[Line] = []
     for block in blocks:
-        out.extend(_table_lines(block, width) if isinstance(block, _Table) else [block])
+        if isinstance(block, _Table):
+            rows = tuple(_printable_spans(row) for row in block.rows)
+            out.extend(_table_lines(_Table(block.columns, block.justify, rows, block.indent), width))
+        else:
+            out.append(_printable_spans(block))
     return out
+
+
+def _printable_spans(line: Sequence[Span]) -> tuple[Span, ...]:
+    return tuple((printable(text), style) for text, style in line)
 
 
 def _table_lines(table: _Table, width: int) -> list[Line]:
