@@ -1,6 +1,6 @@
 """remap benchmarks: one command, every measurement side by side, a table of ratios, JSON.
 
-    python benchmarks/run.py [--quick] [--out results.json] [--only planning|loading|startup] [--repeats N]
+    python benchmarks/run.py [--quick] [--out results.json] [--only planning|loading|startup|scale] [--repeats N]
     python benchmarks/run.py --show results.json      # the tables of an earlier run
 
 * planning throughput (``planning.py``): remap's planner against the rule-by-rule loop
@@ -12,7 +12,9 @@
   its own fresh subprocess;
 * command-line start-up (``startup.py``): ``remap validate``, ``remap inspect`` of a small
   safetensors file and ``remap apply --dry-run`` against ``python -c "import torch"``, each
-  a fresh process, in interleaved rounds.
+  a fresh process, in interleaved rounds;
+* scale (``scale.py``, only with ``--only scale``): open, plan, report records, inspect and
+  target metadata at 10**6 keys (``--quick``: 10**5) against the plain loops they cannot beat.
 
 ``--quick`` runs small sizes (300 and 3,000 keys; a 50 MB checkpoint; one repeat) to
 smoke-test the harness. Timings are never asserted; every case checks its own result
@@ -32,6 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loading  # noqa: E402
 import planning  # noqa: E402
+import scale  # noqa: E402
 import startup  # noqa: E402
 from _measure import ForeignCpu, gib, machine_info, remap_commit, table  # noqa: E402
 
@@ -112,6 +115,8 @@ def show(out: dict[str, Any]) -> None:
         loading_table(out["loading"])
     if "startup" in out:
         startup.startup_table(out["startup"])
+    if "scale" in out:
+        scale.scale_table(out["scale"])
     start, end = out.get("machine", {}).get("remap_commit"), out.get("remap_commit_at_end")
     if start != end:
         print(f"\nWARNING: remap's source changed during the run ({start} -> {end}): the results may mix versions.")
@@ -129,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke test of the harness")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results.json",
                     help="where to write the JSON results (default: benchmarks/results.json)")  # fmt: skip
-    ap.add_argument("--only", choices=["planning", "loading", "startup"], help="run one part only")
+    ap.add_argument("--only", choices=["planning", "loading", "startup", "scale"],
+                    help="run one part only (scale runs only when named here)")
     ap.add_argument("--repeats", type=int, help="loading runs per variant (default 5; --quick 1)")
     ap.add_argument("--variants", help="loading variants to run, comma-separated (default: all): "
                     + ", ".join(loading.VARIANTS))
@@ -159,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     out: dict[str, Any] = {"command": command, "quick": a.quick, "machine": info, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     t0 = time.perf_counter()
-    for part in ("planning", "loading", "startup"):
-        if a.only not in (None, part):
+    for part in ("planning", "loading", "startup", "scale"):
+        if a.only != part and (a.only is not None or part == "scale"):
             continue
         print(f"\n{part} ...", flush=True)
         with ForeignCpu() as other:
@@ -168,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                 out[part] = planning.run(a.quick, progress=lambda s: print(s, flush=True))
             elif part == "startup":
                 out[part] = startup.run(3 if a.quick else 7, progress=lambda s: print(s, flush=True))
+            elif part == "scale":
+                out[part] = scale.run(a.quick, progress=lambda s: print(s, flush=True))
             else:
                 only = a.variants.split(",") if a.variants else None
                 out[part] = loading.run(a.quick, repeats, a.tmpdir, progress=lambda s: print(s, flush=True),
@@ -183,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nresults: {a.out}  ({out['seconds']:.0f} s)")
     failed = [r for r in out.get("planning", []) if not r["same_mapping"]]
     failed += [b for b in out.get("loading", {}).get("variants", {}).values() if b["status"].startswith("WRONG")]
+    failed += [r for r in out.get("scale", {}).get("cases", {}).values() if "ok" != r["remap"]["check"] or "ok" != r["floor"]["check"]]
     return 1 if failed else 0
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from itertools import repeat
+from operator import attrgetter, eq
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -136,10 +138,10 @@ def _device(device: str | torch.device | None) -> torch.device | None:
 
 def _check_same_target(plan: Plan, state: Mapping[str, Any]) -> None:
     """The module's state_dict (``keep_vars=True``) has the planned keys and shapes."""
-    actual = {k: tuple(t.shape) for k, t in state.items() if isinstance(t, torch.Tensor)}  # as target_meta_of_module
     planned = plan.target_meta
-    if len(actual) == len(planned) and all(planned.get(k) is not None and tuple(planned[k].shape) == s for k, s in actual.items()):
+    if _same_keys_and_shapes(state, planned):
         return
+    actual = {k: tuple(t.shape) for k, t in state.items() if isinstance(t, torch.Tensor)}  # as target_meta_of_module
     extra = [k for k in actual if k not in planned][:5]
     lost = [k for k in planned if k not in actual][:5]
     shape = [f"{k}: planned {list(planned[k].shape)}, module {list(actual[k])}" for k in planned if k in actual and tuple(planned[k].shape) != actual[k]][:5]
@@ -151,6 +153,22 @@ def _check_same_target(plan: Plan, state: Mapping[str, Any]) -> None:
             f"shapes differ: {', '.join(shape)}" if shape else "",
         ]))
     )  # fmt: skip
+
+
+def _same_keys_and_shapes(state: Mapping[str, Any], planned: Mapping[str, Any]) -> bool:
+    """Whether the tensors of ``state`` are exactly the keys of ``planned``, with its shapes:
+    key sets compared as sets and shapes pair by pair, so that a module of a million keys
+    costs a few C-level passes (a ``torch.Size`` equals the tuple of its sizes)."""
+    values = state.values()
+    if not all(map(isinstance, values, repeat(torch.Tensor))):  # _extra_state entries: leave them out
+        state = {k: t for k, t in state.items() if isinstance(t, torch.Tensor)}
+        values = state.values()
+    if len(state) != len(planned) or state.keys() != planned.keys():
+        return False
+    return all(map(eq, map(_SHAPE, values), map(_SHAPE, map(planned.__getitem__, state))))  # streamed: no list of a million sizes
+
+
+_SHAPE = attrgetter("shape")
 
 
 def _is_meta(state: Mapping[str, Any]) -> bool:

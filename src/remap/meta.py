@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
@@ -201,32 +202,55 @@ def target_meta_of_module(module: torch.nn.Module) -> dict[str, TargetMeta]:
     """
     import torch
 
-    named = [p for _, p in module.named_parameters(remove_duplicate=False)]
-    params = {id(p) for p in named}
-    grads = {id(p): p.requires_grad for p in named}
+    grads = {id(p): p.requires_grad for _, p in module.named_parameters(remove_duplicate=False)}  # parameters only
     first_name: dict[tuple[int, int, Shape, Shape], str] = {}
     out: dict[str, TargetMeta] = {}
     extents: list[tuple[int, int, int, str, tuple[int, int, Shape, Shape]]] = []
+    names: dict[Any, str] = {}  # torch dtype -> its name
+    shared: dict[tuple[Shape, str, bool, bool], TargetMeta] = {}  # one TargetMeta per distinct untied description
+    strided, tensor_type = torch.strided, torch.Tensor
     for key, tensor in module.state_dict(keep_vars=True).items():
-        if not isinstance(tensor, torch.Tensor):
+        if not isinstance(tensor, tensor_type):
             continue  # _extra_state objects are not tensors to load
-        _require_dense(key, tensor)
-        ident = (id(tensor) if tensor.device.type == "meta" else tensor.untyped_storage().data_ptr(),
-                 tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))  # fmt: skip
-        if tensor.device.type != "meta" and tensor.numel() == 0:
-            ident = (id(tensor), 0, tuple(tensor.shape), ())
+        if tensor.layout != strided or tensor.is_quantized:
+            _require_dense(key, tensor)
+        shape, ident, extent = _identity(tensor)
         tied_to = first_name.setdefault(ident, key)
-        if tensor.device.type != "meta" and tensor.numel():
-            extents.append((*_byte_extent(tensor), key, ident))
-        out[key] = TargetMeta(
-            shape=tuple(tensor.shape),
-            dtype=dtype_name(tensor.dtype),
-            kind="parameter" if id(tensor) in params else "buffer",
-            requires_grad=grads.get(id(tensor), False),
-            tied_to=None if tied_to == key else tied_to,
-        )
+        if extent is not None:
+            extents.append((*extent, key, ident))
+        dtype = names.get(tensor.dtype) or names.setdefault(tensor.dtype, dtype_name(tensor.dtype))
+        requires_grad = grads.get(id(tensor))
+        is_param = requires_grad is not None
+        requires_grad = bool(requires_grad)
+        if tied_to == key:
+            described = (shape, dtype, is_param, requires_grad)
+            meta = shared.get(described)
+            if meta is None:
+                meta = shared[described] = TargetMeta(shape, dtype, "parameter" if is_param else "buffer", requires_grad)
+            out[key] = meta
+        else:
+            out[key] = TargetMeta(shape, dtype, "parameter" if is_param else "buffer", requires_grad, tied_to)
     _refuse_overlaps(extents)
     return out
+
+
+def _identity(tensor: torch.Tensor) -> tuple[Shape, tuple[int, int, Shape, Shape], tuple[int, int, int] | None]:
+    """(shape, identity, byte extent) of a dense tensor: two keys with one identity are one
+    tensor (tied); the extent, (storage address, first byte, one past the last byte), is None
+    where the tensor holds no memory (meta device, no elements).
+
+    The storage's address is ``data_ptr() - storage_offset() * element_size()`` (what
+    ``untyped_storage().data_ptr()`` gives, without building a storage object per tensor).
+    """
+    shape = tuple(tensor.shape)
+    if tensor.is_meta:
+        return shape, (id(tensor), tensor.storage_offset(), shape, tuple(tensor.stride())), None
+    if not tensor.numel():
+        return shape, (id(tensor), 0, shape, ()), None
+    offset, stride, size = tensor.storage_offset(), tuple(tensor.stride()), tensor.element_size()
+    ptr = tensor.data_ptr() - offset * size
+    last = offset + (sum((d - 1) * abs(st) for d, st in zip(shape, stride)) if len(shape) != 1 else (shape[0] - 1) * abs(stride[0]))
+    return shape, (ptr, offset, shape, stride), (ptr, offset * size, (last + 1) * size)
 
 
 def _require_dense(key: str, tensor: torch.Tensor) -> None:
@@ -241,19 +265,13 @@ def _require_dense(key: str, tensor: torch.Tensor) -> None:
                           "make it dense, or a non-persistent buffer", where="target")  # fmt: skip
 
 
-def _byte_extent(tensor: torch.Tensor) -> tuple[int, int, int]:
-    """(storage address, first byte, one past the last byte) that ``tensor`` can touch."""
-    size = tensor.element_size()
-    last = tensor.storage_offset() + sum((d - 1) * abs(st) for d, st in zip(tensor.shape, tensor.stride()))
-    return tensor.untyped_storage().data_ptr(), tensor.storage_offset() * size, (last + 1) * size
-
-
 def _refuse_overlaps(extents: list[tuple[int, int, int, str, tuple[int, int, Shape, Shape]]]) -> None:
     """Two keys whose memory overlaps, unless they are one tensor (tied), are a TargetError."""
     from .errors import TargetError
 
     reach: tuple[int, int, str, tuple[int, int, Shape, Shape]] | None = None  # (storage, end, key, ident) reaching furthest
-    for ptr, start, end, key, ident in sorted(extents, key=lambda e: e[:3]):
+    extents.sort(key=itemgetter(0, 1, 2))  # by storage, then first and last byte; ties keep state_dict order
+    for ptr, start, end, key, ident in extents:
         if reach is not None and reach[0] == ptr and start < reach[1] and ident != reach[3]:
             raise TargetError(
                 f"target keys {reach[2]!r} and {key!r} overlap in memory without being one tensor (one is a view of part of "

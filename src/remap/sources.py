@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import gc
 import json
 import math
 import os
@@ -33,6 +34,8 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import is_
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -639,7 +642,81 @@ def _header_entry(key: str, info: Any, where: str) -> tuple[str, tuple[int, ...]
     return code, tuple(shape), start, stop
 
 
+def _known_entry(info: Any, known: Mapping[tuple[str, tuple[int, ...]], tuple[TensorMeta, int]]) -> tuple[TensorMeta, int, int] | None:
+    """(meta, start, stop) of a header entry whose dtype and shape were already checked
+    (in ``known``) and whose data_offsets hold exactly that many bytes; None for anything
+    else, which :func:`_header_entry` then checks (and names what is wrong)."""
+    if type(info) is not dict or len(info) != 3:
+        return None
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+        return None
+    try:
+        found = known.get((info.get("dtype"), tuple(shape)))  # type: ignore[arg-type]
+    except TypeError:  # an unhashable dimension: not a shape
+        return None
+    start, stop = offsets
+    if found is None or type(start) is not int or type(stop) is not int or start < 0 or stop - start != found[1]:
+        return None
+    if not all(map(is_, map(type, shape), repeat(int))):  # True and 1.0 hash as 1 does; only ints are sizes
+        return None
+    return found[0], start, stop
+
+
+def _load_header_json(raw: bytes) -> Any:
+    """The parsed header, refusing an object that names a key twice, as
+    ``object_pairs_hook=_unique_keys`` does, without calling the hook per object.
+
+    Each key of a valid JSON text is followed by one ``:`` outside strings, so with ``C``
+    the colons in the text, ``S`` those inside strings and ``P`` the keys written,
+    ``C = P + S``; the parsed objects hold ``K <= P`` keys, fewer exactly when a key was
+    written twice (or in an object not counted here). Without backslashes in the text a
+    parsed string is its text, so colons counted in some parsed strings are at most
+    ``S``; ``C - that == K`` then proves ``K == P``: no duplicate. Anything else (a
+    backslash and a colon in a string, objects nested deeper than an entry, a parse error)
+    parses again with the hook, which raises the same errors it always did.
+    """
+    text = raw.decode("utf-8")
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError):
+        parsed = None
+    if type(parsed) is dict and _no_duplicates(raw, parsed):
+        return parsed
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+def _no_duplicates(raw: bytes, header: dict[str, Any]) -> bool:
+    """Whether the colons of ``raw`` account for every key of ``header`` and its objects'
+    keys, so that no key of them was written twice (see :func:`_load_header_json`)."""
+    values = [v for v in header.values() if type(v) is dict]
+    keys = len(header) + sum(map(len, values))
+    colons = raw.count(b":")
+    if colons == keys:
+        return True
+    if b"\\" in raw:
+        return False
+    in_names = sum(map(str.count, header, repeat(":")))
+    in_values = sum(s.count(":") for v in values for s in v.values() if type(s) is str)
+    in_keys = sum(k.count(":") for v in values for k in v)
+    return colons - in_names - in_values - in_keys == keys
+
+
 def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str, str], dict[str, tuple[int, int]]]:
+    """:func:`_parse_safetensors_header` with the cyclic garbage collector paused: the
+    parsed header is a dict and a list or two per tensor that all live until the entries
+    are checked, and the collector would rescan them again and again (half the time of a
+    header of a million tensors) while freeing nothing."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return _parse_safetensors_header(path)
+    finally:
+        if was:
+            gc.enable()
+
+
+def _parse_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str, str], dict[str, tuple[int, int]]]:
     """Names, shapes and dtypes from a safetensors header, without touching tensor data.
 
     The header is checked as strictly as the safetensors library checks it, because the
@@ -668,7 +745,7 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[st
             )
         raw = f.read(length)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        header = _load_header_json(raw)
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError, as is a duplicate key
         raise SourceError(f"the safetensors header is not valid JSON: {exc}", where=where) from None
     except RecursionError:
@@ -678,9 +755,16 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[st
     extra = header.pop("__metadata__", None) or {}
     _check_names(header, "the safetensors header", where)
     meta, spans, ranges = {}, {}, []
+    known: dict[tuple[str, tuple[int, ...]], tuple[TensorMeta, int]] = {}  # checked (dtype code, shape) -> (meta, bytes)
     for key, info in header.items():
-        code, shape, start, stop = _header_entry(key, info, where)
-        meta[key] = TensorMeta(shape, _SAFETENSORS_DTYPES[code])
+        entry = _known_entry(info, known)
+        if entry is None:
+            code, shape, start, stop = _header_entry(key, info, where)
+            entry_meta = TensorMeta(shape, _SAFETENSORS_DTYPES[code])
+            known[(code, shape)] = (entry_meta, stop - start)
+        else:
+            entry_meta, start, stop = entry
+        meta[key] = entry_meta
         spans[key] = (8 + length + start, stop - start)
         ranges.append((start, stop, key))
     end = 0
