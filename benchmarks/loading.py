@@ -171,9 +171,9 @@ def child(variant: str, folder: Path, layers: int, dim: int, profile: bool = Fal
 
     import remap
 
-    for m in pkgutil.iter_modules(remap.__path__):  # remap's lazily imported modules, so no import is timed
-        if m.name != "__main__":
-            importlib.import_module(f"remap.{m.name}")
+    for m in pkgutil.walk_packages(remap.__path__, "remap."):  # remap's lazily imported modules, so no import is timed
+        if m.name != "remap.__main__":
+            importlib.import_module(m.name)
 
     remap.parse_rules({"version": 1})  # the first parse imports jsonschema (~60 ms): not timed, like `import torch`
 

@@ -94,7 +94,7 @@ def _module(n: int) -> Any:
 
 
 def case_open(n: int, path: str) -> tuple[Callable[[], Any], Callable[[Any], str]]:
-    from remap.sources import open_source
+    from remap.sources.readers import open_source
 
     return (lambda: open_source(path)), (lambda src: "ok" if len(src.meta) == n else f"WRONG: {len(src.meta)} keys")
 
@@ -150,8 +150,8 @@ def floor_records(n: int, path: str) -> tuple[Callable[[], Any], Callable[[Any],
 
 
 def case_inspect(n: int, path: str) -> tuple[Callable[[], Any], Callable[[Any], str]]:
-    from remap.sources import open_source
-    from remap.tree import format_tree, inspect_source
+    from remap.sources.readers import open_source
+    from remap.sources.tree import format_tree, inspect_source
 
     src = open_source(path)
 
@@ -163,7 +163,7 @@ def case_inspect(n: int, path: str) -> tuple[Callable[[], Any], Callable[[Any], 
 
 
 def floor_inspect(n: int, path: str) -> tuple[Callable[[], Any], Callable[[Any], str]]:
-    from remap.sources import open_source
+    from remap.sources.readers import open_source
 
     meta = open_source(path).meta
 
@@ -228,7 +228,7 @@ def _warm() -> None:
 
     import remap
     from remap.meta import target_meta_of_module
-    from remap.tree import format_tree, inspect_source
+    from remap.sources.tree import format_tree, inspect_source
 
     plan = remap.plan(_target_shapes(10), _source_shapes(10), RULES)
     plan.report.to_json()

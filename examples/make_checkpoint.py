@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from remap.factories import build
+from remap.sources.factories import build
 
 
 def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

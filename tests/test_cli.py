@@ -9,7 +9,7 @@ import pytest
 import torch
 from weights import Small, perturb
 
-from remap import sources
+from remap.sources import readers as sources
 from remap.cli import main
 
 SMALL = "weights:Small"  # tests/ is on sys.path, so the factory is importable by name

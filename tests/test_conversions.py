@@ -27,7 +27,7 @@ from torch import nn
 import conversion_models as cm
 import remap
 from remap.cli import main
-from remap.factories import build, import_callable
+from remap.sources.factories import build, import_callable
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

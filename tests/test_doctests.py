@@ -10,7 +10,7 @@ import pytest
 
 import remap
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(remap.__path__, "remap.") if m.name != "remap.__main__")
+MODULES = sorted(m.name for m in pkgutil.walk_packages(remap.__path__, "remap.") if m.name != "remap.__main__")
 
 
 @pytest.mark.parametrize("name", MODULES)

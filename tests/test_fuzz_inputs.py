@@ -33,12 +33,12 @@ from safetensors.torch import save_file
 from weights import Small, perturb
 
 import remap
-import remap.patterns
-import remap.sources
+import remap.rules.patterns
+import remap.sources.readers
 from remap.cli import main
 from remap.errors import RemapError, RulesError, SourceError
-from remap.rules import parse_rules
-from remap.yaml_source import MAX_NODES
+from remap.rules.parse import parse_rules
+from remap.rules.yaml_source import MAX_NODES
 
 SCALE = float(os.environ.get("REMAP_FUZZ_SCALE", "1"))
 SMALL = "weights:Small"
@@ -279,13 +279,13 @@ def test_safetensors_headers_that_lie_are_refused(tmp_path: Path, capsys: pytest
         assert code == 3, (argv, err)
         assert err.startswith(f"remap: error: {path}: ") and message in err, err
     with pytest.raises(SourceError):
-        remap.sources.open_source(path)
+        remap.sources.readers.open_source(path)
 
 
 def test_a_header_that_is_not_an_object_read_directly(tmp_path: Path) -> None:
     path = _safetensors(tmp_path / "list.safetensors", [1, 2])
     with pytest.raises(SourceError, match="the safetensors header is a JSON list, expected an object"):
-        remap.sources._read_safetensors_header(path)
+        remap.sources.readers._read_safetensors_header(path)
 
 
 class _CountingFile:
@@ -314,7 +314,7 @@ class _CountingFile:
     [
         (1 << 40, 64, "the header claims 1099511627776 bytes but only"),
         ((1 << 64) - 1, 64, "the header claims 18446744073709551615 bytes"),
-        (remap.sources.MAX_SAFETENSORS_HEADER + 1, remap.sources.MAX_SAFETENSORS_HEADER + 64, "more than the 100000000 safetensors allows"),
+        (remap.sources.readers.MAX_SAFETENSORS_HEADER + 1, remap.sources.readers.MAX_SAFETENSORS_HEADER + 64, "more than the 100000000 safetensors allows"),
     ],
     ids=["terabyte", "2**64-1", "over-100MB-in-a-large-file"],
 )
@@ -325,13 +325,13 @@ def test_a_header_claiming_too_much_is_refused_before_reading_it(tmp_path: Path,
         f.truncate(size)  # sparse: a large file costs nothing
     reads: list[int] = []
     real_open = open
-    monkeypatch.setattr(remap.sources, "open", lambda *a, **k: _CountingFile(real_open(*a, **k), reads), raising=False)
+    monkeypatch.setattr(remap.sources.readers, "open", lambda *a, **k: _CountingFile(real_open(*a, **k), reads), raising=False)
     with pytest.raises(SourceError) as info:
-        remap.sources._read_safetensors_header(path)
+        remap.sources.readers._read_safetensors_header(path)
     assert message in str(info.value)
     assert sum(reads) <= 8, reads  # the length field, and nothing it claims
     with pytest.raises(SourceError):
-        remap.sources.open_source(path)
+        remap.sources.readers.open_source(path)
     assert sum(reads) <= 8 + 512 + 8, reads  # the format sniff's first 512 bytes, then the length field
 
 
@@ -339,14 +339,14 @@ def test_reads_never_exceed_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
     """Over many mutants of a safetensors file, the header reader asks for no byte past the end."""
     reads: list[int] = []
     real_open = open
-    monkeypatch.setattr(remap.sources, "open", lambda *a, **k: _CountingFile(real_open(*a, **k), reads), raising=False)
+    monkeypatch.setattr(remap.sources.readers, "open", lambda *a, **k: _CountingFile(real_open(*a, **k), reads), raising=False)
     data = files["safetensors"].read_bytes()
     for name, mutant in _mutants(data, seed=5, count=int(60 * SCALE)):
         path = tmp_path / "m.safetensors"
         path.write_bytes(mutant)
         reads.clear()
         with contextlib.suppress(SourceError):
-            remap.sources._read_safetensors_header(path)
+            remap.sources.readers._read_safetensors_header(path)
         assert sum(reads) <= len(mutant) + 8, (name, reads, len(mutant))
 
 
@@ -519,7 +519,7 @@ KEY = "a" * 40 + "!"
 
 @pytest.fixture
 def quick_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
-    monkeypatch.setattr(remap.patterns, "REGEX_TIMEOUT", 0.05)
+    monkeypatch.setattr(remap.rules.patterns, "REGEX_TIMEOUT", 0.05)
     return 0.05
 
 

@@ -22,11 +22,11 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import remap.patterns
+import remap.rules.patterns
 from remap.errors import RemapError
 from remap.meta import TargetMeta, TensorMeta
-from remap.planner import make_plan
-from remap.rules import parse_rules
+from remap.planning.planner import make_plan
+from remap.rules.parse import parse_rules
 
 pytestmark = pytest.mark.hostile
 
@@ -120,7 +120,7 @@ TARGET = {
 
 def _plans_or_fails_as_rules(rules: Any) -> None:
     """Parse and plan: a plan (failed checks included), or a RemapError of exit code 2."""
-    with mock.patch.object(remap.patterns, "REGEX_TIMEOUT", 0.02), mock.patch.object(remap.patterns, "REGEX_BUDGET", 0.05):
+    with mock.patch.object(remap.rules.patterns, "REGEX_TIMEOUT", 0.02), mock.patch.object(remap.rules.patterns, "REGEX_BUDGET", 0.05):
         try:
             plan = make_plan(parse_rules(rules), SOURCE, TARGET)
         except RemapError as exc:

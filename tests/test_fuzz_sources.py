@@ -21,7 +21,7 @@ import io, sys, zipfile
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from remap.errors import SourceError
-from remap.sources import open_source
+from remap.sources.readers import open_source
 
 buf = io.BytesIO()
 torch.save({"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}, buf)

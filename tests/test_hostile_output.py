@@ -36,15 +36,15 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import remap
-import remap.saving as saving
-import remap.tree as tree_module
+import remap.loading.saving as saving
+import remap.sources.tree as tree_module
 from remap.cli import main
 from remap.errors import UsageError
-from remap.grouping import fold_keys, group_keys, printable
-from remap.render import format_report, print_report
-from remap.saving import TEMPORARY_PATTERN, save_state_dict
-from remap.sources import open_source
-from remap.tree import flat_to_dict, format_flat, format_tree, inspect_source
+from remap.report.grouping import fold_keys, group_keys, printable
+from remap.report.render import format_report, print_report
+from remap.loading.saving import TEMPORARY_PATTERN, save_state_dict
+from remap.sources.readers import open_source
+from remap.sources.tree import flat_to_dict, format_flat, format_tree, inspect_source
 
 pytestmark = pytest.mark.hostile
 
@@ -217,8 +217,8 @@ def test_rich_output_has_no_markup_and_no_foreign_escapes(evil: Path, layernorm_
 
     from rich.console import Console
 
-    from remap.diff import diff
-    from remap.diff_render import print_alignment
+    from remap.diffing.alignment import diff
+    from remap.diffing.render import print_alignment
 
     report = remap.plan({"weight": [2], "bias": [2]}, evil, None).report
     for draw in (lambda c: print_report(report, console=c, verbose=True),
@@ -301,7 +301,7 @@ def _save_rounds(path: str, value: float, rounds: int, go: Any) -> None:
 @pytest.fixture(scope="module")
 def ctx() -> Any:
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "safetensors.torch", "remap.saving", "test_hostile_output"])
+    context.set_forkserver_preload(["torch", "safetensors.torch", "remap.loading.saving", "test_hostile_output"])
     return context
 
 
@@ -333,7 +333,7 @@ def _stalled_save(path: Path, *, shard: str | None) -> int:
     """Start a save in a child that stalls half-way through a file; return its pid once stalled."""
     script = textwrap.dedent(f"""
         import sys, time, torch
-        import remap.saving as saving
+        import remap.loading.saving as saving
         real = saving._safetensors_save
         count = 0
         def stall(tensors, tmp, tied):

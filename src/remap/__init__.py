@@ -14,8 +14,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .diff import align as align  # eager: the submodule remap.diff would otherwise shadow the function
-from .diff import diff as diff
+from .diffing.alignment import align as align  # eager: the submodule remap.diffing.alignment would otherwise shadow the function
+from .diffing.alignment import diff as diff
 from .errors import CheckError as CheckError
 from .errors import InternalError as InternalError
 from .errors import RemapError as RemapError
@@ -28,19 +28,19 @@ from .errors import VerifyError as VerifyError
 if TYPE_CHECKING:
     from .api import load as load
     from .api import plan as plan
-    from .planner import Plan as Plan
-    from .planner import make_plan as make_plan
-    from .report import Report as Report
-    from .rules import Rules as Rules
-    from .render import format_report as format_report
-    from .rules import load_rules as load_rules
-    from .rules import parse_rules as parse_rules
+    from .planning.planner import Plan as Plan
+    from .planning.planner import make_plan as make_plan
+    from .report.records import Report as Report
+    from .rules.parse import Rules as Rules
+    from .report.render import format_report as format_report
+    from .rules.parse import load_rules as load_rules
+    from .rules.parse import parse_rules as parse_rules
 
 #: Names imported on first use, so that ``remap validate`` or ``remap inspect`` does not pay
 #: for the planner and what it imports (``import remap`` stays cheap).
 _LAZY = {
-    "load": "api", "plan": "api", "Plan": "planner", "make_plan": "planner",
-    "Report": "report", "Rules": "rules", "load_rules": "rules", "parse_rules": "rules", "format_report": "render",
+    "load": "api", "plan": "api", "Plan": "planning.planner", "make_plan": "planning.planner",
+    "Report": "report.records", "Rules": "rules.parse", "load_rules": "rules.parse", "parse_rules": "rules.parse", "format_report": "report.render",
 }  # fmt: skip
 
 
@@ -81,3 +81,43 @@ __all__ = [
     "InternalError",
     "__version__",
 ]
+
+# Old module paths that the docs named before the packages, kept importable: the old name
+# is a module that forwards to the new one.
+_OLD_PATHS = {
+    "remap.yaml_source": "remap.rules.yaml_source",
+    "remap.patterns": "remap.rules.patterns",
+    "remap.saving": "remap.loading.saving",
+    "remap.render": "remap.report.render",
+}
+
+
+class _OldPath:
+    """Finder and loader of _OLD_PATHS."""
+
+    @staticmethod
+    def find_spec(name: str, path: object = None, target: object = None) -> object:
+        if name not in _OLD_PATHS:
+            return None
+        from importlib.machinery import ModuleSpec
+
+        return ModuleSpec(name, _OldPath)
+
+    @staticmethod
+    def create_module(spec: object) -> None:
+        return None
+
+    @staticmethod
+    def exec_module(module: object) -> None:
+        from importlib import import_module
+
+        new = import_module(_OLD_PATHS[module.__name__])
+        module.__doc__ = f"Old path of {new.__name__}: import from there."
+        module.__all__ = list(getattr(new, "__all__", ()))
+        module.__getattr__ = lambda name: getattr(new, name)
+        module.__dir__ = lambda: dir(new)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.meta_path.append(_OldPath)

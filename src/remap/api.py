@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CheckError, TargetError, UsageError
-from .planner import Plan, make_plan
-from .rules import Rules, load_rules, parse_rules
+from .planning.planner import Plan, make_plan
+from .rules.parse import Rules, load_rules, parse_rules
 
 if TYPE_CHECKING:
     import torch
 
-    from .report import Report
-    from .sources import Source
+    from .report.records import Report
+    from .sources.readers import Source
 
 __all__ = ["load", "plan", "resolve_rules", "build_target", "open_rules_source"]
 
@@ -49,7 +49,7 @@ def build_target(model: Any, rules: Rules) -> Any:
     if rules.target.model is None:
         raise UsageError("no target: set target.model in the rules, give --target on the command line, "
                          "or pass a module to remap.load / remap.plan")  # fmt: skip
-    from .factories import build, describe_call
+    from .sources.factories import build, describe_call
 
     spec = rules.target
     module = build(spec.model, spec.args, dict(spec.kwargs), what="target.model", device=spec.device)
@@ -66,7 +66,7 @@ def build_target(model: Any, rules: Rules) -> Any:
 def open_rules_source(source: Any, rules: Rules, *, key: str | None = None, trust_pickle: bool | None = None,
                       trust_links: bool | None = None) -> Source:
     """Open ``source`` (path, state_dict, metadata mapping, Source), else the rules' ``source``."""
-    from .sources import Source, open_source
+    from .sources.readers import Source, open_source
 
     if isinstance(source, Source):
         return source
@@ -122,7 +122,7 @@ def _make(rules: Rules, target: Any, src: Source, *, built: bool) -> Plan:
     if isinstance(target, Mapping):
         meta, description, bn = target, {"kind": "metadata", "keys": len(target)}, {}
     elif _is_module(target):
-        from .freeze import batchnorm_modules
+        from .loading.freeze import batchnorm_modules
 
         cls = type(target)
         meta = target_meta_of_module(target)
@@ -199,7 +199,7 @@ def load(
         raise UsageError(f"remap.load needs a torch.nn.Module to load into, found a {type(module).__name__}"
                          + ("; remap.plan takes a mapping of key -> shape" if isinstance(module, Mapping) else ""))  # fmt: skip
     if save_path is not None and not dry_run:
-        from .saving import check_savable
+        from .loading.saving import check_savable
 
         check_savable(module, save_path, sharded=(max_shard_size or r.output.max_shard_size) is not None, what=save_what)
     src = open_rules_source(source, r, key=key, trust_pickle=trust_pickle, trust_links=trust_links)
@@ -217,7 +217,7 @@ def load(
     finally:
         src.close()
     if save_path and not dry_run:
-        from .saving import save_state_dict
+        from .loading.saving import save_state_dict
 
         saved = save_state_dict(module, save_path, max_shard_size=max_shard_size or r.output.max_shard_size)
         result = result.replace(target={**result.target, "saved": saved})
@@ -229,8 +229,8 @@ def load(
 def _verify(rules: Rules, src: Source, target: Any, report: Report) -> Report:
     """Run the rules' verify section; a VerifyError (with the report) when the outputs differ."""
     from .errors import VerifyError
-    from .report import Failure
-    from .verify import describe_failure, run_verify
+    from .report.records import Failure
+    from .loading.verify import describe_failure, run_verify
 
     result = run_verify(rules.verify, _source_model(rules, src), target)  # type: ignore[arg-type]
     report = report.replace(verify=result)
@@ -250,8 +250,8 @@ def _source_model(rules: Rules, src: Source) -> Any:
     if rules.source.model is None:
         raise UsageError("verify needs the source architecture: set source.model (with source.path holding its weights)")
     from .errors import SourceError
-    from .factories import build, describe_call
-    from .verify import load_source_weights
+    from .sources.factories import build, describe_call
+    from .loading.verify import load_source_weights
 
     spec = rules.source
     model = build(spec.model, spec.args, dict(spec.kwargs), what="source.model")
@@ -273,7 +273,7 @@ def _save_path(given: str | os.PathLike[str] | None, rules: Rules) -> tuple[Path
     path = _output(given, rules.output.save, rules)
     what = "save (--save)" if given is not None else "output.save"
     if path is not None:
-        from .saving import save_format
+        from .loading.saving import save_format
 
         save_format(path, what=what)
     return path, what
@@ -289,6 +289,6 @@ def _output(given: str | os.PathLike[str] | None, from_rules: str | None, rules:
 
 
 def _write_report(report: Report, path: Path) -> None:
-    from .saving import write_text_atomic
+    from .loading.saving import write_text_atomic
 
     write_text_atomic(path, report.to_json() + "\n")

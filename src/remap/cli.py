@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from .errors import CheckError, RemapError, UsageError
-from .grouping import printable, printable_lines
+from .report.grouping import printable, printable_lines
 
 __all__ = ["main"]
 
@@ -336,7 +336,7 @@ def _print_failures(report: Any, err: TextIO) -> None:
 
 def _apply(args: argparse.Namespace, out: TextIO) -> int:
     from .api import load
-    from .rules import load_rules
+    from .rules.parse import load_rules
 
     if args.target is not None:
         _check_factory_flag(args.target)
@@ -403,7 +403,7 @@ def _json_flag(text: str | None, flag: str, kind: type, example: str) -> Any:
 
 def _check_size_flag(text: str) -> None:
     """``--max-shard-size`` must read as a size; the error names the flag."""
-    from .saving import parse_size
+    from .loading.saving import parse_size
 
     try:
         parse_size(text)
@@ -451,7 +451,7 @@ def _render(report: Any, out: TextIO, args: Any) -> None:
         return
     if getattr(args, "quiet", False):
         return
-    from .render import format_report, print_report
+    from .report.render import format_report, print_report
 
     if out.isatty():
         print_report(report, verbose=getattr(args, "verbose", False))
@@ -460,7 +460,7 @@ def _render(report: Any, out: TextIO, args: Any) -> None:
 
 
 def _validate(args: argparse.Namespace, out: TextIO) -> int:
-    from .rules import load_rules
+    from .rules.parse import load_rules
 
     rules = load_rules(args.rules)
     if args.json:
@@ -475,8 +475,8 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _inspect(args: argparse.Namespace, out: TextIO) -> int:
-    from .sources import open_source
-    from .tree import flat_to_dict, format_flat, format_tree, inspect_source
+    from .sources.readers import open_source
+    from .sources.tree import flat_to_dict, format_flat, format_tree, inspect_source
 
     with open_source(args.checkpoint, key=args.key, trust_pickle=args.trust_pickle, trust_links=args.trust_links) as src:
         tree = inspect_source(src)
@@ -492,7 +492,7 @@ def _inspect(args: argparse.Namespace, out: TextIO) -> int:
 def _diff(args: argparse.Namespace, out: TextIO) -> int:
     import json
 
-    from .diff import diff
+    from .diffing.alignment import diff
 
     target_args = _json_flag(args.target_args, "--target-args", list, '\'["resnet18"]\'') or []
     kwargs = _json_flag(args.target_kwargs, "--target-kwargs", dict, '\'{"num_classes": 10}\'')
@@ -500,14 +500,14 @@ def _diff(args: argparse.Namespace, out: TextIO) -> int:
                      target_args=target_args, target_kwargs=kwargs)  # fmt: skip
     draft = None
     if args.write:
-        from .diff_writer import write_draft
+        from .diffing.draft import write_draft
 
         draft = write_draft(alignment, args.write, force=args.force)
     if args.json:
         written = {"path": args.write, "summary": draft.summary()} if draft else None
         print(json.dumps({**alignment.to_dict(), "written": written}, indent=2), file=out)
         return 0
-    from .diff_render import format_alignment, print_alignment
+    from .diffing.render import format_alignment, print_alignment
 
     if out.isatty():
         print_alignment(alignment, verbose=args.verbose)

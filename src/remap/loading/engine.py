@@ -1,0 +1,275 @@
+"""Applying a plan: the only code that reads tensor data and writes to a module.
+
+Order matters, so that a failed check leaves the module untouched:
+
+1. the plan must be ``ok`` and must describe this very module;
+2. every op is run once on meta tensors, so an op that cannot run fails before any write;
+3. copies of a tied parameter must agree; a meta-device target must be completable;
+4. only then the tensors stream in (:mod:`remap.loading.streaming`: read straight into the
+   parameters where nothing changes them, else mapped and copied) through
+   ``load_state_dict(strict=False)`` — torch's own missing and unexpected keys are
+   cross-checked against the plan (a disagreement is a bug);
+5. a meta-device target's keys that were not loaded are materialised and initialised
+   by their module's ``reset_parameters``; then freezing. The final report reads
+   requires_grad back from the module.
+
+Steps 4 and 5 run under a :class:`~remap.loading.streaming.Rollback`: if anything fails once
+writing has begun (a file truncated or changed during the load, an I/O error, Ctrl-C),
+the module is put back as it was before the error propagates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from itertools import repeat
+from operator import attrgetter, eq
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import CheckError, InternalError, SourceError, UsageError
+from .freeze import apply_freeze
+from ..meta import dtype_name
+from ..report.records import Failure, Report, TargetRecord
+from ..planning.planner import totals_of
+from .streaming import BATCH_BYTES, Progress, Rollback, read_tensor, stream
+
+if TYPE_CHECKING:
+    from ..planning.planner import Assignment, Plan
+    from ..sources.readers import Source
+    from ..rules.steps import Recipe
+
+__all__ = ["apply_plan", "check_failed"]
+
+
+def check_failed(report: Report) -> CheckError:
+    """The CheckError for a report with failures, its message listing every failure."""
+    kinds = ", ".join(dict.fromkeys(f.kind for f in report.failures))
+    body = "\n".join(f"- {f.message}" for f in report.failures)
+    return CheckError(
+        f"{len(report.failures)} check(s) failed ({kinds}); the module was not touched.\n{body}", report=report
+    )
+
+
+def apply_plan(
+    plan: Plan,
+    module: torch.nn.Module,
+    *,
+    dry_run: bool = False,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    batch_bytes: int | None = None,
+    progress: Progress | None = None,
+    mmap_weights: bool = False,
+    rollback: bool = True,
+) -> Report:
+    """Load ``plan`` into ``module`` and freeze; returns the report of what happened.
+
+    Raises :class:`CheckError` (module untouched) when the plan failed a check. With
+    ``dry_run`` the checks run and the dry-run report is returned, nothing is read.
+    A module on the meta device is loaded with ``assign=True``: each tensor is copied once
+    onto ``device`` (default cpu), floating tensors cast to ``dtype`` when given. With
+    ``mmap_weights`` (meta-device targets only) the tensors that need no op or cast are not
+    copied: they stay views of a private copy-on-write mapping of the file (see
+    :func:`remap.load` for what that risks).
+
+    A failure once writing has begun puts the module back as it was. For an allocated
+    target that costs one host-memory copy of the tensors being loaded, held during the
+    load; ``rollback=False`` saves it, and a failure then may leave the module partly
+    loaded (the error says so). A meta-device target is always put back (it costs nothing).
+    """
+    state = module.state_dict(keep_vars=True)  # walked once: the checks and the stream share it
+    _check_same_target(plan, state)
+    if not plan.ok:
+        raise check_failed(plan.report.replace(dry_run=dry_run))
+    if dry_run:
+        return plan.report
+    if plan.source is None or plan.source.description.get("kind") == "metadata":
+        raise UsageError("this plan was made from metadata only; make it from a source with tensors to apply it")
+    on_meta = _is_meta(state)
+    if mmap_weights and not on_meta:
+        raise UsageError("mmap_weights keeps the file's pages as the weights of a meta-device target; "
+                         "this module already has its memory: build it under torch.device('meta')")  # fmt: skip
+    dev = _device(device)
+    if mmap_weights and dev is not None and dev.type != "cpu":
+        raise UsageError(f"mmap_weights maps the file into CPU memory; it cannot load onto device {dev}")
+    _preflight(plan, module, on_meta)
+    _check_duplicates(plan, plan.source)
+    dt = getattr(torch, dtype_name(dtype)) if isinstance(dtype, str) else dtype
+    undo = Rollback(module)
+    try:
+        stats = stream(plan, plan.source, module, assign=on_meta, device=dev, dtype=dt, state=state,
+                       rollback=undo if rollback else None,
+                       batch_bytes=batch_bytes or BATCH_BYTES, progress=progress, mmap_weights=mmap_weights)  # fmt: skip
+        del state  # a meta target's entries are stale now
+        if on_meta:
+            stats.materialised = _materialise_rest(module, dev or torch.device("cpu"), dt)
+    except BaseException as exc:
+        undo.restore()
+        if isinstance(exc, SourceError):
+            state_now = ("the module was restored as it was before the load" if rollback or on_meta else
+                         "the module may be partly loaded (rollback=False)")  # fmt: skip
+            raise SourceError(f"{exc.message}; {state_now}", where=exc.where) from None
+        raise
+    del undo
+    apply_freeze(module, plan.frozen, plan.rules.freeze.batchnorm, plan.batchnorm_modules)
+    report = _final_report(plan, module)
+    warnings = report.warnings
+    copied = len(plan.assignments) - stats.mmap_weights if mmap_weights else 0
+    if copied:
+        warnings = (*warnings, f"mmap_weights: {copied} tensor(s) were copied, not mapped: an op or a cast changes them, "
+                               "or the source has no file to map")  # fmt: skip
+    return report.replace(target={**report.target, "meta": on_meta}, stats=stats.as_dict(), warnings=warnings)
+
+
+def _device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a torch.device this build can allocate on; UsageError otherwise (before anything is read)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load onto device {device!r}: {message}") from None
+    return dev
+
+
+def _check_same_target(plan: Plan, state: Mapping[str, Any]) -> None:
+    """The module's state_dict (``keep_vars=True``) has the planned keys and shapes."""
+    planned = plan.target_meta
+    if _same_keys_and_shapes(state, planned):
+        return
+    actual = {k: tuple(t.shape) for k, t in state.items() if isinstance(t, torch.Tensor)}  # as target_meta_of_module
+    extra = [k for k in actual if k not in planned][:5]
+    lost = [k for k in planned if k not in actual][:5]
+    shape = [f"{k}: planned {list(planned[k].shape)}, module {list(actual[k])}" for k in planned if k in actual and tuple(planned[k].shape) != actual[k]][:5]
+    raise UsageError(
+        "the module is not the target this plan was made for: "
+        + "; ".join(filter(None, [
+            f"keys not in the plan: {', '.join(extra)}" if extra else "",
+            f"planned keys the module lacks: {', '.join(lost)}" if lost else "",
+            f"shapes differ: {', '.join(shape)}" if shape else "",
+        ]))
+    )  # fmt: skip
+
+
+def _same_keys_and_shapes(state: Mapping[str, Any], planned: Mapping[str, Any]) -> bool:
+    """Whether the tensors of ``state`` are exactly the keys of ``planned``, with its shapes:
+    key sets compared as sets and shapes pair by pair, so that a module of a million keys
+    costs a few C-level passes (a ``torch.Size`` equals the tuple of its sizes)."""
+    values = state.values()
+    if not all(map(isinstance, values, repeat(torch.Tensor))):  # _extra_state entries: leave them out
+        state = {k: t for k, t in state.items() if isinstance(t, torch.Tensor)}
+        values = state.values()
+    if len(state) != len(planned) or state.keys() != planned.keys():
+        return False
+    return all(map(eq, map(_SHAPE, values), map(_SHAPE, map(planned.__getitem__, state))))  # streamed: no list of a million sizes
+
+
+_SHAPE = attrgetter("shape")
+
+
+def _is_meta(state: Mapping[str, Any]) -> bool:
+    return any(t.device.type == "meta" for t in state.values() if isinstance(t, torch.Tensor))
+
+
+def _preflight(plan: Plan, module: torch.nn.Module, on_meta: bool) -> None:
+    """Checks that need the module or the ops' kernels, run before anything is written."""
+    failures = [f for a in plan.assignments if a.recipe is not None for f in _dry_op(a, plan)]
+    if on_meta:
+        failures += _meta_gaps(plan, module)
+    if failures:
+        raise check_failed(plan.report.replace(dry_run=False, failures=tuple(failures)))
+
+
+def _dry_op(a: Assignment, plan: Plan) -> list[Failure]:
+    """Run an assignment's ops on meta tensors: the kernels check dtypes and shapes, no data moves."""
+
+    def run(node: Recipe | str) -> torch.Tensor:
+        if isinstance(node, str):
+            m = plan.source_meta[node]
+            return torch.empty(m.shape, dtype=getattr(torch, m.dtype), device="meta")
+        return node.op.fn(*(run(i) for i in node.inputs))
+
+    try:
+        out = run(a.recipe)
+    except NotImplementedError:
+        return []  # no meta kernel for this op: it runs for real at apply time
+    except Exception as exc:  # an op that cannot run on these inputs
+        return [Failure("op", f"{a.target!r}: {' then '.join(a.ops)} cannot run: {type(exc).__name__}: {exc}", a.sources)]
+    if tuple(out.shape) != tuple(plan.target_meta[a.target].shape):
+        raise InternalError(f"{a.target!r}: planned shape {list(a.meta.shape)}, the ops give {list(out.shape)}")
+    return []
+
+
+def _meta_gaps(plan: Plan, module: torch.nn.Module) -> list[Failure]:
+    """A meta-device target must end with no meta tensor: what is not loaded needs reset_parameters."""
+    assigned = {a.target for a in plan.assignments}
+    loaded = assigned | {k for k, m in plan.target_meta.items() if m.tied_to in assigned}
+    persistent = set(plan.target_meta)
+    failures = []
+    for name, m in module.named_modules():
+        prefix = f"{name}." if name else ""
+        own = [(n, t) for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)] if t is not None and t.device.type == "meta"]
+        volatile = [prefix + n for n, _ in own if prefix + n not in persistent]
+        if volatile:
+            failures.append(Failure("missing", f"non-persistent buffer(s) {', '.join(volatile)} of a meta-device target are not in any checkpoint "
+                                    "and remap cannot compute them; build this target on a real device", tuple(volatile)))  # fmt: skip
+        gaps = [prefix + n for n, _ in own if prefix + n in persistent and prefix + n not in loaded]
+        if gaps and not callable(getattr(m, "reset_parameters", None)):
+            failures.append(Failure("missing", f"{', '.join(gaps)} of a meta-device target would stay uninitialised: "
+                                    f"{type(m).__name__} has no reset_parameters; load them or build the target on a real device", tuple(gaps)))  # fmt: skip
+    return failures
+
+
+def _materialise_rest(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> list[str]:
+    """Give every module still holding meta tensors real memory and its own initialisation."""
+    done = []
+    for name, m in module.named_modules():
+        own = dict([*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)])
+        if not any(t is not None and t.device.type == "meta" for t in own.values()):
+            continue
+        keep = {n: t.detach().clone() for n, t in own.items() if t is not None and t.device.type != "meta"}
+        m.to_empty(device=device, recurse=False)
+        if dtype is not None:
+            for n, t in own.items():
+                if t is not None and t.is_floating_point():
+                    getattr(m, n).data = getattr(m, n).data.to(dtype)
+        with torch.no_grad():
+            m.reset_parameters()
+            for n, t in keep.items():
+                getattr(m, n).copy_(t)
+        prefix = f"{name}." if name else ""
+        done += [prefix + n for n, t in own.items() if t is not None and n not in keep]
+    return done
+
+
+def _check_duplicates(plan: Plan, source: Source) -> None:
+    failures = []
+    for d in plan.duplicates:
+        if not torch.equal(read_tensor(source, d.source), read_tensor(source, d.first)):
+            failures.append(
+                Failure(
+                    "tied_conflict",
+                    f"{d.target!r} is a tied parameter fed by two source tensors that differ: {d.first!r} and {d.source!r}; "
+                    f"drop one of them",
+                    (d.first, d.source),
+                )
+            )
+    if failures:
+        raise check_failed(plan.report.replace(failures=tuple(failures)))
+
+
+def _final_report(plan: Plan, module: torch.nn.Module) -> Report:
+    grads = {k: p.requires_grad for k, p in module.named_parameters(remove_duplicate=False)}
+    targets = [_with_grad(t, grads) for t in plan.report.targets]
+    return plan.report.replace(dry_run=False, targets=tuple(targets), totals=totals_of(targets, list(plan.report.sources)))
+
+
+def _with_grad(t: TargetRecord, grads: dict[str, Any]) -> TargetRecord:
+    if t.kind != "parameter":
+        return t
+    trainable = grads.get(t.key, False)  # a BatchNorm parameter now a FrozenBatchNorm2d buffer is frozen
+    return t if trainable == t.trainable else dataclasses.replace(t, trainable=trainable)

@@ -1,0 +1,473 @@
+"""The rules language: YAML text (or a dict) -> frozen :class:`Rules`.
+
+The schema of every section is declarative (JSON Schema fragments checked with
+``jsonschema``); errors become one :class:`~remap.errors.RulesError` that names the
+file, line and column, the step, and the field, and says what was found and what was
+expected::
+
+    rules.yaml:14:7: step 3 (rename): field 'from': bad regex '(': missing ) ...
+    rules.yaml:2:1: unknown field 'expcet' (did you mean 'expect'?)
+
+>>> rules = parse_rules({"version": 1, "rules": [{"strip_prefix": "module."}]})
+>>> rules.steps[0].summary()
+"strip_prefix 'module.'"
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import RulesError, describe_value
+from ..files import file_kind, read_text_capped
+from .patterns import PatternError, compile_regex
+from . import tensor_steps  # noqa: F401  (registers the tensor-op steps)
+from .steps import STEPS, Step, StepSpecError
+from .verify_spec import VERIFY_SCHEMA, VerifySpec
+from .yaml_source import Locations, check_scalar, load_yaml
+
+__all__ = [
+    "Rules",
+    "SourceSpec",
+    "TargetSpec",
+    "ShapePolicy",
+    "Expect",
+    "Freeze",
+    "Output",
+    "parse_rules",
+    "load_rules",
+    "SECTIONS",
+]
+
+MAX_RULES_BYTES = 4 * 2**20  # a rules file is a page or two; nothing longer is read
+
+SECTIONS = ("version", "source", "target", "rules", "shapes", "expect", "freeze", "output", "verify")
+STEP_OPTIONS = ("optional",)
+BATCHNORM_MODES = ("keep", "eval", "frozen")
+SHAPE_MODES = ("error", "skip")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where the weights come from: a file ``path`` or a ``model`` factory."""
+
+    path: str | None = None
+    key: str | None = None
+    trust_pickle: bool = False
+    model: str | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    trust_links: bool = False  # shards reached through links out of the index's folder (a HF cache is always fine)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """The module to load into, built from ``model: "package.module:callable"``.
+
+    ``device: meta`` builds it without memory: loading assigns each tensor once (on the
+    CPU) and initialises what no source feeds. ``dtype`` casts floating tensors.
+    """
+
+    model: str | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    device: str | None = None
+    dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class ShapePolicy:
+    """What a shape mismatch on a mapped key does: ``error`` (default) or ``skip``;
+    ``skip_patterns`` lists target keys that may be skipped while the default is error."""
+
+    default: str = "error"
+    skip_patterns: tuple[str, ...] = ()
+
+    def skips(self, key: str) -> bool:
+        return self.default == "skip" or any(compile_regex(p).search(key) for p in self.skip_patterns)
+
+
+@dataclass(frozen=True)
+class Expect:
+    missing: tuple[str, ...] = ()
+    unused: tuple[str, ...] = ()
+    min_loaded: float | None = None
+
+
+@dataclass(frozen=True)
+class Freeze:
+    params: tuple[str, ...] = ()
+    except_: tuple[str, ...] = ()
+    batchnorm: str = "keep"
+
+    @property
+    def active(self) -> bool:
+        return bool(self.params) or self.batchnorm != "keep"
+
+
+@dataclass(frozen=True)
+class Output:
+    report: str | None = None
+    save: str | None = None
+    max_shard_size: int | str | None = None
+
+
+@dataclass(frozen=True)
+class Rules:
+    """A parsed rules file. ``base_dir`` is the folder relative paths resolve against."""
+
+    version: int = 1
+    source: SourceSpec = field(default_factory=SourceSpec)
+    target: TargetSpec = field(default_factory=TargetSpec)
+    steps: tuple[Step, ...] = ()
+    shapes: ShapePolicy = field(default_factory=ShapePolicy)
+    expect: Expect = field(default_factory=Expect)
+    freeze: Freeze = field(default_factory=Freeze)
+    output: Output = field(default_factory=Output)
+    verify: VerifySpec | None = None
+    filename: str | None = None
+    base_dir: str | None = None
+
+
+# --------------------------------------------------------------------------- schema
+
+STRINGS = {"type": ["string", "array"], "items": {"type": "string"}}
+PATTERNS = {**STRINGS, "x-regex": True}
+
+
+def _obj(properties: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "additionalProperties": False, **extra}
+
+
+SCHEMA: dict[str, dict[str, Any]] = {
+    "version": {"const": 1},
+    "source": _obj(
+        {
+            "path": {"type": "string", "minLength": 1},
+            "key": {"type": "string", "minLength": 1},
+            "trust_pickle": {"type": "boolean"},
+            "trust_links": {"type": "boolean"},
+            "model": {"type": "string", "minLength": 1},
+            "args": {"type": "array"},
+            "kwargs": {"type": "object"},
+        }
+    ),
+    "target": _obj({"model": {"type": "string", "minLength": 1}, "args": {"type": "array"}, "kwargs": {"type": "object"},
+                    "device": {"type": "string", "minLength": 1}, "dtype": {"enum": ["float32", "float16", "bfloat16", "float64"]}}),
+    "rules": {"type": "array", "items": {"type": "object"}},
+    "shapes": {"type": ["string", "object"]},
+    "expect": _obj({"missing": PATTERNS, "unused": PATTERNS, "min_loaded": {"type": "number", "minimum": 0, "maximum": 1}}),
+    "freeze": _obj({"params": PATTERNS, "except": PATTERNS, "batchnorm": {"enum": list(BATCHNORM_MODES)}}),
+    "verify": VERIFY_SCHEMA,
+    "output": _obj({"report": {"type": "string", "minLength": 1}, "save": {"type": "string", "minLength": 1},
+                    "max_shard_size": {"type": ["string", "integer"], "pattern": r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*$", "minimum": 1,
+                                       "x-expected": "a size such as 5GB, 500MiB or a number of bytes"}}),
+}
+SHAPES_OBJECT = _obj({"default": {"enum": list(SHAPE_MODES)}, "skip": PATTERNS})
+
+
+class _Context:
+    """Turns a path in the document into ``file:line:col`` plus a readable breadcrumb."""
+
+    def __init__(self, locs: Locations) -> None:
+        self.locs = locs
+
+    def error(
+        self,
+        message: str,
+        path: tuple[Any, ...],
+        *,
+        key: bool = False,
+        step: Step | str | None = None,
+        fields: tuple[Any, ...] | None = None,
+    ) -> RulesError:
+        """A RulesError at ``path``; ``key`` points at a mapping key (unknown field) rather than its value.
+
+        The breadcrumb names the section (or ``step``) and then ``fields``, by default the
+        rest of the path: names read ``field 'a.b'``, list indices ``item N``.
+        """
+        parent = path[:-1] if key else path
+        if step is not None:
+            crumbs, rest = [step.label if isinstance(step, Step) else step], parent[3:]
+        else:
+            crumbs, rest = [str(p) for p in parent[:1]], parent[1:]
+        names: list[str] = []
+        for p in rest if fields is None else fields:
+            if isinstance(p, int) and not isinstance(p, bool):
+                if names:
+                    crumbs.append(f"field '{'.'.join(names)}'")
+                    names = []
+                crumbs.append(f"item {p + 1}")
+            else:
+                names.append(str(p))
+        if names:
+            crumbs.append(f"field '{'.'.join(names)}'")
+        text = ": ".join([*crumbs, message])
+        return RulesError(text, where=self.locs.at(path, key=key))
+
+
+def _did_you_mean(word: Any, choices: Any) -> str:
+    near = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{near[0]}'?)" if near and near[0] != word else ""
+
+
+def _show(name: Any) -> str:
+    """A field name in a message: quoted without doubling backslashes; a number as is."""
+    return f"'{name}'" if isinstance(name, str) else str(name)
+
+
+def _describe_schema_error(err: Any) -> tuple[str, tuple[Any, ...], bool]:
+    """One jsonschema error as (message, path, points-at-a-key)."""
+    path = tuple(err.absolute_path)
+    v, inst, schema = err.validator, err.instance, err.schema
+    if v == "additionalProperties":
+        allowed = list(schema.get("properties", {}))
+        extra = [k for k in inst if k not in allowed]
+        key = extra[0]
+        return (
+            f"unknown field {_show(key)}{_did_you_mean(key, allowed)}; expected one of: {', '.join(allowed)}",
+            (*path, key),
+            True,
+        )
+    if "x-expected" in schema and v in ("type", "pattern", "minimum", "anyOf"):
+        return f"expected {schema['x-expected']}, found {describe_value(inst)}", path, False
+    if v == "type":
+        return f"expected {_type_words(err.validator_value)}, found {describe_value(inst)}", path, False
+    if v in ("enum", "const"):
+        options = err.validator_value if v == "enum" else [err.validator_value]
+        hint = _did_you_mean(inst, options) if isinstance(inst, str) else ""
+        return f"expected one of: {', '.join(map(str, options))}; found {describe_value(inst)}{hint}", path, False
+    if v == "required":
+        missing = [k for k in err.validator_value if k not in inst][0]
+        return f"missing required field '{missing}'", path, False
+    if v in ("minimum", "maximum"):
+        op = ">=" if v == "minimum" else "<="
+        return f"expected a number {op} {err.validator_value}, found {describe_value(inst)}", path, False
+    if v == "minItems" and err.validator_value > 1:
+        return f"expected a list of at least {err.validator_value} items, found {describe_value(inst)}", path, False
+    if v in ("minLength", "minItems", "minProperties"):
+        what = {"minLength": "a non-empty string", "minItems": "a non-empty list", "minProperties": "a non-empty mapping"}
+        return f"expected {what[v]}, found {describe_value(inst)}", path, False
+    return err.message, path, False
+
+
+def _type_words(types: Any) -> str:
+    words = {"string": "a string", "array": "a list", "object": "a mapping", "integer": "an integer",
+             "number": "a number", "boolean": "true or false", "null": "null"}  # fmt: skip
+    types = [types] if isinstance(types, str) else types
+    return " or ".join(words[t] for t in types)
+
+
+def _check(value: Any, schema: dict[str, Any], path: tuple[Any, ...], ctx: _Context, step: Step | str | None = None) -> None:
+    from jsonschema import Draft202012Validator
+
+    errors = sorted(Draft202012Validator(schema).iter_errors(value), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    if errors:
+        message, rel, key = _describe_schema_error(errors[0])
+        raise ctx.error(message, (*path, *rel), key=key, step=step)
+    _check_regexes(value, schema, path, ctx, step)
+
+
+def _check_regexes(value: Any, schema: dict[str, Any], path: tuple[Any, ...], ctx: _Context, step: Any) -> None:
+    if schema.get("x-regex"):
+        items = [(path, value)] if isinstance(value, str) else [((*path, i), v) for i, v in enumerate(value)]
+        for p, pattern in items:
+            try:
+                compile_regex(pattern)
+            except PatternError as exc:
+                raise ctx.error(str(exc), p, step=step) from None
+    elif isinstance(value, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if name in value:
+                _check_regexes(value[name], sub, (*path, name), ctx, step)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _patterns(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _source(d: dict[str, Any], ctx: _Context) -> SourceSpec:
+    # With both, `path` holds the weights and `model` builds the source architecture (for verify).
+    return SourceSpec(d.get("path"), d.get("key"), d.get("trust_pickle", False), d.get("model"),
+                      tuple(d.get("args", ())), dict(d.get("kwargs", {})), d.get("trust_links", False))  # fmt: skip
+
+
+def _target(d: dict[str, Any], ctx: _Context) -> TargetSpec:
+    if ("args" in d or "kwargs" in d) and "model" not in d:
+        raise ctx.error("'args' and 'kwargs' need 'model'", ("target",))
+    return TargetSpec(d.get("model"), tuple(d.get("args", ())), dict(d.get("kwargs", {})), d.get("device"), d.get("dtype"))
+
+
+def _shapes(value: Any, ctx: _Context) -> ShapePolicy:
+    if not isinstance(value, (str, dict)):
+        modes = ", ".join(SHAPE_MODES)
+        raise ctx.error(f"expected one of: {modes}, or a mapping with 'default' and 'skip'; found {describe_value(value)}", ("shapes",))
+    if isinstance(value, str):
+        _check(value, {"enum": list(SHAPE_MODES)}, ("shapes",), ctx)
+        return ShapePolicy(value)
+    _check(value, SHAPES_OBJECT, ("shapes",), ctx)
+    return ShapePolicy(value.get("default", "error"), _patterns(value.get("skip")))
+
+
+def _steps(items: list[Any], ctx: _Context) -> tuple[Step, ...]:
+    return tuple(_step(item, n, ctx) for n, item in enumerate(items))
+
+
+def _step(item: dict[str, Any], n: int, ctx: _Context) -> Step:
+    path = ("rules", n)
+    label = f"step {n + 1}"
+    kinds = [k for k in item if k in STEPS]
+    unknown = [k for k in item if k not in STEPS and k not in STEP_OPTIONS]
+    if unknown:
+        names = list(STEPS) + list(STEP_OPTIONS)
+        raise ctx.error(
+            f"unknown field {_show(unknown[0])}{_did_you_mean(unknown[0], names)}; a step is one of: {', '.join(STEPS)}",
+            (*path, unknown[0]),
+            key=True,
+            step=label,
+        )
+    if len(kinds) != 1:
+        found = f"{len(kinds)}: {', '.join(kinds)}" if kinds else "none"
+        raise ctx.error(f"expected exactly one step name ({', '.join(STEPS)}), found {found}", path, step=label)
+    kind = kinds[0]
+    cls = STEPS[kind]
+    label = f"step {n + 1} ({kind})"
+    optional = item.get("optional", False)
+    if not isinstance(optional, bool):
+        raise ctx.error(
+            f"expected true or false, found {describe_value(optional)}", (*path, "optional"), step=label, fields=("optional",)
+        )
+    _check(item[kind], cls.schema, (*path, kind), ctx, step=label)
+    where = ctx.locs.at((*path, kind), key=True) if ctx.locs.values else None  # a dict has no positions
+    try:
+        return cls.parse(item[kind], index=n + 1, where=where, optional=optional)
+    except StepSpecError as exc:
+        raise ctx.error(str(exc), (*path, kind, *exc.at), key=exc.key, step=label, fields=exc.path) from None
+
+
+def _build(data: Any, ctx: _Context, filename: str | None, base_dir: str | None) -> Rules:
+    if data is None:
+        raise ctx.error("the rules file is empty; expected a mapping with at least `version: 1`", ())
+    if not isinstance(data, dict):
+        hint = ""
+        if isinstance(data, str) and data.endswith((".yaml", ".yml")):
+            hint = " (a path? read a rules file with load_rules)"
+        raise ctx.error(f"expected a mapping with `version: 1` at the top, found {describe_value(data)}{hint}", ())
+    for key in data:
+        if key not in SECTIONS:
+            raise ctx.error(
+                f"unknown field {_show(key)}{_did_you_mean(key, SECTIONS)}; expected one of: {', '.join(SECTIONS)}",
+                (key,),
+                key=True,
+            )
+    if "version" not in data:
+        raise ctx.error("missing required field 'version' (write `version: 1` at the top)", ())
+    version = data["version"]
+    if type(version) is not int or version != 1:  # 1.0 and true compare equal to 1
+        hint = ""
+        if isinstance(version, str) and version.strip() == "1":
+            hint = " (write it without quotes)"
+        elif type(version) is int:
+            hint = " (this remap reads version 1 of the rules language)"
+        raise ctx.error(f"expected 1, found {describe_value(version)}{hint}", ("version",))
+    for name in SECTIONS:
+        if name in data and name != "shapes":
+            _check(data[name], SCHEMA[name], (name,), ctx)
+    min_loaded = data.get("expect", {}).get("min_loaded")
+    if isinstance(min_loaded, float) and math.isnan(min_loaded):  # passes both bounds of the schema
+        raise ctx.error("expected a number from 0 to 1, found a number nan", ("expect", "min_loaded"))
+    freeze = data.get("freeze", {})
+    return Rules(
+        version=data["version"],
+        source=_source(data.get("source", {}), ctx),
+        target=_target(data.get("target", {}), ctx),
+        steps=_steps(data.get("rules", []), ctx),
+        shapes=_shapes(data["shapes"], ctx) if "shapes" in data else ShapePolicy(),
+        expect=Expect(_patterns(data.get("expect", {}).get("missing")), _patterns(data.get("expect", {}).get("unused")),
+                      data.get("expect", {}).get("min_loaded")),  # fmt: skip
+        freeze=Freeze(_patterns(freeze.get("params")), _patterns(freeze.get("except")), freeze.get("batchnorm", "keep")),
+        verify=VerifySpec.parse(data["verify"]) if "verify" in data else None,
+        output=Output(data.get("output", {}).get("report"), data.get("output", {}).get("save"), data.get("output", {}).get("max_shard_size")),
+        filename=filename,
+        base_dir=base_dir,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_text(text: str, filename: str, base_dir: str | None) -> Rules:
+    data, locs = load_yaml(text, filename)
+    return _build(data, _Context(locs), filename, base_dir)
+
+
+def parse_rules(rules: str | Mapping[str, Any] | Rules, *, filename: str = "<rules>", base_dir: str | None = None) -> Rules:
+    """Parse rules given as YAML text, a dict, or (returned as is) :class:`Rules`.
+
+    >>> parse_rules("version: 1\\nshapes: skip\\n").shapes.default
+    'skip'
+    """
+    if isinstance(rules, Rules):
+        return rules
+    if isinstance(rules, str):
+        return _parse_text(rules, filename, base_dir)
+    if isinstance(rules, Mapping):
+        ctx = _Context(Locations(filename))
+        try:
+            plain = _plain(rules, ctx, ())
+        except RecursionError:
+            raise RulesError("the rules are nested too deeply", where=filename) from None
+        return _build(plain, ctx, None, base_dir)
+    if isinstance(rules, os.PathLike):
+        raise RulesError(f"parse_rules takes YAML text or a dict; read the file {str(rules)!r} with load_rules(path)")
+    raise RulesError(f"expected rules as YAML text, a dict or Rules, found {describe_value(rules)}")
+
+
+def _plain(value: Any, ctx: _Context, path: tuple[Any, ...]) -> Any:
+    """A dict given from Python may hold tuples; the schema speaks of lists. Scalars are
+    checked as a YAML file's are (:func:`~remap.rules.yaml_source.check_scalar`)."""
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            problem = check_scalar(k)
+            if problem is not None:
+                raise ctx.error(f"a key: {problem}", path)
+            out[k] = _plain(v, ctx, (*path, k))
+        return out
+    if isinstance(value, (tuple, list)):
+        return [_plain(v, ctx, (*path, n)) for n, v in enumerate(value)]
+    problem = check_scalar(value)
+    if problem is not None:
+        raise ctx.error(problem, path)
+    return value
+
+
+def load_rules(path: str | os.PathLike[str]) -> Rules:
+    """Read and parse a rules file; relative paths in it resolve against its folder.
+
+    Only a regular file of at most :data:`MAX_RULES_BYTES` is read: a FIFO would block,
+    ``/dev/zero`` never ends and ``/dev/urandom`` never parses."""
+    p = Path(path)
+    kind = file_kind(p)
+    if kind == "missing":
+        raise RulesError("no such rules file", where=str(path))
+    if kind == "a folder":
+        raise RulesError("expected a rules file, found a directory", where=str(path))
+    try:
+        text = read_text_capped(p, limit=MAX_RULES_BYTES, error=RulesError, what="it")
+    except RulesError as exc:  # a FIFO, a device, too long, not UTF-8
+        raise RulesError(f"cannot read the rules file: {exc.message}", where=str(path)) from None
+    except FileNotFoundError:  # gone since we looked
+        raise RulesError("no such rules file", where=str(path)) from None
+    except OSError as exc:
+        raise RulesError(f"cannot read the rules file: {exc.strerror or exc}", where=str(path)) from None
+    return _parse_text(text, str(path), str(p.resolve().parent))

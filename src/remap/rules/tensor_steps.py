@@ -1,0 +1,520 @@
+"""Tensor-op steps: transpose, reshape, slice, pad, cast, merge, split and adapt.
+
+Each step matches keys by regex (as they are named at that step), computes the output
+shape from the input shape at planning time (so a dry run catches an impossible op),
+and records an :class:`~remap.rules.steps.Op` that the engine runs at apply time. ``pad`` and
+``adapt`` fit a tensor to the target's shape, so they look the key up among the target's
+keys: put them after the renames that give a key its target name.
+
+>>> from remap.meta import TensorMeta
+>>> from remap.rules.steps import Item
+>>> step = STEPS["transpose"].parse(r"\\.c_attn\\.weight$", index=1, where=None, optional=False)
+>>> [i.meta.shape for i in step.run([Item.source("h.0.attn.c_attn.weight", TensorMeta((768, 2304)))]).items]
+[(2304, 768)]
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+from . import ops
+from ..errors import describe_value
+from ..meta import DTYPE_NAMES, TensorMeta, dtype_name
+from .ops import OpError
+from .patterns import PatternError, Template, compile_regex, quote, quotes, search
+from ..report.records import Failure
+from .steps import STEPS, Item, Op, Recipe, Step, StepContext, StepResult, StepSpecError, register
+
+__all__ = ["Transpose", "Reshape", "Slice", "Pad", "Cast", "Merge", "Split", "Adapt"]
+
+MATCH = {"type": ["string", "array"], "items": {"type": "string"}, "minItems": 1}
+INT = {"type": "integer"}
+INTS = {"type": "array", "items": INT}
+
+
+def _object(properties: dict[str, Any], required: tuple[str, ...] = ("match",)) -> dict[str, Any]:
+    return {"type": "object", "properties": {"match": MATCH, **properties}, "required": list(required), "additionalProperties": False}
+
+
+def _patterns(value: Any, field: tuple[str, ...] = ("match",)) -> tuple[str, ...]:
+    """The patterns of ``match`` (``field=()``: of a short form, the step's whole value)."""
+    items = (value,) if isinstance(value, str) else tuple(value)
+    for n, p in enumerate(items):
+        try:
+            compile_regex(p)
+        except PatternError as exc:
+            raise StepSpecError(str(exc), field=field if isinstance(value, str) else (*field, n)) from None
+    return items
+
+
+def _shape(meta: TensorMeta) -> str:
+    return f"{list(meta.shape)}"
+
+
+def _target(item: Item, ctx: StepContext, kind: str) -> TensorMeta:
+    meta = ctx.target.get(item.key)
+    if meta is None:
+        raise OpError(f"no target key has this name, so there is no target shape to fit; "
+                      f"put {kind} after the steps that give the key its target name")  # fmt: skip
+    return TensorMeta(tuple(meta.shape), meta.dtype)
+
+
+@dataclass(frozen=True)
+class _TensorStep(Step):
+    """A step that changes each matching key's tensor: subclasses give ``transform``."""
+
+    patterns: tuple[str, ...] = ()
+
+    def transform(self, item: Item, ctx: StepContext) -> Item:
+        raise NotImplementedError
+
+    def matching(self, items: list[Item]) -> tuple[list[tuple[Item, int | None]], list[int]]:
+        compiled = [compile_regex(p) for p in self.patterns]
+        counts = [0] * len(compiled)
+        hits: list[tuple[Item, int | None]] = []
+        for item in items:
+            n = next((n for n, c in enumerate(compiled) if search(c, item.key)), None)
+            if n is not None:
+                counts[n] += 1
+            hits.append((item, n))
+        return hits, counts
+
+    def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
+        ctx = ctx or StepContext()
+        hits, counts = self.matching(items)
+        out, failures = [], []
+        for item, n in hits:
+            if n is None:
+                out.append(item)
+                continue
+            try:
+                out.append(self.transform(item, ctx))
+            except OpError as exc:
+                failures.append(self.op_failure(item, exc))
+                out.append(item)
+        pairs = tuple(zip(self.patterns, counts))
+        return StepResult(out, counts=pairs, failures=failures + self.unmatched(pairs, items))
+
+    def op_failure(self, item: Item, exc: Exception) -> Failure:
+        return Failure("op", f"{self.label}: key {item.key!r} {_shape(item.meta)} {item.meta.dtype}: {exc}", item.sources)
+
+    def scope(self) -> str:
+        return f"on {quotes(self.patterns)}"
+
+
+# --------------------------------------------------------------------------- one tensor in, one out
+
+
+@register
+@dataclass(frozen=True)
+class Transpose(_TensorStep):
+    """``transpose: 'regex'`` swaps the last two dims; ``{match, dims: [0, 2]}`` swaps two
+    given dims, or ``dims: [0, 2, 3, 1]`` permutes all of them."""
+
+    dims: tuple[int, ...] = (-2, -1)
+    kind: ClassVar[str] = "transpose"
+    schema: ClassVar[dict[str, Any]] = {**_object({"dims": INTS}), "type": ["string", "array", "object"],
+                                        "items": {"type": "string"}, "minItems": 1}  # fmt: skip
+
+    @classmethod
+    def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        if isinstance(value, dict):
+            dims = tuple(value.get("dims", (-2, -1)))
+            if len(dims) < 2:
+                raise StepSpecError(f"expected two dims to swap, or every dim in a new order; found {list(dims)}", "dims")
+            return cls(index, where, optional, _patterns(value["match"]), dims)
+        return cls(index, where, optional, _patterns(value, field=()))
+
+    def summary(self) -> str:
+        return f"transpose{self.dims} {self.scope()}"
+
+    def transform(self, item: Item, ctx: StepContext) -> Item:
+        shape = ops.transpose_shape(item.meta.shape, self.dims)
+        name = "transpose" if len(self.dims) == 2 else "permute"
+        op = Op(name, f"{name}({', '.join(map(str, self.dims))})", functools.partial(ops.transpose, dims=self.dims))
+        return item.with_op(op, replace(item.meta, shape=shape), self.index)
+
+
+@register
+@dataclass(frozen=True)
+class Reshape(_TensorStep):
+    """``reshape: {match, shape: [768, 768, 1, 1]}`` (one -1 allowed), or ``shape: target``
+    to take the target key's shape."""
+
+    shape: tuple[int, ...] | None = None
+    kind: ClassVar[str] = "reshape"
+    schema: ClassVar[dict[str, Any]] = _object({"shape": {"type": ["array", "string"], "items": INT}}, ("match", "shape"))
+
+    @classmethod
+    def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        if isinstance(value["shape"], str) and value["shape"] != "target":
+            raise StepSpecError(f"expected a list of sizes or 'target', found {describe_value(value['shape'])}", "shape")
+        shape = None if value["shape"] == "target" else tuple(value["shape"])
+        return cls(index, where, optional, _patterns(value["match"]), shape)
+
+    def summary(self) -> str:
+        return f"reshape to {list(self.shape) if self.shape is not None else 'the target shape'} {self.scope()}"
+
+    def transform(self, item: Item, ctx: StepContext) -> Item:
+        new = self.shape if self.shape is not None else _target(item, ctx, "reshape").shape
+        shape = ops.reshape_shape(item.meta.shape, new)
+        op = Op("reshape", f"reshape({list(shape)})", functools.partial(ops.reshape, new=shape))
+        return item.with_op(op, replace(item.meta, shape=shape), self.index)
+
+
+@register
+@dataclass(frozen=True)
+class Slice(_TensorStep):
+    """``slice: {match, dim: 0, index: [0, 5, 9]}`` keeps the listed entries in that order;
+    or ``start``/``stop``/``step`` as in Python."""
+
+    dim: int = 0
+    indices: tuple[int, ...] | None = None
+    start: int | None = None
+    stop: int | None = None
+    step: int | None = None
+    kind: ClassVar[str] = "slice"
+    schema: ClassVar[dict[str, Any]] = _object(
+        {"dim": INT, "index": {**INTS, "minItems": 1}, "start": INT, "stop": INT, "step": INT}
+    )
+
+    @classmethod
+    def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        ranged = [k for k in ("start", "stop", "step") if k in value]
+        if "index" in value and ranged:
+            raise StepSpecError(f"give either 'index' or start/stop/step, not both (found 'index' and {ranged[0]!r})", ranged[0])
+        if "index" not in value and not ranged:
+            raise StepSpecError("expected 'index: [list]' or start/stop/step to say what to keep")
+        if value.get("step") == 0:
+            raise StepSpecError("expected a non-zero step, found 0", "step")
+        idx = tuple(value["index"]) if "index" in value else None
+        return cls(index, where, optional, _patterns(value["match"]), value.get("dim", 0), idx, value.get("start"), value.get("stop"), value.get("step"))
+
+    def _what(self) -> str:
+        if self.indices is not None:
+            return f"index={list(self.indices)}"
+        return f"{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}" + ("" if self.step is None else f":{self.step}")
+
+    def summary(self) -> str:
+        return f"slice dim {self.dim} [{self._what()}] {self.scope()}"
+
+    def transform(self, item: Item, ctx: StepContext) -> Item:
+        args = (self.dim, self.indices, self.start, self.stop, self.step)
+        shape = ops.slice_shape(item.meta.shape, *args)
+        op = Op("slice", f"slice(dim={self.dim}, {self._what()})", functools.partial(_slice, args=args))
+        return item.with_op(op, replace(item.meta, shape=shape), self.index)
+
+
+def _slice(t: Any, args: tuple[Any, ...]) -> Any:
+    return ops.slice_(t, *args)
+
+
+@register
+@dataclass(frozen=True)
+class Pad(_TensorStep):
+    """``pad: {match, fill: zeros | mean | <number>}`` grows a tensor at the end of each
+    dim to the target key's shape (``to: [shape]`` to give it). ``mean`` starts new rows
+    at the mean of the existing ones, as resizing token embeddings does."""
+
+    fill: Any = "zeros"
+    to: tuple[int, ...] | None = None
+    kind: ClassVar[str] = "pad"
+    schema: ClassVar[dict[str, Any]] = _object({"fill": {"type": ["string", "number"]}, "to": INTS})
+
+    @classmethod
+    def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        fill = value.get("fill", "zeros")
+        if isinstance(fill, str) and fill not in ("zeros", "mean"):
+            raise StepSpecError(f"expected zeros, mean or a number, found {describe_value(fill)}", "fill")
+        to = tuple(value["to"]) if "to" in value else None
+        return cls(index, where, optional, _patterns(value["match"]), value.get("fill", "zeros"), to)
+
+    def summary(self) -> str:
+        to = list(self.to) if self.to is not None else "the target shape"
+        return f"pad to {to} with {self.fill} {self.scope()}"
+
+    def transform(self, item: Item, ctx: StepContext) -> Item:
+        target = self.to if self.to is not None else _target(item, ctx, "pad").shape
+        shape = ops.pad_shape(item.meta.shape, target)
+        if shape == item.meta.shape:
+            return item  # nothing to pad: no op, no copy
+        if not isinstance(self.fill, str):
+            ops.check_fill(self.fill, item.meta.dtype)
+        op = Op("pad", f"pad(to={list(shape)}, fill={self.fill})", functools.partial(ops.pad, target=shape, fill=self.fill))
+        return item.with_op(op, replace(item.meta, shape=shape), self.index)
+
+
+@register
+@dataclass(frozen=True)
+class Cast(_TensorStep):
+    """``cast: {match, dtype: float16}``."""
+
+    dtype: str = "float32"
+    kind: ClassVar[str] = "cast"
+    schema: ClassVar[dict[str, Any]] = _object({"dtype": {"enum": list(DTYPE_NAMES)}}, ("match", "dtype"))
+
+    @classmethod
+    def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        return cls(index, where, optional, _patterns(value["match"]), dtype_name(value["dtype"]))
+
+    def summary(self) -> str:
+        return f"cast to {self.dtype} {self.scope()}"
+
+    def transform(self, item: Item, ctx: StepContext) -> Item:
+        if item.meta.dtype == self.dtype:
+            return item
+        op = Op("cast", f"cast({self.dtype})", functools.partial(_cast, dtype=self.dtype))
+        return item.with_op(op, replace(item.meta, dtype=self.dtype), self.index)
+
+
+def _cast(t: Any, dtype: str) -> Any:
+    import torch
+
+    return t.to(getattr(torch, dtype))
+
+
+ADAPT_OPS = ("in_channels", "interpolate")
+
+
+@register
+@dataclass(frozen=True)
+class Adapt(_TensorStep):
+    """Fit a tensor to the target key's shape.
+
+    ``op: in_channels`` — RGB stem filters to 1 channel (summed) or N (repeated, scaled by
+    3/N), as timm's ``adapt_input_conv``. ``op: interpolate`` — a grid of position
+    embeddings ``[1, prefix + H*W, C]`` resized (``mode: bicubic``) to the target's token
+    count, the first ``prefix_tokens`` (default 1, a class token) kept aside; the grid must
+    be square. ``grid: 1d`` for a sequence: ``mode: linear`` or ``nearest`` resize it
+    directly, ``bicubic`` (default) and ``bilinear`` as a 1 x L grid. ``linear`` is for 1d
+    only; the check is at parse time.
+    """
+
+    op: str = "in_channels"
+    prefix_tokens: int = 1
+    mode: str = "bicubic"
+    grid: str = "2d"
+    kind: ClassVar[str] = "adapt"
+    schema: ClassVar[dict[str, Any]] = _object(
+        {"op": {"enum": list(ADAPT_OPS)}, "prefix_tokens": {"type": "integer", "minimum": 0},
+         "mode": {"enum": ["bicubic", "bilinear", "nearest", "linear"]}, "grid": {"enum": ["2d", "1d"]}},
+        ("match", "op"),
+    )  # fmt: skip
+
+    @classmethod
+    def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        if value["op"] == "in_channels":
+            extra = [k for k in ("prefix_tokens", "mode", "grid") if k in value]
+            if extra:
+                raise StepSpecError(f"{extra[0]!r} applies to op: interpolate, not in_channels", extra[0], key=True)
+        grid, mode = value.get("grid", "2d"), value.get("mode", "bicubic")
+        if mode not in ops.INTERPOLATE_MODES[grid]:
+            raise StepSpecError(f"mode {mode!r} does not apply to a {grid} grid; expected one of: {', '.join(ops.INTERPOLATE_MODES[grid])}", "mode")
+        return cls(index, where, optional, _patterns(value["match"]), value["op"], value.get("prefix_tokens", 1),
+                   value.get("mode", "bicubic"), value.get("grid", "2d"))  # fmt: skip
+
+    def summary(self) -> str:
+        if self.op == "interpolate":
+            return f"adapt interpolate ({self.grid}, {self.mode}, {self.prefix_tokens} prefix token(s)) {self.scope()}"
+        return f"adapt in_channels {self.scope()}"
+
+    def transform(self, item: Item, ctx: StepContext) -> Item:
+        target = _target(item, ctx, f"adapt {self.op}")
+        if self.op == "in_channels":
+            shape = ops.in_channels_shape(item.meta.shape, target.shape)
+            op = Op("in_channels", f"in_channels({item.meta.shape[1]}->{shape[1]})", functools.partial(ops.adapt_in_channels, in_chans=shape[1]))
+        else:
+            shape = ops.interpolate_shape(item.meta.shape, target.shape, self.prefix_tokens, self.grid)
+            tokens = shape[-2]
+            op = Op("interpolate", f"interpolate({item.meta.shape[-2]}->{tokens} tokens, {self.grid}, {self.mode})",
+                    functools.partial(ops.interpolate_grid, target_tokens=tokens, prefix_tokens=self.prefix_tokens, mode=self.mode, grid=self.grid))  # fmt: skip
+        if shape == item.meta.shape:
+            return item
+        return item.with_op(op, replace(item.meta, shape=shape), self.index)
+
+
+# --------------------------------------------------------------------------- many in, one out
+
+
+@register
+@dataclass(frozen=True)
+class Merge(Step):
+    """Many keys into one: ``merge: {match: '^(.*)\\.(q|k|v)_proj\\.weight$', into: '\\1.in_proj_weight',
+    order: [q, k, v], dim: 0}``. Keys whose ``into`` is the same are merged; each one's
+    part is the text of ``group`` (default: the last group), and ``order`` lists the parts.
+    ``stack: true`` stacks along a new dim instead of concatenating."""
+
+    pattern: str = ""
+    into: Template | None = None
+    order: tuple[str, ...] = ()
+    group: Any = None
+    dim: int = 0
+    stack: bool = False
+    kind: ClassVar[str] = "merge"
+    schema: ClassVar[dict[str, Any]] = {
+        "type": "object",
+        "properties": {"match": {"type": "string"}, "into": {"type": "string"}, "order": {"type": "array", "items": {"type": ["string", "integer"]}},
+                       "group": {"type": ["string", "integer"]}, "dim": INT, "stack": {"type": "boolean"}},
+        "required": ["match", "into", "order"],
+        "additionalProperties": False,
+    }  # fmt: skip
+
+    @classmethod
+    def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        compiled = _compile(value["match"], "match")
+        group = value.get("group", compiled.groups)
+        if compiled.groups == 0:
+            raise StepSpecError(f"pattern {quote(value['match'])} has no group to tell the parts apart; capture the part, e.g. '(q|k|v)'", "match")
+        if not (1 <= group <= compiled.groups if isinstance(group, int) else group in compiled.groupindex):
+            raise StepSpecError(f"group {group!r} does not exist in pattern {quote(value['match'])}", "group")
+        try:
+            into = Template.parse(value["into"], compiled)
+        except PatternError as exc:
+            raise StepSpecError(str(exc), "into") from None
+        order = tuple(str(o) for o in value["order"])
+        if len(order) < 2:
+            raise StepSpecError(f"expected at least 2 parts to merge, found {len(order)}: {list(order)}", "order")
+        if len(set(order)) != len(order):
+            raise StepSpecError(f"order lists a part twice: {list(order)}", "order")
+        return cls(index, where, optional, value["match"], into, order, group, value.get("dim", 0), value.get("stack", False))
+
+    def summary(self) -> str:
+        how = "stack" if self.stack else "cat"
+        return f"merge {quote(self.pattern)} into {quote(self.into.text)} ({how} dim {self.dim}, order {', '.join(self.order)})"
+
+    def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
+        compiled = compile_regex(self.pattern)
+        groups: dict[str, list[tuple[str, Item]]] = defaultdict(list)
+        out: list[Item] = []
+        matched = 0
+        for item in items:
+            m = search(compiled, item.key)
+            if m is None:
+                out.append(item)
+                continue
+            matched += 1
+            groups[self.into.expand(m)].append((m.group(self.group) or "", item))
+        failures: list[Failure] = []
+        for key, parts in groups.items():
+            merged, failure = self._merge(key, parts)
+            if failure is not None:
+                failures.append(failure)
+                out.extend(item for _, item in parts)
+            else:
+                out.append(merged)
+        pairs = ((self.pattern, matched),)
+        return StepResult(out, counts=pairs, failures=failures + self.unmatched(pairs, items))
+
+    def _merge(self, key: str, parts: list[tuple[str, Item]]) -> tuple[Item | None, Failure | None]:
+        by_part: dict[str, Item] = {}
+        for part, item in parts:
+            if part not in self.order:
+                return None, self._fail(key, parts, f"key {item.key!r} is part {part!r}, which order {list(self.order)} does not list")
+            if part in by_part:
+                return None, self._fail(key, parts, f"part {part!r} appears twice: {by_part[part].key!r} and {item.key!r}")
+            by_part[part] = item
+        missing = [p for p in self.order if p not in by_part]
+        if missing:
+            have = ", ".join(f"{p} from {i.key!r}" for p, i in by_part.items())
+            what = f"part {missing[0]!r} is" if len(missing) == 1 else f"parts {', '.join(map(repr, missing))} are"
+            return None, self._fail(key, parts, f"{what} missing (have {have})")
+        chosen = [by_part[p] for p in self.order]
+        if len({i.meta.dtype for i in chosen}) > 1:
+            dtypes = ", ".join(f"{p} {by_part[p].meta.dtype}" for p in self.order)
+            return None, self._fail(key, parts, f"the parts have different dtypes: {dtypes}; cast them first")
+        try:
+            shape = ops.concat_shape([i.meta.shape for i in chosen], self.dim, self.stack)
+        except OpError as exc:
+            return None, self._fail(key, parts, str(exc))
+        how = "stack" if self.stack else "cat"
+        op = Op(how, f"{how}(dim={self.dim})[{', '.join(self.order)}]", functools.partial(_concat, dim=self.dim, stack=self.stack))
+        sources = tuple(s for i in chosen for s in i.sources)
+        recipe = Recipe(op, tuple(i.node for i in chosen))
+        return Item(key, sources, TensorMeta(shape, chosen[0].meta.dtype), ((self.index, key),), recipe, tuple(chosen)), None
+
+    def _fail(self, key: str, parts: list[tuple[str, Item]], why: str) -> Failure:
+        sources = tuple(s for _, i in parts for s in i.sources)
+        return Failure("op", f"{self.label}: cannot merge into {key!r}: {why}", sources)
+
+
+def _concat(*tensors: Any, dim: int, stack: bool) -> Any:
+    return ops.concat(tensors, dim, stack)
+
+
+def _compile(pattern: str, field: str) -> Any:
+    try:
+        return compile_regex(pattern)
+    except PatternError as exc:
+        raise StepSpecError(str(exc), field) from None
+
+
+# --------------------------------------------------------------------------- one in, many out
+
+
+@register
+@dataclass(frozen=True)
+class Split(Step):
+    """One key into many: ``split: {match: '^(.*)\\.qkv\\.weight$', into: ['\\1.q.weight',
+    '\\1.k.weight', '\\1.v.weight'], dim: 0}`` in equal chunks, or ``sizes: [...]``."""
+
+    pattern: str = ""
+    into: tuple[Template, ...] = ()
+    dim: int = 0
+    sizes: tuple[int, ...] | None = None
+    kind: ClassVar[str] = "split"
+    schema: ClassVar[dict[str, Any]] = {
+        "type": "object",
+        "properties": {"match": {"type": "string"}, "into": {"type": "array", "items": {"type": "string"}},
+                       "dim": INT, "sizes": {"type": "array", "items": {"type": "integer", "minimum": 1}}},
+        "required": ["match", "into"],
+        "additionalProperties": False,
+    }  # fmt: skip
+
+    @classmethod
+    def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        compiled = _compile(value["match"], "match")
+        if len(value["into"]) < 2:
+            raise StepSpecError(f"expected at least 2 keys to split into, found {len(value['into'])}", "into")
+        into = []
+        for n, text in enumerate(value["into"]):
+            try:
+                into.append(Template.parse(text, compiled))
+            except PatternError as exc:
+                raise StepSpecError(str(exc), ("into", n)) from None
+        sizes = tuple(value["sizes"]) if "sizes" in value else None
+        if sizes is not None and len(sizes) != len(into):
+            raise StepSpecError(f"expected one size per part: {len(into)} parts in 'into', {len(sizes)} sizes", "sizes")
+        return cls(index, where, optional, value["match"], tuple(into), value.get("dim", 0), sizes)
+
+    def summary(self) -> str:
+        how = f"sizes {list(self.sizes)}" if self.sizes else f"{len(self.into)} equal parts"
+        return f"split {quote(self.pattern)} into {quotes(t.text for t in self.into)} (dim {self.dim}, {how})"
+
+    def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
+        compiled = compile_regex(self.pattern)
+        out: list[Item] = []
+        failures: list[Failure] = []
+        matched = 0
+        for item in items:
+            m = search(compiled, item.key)
+            if m is None:
+                out.append(item)
+                continue
+            matched += 1
+            try:
+                shapes = ops.split_shapes(item.meta.shape, self.dim, len(self.into), self.sizes)
+            except OpError as exc:
+                failures.append(Failure("op", f"{self.label}: key {item.key!r} {_shape(item.meta)} {item.meta.dtype}: {exc}", item.sources))
+                out.append(item)
+                continue
+            n = len(self.into)
+            for part, (template, shape) in enumerate(zip(self.into, shapes)):
+                key = template.expand(m)
+                op = Op("split", f"split(dim={self.dim})[{part} of {n}]", functools.partial(ops.split, dim=self.dim, parts=n, sizes=self.sizes, part=part))
+                out.append(Item(key, item.sources, replace(item.meta, shape=shape), ((self.index, key),), Recipe(op, (item.node,)), (item,)))
+        pairs = ((self.pattern, matched),)
+        return StepResult(out, counts=pairs, failures=failures + self.unmatched(pairs, items))
+
