@@ -11,11 +11,10 @@ is declared in the rules or fails the load, before the module is touched.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .diffing.alignment import align as align  # eager: the submodule remap.diffing.alignment would otherwise shadow the function
-from .diffing.alignment import diff as diff
+from .exports import lazy_exports
+
 from .errors import CheckError as CheckError
 from .errors import InternalError as InternalError
 from .errors import RemapError as RemapError
@@ -27,6 +26,8 @@ from .errors import VerifyError as VerifyError
 
 if TYPE_CHECKING:
     from .api import load as load
+    from .diffing.alignment import align as align
+    from .diffing.alignment import diff as diff
     from .api import plan as plan
     from .planning.planner import Plan as Plan
     from .planning.planner import make_plan as make_plan
@@ -39,22 +40,12 @@ if TYPE_CHECKING:
 #: Names imported on first use, so that ``remap validate`` or ``remap inspect`` does not pay
 #: for the planner and what it imports (``import remap`` stays cheap).
 _LAZY = {
-    "load": "api", "plan": "api", "Plan": "planning.planner", "make_plan": "planning.planner",
+    "load": "api", "plan": "api", "diff": "diffing.alignment", "align": "diffing.alignment", "Plan": "planning.planner", "make_plan": "planning.planner",
     "Report": "report.records", "Rules": "rules.parse", "load_rules": "rules.parse", "parse_rules": "rules.parse", "format_report": "report.render",
 }  # fmt: skip
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'remap' has no attribute {name!r}")
-    value = getattr(import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __version__ = "0.1.0"
