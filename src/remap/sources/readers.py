@@ -43,6 +43,7 @@ from ..errors import SourceError, TargetError, UsageError
 from .factories import build, describe_call
 from ..files import file_kind, read_text_capped, require_regular
 from ..meta import TensorMeta, itemsize, meta_of_tensor, source_meta
+from .registry import FORMATS, detect, open_format
 
 if TYPE_CHECKING:
     import torch
@@ -1404,12 +1405,16 @@ class _TorchScriptReader(_Reader):
 
 
 def _sniff(path: Path) -> str:
-    """``"torch-zip"``, ``"torch-legacy"`` or ``"safetensors"`` from a file's first bytes."""
+    """``"torch-zip"``, ``"torch-legacy"``, ``"safetensors"`` or a registered format's name
+    (:mod:`remap.sources.registry`: ONNX, NumPy, GGUF, Keras) from a file's first bytes."""
     size = path.stat().st_size
     if size == 0:
         raise SourceError(f"the file is empty (0 bytes); expected {ACCEPTED_FORMATS}", where=str(path))
     with open(path, "rb") as f:
         head = f.read(512)
+    registered = detect(head, path)  # before the zip test: .npz and .keras files are zip archives too
+    if registered is not None:
+        return registered.name
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
@@ -1461,6 +1466,10 @@ def _open_reader(path: Path, *, key: str | None, trust_pickle: bool) -> tuple[_R
     """Open one file by its content: (reader, format)."""
     require_regular(path, error=SourceError, what="checkpoints")
     fmt = _sniff(path)
+    registered = next((f for f in FORMATS if f.name == fmt), None)
+    if registered is not None:
+        reader = open_format(registered, path, key=key, trust_pickle=trust_pickle)
+        return reader, getattr(reader, "format", fmt)  # a format module may name a variant (npy, keras-h5)
     if fmt == "safetensors":
         if key is not None:
             raise SourceError(
