@@ -473,16 +473,18 @@ def _write(tensors: dict[str, torch.Tensor], path: Path, fmt: str, tied: dict[st
 
 
 class _Sink:
-    """A binary file for ``torch.save`` that keeps the OSError of a failed write (torch
-    reports it as a RuntimeError of its own that does not say why)."""
+    """A binary file for ``torch.save`` that keeps what stopped a write — an OSError, or a
+    KeyboardInterrupt delivered inside the write — which torch's writer would otherwise
+    report as a RuntimeError of its own that does not say why."""
 
     def __init__(self, fh: Any) -> None:
-        self.fh, self.error = fh, None
+        self.fh: Any = fh
+        self.error: BaseException | None = None
 
     def write(self, data: Any) -> int:
         try:
             return int(self.fh.write(data))
-        except OSError as exc:
+        except (OSError, KeyboardInterrupt) as exc:
             self.error = exc
             raise
 
@@ -498,9 +500,9 @@ def _torch_save(obj: Any, tmp: Path) -> None:
         try:
             torch.save(obj, sink)  # type: ignore[arg-type]
             fh.flush()
-        except RuntimeError:
+        except (RuntimeError, KeyboardInterrupt):
             if sink.error is not None:
-                raise sink.error from None
+                raise sink.error from None  # Ctrl-C stays Ctrl-C; a full disk stays an OSError
             raise
 
 
@@ -558,8 +560,11 @@ def _write_sharded(shards: list[dict[str, torch.Tensor]], path: Path, fmt: str, 
         raise UsageError(f"{exc.message.split('; ')[0]}: the sharded save to {str(path)!r} stopped, its new shards "
                          "were removed, and what was saved there before is kept", where=exc.where) from None  # fmt: skip
     finally:
+        # Interrupted after the index's rename but before the flag was set (Ctrl-C during the
+        # folder's fsync): the index on disk is then ours, and its shards must stay.
         if not published:
-            _remove([folder / n for n in names] + [claim])
+            ours = bool(set(names) & _indexed_shards(index_path, stem))
+            _remove(([] if ours else [folder / n for n in names]) + [claim])
     return {"path": str(index_path), "format": fmt, "shards": names}
 
 
