@@ -52,6 +52,8 @@ def assert_loaded(model: torch.nn.Module, expected: dict[str, torch.Tensor], ski
 def test_every_config_has_a_scenario():
     from test_conversions import TESTED as CONVERSIONS  # the cross-library conversions, each run end to end there
     tested = {"torchvision-resnet-finetune.yaml", "unwrap-ddp-compile.yaml", "lightning-to-module.yaml"} | CONVERSIONS
+    tested |= {"keras-to-torch.yaml"}  # a Keras-built model against its torch port: tests/test_keras_conversion.py
+    tested |= {"onnx-to-module.yaml", "gguf-to-hf-llama.yaml"}  # tests/test_onnx_gguf_conversions.py
     assert {p.name for p in CONFIGS.glob("*.yaml")} == tested
 
 

@@ -26,6 +26,8 @@ import remap
 from remap.cli import main
 from remap.report.render import format_count, format_percent, format_report
 from test_conversions import _hf_gpt2, pretrained_like
+from test_keras_conversion import save_keras_model
+from test_onnx_gguf_conversions import gguf_source, onnx_source
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -75,11 +77,14 @@ CASES = {
     "hf-gpt2-state-dict": Case("hf-gpt2-to-linear.yaml", lambda d: _save(small_hf_gpt2().state_dict(), d), "conversion_models:GPT"),
     "hf-gpt2-save-pretrained": Case("hf-gpt2-to-linear.yaml", _gpt2_folder, "conversion_models:GPT"),
     "hf-gpt2-factory": Case("hf-gpt2-to-linear.yaml", lambda d: "tests.report.test_report_text:small_hf_gpt2", "conversion_models:GPT"),
+    "gguf-to-hf-llama": Case("gguf-to-hf-llama.yaml", gguf_source, "test_onnx_gguf_conversions:tiny_llama"),
+    "keras-to-torch": Case("keras-to-torch.yaml", save_keras_model, "test_keras_conversion:TorchNet"),
     "imagenet-head-subset": Case("imagenet-head-subset.yaml", lambda d: _save(_resnet18(), d), "conversion_models:resnet18_head_subset"),
     "lightning-to-module": Case("lightning-to-module.yaml",
                                 lambda d: _save({"state_dict": {f"model.{k}": v for k, v in _resnet18().items()}, "epoch": 3}, d),
                                 "torchvision.models:resnet18"),
     "mha-to-qkv": Case("mha-to-qkv.yaml", lambda d: _save(pretrained_like(cm.mha()).state_dict(), d), "conversion_models:QKVAttention"),
+    "onnx-to-module": Case("onnx-to-module.yaml", onnx_source, "test_onnx_gguf_conversions:ConvBnNet"),
     "qkv-to-mha": Case("qkv-to-mha.yaml", lambda d: _save(pretrained_like(cm.QKVAttention()).state_dict(), d), "conversion_models:mha"),
     "resnet-stem-in-channels": Case("resnet-stem-in-channels.yaml", lambda d: _save(_resnet18(), d), "conversion_models:resnet18_gray"),
     "timm-resnet-to-torchvision": Case("timm-resnet-to-torchvision.yaml", lambda d: _save(_timm("resnet18"), d),

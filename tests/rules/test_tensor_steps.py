@@ -517,7 +517,7 @@ def parse_error(step: str) -> str:
 
 
 PARSE_ERRORS = [
-    pytest.param("transpose: {match: x, dimz: [0, 1]}", "rules.yaml:3:27: step 1 (transpose): unknown field 'dimz' (did you mean 'dims'?); expected one of: match, dims", id="transpose-unknown"),
+    pytest.param("transpose: {match: x, dimz: [0, 1]}", "rules.yaml:3:27: step 1 (transpose): unknown field 'dimz' (did you mean 'dims'?); expected one of: match, dims, rank, dtype", id="transpose-unknown"),
     pytest.param("transpose: {dims: [0, 1]}", "rules.yaml:3:16: step 1 (transpose): missing required field 'match'", id="transpose-no-match"),
     pytest.param("transpose: {match: x, dims: [0]}", "rules.yaml:3:33: step 1 (transpose): field 'dims': expected two dims to swap, or every dim in a new order; found [0]", id="transpose-one-dim"),
     pytest.param("transpose: 5", "rules.yaml:3:16: step 1 (transpose): expected a string or a list or a mapping, found an integer 5", id="transpose-type"),
@@ -534,7 +534,7 @@ PARSE_ERRORS = [
     pytest.param("slice: {match: x, step: 0}", "rules.yaml:3:29: step 1 (slice): field 'step': expected a non-zero step, found 0", id="slice-step-zero"),
     pytest.param("slice: {match: x, index: []}", "rules.yaml:3:30: step 1 (slice): field 'index': expected a non-empty list, found a list []", id="slice-empty-index"),
     pytest.param("slice: {index: [1]}", "rules.yaml:3:12: step 1 (slice): missing required field 'match'", id="slice-no-match"),
-    pytest.param("pad: {match: x, fil: mean}", "rules.yaml:3:21: step 1 (pad): unknown field 'fil' (did you mean 'fill'?); expected one of: match, fill, to", id="pad-unknown"),
+    pytest.param("pad: {match: x, fil: mean}", "rules.yaml:3:21: step 1 (pad): unknown field 'fil' (did you mean 'fill'?); expected one of: match, fill, to, rank, dtype", id="pad-unknown"),
     pytest.param("pad: {match: x, fill: median}", "rules.yaml:3:27: step 1 (pad): field 'fill': expected zeros, mean or a number, found a string 'median'", id="pad-fill"),
     pytest.param("pad: {match: x, fill: true}", "rules.yaml:3:27: step 1 (pad): field 'fill': expected a string or a number, found a boolean True", id="pad-fill-bool"),
     pytest.param("cast: {match: x, dtype: float33}", "rules.yaml:3:29: step 1 (cast): field 'dtype': expected one of: float64, float32, float16, bfloat16, float8_e4m3fn, float8_e5m2, complex64, complex128, int64, int32, int16, int8, uint8, uint16, uint32, uint64, bool; found a string 'float33' (did you mean 'float32'?)", id="cast-dtype"),

@@ -62,7 +62,7 @@ def saved(tmp_path_factory):
     model = keras.Sequential([
         keras.Input((8, 8, 3)),
         keras.layers.Conv2D(4, 3, name="conv2d"),
-        keras.layers.BatchNormalization(),
+        keras.layers.BatchNormalization(name="batch_normalization"),  # named: automatic names count across the session
         keras.layers.Flatten(),
         keras.layers.Dense(5, name="dense_1"),
         keras.layers.Dense(2, use_bias=False, name="head"),

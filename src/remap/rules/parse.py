@@ -20,7 +20,8 @@ import functools
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,14 @@ __all__ = [
     "parse_rules",
     "load_rules",
     "SECTIONS",
+    "fragments",
 ]
 
 MAX_RULES_BYTES = 4 * 2**20  # a rules file is a page or two; nothing longer is read
 
 SECTIONS = ("version", "source", "target", "rules", "shapes", "expect", "freeze", "output", "verify")
+INCLUDE = "include"  # top-level list of fragment names whose steps go in front of the file's own
+FRAGMENT_SECTIONS = ("version", "rules")
 STEP_OPTIONS = ("optional",)
 BATCHNORM_MODES = ("keep", "eval", "frozen")
 SHAPE_MODES = ("error", "skip")
@@ -133,6 +137,7 @@ class Rules:
     verify: VerifySpec | None = None
     filename: str | None = None
     base_dir: str | None = None
+    includes: tuple[str, ...] = ()  # the fragments whose steps lead ``steps``, in order
 
 
 # --------------------------------------------------------------------------- schema
@@ -320,13 +325,15 @@ def _shapes(value: Any, ctx: _Context) -> ShapePolicy:
     return ShapePolicy(value.get("default", "error"), _patterns(value.get("skip")))
 
 
-def _steps(items: list[Any], ctx: _Context) -> tuple[Step, ...]:
-    return tuple(_step(item, n, ctx) for n, item in enumerate(items))
+def _steps(items: list[Any], ctx: _Context, offset: int = 0, origin: str | None = None) -> tuple[Step, ...]:
+    return tuple(_step(item, n, ctx, offset, origin) for n, item in enumerate(items))
 
 
-def _step(item: dict[str, Any], n: int, ctx: _Context) -> Step:
+def _step(item: dict[str, Any], n: int, ctx: _Context, offset: int = 0, origin: str | None = None) -> Step:
+    """Item ``n`` of a ``rules:`` list; ``offset`` steps (from included fragments) come before
+    it, and ``origin`` names the fragment it belongs to."""
     path = ("rules", n)
-    label = f"step {n + 1}"
+    label = f"step {offset + n + 1}"
     kinds = [k for k in item if k in STEPS]
     unknown = [k for k in item if k not in STEPS and k not in STEP_OPTIONS]
     if unknown:
@@ -342,7 +349,7 @@ def _step(item: dict[str, Any], n: int, ctx: _Context) -> Step:
         raise ctx.error(f"expected exactly one step name ({', '.join(STEPS)}), found {found}", path, step=label)
     kind = kinds[0]
     cls = STEPS[kind]
-    label = f"step {n + 1} ({kind})"
+    label = f"step {offset + n + 1} ({kind}{', from ' + origin if origin else ''})"
     optional = item.get("optional", False)
     if not isinstance(optional, bool):
         raise ctx.error(
@@ -351,9 +358,61 @@ def _step(item: dict[str, Any], n: int, ctx: _Context) -> Step:
     _check(item[kind], cls.schema, (*path, kind), ctx, step=label)
     where = ctx.locs.at((*path, kind), key=True) if ctx.locs.values else None  # a dict has no positions
     try:
-        return cls.parse(item[kind], index=n + 1, where=where, optional=optional)
+        step = cls.parse(item[kind], index=offset + n + 1, where=where, optional=optional)
     except StepSpecError as exc:
         raise ctx.error(str(exc), (*path, kind, *exc.at), key=exc.key, step=label, fields=exc.path) from None
+    return replace(step, origin=origin) if origin else step
+
+
+# --------------------------------------------------------------------------- fragments
+
+
+def fragments() -> dict[str, Any]:
+    """The rule fragments shipped with remap (``src/remap/rules/fragments/NAME.yaml``), by name.
+
+    >>> "keras-layout" in fragments()
+    True
+    """
+    folder = resources.files(__package__).joinpath("fragments")
+    if not folder.is_dir():
+        return {}
+    found = {f.name.removesuffix(".yaml"): f for f in folder.iterdir() if f.name.endswith(".yaml") and f.is_file()}
+    return dict(sorted(found.items()))
+
+
+def _includes(value: Any, ctx: _Context) -> tuple[tuple[str, ...], tuple[Step, ...]]:
+    """``include: [name, ...]``: the names, and their fragments' steps in order."""
+    _check(value, {"type": ["string", "array"], "items": {"type": "string", "minLength": 1}, "minItems": 1, "minLength": 1},
+           (INCLUDE,), ctx)  # fmt: skip
+    names = (value,) if isinstance(value, str) else tuple(value)
+    available = fragments()
+    steps: list[Step] = []
+    for n, name in enumerate(names):
+        at = (INCLUDE,) if isinstance(value, str) else (INCLUDE, n)
+        if name in names[:n]:
+            raise ctx.error(f"the fragment {_show(name)} is listed twice", at)
+        if name not in available:
+            shown = ", ".join(available) or "none"
+            raise ctx.error(f"unknown fragment {_show(name)}{_did_you_mean(name, available)}; available fragments: {shown}", at)
+        steps += _fragment(name, available[name], len(steps))
+    return names, tuple(steps)
+
+
+def _fragment(name: str, resource: Any, offset: int) -> tuple[Step, ...]:
+    """The steps of one fragment, numbered after ``offset`` steps; errors name the fragment's file."""
+    data, locs = load_yaml(resource.read_text(encoding="utf-8"), str(resource))
+    ctx = _Context(locs)
+    if not isinstance(data, dict):
+        raise ctx.error(f"a fragment is a mapping with `rules:`, found {describe_value(data)}", ())
+    for key in data:
+        if key not in FRAGMENT_SECTIONS:
+            raise ctx.error(f"unknown field {_show(key)}; a fragment holds only: {', '.join(FRAGMENT_SECTIONS)}", (key,), key=True)
+    if "version" in data and (type(data["version"]) is not int or data["version"] != 1):
+        raise ctx.error(f"expected 1, found {describe_value(data['version'])}", ("version",))
+    if "rules" not in data:
+        raise ctx.error("missing required field 'rules'", ())
+    _check(data["rules"], SCHEMA["rules"], ("rules",), ctx)
+    return _steps(data["rules"], ctx, offset, origin=name)
 
 
 def _build(data: Any, ctx: _Context, filename: str | None, base_dir: str | None) -> Rules:
@@ -365,9 +424,9 @@ def _build(data: Any, ctx: _Context, filename: str | None, base_dir: str | None)
             hint = " (a path? read a rules file with load_rules)"
         raise ctx.error(f"expected a mapping with `version: 1` at the top, found {describe_value(data)}{hint}", ())
     for key in data:
-        if key not in SECTIONS:
+        if key not in SECTIONS and key != INCLUDE:
             raise ctx.error(
-                f"unknown field {_show(key)}{_did_you_mean(key, SECTIONS)}; expected one of: {', '.join(SECTIONS)}",
+                f"unknown field {_show(key)}{_did_you_mean(key, (*SECTIONS, INCLUDE))}; expected one of: {', '.join(SECTIONS)}",
                 (key,),
                 key=True,
             )
@@ -388,11 +447,12 @@ def _build(data: Any, ctx: _Context, filename: str | None, base_dir: str | None)
     if isinstance(min_loaded, float) and math.isnan(min_loaded):  # passes both bounds of the schema
         raise ctx.error("expected a number from 0 to 1, found a number nan", ("expect", "min_loaded"))
     freeze = data.get("freeze", {})
+    includes, included = _includes(data[INCLUDE], ctx) if INCLUDE in data else ((), ())
     return Rules(
         version=data["version"],
         source=_source(data.get("source", {}), ctx),
         target=_target(data.get("target", {}), ctx),
-        steps=_steps(data.get("rules", []), ctx),
+        steps=included + _steps(data.get("rules", []), ctx, len(included)),
         shapes=_shapes(data["shapes"], ctx) if "shapes" in data else ShapePolicy(),
         expect=Expect(_patterns(data.get("expect", {}).get("missing")), _patterns(data.get("expect", {}).get("unused")),
                       data.get("expect", {}).get("min_loaded")),  # fmt: skip
@@ -401,6 +461,7 @@ def _build(data: Any, ctx: _Context, filename: str | None, base_dir: str | None)
         output=Output(data.get("output", {}).get("report"), data.get("output", {}).get("save"), data.get("output", {}).get("max_shard_size")),
         filename=filename,
         base_dir=base_dir,
+        includes=includes,
     )
 
 

@@ -147,11 +147,13 @@ class StepResult:
 
 @dataclass(frozen=True)
 class Step:
-    """Base of every step: its 1-based position, ``optional`` flag and location."""
+    """Base of every step: its 1-based position, ``optional`` flag and location;
+    ``origin`` names the fragment a step came from (``include:``), None for the file's own."""
 
     index: int
     where: str | None
     optional: bool
+    origin: str | None = field(default=None, kw_only=True)
 
     kind: ClassVar[str] = ""
     schema: ClassVar[dict[str, Any]] = {}
@@ -167,7 +169,7 @@ class Step:
 
     @property
     def label(self) -> str:
-        return f"step {self.index} ({self.kind})"
+        return f"step {self.index} ({self.kind}{', from ' + self.origin if self.origin else ''})"
 
     def summary(self) -> str:
         raise NotImplementedError

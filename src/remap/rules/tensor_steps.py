@@ -15,14 +15,16 @@ keys: put them after the renames that give a key its target name.
 
 from __future__ import annotations
 
+import difflib
 import functools
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from . import ops
 from ..errors import describe_value
-from ..meta import DTYPE_NAMES, TensorMeta, dtype_name
+from ..meta import DTYPE_ALIASES, DTYPE_NAMES, TensorMeta, dtype_name
 from .ops import OpError
 from .patterns import PatternError, Template, compile_regex, quote, quotes, search
 from ..report.records import Failure
@@ -33,10 +35,53 @@ __all__ = ["Transpose", "Reshape", "Slice", "Pad", "Cast", "Merge", "Split", "Ad
 MATCH = {"type": ["string", "array"], "items": {"type": "string"}, "minItems": 1}
 INT = {"type": "integer"}
 INTS = {"type": "array", "items": INT}
+#: The selectors every tensor step takes beside ``match``: a key is acted on only when its
+#: name matches and its tensor has one of these ranks and dtypes.
+SELECTORS = {
+    "rank": {"type": ["integer", "array"], "items": {"type": "integer", "minimum": 0}, "minimum": 0, "minItems": 1},
+    "dtype": {"type": ["string", "array"], "items": {"type": "string"}, "minItems": 1},
+}
 
 
 def _object(properties: dict[str, Any], required: tuple[str, ...] = ("match",)) -> dict[str, Any]:
-    return {"type": "object", "properties": {"match": MATCH, **properties}, "required": list(required), "additionalProperties": False}
+    selectors = {k: v for k, v in SELECTORS.items() if k not in properties}  # cast's own `dtype` is what it casts to
+    return {"type": "object", "properties": {"match": MATCH, **properties, **selectors}, "required": list(required),
+            "additionalProperties": False}  # fmt: skip
+
+
+def _selectors(value: Any, dtype_field: str = "dtype") -> dict[str, Any]:
+    """``ranks`` and ``dtypes`` from a step's mapping (absent: None, any rank or dtype)."""
+    out: dict[str, Any] = {}
+    if not isinstance(value, dict):
+        return out
+    if "rank" in value:
+        rank = value["rank"]
+        out["ranks"] = tuple(dict.fromkeys((rank,) if isinstance(rank, int) else rank))
+    if dtype_field in value:
+        given = value[dtype_field]
+        names = (given,) if isinstance(given, str) else tuple(given)
+        dtypes = []
+        for n, name in enumerate(names):
+            if name not in DTYPE_NAMES and name not in DTYPE_ALIASES:
+                near = difflib.get_close_matches(name, DTYPE_NAMES, n=1, cutoff=0.6)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                raise StepSpecError(f"expected a dtype, one of: {', '.join(DTYPE_NAMES)}; found {describe_value(name)}{hint}",
+                                    dtype_field if isinstance(given, str) else (dtype_field, n))  # fmt: skip
+            dtypes.append(dtype_name(name))
+        out["dtypes"] = tuple(dict.fromkeys(dtypes))
+    return out
+
+
+def _with_selectors(parse: Callable[..., Step]) -> Callable[..., Step]:
+    """A tensor step's ``parse``, followed by the ``rank``/``dtype`` selectors of its mapping."""
+
+    @functools.wraps(parse)
+    def parsed(cls: type[Step], value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        step = parse(cls, value, index=index, where=where, optional=optional)
+        selectors = _selectors(value, cls.dtype_selector)  # type: ignore[attr-defined]
+        return replace(step, **selectors) if selectors else step
+
+    return parsed
 
 
 def _patterns(value: Any, field: tuple[str, ...] = ("match",)) -> tuple[str, ...]:
@@ -64,27 +109,59 @@ def _target(item: Item, ctx: StepContext, kind: str) -> TensorMeta:
 
 @dataclass(frozen=True)
 class _TensorStep(Step):
-    """A step that changes each matching key's tensor: subclasses give ``transform``."""
+    """A step that changes each matching key's tensor: subclasses give ``transform``.
+
+    A key is acted on when one of ``patterns`` is found in its name and, where the step
+    says ``rank`` or ``dtype``, its tensor has one of ``ranks`` and one of ``dtypes``
+    (every subclass's schema and ``parse`` take them, through :func:`_object` and
+    :func:`_with_selectors`). A pattern whose keys the selectors all turn away counts as
+    matching nothing.
+    """
 
     patterns: tuple[str, ...] = ()
+    ranks: tuple[int, ...] | None = field(default=None, kw_only=True)
+    dtypes: tuple[str, ...] | None = field(default=None, kw_only=True)
+    #: The field that selects by dtype (``cast``, whose ``dtype`` is the dtype it casts to, says ``from_dtype``).
+    dtype_selector: ClassVar[str] = "dtype"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "parse" in cls.__dict__:
+            cls.parse = classmethod(_with_selectors(cls.__dict__["parse"].__func__))  # type: ignore[method-assign]
 
     def transform(self, item: Item, ctx: StepContext) -> Item:
         raise NotImplementedError
 
-    def matching(self, items: list[Item]) -> tuple[list[tuple[Item, int | None]], list[int]]:
+    def refuses(self, meta: TensorMeta) -> str | None:
+        """Which selector turns a tensor away (``"rank"``, ``"dtype"``), or None when it is selected."""
+        if self.ranks is not None and len(meta.shape) not in self.ranks:
+            return "rank"
+        if self.dtypes is not None and meta.dtype not in self.dtypes:
+            return "dtype"
+        return None
+
+    def matching(self, items: list[Item]) -> tuple[list[tuple[Item, int | None]], list[int], list[list[tuple[Item, str]]]]:
+        """Each item with the index of the pattern that selects it (None: left alone), the
+        count per pattern, and per pattern the items its name matched but a selector refused."""
         compiled = [compile_regex(p) for p in self.patterns]
         counts = [0] * len(compiled)
+        refused: list[list[tuple[Item, str]]] = [[] for _ in compiled]
         hits: list[tuple[Item, int | None]] = []
         for item in items:
             n = next((n for n, c in enumerate(compiled) if search(c, item.key)), None)
             if n is not None:
-                counts[n] += 1
+                why = self.refuses(item.meta)
+                if why is not None:
+                    refused[n].append((item, why))
+                    n = None
+                else:
+                    counts[n] += 1
             hits.append((item, n))
-        return hits, counts
+        return hits, counts, refused
 
     def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
         ctx = ctx or StepContext()
-        hits, counts = self.matching(items)
+        hits, counts, refused = self.matching(items)
         out, failures = [], []
         for item, n in hits:
             if n is None:
@@ -96,13 +173,54 @@ class _TensorStep(Step):
                 failures.append(self.op_failure(item, exc))
                 out.append(item)
         pairs = tuple(zip(self.patterns, counts))
-        return StepResult(out, counts=pairs, failures=failures + self.unmatched(pairs, items))
+        plain = [(p, n) for (p, n), turned in zip(pairs, refused) if not turned]  # patterns no selector explains
+        return StepResult(out, counts=pairs, failures=failures + self.unmatched(plain, items) + self.all_refused(pairs, refused))
+
+    def all_refused(self, pairs: tuple[tuple[str, int], ...], refused: list[list[tuple[Item, str]]]) -> list[Failure]:
+        """A pattern whose name matches the selectors all turned away matched no key: say which
+        selector did it, and to which keys (unless the step is optional)."""
+        if self.optional:
+            return []
+        failures = []
+        for (pattern, n), turned in zip(pairs, refused):
+            if n or not turned:
+                continue
+            whys = sorted({why for _, why in turned})
+            which = " and ".join(whys) + (" filters" if len(whys) > 1 else " filter")
+            shown = ", ".join(f"{i.key!r} (rank {len(i.meta.shape)}, {i.meta.dtype})" for i, _ in turned[:3])
+            more = f" and {len(turned) - 3} more" if len(turned) > 3 else ""
+            where = f" ({self.where})" if self.where else ""
+            failures.append(Failure(
+                "unmatched_step",
+                f"{self.label}{where}: {quote(pattern)} matched {len(turned)} key(s), but the {which} ({self.selection()}) "
+                f"removed them all: {shown}{more}. Fix the pattern or the filter, or add `optional: true` beside the step "
+                "if that is expected.",
+            ))  # fmt: skip
+        return failures
 
     def op_failure(self, item: Item, exc: Exception) -> Failure:
         return Failure("op", f"{self.label}: key {item.key!r} {_shape(item.meta)} {item.meta.dtype}: {exc}", item.sources)
 
+    def selection(self) -> str:
+        """The selectors as words: ``rank 4``, ``rank 2 or 4, dtype float32``; empty without any."""
+        parts = []
+        if self.ranks is not None:
+            parts.append("rank " + " or ".join(map(str, self.ranks)))
+        if self.dtypes is not None:
+            parts.append("dtype " + " or ".join(self.dtypes))
+        return ", ".join(parts)
+
     def scope(self) -> str:
-        return f"on {quotes(self.patterns)}"
+        """``on 'regex'``, or with selectors ``on rank-4 float32 keys matching 'regex'`` (the
+        patterns last: the report cuts a step of several patterns into rows by them)."""
+        if self.ranks is None and self.dtypes is None:
+            return f"on {quotes(self.patterns)}"
+        words = []
+        if self.ranks is not None:
+            words.append("rank-" + "/".join(map(str, self.ranks)))
+        if self.dtypes is not None:
+            words.append("/".join(self.dtypes))
+        return f"on {' '.join(words)} keys matching {quotes(self.patterns)}"
 
 
 # --------------------------------------------------------------------------- one tensor in, one out
@@ -250,11 +368,13 @@ class Pad(_TensorStep):
 @register
 @dataclass(frozen=True)
 class Cast(_TensorStep):
-    """``cast: {match, dtype: float16}``."""
+    """``cast: {match, dtype: float16}``; ``from_dtype: float32`` (or a list) casts only the
+    tensors of that dtype (``dtype`` names what to cast to, so the selector is ``from_dtype``)."""
 
     dtype: str = "float32"
     kind: ClassVar[str] = "cast"
-    schema: ClassVar[dict[str, Any]] = _object({"dtype": {"enum": list(DTYPE_NAMES)}}, ("match", "dtype"))
+    dtype_selector: ClassVar[str] = "from_dtype"
+    schema: ClassVar[dict[str, Any]] = _object({"dtype": {"enum": list(DTYPE_NAMES)}, "from_dtype": SELECTORS["dtype"]}, ("match", "dtype"))
 
     @classmethod
     def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
