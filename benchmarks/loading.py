@@ -58,6 +58,7 @@ VARIANTS: dict[str, tuple[str, str, str, bool]] = {
     "safetensors_load_file": ("safetensors load_file + load_state_dict", ST, "alloc", True),
     "remap_safetensors": ("remap.load(model, .safetensors)", ST, "alloc", False),
     "remap_pth": ("remap.load(model, .pth)", PTH, "alloc", False),
+    "remap_no_rollback": ("remap.load(model, .safetensors, rollback=False)", ST, "alloc", False),
     "meta_assign": ("meta target: load_file + load_state_dict(assign=True)", ST, "meta", False),
     "meta_remap": ("meta target: remap.load(model, .safetensors)", ST, "meta", False),
     "meta_remap_mmap": ("meta target: remap.load(model, .safetensors, mmap_weights=True)", ST, "meta", False),
@@ -114,6 +115,12 @@ def _load_fn(variant: str) -> Callable[[Any, Path], Any]:
         report = remap.load(model, path)
         return {"remap_ok": report.ok, "remap_loaded": report.totals.loaded}
 
+    def remap_load_no_rollback(model: Any, path: Path) -> dict[str, Any]:
+        import remap
+
+        report = remap.load(model, path, rollback=False)
+        return {"remap_ok": report.ok, "remap_loaded": report.totals.loaded}
+
     def remap_load_mmap(model: Any, path: Path) -> dict[str, Any]:
         import remap
 
@@ -126,6 +133,7 @@ def _load_fn(variant: str) -> Callable[[Any, Path], Any]:
         "safetensors_load_file": safetensors_load_file,
         "remap_safetensors": remap_load,
         "remap_pth": remap_load,
+        "remap_no_rollback": remap_load_no_rollback,
         "meta_assign": meta_assign,
         "meta_remap": remap_load,
         "meta_remap_mmap": remap_load_mmap,
