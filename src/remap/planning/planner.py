@@ -15,19 +15,17 @@ dry-run report. Applying the plan to a module is the engine's job (:meth:`Plan.a
 from __future__ import annotations
 
 import dataclasses
-import functools
-import gc
 import math
 import re
-from contextlib import contextmanager
 from functools import cached_property
 from itertools import compress, filterfalse, repeat
 from operator import attrgetter, eq, is_, is_not, not_
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..collector import collector_paused, collector_paused_in
 from ..meta import TargetMeta, TensorMeta, source_meta, target_meta
 from ..rules.patterns import compile_regex, pattern_budget, quote
 from ..report.records import (
@@ -171,35 +169,8 @@ def make_plan(
     Everything a check needs is computed here; the per-key records, fates and
     assignments are built when first read.
     """
-    with _collector_paused(), pattern_budget():  # a pattern's time is bounded over all its keys, not key by key
+    with collector_paused(), pattern_budget():  # a pattern's time is bounded over all its keys, not key by key
         return _make_plan(rules, source, target, source_description, target_description, batchnorm_modules, source_handle)
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Planning allocates an object or two per key that all live as long as the plan: the
-    cyclic garbage collector would rescan them over and over (a fifth of the time at
-    100,000 keys) and could free nothing. Paused while planning, as it was found after."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
-def _collector_paused_in(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` run with the collector paused: the report's records are built when first
-    read, after planning, one or two objects per key that all live as long as the report
-    (a third of the time at 1,000,000 keys went to rescanning them)."""
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with _collector_paused():
-            return fn(*args, **kwargs)
-
-    return run
 
 
 def _make_plan(rules: Rules, source: Mapping[str, Any], target: Mapping[str, Any], source_description: Mapping[str, Any] | None,
@@ -400,7 +371,7 @@ class _PassColumns(_Columns):
     def fates(self, pairing: _Pairing) -> tuple[Mapping[str, _Fate], list[Item]]:
         return LazyMapping(lambda: self._fates(pairing, self.npass.hops)), []
 
-    @_collector_paused_in
+    @collector_paused_in
     def _fates(self, pairing: _Pairing, hops: Callable[[int], tuple[tuple[int, str], ...]]) -> dict[str, _Fate]:
         """One fate per source key, in source order; ``hops(i)`` gives key ``i``'s renames."""
         npass = self.npass
@@ -764,7 +735,7 @@ def _bn_in_region(own: list[str], tgt: Mapping[str, TargetMeta], frozen: set[str
     return bool(own) and all(_matches(spec.params, k) and not _matches(spec.except_, k) for k in own)
 
 
-@_collector_paused_in
+@collector_paused_in
 def _target_records(tgt: Mapping[str, TargetMeta], pairing: _Pairing, cols: _Columns, frozen: set[str],
                     bn_prefixes: tuple[str, ...], rules: Rules, fates: Mapping[str, _Fate]) -> list[TargetRecord]:  # fmt: skip
     labels = _StepLabels(rules)
@@ -811,7 +782,7 @@ class _StepLabels:
         return self.memo[indexes]
 
 
-@_collector_paused_in
+@collector_paused_in
 def _source_records(src: Mapping[str, TensorMeta], fates: Mapping[str, _Fate], rules: Rules) -> list[SourceRecord]:
     kinds = {s.index: s.kind for s in rules.steps}
     declared = _matcher(rules.expect.unused)

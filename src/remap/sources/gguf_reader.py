@@ -423,7 +423,7 @@ class _GGUFReader(_Reader):
             if self._handle is None:
                 self._handle = open(self.path, "rb")
             raw = torch.empty(info.nbytes, dtype=torch.uint8)
-            self._read_into(raw, info, key)
+            self._read_into(self._handle, raw, info, key)
         except OSError as exc:
             raise SourceError(f"cannot read tensor {key!r}: {exc.strerror or exc}", where=str(self.path)) from None
         if not info.quantized:
@@ -441,13 +441,12 @@ class _GGUFReader(_Reader):
             raise SourceError(f"cannot dequantize tensor {key!r} ({info.type_name}): {type(exc).__name__}: "
                               f"{_first_line(exc)}", where=str(self.path)) from None  # fmt: skip
 
-    def _read_into(self, raw: torch.Tensor, info: GGUFTensor, key: str) -> None:
-        assert self._handle is not None
+    def _read_into(self, handle: BinaryIO, raw: torch.Tensor, info: GGUFTensor, key: str) -> None:
         view = memoryview(raw.numpy()).cast("B")
-        self._handle.seek(info.offset)
+        handle.seek(info.offset)
         done = 0
         while done < info.nbytes:
-            n = self._handle.readinto(view[done:])
+            n = handle.readinto(view[done:])
             if not n:
                 raise SourceError(
                     f"cannot read tensor {key!r}: the file ends {done:,} bytes into its {info.nbytes:,} bytes "

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import gc
 import json
 import math
 import os
@@ -41,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceError, TargetError, UsageError
 from .factories import build, describe_call
+from ..collector import collector_paused
 from ..files import file_kind, read_text_capped, require_regular
 from ..meta import TensorMeta, itemsize, meta_of_tensor, source_meta
 from .registry import FORMATS, detect, open_format
@@ -708,13 +708,8 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[st
     parsed header is a dict and a list or two per tensor that all live until the entries
     are checked, and the collector would rescan them again and again (half the time of a
     header of a million tensors) while freeing nothing."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_paused():
         return _parse_safetensors_header(path)
-    finally:
-        if was:
-            gc.enable()
 
 
 def _parse_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str, str], dict[str, tuple[int, int]]]:
