@@ -53,10 +53,13 @@ def _run(args: list[str], cwd: Path, timeout: float = SUBPROCESS_TIMEOUT) -> sub
 # --------------------------------------------------------------------------- item 2: ops at plan time
 
 RSS_SCRIPT = """
-import resource, sys
+import sys
 import remap
+def PEAK_MB():  # this process's own peak (VmHWM); ru_maxrss would include the forking parent's pages
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmHWM:"))
 plan = remap.plan({"a": [10, 0]}, sys.argv[1], sys.argv[2])
-print(plan.ok, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print(plan.ok, PEAK_MB())
 """
 
 

@@ -41,15 +41,18 @@ def run_python(code: str, *args: str, cwd: Path, timeout: int = 120) -> subproce
 
 #: Runs remap's CLI once per argv list given as JSON, prints [[exit code, stderr], ...] and the peak RSS in MB.
 CLI = """
-import contextlib, io, json, resource, sys
+import contextlib, io, json, sys
 from remap.cli import main
+def PEAK_MB():  # this process's own peak (VmHWM); ru_maxrss would include the forking parent's pages
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmHWM:"))
 results = []
 for argv in json.loads(sys.argv[1]):
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main(argv)
     results.append([code, err.getvalue()])
-print(json.dumps({"results": results, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+print(json.dumps({"results": results, "rss_mb": PEAK_MB()}))
 """
 
 
