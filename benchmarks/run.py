@@ -1,6 +1,6 @@
 """remap benchmarks: one command, every measurement side by side, a table of ratios, JSON.
 
-    python benchmarks/run.py [--quick] [--out results.json] [--only planning|loading|startup|scale] [--repeats N]
+    python benchmarks/run.py [--quick] [--out results.json] [--only planning|loading|startup|scale|formats] [--repeats N]
     python benchmarks/run.py --show results.json      # the tables of an earlier run
 
 * planning throughput (``planning.py``): remap's planner against the rule-by-rule loop
@@ -14,7 +14,11 @@
   safetensors file and ``remap apply --dry-run`` against ``python -c "import torch"``, each
   a fresh process, in interleaved rounds;
 * scale (``scale.py``, only with ``--only scale``): open, plan, report records, inspect and
-  target metadata at 10**6 keys (``--quick``: 10**5) against the plain loops they cannot beat.
+  target metadata at 10**6 keys (``--quick``: 10**5) against the plain loops they cannot beat;
+* formats (``formats.py``, only with ``--only formats``; results in ``results_formats.json``):
+  a ~1 GiB file (``--quick``: 64 MiB) of each format remap reads (safetensors, torch zip,
+  ONNX, .npz, GGUF F32/F16/Q8_0, Keras .weights.h5, Flax .msgpack, TF checkpoint): bytes a
+  plan reads, and remap.load against the format's own loader (time, peak memory above the model).
 
 ``--quick`` runs small sizes (300 and 3,000 keys; a 50 MB checkpoint; one repeat) to
 smoke-test the harness. Timings are never asserted; every case checks its own result
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import formats  # noqa: E402
 import loading  # noqa: E402
 import planning  # noqa: E402
 import scale  # noqa: E402
@@ -117,6 +122,8 @@ def show(out: dict[str, Any]) -> None:
         startup.startup_table(out["startup"])
     if "scale" in out:
         scale.scale_table(out["scale"])
+    if "formats" in out:
+        formats.formats_table(out["formats"])
     start, end = out.get("machine", {}).get("remap_commit"), out.get("remap_commit_at_end")
     if start != end:
         print(f"\nWARNING: remap's source changed during the run ({start} -> {end}): the results may mix versions.")
@@ -132,10 +139,10 @@ def show(out: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke test of the harness")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results.json",
-                    help="where to write the JSON results (default: benchmarks/results.json)")  # fmt: skip
-    ap.add_argument("--only", choices=["planning", "loading", "startup", "scale"],
-                    help="run one part only (scale runs only when named here)")
+    ap.add_argument("--out", type=Path, help="where to write the JSON results (default: benchmarks/results.json; "
+                    "with --only formats, benchmarks/results_formats.json)")  # fmt: skip
+    ap.add_argument("--only", choices=["planning", "loading", "startup", "scale", "formats"],
+                    help="run one part only (scale and formats run only when named here)")
     ap.add_argument("--repeats", type=int, help="loading runs per variant (default 5; --quick 1)")
     ap.add_argument("--variants", help="loading variants to run, comma-separated (default: all): "
                     + ", ".join(loading.VARIANTS))
@@ -153,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         show(saved)
         return 0
     repeats = a.repeats or (1 if a.quick else 5)
+    a.out = a.out or Path(__file__).resolve().parent / ("results_formats.json" if a.only == "formats" else "results.json")
 
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     info = machine_info()
@@ -165,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     out: dict[str, Any] = {"command": command, "quick": a.quick, "machine": info, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     t0 = time.perf_counter()
-    for part in ("planning", "loading", "startup", "scale"):
-        if a.only != part and (a.only is not None or part == "scale"):
+    for part in ("planning", "loading", "startup", "scale", "formats"):
+        if a.only != part and (a.only is not None or part in ("scale", "formats")):
             continue
         print(f"\n{part} ...", flush=True)
         with ForeignCpu() as other:
@@ -176,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                 out[part] = startup.run(3 if a.quick else 7, progress=lambda s: print(s, flush=True))
             elif part == "scale":
                 out[part] = scale.run(a.quick, progress=lambda s: print(s, flush=True))
+            elif part == "formats":
+                out[part] = formats.run(a.quick, a.repeats or (1 if a.quick else 3), a.tmpdir,
+                                        progress=lambda s: print(s, flush=True))  # fmt: skip
             else:
                 only = a.variants.split(",") if a.variants else None
                 out[part] = loading.run(a.quick, repeats, a.tmpdir, progress=lambda s: print(s, flush=True),
@@ -192,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in out.get("planning", []) if not r["same_mapping"]]
     failed += [b for b in out.get("loading", {}).get("variants", {}).values() if b["status"].startswith("WRONG")]
     failed += [r for r in out.get("scale", {}).get("cases", {}).values() if "ok" != r["remap"]["check"] or "ok" != r["floor"]["check"]]
+    failed += [r for r in out.get("formats", {}).get("formats", {}).values() if r["status"].startswith("WRONG")]
     return 1 if failed else 0
 
 

@@ -54,6 +54,9 @@ def test_every_config_has_a_scenario():
     tested = {"torchvision-resnet-finetune.yaml", "unwrap-ddp-compile.yaml", "lightning-to-module.yaml"} | CONVERSIONS
     tested |= {"keras-to-torch.yaml"}  # a Keras-built model against its torch port: tests/test_keras_conversion.py
     tested |= {"onnx-to-module.yaml", "gguf-to-hf-llama.yaml"}  # tests/test_onnx_gguf_conversions.py
+    tested |= {"flax-to-torch.yaml"}  # a Flax-built model against its torch port: tests/test_flax_conversion.py
+    tested |= {"tf-checkpoint-to-torch.yaml"}  # a TensorFlow-written checkpoint against its torch port: tests/test_tf_conversion.py
+    tested |= {"pickled-model-renamed-class.yaml"}  # a whole-model pickle of a removed class: tests/test_pickled_model_conversion.py
     assert {p.name for p in CONFIGS.glob("*.yaml")} == tested
 
 

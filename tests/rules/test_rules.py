@@ -78,7 +78,7 @@ YAML_ERRORS = [
     # ------------------------------------------------------------------ unknown fields in sections
     pytest.param(
         "version: 1\nsource: {pth: x}\n",
-        "rules.yaml:2:10: source: unknown field 'pth' (did you mean 'path'?); expected one of: path, key, trust_pickle, trust_links, model, args, kwargs",
+        "rules.yaml:2:10: source: unknown field 'pth' (did you mean 'path'?); expected one of: path, key, trust_pickle, trust_links, model, args, kwargs, optimizer",
         id="source-unknown",
     ),
     pytest.param(
@@ -93,7 +93,7 @@ YAML_ERRORS = [
     ),
     pytest.param(
         "version: 1\nfreeze: {parms: x}\n",
-        "rules.yaml:2:10: freeze: unknown field 'parms' (did you mean 'params'?); expected one of: params, except, batchnorm",
+        "rules.yaml:2:10: freeze: unknown field 'parms' (did you mean 'params'?); expected one of: params, except, batchnorm, from_source",
         id="freeze-unknown",
     ),
     pytest.param(

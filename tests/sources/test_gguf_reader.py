@@ -5,6 +5,7 @@ Hostile files (truncated, bit-flipped, lying) must end in SourceError or a clean
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
@@ -465,3 +466,83 @@ def test_empty_and_scalar_tensors(tmp_path: Path) -> None:
     reader = open_gguf(path)
     assert reader.meta["empty"].shape == (0, 4) and reader.read("empty").shape == (0, 4)
     check_reader(reader, path)
+
+
+# ---------------------------------------------------------------------------- metadata summary (inspect)
+
+
+def llama_like_gguf(path: Path, rng: Any, *, name: str = "tiny llama", vocab: int = 300) -> Path:
+    """A GGUF file with the metadata llama.cpp's converter writes, through GGUFWriter's own
+    add_* methods, a Q8_0 tensor and two F32 ones."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_context_length(2048)
+    w.add_embedding_length(64)
+    w.add_block_count(2)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(16)
+    w.add_rope_freq_base(500000.0)
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(2.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list([f"t{i}" for i in range(vocab)])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    a = rng.standard_normal((4, 32)).astype(np.float32)
+    w.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(a, Q.Q8_0), raw_dtype=Q.Q8_0)
+    w.add_tensor("blk.0.attn_norm.weight", a[0])
+    w.add_tensor("output_norm.weight", a[1])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_metadata_summary_shows_what_was_written(tmp_path: Path, rng: Any) -> None:
+    reader = open_gguf(llama_like_gguf(tmp_path / "m.gguf", rng))
+    md = reader.metadata
+    assert md["llama.context_length"] == 2048 and md["llama.attention.head_count_kv"] == 2
+    assert md["llama.rope.freq_base"] == 500000.0 and md["llama.rope.scaling.type"] == "linear"
+    assert md["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0) == 7
+    assert reader.arrays["tokenizer.ggml.tokens"] == ("STRING", 300)  # the vocabulary's size, not the vocabulary
+    assert reader.summary() == [
+        "file type MOSTLY_Q8_0 (general.file_type 7)",
+        "model: context_length 2048, embedding_length 64, block_count 2, feed_forward_length 128, head_count 4, "
+        "head_count_kv 2, layer_norm_rms_epsilon 1e-05",
+        "rope: dimension_count 16, freq_base 500000, scaling.type linear, scaling.factor 2",
+        "tokenizer: model gpt2, pre-tokenizer llama-bpe, vocabulary 300 tokens",
+    ]
+    assert "GGUF v3, stored types: F32 2, Q8_0 1; quantized tensors are dequantized to float32 at read" in reader.notes
+    assert set(reader.summary()) <= set(reader.notes)
+
+
+def test_inspect_shows_the_summary_bounded_and_escaped(tmp_path: Path, rng: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from remap.cli import main
+
+    name = "evil\x1b]0;pwned\x07\nname" + "x" * 5000
+    path = llama_like_gguf(tmp_path / "m.gguf", rng, name=name, vocab=50_000)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;pwned\\x07\\nname" in out
+    assert "tokenizer: model gpt2, pre-tokenizer llama-bpe, vocabulary 50,000 tokens" in out
+    assert "t49999" not in out and "t1" not in out  # the vocabulary itself is not shown
+    assert "rope: dimension_count 16, freq_base 500000" in out and "file type MOSTLY_Q8_0" in out
+    assert max(len(line) for line in out.splitlines()) < 400  # a 5000-character name is cut short
+    assert main(["inspect", str(path), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["source"]["notes"]
+    assert "tokenizer: model gpt2, pre-tokenizer llama-bpe, vocabulary 50,000 tokens" in notes
+    assert any(n.startswith("architecture llama, evil\x1b]0;pwned\x07\nname") for n in notes)  # JSON keeps the exact text
+
+
+def test_summary_values_are_shortened(tmp_path: Path, rng: Any) -> None:
+    kv = {"llama.context_length": 4096, "llama.attention.head_count": list(range(40)), "llama.rope.scaling.type": "y" * 500}
+    reader = open_gguf(write_gguf(tmp_path / "m.gguf", {"w": rng.standard_normal((2, 32)).astype(np.float32)}, kv=kv))
+    assert reader.metadata["llama.attention.head_count"] == "array of 40 INT32"  # a long array is described, not kept
+    assert reader.arrays["llama.attention.head_count"] == ("INT32", 40)
+    model, rope = reader.summary()
+    assert model == "model: context_length 4096, head_count array of 40 INT32"
+    assert rope == "rope: scaling.type " + "y" * 59 + "…"

@@ -1,4 +1,5 @@
 """Pickles: a checkpoint that would run code is refused unless trusted; harmless metadata loads.
+(A pickle holding a module tree is read without running anything instead: test_pickled_module.py.)
 
 The malicious checkpoints below write a marker file when unpickled. Without
 ``trust_pickle`` remap refuses them, naming the global and the way to opt in, and the
@@ -153,13 +154,17 @@ def test_the_cli_prints_the_trust_warning(tmp_path: Path) -> None:
     assert marker.exists()
 
 
-def test_torchscript_is_refused_unless_trusted_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_torchscript_is_read_without_trust_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     path = tmp_path / "scripted.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.script(perturb(Small())), str(path))
     code, out, err = run(capsys, "inspect", path)
-    assert code == 3 and "TorchScript archive" in err and TRUST in err
+    assert (code, err) == (0, "") and "torchscript" in out and "read without running its code" in out
+    monkeypatch.setattr("remap.sources.torchscript_reader.MAX_CODE_BYTES", 10)  # past what it reads without running
+    code, out, err = run(capsys, "inspect", path)
+    assert code == 3 and "TorchScript archive that remap cannot read without running it" in err and TRUST in err
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         code, out, err = run(capsys, "inspect", path, "--trust-pickle")

@@ -254,25 +254,35 @@ def test_trust_pickle_does_not_warn_for_a_plain_state_dict(tmp_path: Path) -> No
 
 
 def test_a_pickled_module_stands_for_its_state_dict(tmp_path: Path) -> None:
+    """Read without running it (no trust, no warning), with or without trust_pickle."""
     model = perturb(Small())
     path = tmp_path / "model.pt"
     torch.save(model, path)
-    with pytest.warns(UserWarning):
-        src = open_source(path, trust_pickle=True)
-    assert src.meta == metas(model.state_dict())
-    assert_same(src.read("conv.weight"), model.conv.weight.detach())
+    for trust in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing was trusted: no warning
+            src = open_source(path, trust_pickle=trust)
+        assert src.description["format"] == "torch-module"
+        assert src.meta == metas(model.state_dict())
+        assert_same(src.read("conv.weight"), model.conv.weight.detach())
+        src.close()
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
-def test_torchscript_is_refused_unless_trusted(tmp_path: Path) -> None:
+def test_torchscript_is_read_without_trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = perturb(Small())
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(model), str(path))
-    assert str(source_error(open_source, path)) == (
-        f"{path}: is a TorchScript archive (torch.jit.save); reading it runs its code, so remap reads one only "
-        f"when you opt in with {TRUST}. Better: save `model.state_dict()` with torch.save or safetensors and "
-        "load that"
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing trusted, nothing run
+        src = open_source(path)
+    assert src.description["format"] == "torchscript"
+    assert_same(src.read("fc.weight"), model.fc.weight.detach())
+    # what the inert reader cannot read (here: more code than it reads) still needs the opt-in
+    monkeypatch.setattr("remap.sources.torchscript_reader.MAX_CODE_BYTES", 10)
+    err = str(source_error(open_source, path))
+    assert err.startswith(f"{path}: is a TorchScript archive that remap cannot read without running it: its code/ folder holds ")
+    assert err.endswith(f"Only torch.jit.load reads it, which runs its code: opt in with {TRUST} if you trust it")
     with pytest.warns(UserWarning, match="TorchScript"):
         src = open_source(path, trust_pickle=True)
     assert src.description["format"] == "torchscript"

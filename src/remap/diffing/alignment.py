@@ -22,7 +22,14 @@ on each side), never a tensor, and never guesses. Evidence is tried strongest fi
    ``layer.0.convolution`` goes into ``layer.0``). Definition order is never evidence: a
    library may declare a block's modules in any order;
 6. ``module`` — the same leaf name inside modules that already correspond;
-7. ``shape``  — the only key of its shape left on either side (the weakest: check it).
+7. ``graph``  — an ONNX source only (its names are often graph-internal, ``onnx::Conv_123``):
+   the role an initializer plays in the node that reads it (``Conv`` input 1 is a weight,
+   ``MatMul`` input 1 a linear weight stored (in, out)) and its shape, when one key on each
+   side fits; else, among the keys that fit, the order the graph reads them against the
+   order the target's forward pass calls the modules holding them (the target run once on
+   meta input of the graph's input shapes). Not from a module's definition order; what
+   neither tells apart stays a choice (see :mod:`remap.diffing.graph_evidence`);
+8. ``shape``  — the only key of its shape left on either side (the weakest: check it).
 
 Two candidates that nothing tells apart are never paired: they become a :class:`Choice`.
 A pairing whose shapes differ carries a :class:`Conflict` with the ops that could fix it.
@@ -48,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..meta import TargetMeta, TensorMeta, source_meta, target_meta
+from .graph_evidence import ForwardEvidence, GraphEvidence
 
 __all__ = [
     "EVIDENCE",
@@ -68,7 +76,7 @@ __all__ = [
 Shape = tuple[int, ...]
 
 #: Kinds of evidence, strongest first.
-EVIDENCE = ("exact", "prefix", "suffix", "offset", "structure", "module", "shape")
+EVIDENCE = ("exact", "prefix", "suffix", "offset", "structure", "module", "graph", "shape")
 #: How each kind reads in a table or a comment.
 EVIDENCE_WORDS = {
     "exact": "same name",
@@ -77,6 +85,7 @@ EVIDENCE_WORDS = {
     "offset": "same name with indices shifted",
     "structure": "same place and shape in corresponding blocks or modules",
     "module": "same name in corresponding modules",
+    "graph": "same role and shape in the ONNX graph, told apart by graph order against forward order",
     "shape": "only key of its shape on both sides",
 }
 
@@ -244,6 +253,7 @@ class Alignment:
     target_description: Mapping[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     regroups: tuple[Regroup, ...] = ()
+    held: tuple[str, ...] = ()  # target keys a draft leaves undeclared whatever their shape (see the notes)
 
     @property
     def conflicts(self) -> tuple[Pair, ...]:
@@ -283,6 +293,7 @@ class Alignment:
             "tied": list(self.tied),
             "notes": list(self.notes),
             "regroups": [r.to_dict() for r in self.regroups],
+            "held": list(self.held),
         }
 
 
@@ -363,9 +374,15 @@ def _pattern(key: str) -> str:
 
 
 class _Aligner:
-    def __init__(self, src: Mapping[str, TensorMeta], tgt: Mapping[str, TargetMeta]) -> None:
+    def __init__(self, src: Mapping[str, TensorMeta], tgt: Mapping[str, TargetMeta], graph: GraphEvidence | None = None,
+                 forward: ForwardEvidence | None = None) -> None:  # fmt: skip
         self.src = src
         self.tgt = tgt
+        self.graph_s = graph
+        self.forward_t = forward
+        self.held: tuple[str, ...] = ()
+        self.unpairable: set[str] = set()
+        self.graph_notes: list[str] = list(graph.notes) if graph is not None else []
         self.tied = tuple(k for k, m in tgt.items() if m.tied_to is not None)
         self.free_s: dict[str, None] = dict.fromkeys(src)
         self.free_t: dict[str, None] = dict.fromkeys(k for k, m in tgt.items() if m.tied_to is None)
@@ -383,16 +400,18 @@ class _Aligner:
     def shape_t(self, key: str) -> Shape:
         return self.tgt[key].shape
 
-    def pair(self, s: str, t: str, evidence: str, detail: str, *, defer: bool = True) -> bool:
+    def pair(self, s: str, t: str, evidence: str, detail: str, *, defer: bool = True, conflict: Conflict | None = None) -> bool:
         """Pair ``s`` with ``t``; name evidence with different shapes waits until the end
-        (a later kind of evidence may explain both keys better)."""
+        (a later kind of evidence may explain both keys better). ``conflict`` is a layout
+        difference the shapes cannot show (a square weight stored transposed)."""
         if s not in self.free_s or t not in self.free_t:
             return False
         ss, ts = self.shape_s(s), self.shape_t(t)
         if ss != ts and defer:
             self.deferred.append((s, t, evidence, detail))
             return False
-        conflict = candidate_ops(ss, ts) if ss != ts else None
+        if conflict is None:
+            conflict = candidate_ops(ss, ts) if ss != ts else None
         self.pairs[s] = Pair(s, t, evidence, detail, ss, ts, conflict)
         del self.free_s[s]
         del self.free_t[t]
@@ -957,8 +976,116 @@ class _Aligner:
         while self.free_s and self.free_t:
             if self.families() or self.containers() or self.modules() or self.anchored():
                 continue
-            if not self.unique_shapes():
+            if not (self.graph() or self.unique_shapes()):
                 break
+
+    # ---- 7. graph (an ONNX source)
+
+    def graph(self) -> int:
+        """Keys of an ONNX source paired by their role in the graph (see
+        :mod:`~remap.diffing.graph_evidence`): per shape a target key would have, and per
+        role (family and leaf name; the family only when the target module is known), one
+        key on each side, or as many on each side told apart by the order the graph reads
+        them against the order the forward pass calls their modules. A shape where a key on
+        either side has no known role is left alone: that key could be any of the others."""
+        g = self.graph_s
+        if g is None or not self.free_s or not self.free_t:
+            return 0
+        families = self.forward_t.families if self.forward_t is not None else None
+        order_t = self.forward_t.order if self.forward_t is not None else {}
+        by_s: dict[Shape, list[str]] = defaultdict(list)
+        for s in self.free_s:
+            role = g.roles.get(s)
+            shape = self.shape_s(s)
+            by_s[shape[::-1] if role is not None and role.transposed else shape].append(s)
+        by_t: dict[Shape, list[str]] = defaultdict(list)
+        for t in self.free_t:
+            by_t[self.shape_t(t)].append(t)
+        made = 0
+        for shape, ss in by_s.items():
+            tt = by_t.get(shape)
+            if not tt or any(g.roles.get(s) is None for s in ss):
+                continue
+            if families is not None and any(families.get(t) is None for t in tt):
+                continue  # a key of a module whose parameters have no known role could take any of them
+            groups_s: dict[tuple[str | None, str], list[str]] = defaultdict(list)
+            groups_t: dict[tuple[str | None, str], list[str]] = defaultdict(list)
+            for s in ss:
+                role = g.roles[s]
+                if role is not None:  # every one has a role (checked above)
+                    groups_s[(role.family if families is not None else None, role.leaf)].append(s)
+            for t in tt:
+                groups_t[(families.get(t) if families is not None else None, _leaf(t))].append(t)
+            for kind, group_s in groups_s.items():
+                made += self._graph_group(group_s, groups_t.get(kind, []), shape, g, order_t)
+        return made
+
+    def _graph_group(self, ss: list[str], tt: list[str], shape: Shape, g: GraphEvidence, order_t: Mapping[str, int]) -> int:
+        """Pair one role's keys of one shape: one on each side, or by order (see :meth:`graph`)."""
+        if not tt or len(ss) != len(tt):
+            return 0
+        first = g.roles[ss[0]]
+        if first is None:
+            return 0
+        what = f"{first.what()} {list(shape)}"
+        if len(ss) == 1:
+            detail = f"the only {what} left in the graph ({first.describe()}) and the only one left in the target"
+            return self._graph_pair(ss[0], tt[0], detail)
+        if any(t not in order_t for t in tt) or len({order_t[t] for t in tt}) != len(tt) or any(s not in g.order for s in ss):
+            return 0  # the forward pass did not say where each one runs: a choice
+        made = 0
+        n = len(ss)
+        for k, (s, t) in enumerate(zip(sorted(ss, key=g.order.__getitem__), sorted(tt, key=order_t.__getitem__)), 1):
+            role = g.roles[s] or first
+            detail = f"{_ordinal(k)} of {n} {what} in the graph's order ({role.describe()}) and in the target's forward pass"
+            made += self._graph_pair(s, t, detail)
+        return made
+
+    def _graph_pair(self, s: str, t: str, detail: str) -> int:
+        role = self.graph_s.roles.get(s) if self.graph_s is not None else None
+        ss, ts = self.shape_s(s), self.shape_t(t)
+        conflict = None
+        if role is not None and role.transposed and ss == ts:
+            conflict = Conflict(ss, ts, (f"transpose ({role.op} stores it as (in, out), torch as (out, in))",), "transpose")
+        return int(self.pair(s, t, "graph", detail, defer=False, conflict=conflict))
+
+    def hold_folded(self) -> None:
+        """Target keys of modules the graph has no node for (folded by the exporter): left
+        undeclared by a draft, with a note (see :func:`~remap.diffing.graph_evidence.missing_families`)."""
+        from .graph_evidence import missing_families
+
+        if self.graph_s is None or self.forward_t is None:
+            return
+        held: list[str] = []
+        for note, modules, none in missing_families(self.graph_s, self.forward_t):
+            mods = set(modules)
+            keys = [t for t in self.free_t if _parent(t) in mods]
+            if keys:
+                held += keys
+                self.graph_notes.append(note)
+                if none:  # no node reads any of them: no source key is theirs, by any evidence
+                    self.unpairable.update(keys)
+        self.held = tuple(held)
+        for t in self.unpairable:
+            del self.free_t[t]
+
+    def square_transposed_notes(self, pairs: Sequence[Pair]) -> list[str]:
+        """Keys an ONNX graph reads as (in, out) that other evidence paired as they are with a
+        square target: the shape cannot say whether they need a transpose."""
+        g = self.graph_s
+        if g is None:
+            return []
+        keys = []
+        for p in pairs:
+            role = g.roles.get(p.source)
+            square = len(p.source_shape) == 2 and p.source_shape[0] == p.source_shape[1] > 1
+            if p.evidence != "graph" and p.conflict is None and role is not None and role.transposed and square:
+                keys.append(p.source)
+        if not keys:
+            return []
+        shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        return [f"{shown}: the ONNX graph reads {len(keys)} square weight{'' if len(keys) == 1 else 's'} as (in, out) that "
+                "names or shape paired as stored; a torch Linear weight is (out, in): check whether a transpose is needed"]
 
     # ---- the rest
 
@@ -979,7 +1106,7 @@ class _Aligner:
             chosen_s.update(ss)
             chosen_t.update(tt)
         source_only = tuple(s for s in self.free_s if s not in chosen_s)
-        target_only = tuple(t for t in self.free_t if t not in chosen_t)
+        target_only = tuple(t for t in self.tgt if (t in self.free_t and t not in chosen_t) or t in self.unpairable)
         return tuple(choices), source_only, target_only
 
     def run(self) -> Alignment:
@@ -987,13 +1114,18 @@ class _Aligner:
         self.prefix()
         self.suffix()
         self.offset()
+        self.hold_folded()
+        self.graph()
         self.structure()
         choices, source_only, target_only = self.finish()
         pairs = tuple(sorted(self.pairs.values(), key=lambda p: self.order_s[p.source]))
         made = Counter(p.detail for p in pairs if p.evidence == "prefix")  # with the pairs whose shapes differ
         self.prefixes = sorted((PrefixChange(c.strip, c.add, made[c.describe()]) for c in self.prefixes), key=lambda c: -c.keys)
+        notes = (*self.graph_notes, *self.square_transposed_notes(pairs), *_square_notes(pairs))
+        unpaired = {*target_only, *(t for c in choices for t in c.targets)}
+        held = tuple(t for t in self.held if t in unpaired)
         return Alignment(self.src, self.tgt, pairs, choices, source_only, target_only, tuple(self.prefixes), self.tied,
-                         notes=_square_notes(pairs), regroups=self.regroups(source_only, target_only))  # fmt: skip
+                         notes=notes, regroups=self.regroups(source_only, target_only), held=held)  # fmt: skip
 
     def regroups(self, source_only: Sequence[str], target_only: Sequence[str]) -> tuple[Regroup, ...]:
         """One leftover key whose shape is k (2 to 4) same-shaped leftover keys of sibling
@@ -1028,10 +1160,13 @@ class _Aligner:
 
 
 def align(source: Mapping[str, Any], target: Mapping[str, Any], *, source_description: Mapping[str, Any] | None = None,
-          target_description: Mapping[str, Any] | None = None) -> Alignment:  # fmt: skip
+          target_description: Mapping[str, Any] | None = None, graph: GraphEvidence | None = None,
+          forward: ForwardEvidence | None = None) -> Alignment:  # fmt: skip
     """Align ``source`` (key -> shape | (shape, dtype) | TensorMeta | tensor) with ``target``
     (the same, :class:`~remap.meta.TargetMeta`, or a module). Pure: reads names, shapes and
-    dtypes only.
+    dtypes only, and, for an ONNX source, the ``graph`` evidence (roles and read order of its
+    initializers) against the target's ``forward`` evidence (its modules' kinds and call
+    order), both gathered by :func:`diff`.
 
     >>> a = align({"foo.weight": [8, 8]}, {"bar.weight": [8, 8], "baz.weight": [8, 8]})
     >>> a.pairs, a.choices[0].targets
@@ -1043,10 +1178,16 @@ def align(source: Mapping[str, Any], target: Mapping[str, Any], *, source_descri
 
         target = target_meta_of_module(target)
     tgt = target if all(isinstance(v, TargetMeta) for v in target.values()) else target_meta(target)
-    result = _Aligner(src, dict(tgt)).run()
+    result = _Aligner(src, dict(tgt), graph, forward).run()
     return Alignment(result.source, result.target, result.pairs, result.choices, result.source_only, result.target_only,
                      result.prefixes, result.tied, dict(source_description or {}), dict(target_description or {}),
-                     result.notes, result.regroups)  # fmt: skip
+                     result.notes, result.regroups, result.held)  # fmt: skip
+
+
+def _ordinal(n: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``11th``, ``22nd``."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _square_notes(pairs: Sequence[Pair]) -> tuple[str, ...]:
@@ -1086,6 +1227,10 @@ def diff(
     """Open ``source`` (a checkpoint path, a factory spec, a state_dict or a mapping of key
     -> shape) and ``target`` (a checkpoint path, a ``"module.path:callable"`` factory built
     on the meta device, a module, or a mapping) and :func:`align` them. Reads metadata only.
+    When the source is an ONNX model and the target a module (or a factory), the module is
+    run once, without gradients and in eval mode (put back after), on zero input of the
+    graph's input shapes (meta tensors when the module is on the meta device), to learn the
+    order its modules are called in (:func:`~remap.diffing.graph_evidence.forward_evidence`).
 
     Unreadable sources raise :class:`~remap.errors.SourceError`; unbuildable or unreadable
     targets :class:`~remap.errors.TargetError` (both exit code 3).
@@ -1101,7 +1246,9 @@ def diff(
         sdesc = _describe_source(source, src.description, source_key)
         if trust_pickle:
             sdesc["trust_pickle"] = True
+        graph = _graph_of(src)
     tdesc: dict[str, Any]
+    module: Any = None
     if isinstance(target, (str, os.PathLike)) and not (isinstance(target, str) and _is_factory_spec(target) and not Path(target).exists()):
         try:
             with open_source(target, trust_pickle=trust_pickle, trust_links=trust_links) as t:
@@ -1131,6 +1278,7 @@ def diff(
     elif hasattr(target, "state_dict") and hasattr(target, "named_parameters"):
         from ..meta import target_meta_of_module
 
+        module = target
         tmeta = target_meta_of_module(target)
         tdesc = {"kind": "module", "class": type(target).__name__, "text": type(target).__name__}
     elif isinstance(target, Mapping):
@@ -1138,7 +1286,25 @@ def diff(
         tdesc = {"kind": "metadata", "text": f"{len(tmeta)} keys"}
     else:
         raise TargetError(f"expected a checkpoint path, a 'module.path:callable' factory, a module or a mapping; found {type(target).__name__}")
-    return align(smeta, tmeta, source_description=sdesc, target_description=tdesc)
+    forward = None
+    if graph is not None and module is not None:
+        from .graph_evidence import forward_evidence
+
+        forward = forward_evidence(module, [k for k, m in tmeta.items() if m.tied_to is None], graph)
+        tdesc.setdefault("notes", []).extend(forward.notes)
+    return align(smeta, tmeta, source_description=sdesc, target_description=tdesc, graph=graph, forward=forward)
+
+
+def _graph_of(src: Any) -> GraphEvidence | None:
+    """The graph evidence of a source that is one ONNX model, else None."""
+    if src.description.get("format") != "onnx":
+        return None
+    from ..sources.onnx_reader import OnnxReader
+    from .graph_evidence import graph_evidence
+
+    readers = {id(r): r for r in getattr(src, "_owner", {}).values()}  # a file source's readers (sources.readers._FileSource)
+    onnx = [r for r in readers.values() if isinstance(r, OnnxReader)]
+    return graph_evidence(onnx[0]) if len(onnx) == 1 and len(readers) == 1 else None
 
 
 def _describe_source(source: Any, description: Mapping[str, Any], key: str | None) -> dict[str, Any]:

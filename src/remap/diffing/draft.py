@@ -55,6 +55,7 @@ EVIDENCE_NOTES = {
     "offset": "index offset",
     "structure": "by structure and shape",
     "module": "same name in the module",
+    "graph": "by role and shape in the ONNX graph",
     "shape": "by shape alone: check it",
 }
 
@@ -402,7 +403,7 @@ class _Plan:
     drop: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     prefix: dict[str, Any] | None = None
     rules: list[_Rule] = field(default_factory=list)
-    ops: list[tuple[str, Any, int]] = field(default_factory=list)  # (step kind, value, keys)
+    ops: list[tuple[str, Any, int, str]] = field(default_factory=list)  # (step kind, value, keys, why)
 
     def steps(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -416,7 +417,7 @@ class _Plan:
         for r in self.rules:
             if r.add:
                 out.append({"rename": {"from": r.pattern, "to": r.template, "add": dict(r.add)}})
-        for kind, value, _ in self.ops:
+        for kind, value, _, _ in self.ops:
             out.append({kind: value})
         return out
 
@@ -555,6 +556,8 @@ def _comment(rule_pairs: Sequence[Pair]) -> str:
     for how in ("by number", "as in the other instances"):  # how same-shaped keys were told apart
         if any(p.detail.endswith(", " + how) for p in rule_pairs):
             notes.append(f"same-shaped ones {how}")
+    if any(p.evidence == "graph" and "in the graph's order" in p.detail for p in rule_pairs):
+        notes.append("same-shaped ones by the graph's order against the forward pass's")
     n = len(rule_pairs)
     return f"# {n} key{'' if n == 1 else 's'}, " + "; ".join(notes)
 
@@ -611,11 +614,14 @@ def draft_rules(alignment: Alignment, *, path: str | os.PathLike[str] | None = N
             patterns = [r for r, _ in cover([p.target for p in ps], finals, subtrees=False)]
             match: Any = patterns[0] if len(patterns) == 1 else patterns
             if fix == "transpose":
-                plan.ops.append(("transpose", match, len(ps)))
+                square = sum(p.source_shape == p.target_shape for p in ps)  # a layout the role says, not the shape
+                why = ("shapes reversed" if not square else "stored (in, out) in the ONNX graph" if square == len(ps)
+                       else f"shapes reversed, or stored (in, out) in the ONNX graph ({square})")  # fmt: skip
+                plan.ops.append(("transpose", match, len(ps), why))
             elif fix == "permute":
-                plan.ops.append(("transpose", {"match": match, "dims": list(range(ndim - 1, -1, -1))}, len(ps)))
+                plan.ops.append(("transpose", {"match": match, "dims": list(range(ndim - 1, -1, -1))}, len(ps), "shapes reversed"))
             else:
-                plan.ops.append(("reshape", {"match": match, "shape": "target"}, len(ps)))
+                plan.ops.append(("reshape", {"match": match, "shape": "target"}, len(ps), "only size-1 dims differ"))
 
     missing = cover(missing_keys, [k for k in alignment.target if k not in alignment.tied])
     rules: dict[str, Any] = {"version": 1}
@@ -642,7 +648,8 @@ def _undeclared(alignment: Alignment, loads: bool) -> tuple[list[str], list[str]
     """The source and target keys the draft leaves undeclared, so that ``remap apply`` fails
     and names them until a person decides: every key of a choice; every leftover key that
     some leftover key on the other side could feed or take (a shape an op could fit, or a
-    merge/split candidate); and, when nothing at all pairs, every key (no declaration can
+    merge/split candidate); the keys the alignment ``held`` (a module an ONNX exporter folded
+    away: see its notes); and, when nothing at all pairs, every key (no declaration can
     rest on evidence then, and declaring them would pass a load of nothing). The rest, a
     leftover whose shape nothing on the other side could fit, is declared: that is evidence."""
     if not loads:
@@ -656,7 +663,7 @@ def _undeclared(alignment: Alignment, loads: bool) -> tuple[list[str], list[str]
     fit_t = {b for _, b in related}
     regrouped = {k for r in alignment.regroups for k in (*r.sources, *r.targets)}
     chosen_s = {s for c in alignment.choices for s in c.sources}
-    chosen_t = {t for c in alignment.choices for t in c.targets}
+    chosen_t = {t for c in alignment.choices for t in c.targets} | set(alignment.held)
     open_s = [k for k in alignment.source if k in chosen_s or (k in set(left_s) and (alignment.source[k].shape in fit_s or k in regrouped))]
     open_t = [k for k in alignment.target if k in chosen_t or (k in set(left_t) and (alignment.target[k].shape in fit_t or k in regrouped))]
     return open_s, open_t
@@ -820,8 +827,7 @@ def _yaml(alignment: Alignment, plan: _Plan, missing: list[tuple[str, tuple[str,
                 for r in plan.rules if r.add]  # fmt: skip
         lines += _aligned(long)
         ops = []
-        for kind, value, n in plan.ops:
-            what = "shapes reversed" if kind == "transpose" else "only size-1 dims differ"
+        for kind, value, n, what in plan.ops:
             ops.append((f"  - {kind}: {_flow(value)}", f"# {n} key{'' if n == 1 else 's'}, {what}"))
         lines += _aligned(ops)
         lines += [f"  # NOTE: {n}" for n in alignment.notes]
@@ -867,11 +873,16 @@ def _undeclared_comments(alignment: Alignment, open_: _Open) -> list[str]:
     if not open_.sources and not open_.targets:
         return []
     chosen = {k for c in alignment.choices for k in (*c.sources, *c.targets)}
+    held = [k for k in open_.targets if k in set(alignment.held) and k not in chosen]
     out = ["# UNDECLARED, so `remap apply` fails and lists them until you decide:"]
     if not alignment.pairs:
         out.append("#   nothing pairs on evidence, so nothing is declared: declaring every key would pass a load of nothing")
     elif chosen:
         out.append("#   ambiguous keys: choose with the commented renames in rules (or drop / expect.missing what you do not want)")
+    if held and alignment.pairs:
+        out.append(f"#   target keys of modules the ONNX graph folded away: {_fold(held, 3)}; see the NOTE in rules, then fuse "
+                   "them in the target or add them to expect.missing")  # fmt: skip
+        chosen |= set(held)
     for side, keys in (("source", open_.sources), ("target", open_.targets)):
         rest = [k for k in keys if k not in chosen]
         if rest and alignment.pairs:

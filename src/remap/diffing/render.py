@@ -45,7 +45,7 @@ Span = tuple[str, str]
 Line = tuple[Span, ...]
 
 STYLES = {"exact": "green", "prefix": "green", "suffix": "green", "offset": "green", "structure": "cyan",
-          "module": "cyan", "shape": "yellow"}  # fmt: skip
+          "module": "cyan", "graph": "cyan", "shape": "yellow"}  # fmt: skip
 
 
 def format_alignment(alignment: Alignment, *, verbose: bool = False) -> str:
@@ -208,7 +208,8 @@ def _conflicts(a: Alignment, verbose: bool) -> list[Line]:
     groups: dict[tuple[Any, ...], list[Pair]] = {}
     for p in conflicts:
         groups.setdefault((_skeleton(p.source), _skeleton(p.target), p.source_shape, p.target_shape), []).append(p)
-    lines: list[Line] = [(), ((f"Shape conflicts ({len(conflicts)}): paired, but the shapes differ", "bold"),)]
+    what = "shapes or layouts" if any(p.source_shape == p.target_shape for p in conflicts) else "shapes"  # a square weight stored transposed
+    lines: list[Line] = [(), ((f"Shape conflicts ({len(conflicts)}): paired, but the {what} differ", "bold"),)]
     body: list[Line] = []
     for (_, _, ss, ts), ps in groups.items():
         c = ps[0].conflict

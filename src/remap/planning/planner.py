@@ -182,8 +182,9 @@ def _make_plan(rules: Rules, source: Mapping[str, Any], target: Mapping[str, Any
     steps, cols, failures = _run_steps(rules.steps, src, StepContext(tgt))
     pairing = _pair(cols, tgt, rules, view)
     failures += pairing.failures
-    frozen, bn_names, freeze_failures = _plan_freeze(rules, tgt, batchnorm_modules or {})
-    failures += freeze_failures
+    saved, freeze_failures = _saved_frozen(rules, pairing, cols, source_handle, source_description)
+    frozen, bn_names, more_failures = _plan_freeze(rules, tgt, batchnorm_modules or {}, saved)
+    failures += freeze_failures + more_failures
     bn_prefixes = tuple(f"{n}." for n in bn_names) if rules.freeze.batchnorm == "frozen" else ()
     fates, unused_parts = cols.fates(pairing)
     tally = _tally(view, pairing, frozen, bn_prefixes, rules)
@@ -691,7 +692,21 @@ def _matcher(patterns: Iterable[str]) -> Callable[..., bool]:
     return lambda *keys: any(c.search(k) for c in compiled for k in keys if k is not None)
 
 
-def _plan_freeze(rules: Rules, tgt: Mapping[str, TargetMeta], bn: Mapping[str, str]) -> tuple[set[str], list[str], list[Failure]]:
+def _saved_frozen(rules: Rules, pairing: _Pairing, cols: _Columns, handle: Source | None,
+                  description: Mapping[str, Any] | None) -> tuple[set[str], list[Failure]]:  # fmt: skip
+    """``freeze.from_source``: the loaded target keys whose source tensors were saved frozen
+    (followed through renames: a target key's source keys), or why the source cannot say."""
+    if not rules.freeze.from_source:
+        return set(), []
+    loaded = {t: cols.sources(j) for t, j in pairing.loaded.items()}
+    d = description or {"kind": "metadata"}
+    named = f"{d.get('path') or 'the source'} is {d.get('format') or d.get('kind')}"
+    keys, problem = rules.freeze.saved_frozen(getattr(handle, "requires_grad", None), loaded, named)
+    return keys, [Failure("freeze", problem)] if problem else []
+
+
+def _plan_freeze(rules: Rules, tgt: Mapping[str, TargetMeta], bn: Mapping[str, str],
+                 saved: set[str] = frozenset()) -> tuple[set[str], list[str], list[Failure]]:  # fmt: skip
     spec = rules.freeze
     if not spec.active:
         return set(), [], []
@@ -701,7 +716,7 @@ def _plan_freeze(rules: Rules, tgt: Mapping[str, TargetMeta], bn: Mapping[str, s
         for p in patterns:
             if not any(compile_regex(p).search(k) for k in params):
                 failures.append(Failure("freeze", f"{label}: pattern {quote(p)} matched no parameter of the target"))
-    frozen = {k for k in params if _matches(spec.params, k) and not _matches(spec.except_, k)}
+    frozen = {k for k in params if (k in saved or _matches(spec.params, k)) and not _matches(spec.except_, k)}
     bn_names = []
     if spec.batchnorm != "keep":
         by_owner: dict[str, list[str]] = defaultdict(list)  # module name -> its own state keys
@@ -727,7 +742,7 @@ def _bn_in_region(own: list[str], tgt: Mapping[str, TargetMeta], frozen: set[str
     """A BatchNorm module follows ``params``: it is frozen when its affine parameters are
     (or, without affine parameters, when its running stats match the patterns); with no
     ``params`` at all, every BatchNorm module is."""
-    if not spec.params:
+    if not spec.params and not spec.from_source:
         return True
     params = [k for k in own if tgt[k].is_param]
     if params:

@@ -36,6 +36,7 @@ from .yaml_source import Locations, check_scalar, load_yaml
 __all__ = [
     "Rules",
     "SourceSpec",
+    "OptimizerSpec",
     "TargetSpec",
     "ShapePolicy",
     "Expect",
@@ -57,9 +58,47 @@ BATCHNORM_MODES = ("keep", "eval", "frozen")
 SHAPE_MODES = ("error", "skip")
 
 
+#: Suffixes that make a ``source.optimizer`` string a file rather than a key in the checkpoint.
+OPTIMIZER_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+OPTIMIZER_HPARAMS = ("new", "checkpoint")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Where the saved optimizer state is (``source.optimizer``), for ``remap.load(..., optimizer=opt)``.
+
+    ``key``: an entry of the checkpoint (``"optimizer"``; ``"a.b"`` for nested entries, a
+    number picks a list item: ``"optimizer_states.1"``). ``path``: a file of its own
+    (Hugging Face Trainer's ``optimizer.pt``), with ``key`` inside it when given.
+    ``hparams``: the param groups' hyperparameters from the ``new`` optimizer (default)
+    or from the ``checkpoint``. A string is a path when it holds a ``/`` or ends in .pt,
+    .pth, .bin or .ckpt (a folder path means its ``optimizer.pt``), else a key:
+
+    >>> OptimizerSpec.parse("optimizer_states.1"), OptimizerSpec.parse("ckpt/optimizer.pt").path
+    (OptimizerSpec(key='optimizer_states.1', path=None, hparams=None), 'ckpt/optimizer.pt')
+    """
+
+    key: str | None = None
+    path: str | None = None
+    hparams: str | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> OptimizerSpec:
+        """From ``source.optimizer``'s value: a string, or a mapping of key, path and hparams (schema-checked)."""
+        if isinstance(value, OptimizerSpec):
+            return value
+        if isinstance(value, os.PathLike):
+            return cls(path=os.fspath(value))
+        if isinstance(value, str):
+            looks_like_file = "/" in value or os.sep in value or value.lower().endswith(OPTIMIZER_FILE_SUFFIXES)
+            return cls(path=value) if looks_like_file else cls(key=value)
+        return cls(value.get("key"), value.get("path"), value.get("hparams"))
+
+
 @dataclass(frozen=True)
 class SourceSpec:
-    """Where the weights come from: a file ``path`` or a ``model`` factory."""
+    """Where the weights come from: a file ``path`` or a ``model`` factory; ``optimizer``:
+    where the saved optimizer state is, for a load given an optimizer."""
 
     path: str | None = None
     key: str | None = None
@@ -68,6 +107,7 @@ class SourceSpec:
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     trust_links: bool = False  # shards reached through links out of the index's folder (a HF cache is always fine)
+    optimizer: OptimizerSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -106,13 +146,38 @@ class Expect:
 
 @dataclass(frozen=True)
 class Freeze:
+    """``freeze:``: the target parameters that lose requires_grad after loading, and what BatchNorm does.
+
+    ``from_source: true`` freezes each loaded parameter whose source tensors were all saved
+    with ``requires_grad=False`` (a whole-model pickle or a TorchScript archive keeps the
+    flag; those saved True keep the target's own flag). ``params`` adds the parameters it
+    matches; ``except`` keeps the ones it matches trainable, whichever way they were chosen.
+    """
+
     params: tuple[str, ...] = ()
     except_: tuple[str, ...] = ()
     batchnorm: str = "keep"
+    from_source: bool = False
 
     @property
     def active(self) -> bool:
-        return bool(self.params) or self.batchnorm != "keep"
+        return bool(self.params) or self.batchnorm != "keep" or self.from_source
+
+    def saved_frozen(self, flags: Mapping[str, bool] | None, sources: Mapping[str, tuple[str, ...]],
+                     source: str) -> tuple[set[str], str | None]:  # fmt: skip
+        """``from_source``: the target keys (of ``sources``: target key -> its source keys,
+        after renames) whose source keys were all saved with requires_grad=False, and the
+        reason it cannot apply when the source (described by ``source``) kept no flags.
+
+        >>> Freeze(from_source=True).saved_frozen({"a": False, "b": True}, {"x": ("a",), "y": ("b",)}, "a.pt")
+        ({'x'}, None)
+        """
+        if not self.from_source:
+            return set(), None
+        if flags is None:
+            return set(), ("freeze.from_source needs a source that saved requires_grad (a whole-model pickle or a "
+                           f"TorchScript archive); {source}")  # fmt: skip
+        return {t for t, keys in sources.items() if keys and all(flags.get(k) is False for k in keys)}, None
 
 
 @dataclass(frozen=True)
@@ -161,6 +226,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "model": {"type": "string", "minLength": 1},
             "args": {"type": "array"},
             "kwargs": {"type": "object"},
+            "optimizer": {"type": ["string", "object"], "minLength": 1,
+                          "properties": {"key": {"type": "string", "minLength": 1}, "path": {"type": "string", "minLength": 1},
+                                         "hparams": {"enum": list(OPTIMIZER_HPARAMS)}},
+                          "additionalProperties": False},
         }
     ),
     "target": _obj({"model": {"type": "string", "minLength": 1}, "args": {"type": "array"}, "kwargs": {"type": "object"},
@@ -168,7 +237,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "rules": {"type": "array", "items": {"type": "object"}},
     "shapes": {"type": ["string", "object"]},
     "expect": _obj({"missing": PATTERNS, "unused": PATTERNS, "min_loaded": {"type": "number", "minimum": 0, "maximum": 1}}),
-    "freeze": _obj({"params": PATTERNS, "except": PATTERNS, "batchnorm": {"enum": list(BATCHNORM_MODES)}}),
+    "freeze": _obj({"params": PATTERNS, "except": PATTERNS, "batchnorm": {"enum": list(BATCHNORM_MODES)},
+                    "from_source": {"type": "boolean"}}),
     "verify": VERIFY_SCHEMA,
     "output": _obj({"report": {"type": "string", "minLength": 1}, "save": {"type": "string", "minLength": 1},
                     "max_shard_size": {"type": ["string", "integer"], "pattern": r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*$", "minimum": 1,
@@ -304,8 +374,9 @@ def _patterns(value: Any) -> tuple[str, ...]:
 
 def _source(d: dict[str, Any], ctx: _Context) -> SourceSpec:
     # With both, `path` holds the weights and `model` builds the source architecture (for verify).
+    optimizer = OptimizerSpec.parse(d["optimizer"]) if "optimizer" in d else None
     return SourceSpec(d.get("path"), d.get("key"), d.get("trust_pickle", False), d.get("model"),
-                      tuple(d.get("args", ())), dict(d.get("kwargs", {})), d.get("trust_links", False))  # fmt: skip
+                      tuple(d.get("args", ())), dict(d.get("kwargs", {})), d.get("trust_links", False), optimizer)  # fmt: skip
 
 
 def _target(d: dict[str, Any], ctx: _Context) -> TargetSpec:
@@ -456,7 +527,8 @@ def _build(data: Any, ctx: _Context, filename: str | None, base_dir: str | None)
         shapes=_shapes(data["shapes"], ctx) if "shapes" in data else ShapePolicy(),
         expect=Expect(_patterns(data.get("expect", {}).get("missing")), _patterns(data.get("expect", {}).get("unused")),
                       data.get("expect", {}).get("min_loaded")),  # fmt: skip
-        freeze=Freeze(_patterns(freeze.get("params")), _patterns(freeze.get("except")), freeze.get("batchnorm", "keep")),
+        freeze=Freeze(_patterns(freeze.get("params")), _patterns(freeze.get("except")), freeze.get("batchnorm", "keep"),
+                      freeze.get("from_source", False)),
         verify=VerifySpec.parse(data["verify"]) if "verify" in data else None,
         output=Output(data.get("output", {}).get("report"), data.get("output", {}).get("save"), data.get("output", {}).get("max_shard_size")),
         filename=filename,

@@ -11,6 +11,11 @@ package is still needed: for its table of tensor types and to dequantize.
 - F32, F16, BF16, F64 and I8..I64 tensors keep their dtype; quantized tensors (Q8_0, Q4_K,
   Q6_K, ...) are dequantized at read time, to float32 unless ``dequantize_to`` says float16
   or bfloat16, and ``entries[key]`` names the stored type.
+- The key/value metadata is kept in ``metadata`` (strings cut short, long arrays described,
+  never kept; ``arrays`` gives every array's item type and length, the vocabulary's size
+  among them), and summarised in ``notes`` for ``inspect`` (:meth:`_GGUFReader.summary`: file
+  type, context length, sizes and head counts, rope settings, tokenizer and vocabulary size,
+  tensors per stored type); ``inspect`` escapes what a terminal would act on.
 - Tensor data is read with plain reads into fresh memory (no mapping: a file truncated
   meanwhile is a SourceError, not a SIGBUS); quantized data is dequantized in row chunks, so
   the scratch beyond the result and its packed bytes stays small.
@@ -62,6 +67,40 @@ _PLAIN = {
 }  # fmt: skip
 _MAX_SIZE = 2**63 - 1
 _SHOWN = 200  # longest metadata string kept
+#: ``{arch}.`` keys that :meth:`_GGUFReader.summary` shows, in this order.
+_SIZE_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+              "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon",
+              "expert_count", "expert_used_count", "vocab_size")  # fmt: skip
+_MAX_ROPE = 12  # rope settings shown (a file has a handful)
+_SHOWN_TEXT = 60  # longest metadata string in a summary line
+_SHOWN_ITEMS = 8  # items of a metadata list in a summary line
+
+
+def _shown(value: Any) -> str:
+    """A metadata value for a summary line: short strings, floats as ``%g``, lists cut.
+
+    >>> _shown(10000.0), _shown([1, 2, 3]), _shown(list(range(20))), _shown("x" * 100)[-3:]
+    ('10000', '[1, 2, 3]', '[0, 1, 2, 3, 4, 5, 6, 7, … 20 items]', 'xx…')
+    """
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        items = ", ".join(_shown(v) for v in value[:_SHOWN_ITEMS])
+        return f"[{items}{f', … {len(value)} items' if len(value) > _SHOWN_ITEMS else ''}]"
+    text = str(value)
+    return text if len(text) <= _SHOWN_TEXT else text[: _SHOWN_TEXT - 1] + "…"
+
+
+def _file_type_name(value: int) -> str:
+    """``7`` -> ``MOSTLY_Q8_0`` (gguf's LlamaFileType), or ``unknown`` for a value it does not name."""
+    try:
+        from gguf.constants import LlamaFileType
+
+        return LlamaFileType(value).name
+    except (ImportError, ValueError):
+        return "unknown"
 
 
 def sniff(head: bytes, path: Path) -> bool:
@@ -211,9 +250,10 @@ def _type_name(vtype: int) -> str:
     return _SCALARS[vtype][0] if vtype in _SCALARS else {_STRING: "STRING", _ARRAY: "ARRAY"}.get(vtype, str(vtype))
 
 
-def _value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> Any:
+def _value(cur: _Cursor, vtype: int, key: str, depth: int = 0, arrays: dict[str, tuple[str, int]] | None = None) -> Any:
     """One metadata value: scalars and strings (cut to :data:`_SHOWN` characters) as they are,
-    arrays as a short description (short scalar arrays as a list); long arrays are skipped, not kept."""
+    arrays as a short description (short scalar arrays as a list); long arrays are skipped, not
+    kept. ``arrays`` gets (item type, length) of a top-level array."""
     if vtype in _SCALARS:
         _, code, size = _SCALARS[vtype]
         return cur.scalar(code, size, f"the value of {key!r}")
@@ -234,6 +274,8 @@ def _value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> Any:
     count = cur.u64(f"the length of {key!r}")
     if itype not in _SCALARS and itype not in (_STRING, _ARRAY):
         raise cur.fail(f"corrupt GGUF header: array {key!r} has item type {itype}, expected 0 to 12")
+    if arrays is not None:
+        arrays[key] = (_type_name(itype), count)
     if count * _min_size(itype) > cur.left:
         raise cur.fail(
             f"corrupt GGUF header: array {key!r} claims {count:,} items of type {_type_name(itype)} "
@@ -272,6 +314,9 @@ class _GGUFReader(_Reader):
         #: The file's key/value metadata (``general.architecture``, ``llama.block_count``, ...): long
         #: strings cut short, arrays described (``"array of 32,000 STRING"``), not kept.
         self.metadata: dict[str, Any] = {}
+        #: key -> (item type, length) of each array in the metadata (``tokenizer.ggml.tokens``:
+        #: ``("STRING", 32000)``), whether it was kept or only described.
+        self.arrays: dict[str, tuple[str, int]] = {}
         #: key -> where and how each tensor is stored.
         self.tensors: dict[str, GGUFTensor] = {}
         where = str(path)
@@ -314,7 +359,7 @@ class _GGUFReader(_Reader):
             if name in self.metadata:
                 raise cur.fail(f"corrupt GGUF header: the metadata key {name!r} appears twice")
             vtype = cur.u32(f"the value type of {name!r}")
-            self.metadata[name] = _value(cur, vtype, name)
+            self.metadata[name] = _value(cur, vtype, name, arrays=self.arrays)
             if name == "general.alignment":
                 alignment = self.metadata[name]
                 if vtype != 4 or alignment == 0 or alignment & (alignment - 1):
@@ -396,10 +441,44 @@ class _GGUFReader(_Reader):
         arch, name = self.metadata.get("general.architecture"), self.metadata.get("general.name")
         if isinstance(arch, str):
             self.notes.append(f"architecture {arch}" + (f", {name}" if isinstance(name, str) else ""))
+        self.notes += self.summary()
         count, no = self.metadata.get("split.count"), self.metadata.get("split.no")
         if isinstance(count, int) and count > 1:
             which = no + 1 if isinstance(no, int) else "?"
             self.notes.append(f"split {which} of {count}: the other files of the split hold more tensors")
+
+    def summary(self) -> list[str]:
+        """What the metadata says about the model, one short line per topic, for ``inspect``:
+        file type, sizes (context length, embedding, blocks, heads), rope settings, tokenizer
+        model and vocabulary size. Values are shortened (:func:`_shown`); lines without a
+        value are left out. The exact values are in :attr:`metadata`.
+
+        A file whose header says ``general.file_type = 7`` and ``llama.context_length = 2048``
+        gives ``file type MOSTLY_Q8_0 (general.file_type 7)`` and ``model: context_length 2048``.
+        """
+        md = self.metadata
+        lines = []
+        file_type = md.get("general.file_type")
+        if isinstance(file_type, int) and not isinstance(file_type, bool):
+            lines.append(f"file type {_file_type_name(file_type)} (general.file_type {file_type})")
+        arch = md.get("general.architecture")
+        if isinstance(arch, str) and arch:
+            sizes = [(k, md.get(f"{arch}.{k}")) for k in _SIZE_KEYS]
+            shown = [f"{k.removeprefix('attention.')} {_shown(v)}" for k, v in sizes if v is not None]
+            if shown:
+                lines.append("model: " + ", ".join(shown))
+            rope = [(k, v) for k, v in md.items() if k.startswith(f"{arch}.rope.")][:_MAX_ROPE]
+            if rope:
+                lines.append("rope: " + ", ".join(f"{k.removeprefix(f'{arch}.rope.')} {_shown(v)}" for k, v in rope))
+        tok = [f"model {_shown(md['tokenizer.ggml.model'])}"] if "tokenizer.ggml.model" in md else []
+        if "tokenizer.ggml.pre" in md:
+            tok.append(f"pre-tokenizer {_shown(md['tokenizer.ggml.pre'])}")
+        vocab = self.arrays.get("tokenizer.ggml.tokens")
+        if vocab is not None:
+            tok.append(f"vocabulary {vocab[1]:,} tokens")
+        if tok:
+            lines.append("tokenizer: " + ", ".join(tok))
+        return lines
 
     # ------------------------------------------------------------------ data
 

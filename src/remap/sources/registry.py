@@ -43,6 +43,8 @@ FORMATS: tuple[Format, ...] = (
     Format("npz", "remap.sources.numpy_reader", "numpy", "a NumPy archive or array (.npz, .npy)"),
     Format("gguf", "remap.sources.gguf_reader", "gguf", "a GGUF file (.gguf)"),
     Format("keras", "remap.sources.keras_reader", "keras", "a Keras file (.keras, .weights.h5, .h5)"),
+    Format("msgpack", "remap.sources.msgpack_reader", None, "a Flax msgpack file (.msgpack)"),
+    Format("tf", "remap.sources.tf_bundle_reader", None, "a TensorFlow checkpoint (.index + .data-*)"),
 )
 
 
