@@ -336,14 +336,14 @@ def _stalled_save(path: Path, *, shard: str | None) -> int:
         import remap.loading.saving as saving
         real = saving._safetensors_save
         count = 0
-        def stall(tensors, tmp, tied):
+        def stall(tensors, tmp, tied, metadata=None):
             global count
             count += 1
             if count == 2 or {shard is None}:
                 tmp.write_bytes(b"half a tensor" * 1000)
                 print("stalled", flush=True)
                 time.sleep(120)
-            real(tensors, tmp, tied)
+            real(tensors, tmp, tied, metadata)
         saving._safetensors_save = stall
         m = torch.nn.Module()
         for i in range(4):

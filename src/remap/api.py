@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,10 +23,11 @@ from .rules.parse import Rules, load_rules, parse_rules
 if TYPE_CHECKING:
     import torch
 
+    from .exporting.report import ExportReport
     from .report.records import Report
     from .sources.readers import Source
 
-__all__ = ["load", "plan", "resolve_rules", "build_target", "open_rules_source"]
+__all__ = ["load", "plan", "export", "resolve_rules", "build_target", "open_rules_source"]
 
 def resolve_rules(rules: Any) -> Rules:
     """A path (str or PathLike), a dict, :class:`Rules`, or None (no steps: names must match)."""
@@ -156,6 +158,10 @@ def load(
     verify: bool = False,
     mmap_weights: bool = False,
     rollback: bool = True,
+    optimizer: Any = None,
+    optimizer_state: Any = None,
+    optimizer_hparams: str | None = None,
+    scheduler: Any = None,
 ) -> Report:
     """Plan, check, load with ``strict=False`` and freeze; returns the :class:`Report`.
 
@@ -183,8 +189,23 @@ def load(
     memory that costs a host-memory copy of the tensors being loaded, for the duration of
     the load; ``rollback=False`` saves that copy, and such a failure may then leave the
     module partly loaded. A meta-device target is put back at no cost.
+
+    ``optimizer`` (a ``torch.optim.Optimizer`` over ``model``'s parameters) loads the saved
+    optimizer state too, each parameter's state (Adam's moments, SGD's momentum, ``step``)
+    through the same plan as its weight: renamed, transposed, merged, split with it. It
+    comes from ``optimizer_state`` (a key in the checkpoint such as ``"optimizer"`` or
+    ``"optimizer_states.0"``, a path such as ``"ckpt/optimizer.pt"``, or the state_dict
+    itself), else the rules' ``source.optimizer``, else the checkpoint's ``optimizer`` /
+    ``optimizer_states`` entry or an ``optimizer.pt`` beside a folder source (the report
+    says which). ``optimizer_hparams``: the param groups' hyperparameters from the ``"new"``
+    optimizer (default) or the ``"checkpoint"``. Scheduler, grad-scaler and RNG states found
+    beside it are handed back in ``report.optimizer.passthrough_values``; ``scheduler``
+    loads the saved scheduler state into it. A failure leaves the module, the optimizer and
+    the scheduler as they were; ``report.optimizer`` accounts for every state entry.
     """
     r = resolve_rules(rules)
+    if optimizer is None and (optimizer_state is not None or optimizer_hparams is not None or scheduler is not None):
+        raise UsageError("optimizer_state, optimizer_hparams and scheduler need optimizer= (the optimizer to load the state into)")
     if verify and r.verify is None:
         raise UsageError("verify was asked for (--verify, verify=True), but the rules have no `verify` section "
                          "(e.g. `verify: {input: [1, 3, 224, 224]}`)")  # fmt: skip
@@ -206,8 +227,17 @@ def load(
     try:
         p = _make(r, module, src, built=model is None)
         try:
-            result = p.apply(module, dry_run=dry_run, device=device, dtype=dtype or r.target.dtype,
-                             batch_bytes=batch_bytes, progress=progress, mmap_weights=mmap_weights, rollback=rollback)  # fmt: skip
+            carried = None
+            if optimizer is not None and p.ok:  # a failing plan is refused by apply, as without an optimizer
+                from .loading.optimizer import carry_optimizer
+
+                carried = carry_optimizer(p, module, optimizer, r, src, source=source, optimizer_state=optimizer_state,
+                                          hparams=optimizer_hparams, scheduler=scheduler, trust_pickle=trust_pickle)  # fmt: skip
+            with carried.committed() if carried is not None and not dry_run else contextlib.nullcontext():
+                result = p.apply(module, dry_run=dry_run, device=device, dtype=dtype or r.target.dtype,
+                                 batch_bytes=batch_bytes, progress=progress, mmap_weights=mmap_weights, rollback=rollback)  # fmt: skip
+            if carried is not None:
+                result = result.replace(optimizer=carried.record)
             if verify and not dry_run:
                 result = _verify(r, src, module, result)
         except CheckError as exc:
@@ -292,3 +322,68 @@ def _write_report(report: Report, path: Path) -> None:
     from .loading.saving import write_text_atomic
 
     write_text_atomic(path, report.to_json() + "\n")
+
+
+def export(
+    model: Any,
+    rules: Any = None,
+    *,
+    like: Any = None,
+    save: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | None = None,
+    only_loaded: bool = False,
+    allow_lossy: bool = False,
+    key: str | None = None,
+    like_key: str | None = None,
+    trust_pickle: bool | None = None,
+    trust_links: bool | None = None,
+) -> ExportReport:
+    """The rules run backwards: ``model`` (a fine-tuned module, its state_dict, or a checkpoint
+    path; ``key`` says where a checkpoint nests its weights) written in the names, shapes,
+    dtypes, format and shard layout of ``like``, the original the rules load from (a path,
+    a state_dict; default: the rules' ``source``, with ``like_key`` or ``source.key``).
+
+    The forward plan from ``like`` onto ``model``'s keys must pass its checks; each op is
+    inverted from that plan (a slice is written back into ``like``'s tensor, a pad cut off,
+    ``adapt`` keeps ``like``'s tensor, or with ``allow_lossy`` computes an approximate
+    inverse); ``like``'s keys the rules dropped come from ``like`` unchanged (``only_loaded``:
+    left out); target keys no source fed are left out. Before anything is written the
+    export is proven to round-trip (the exported keys planned forward give the same target
+    keys, every shape and dtype is ``like``'s, exactly inverted keys load back bit for bit);
+    else :class:`~remap.errors.CheckError`, nothing written. ``save`` writes it atomically
+    (a file of ``like``'s format, or for a sharded ``like`` a folder or ``*.index.json``
+    path); ``report`` the JSON report. Returns the :class:`~remap.exporting.report.ExportReport`;
+    its ``state_dict`` holds the exported tensors.
+
+    >>> import torch, remap
+    >>> rules = {"version": 1, "rules": [{"strip_prefix": "module."}]}
+    >>> out = remap.export(torch.nn.Linear(2, 1), rules, like={"module.weight": torch.zeros(1, 2), "module.bias": torch.zeros(1)})
+    >>> list(out.state_dict), out.ok
+    (['module.weight', 'module.bias'], True)
+    """
+    from .exporting.export import Finetuned, run_export
+
+    r = resolve_rules(rules)
+    report_path = Path(report) if report is not None else None
+    if report_path is not None:
+        from .files import refuse_non_regular_target
+
+        refuse_non_regular_target(report_path, error=UsageError, what="report (--report)")
+    if like is None and r.source.path is None and r.source.model is None:
+        raise UsageError("no original to export back to (--like, like=ORIGINAL): give one, or set source.path in the rules")
+    original = open_rules_source(like, r, key=like_key, trust_pickle=trust_pickle, trust_links=trust_links)
+    try:
+        finetuned = Finetuned.of(model, key=key, trust_pickle=bool(trust_pickle), trust_links=bool(trust_links))
+        try:
+            result = run_export(r, finetuned, original, save=save, only_loaded=only_loaded, allow_lossy=allow_lossy)
+        except CheckError as exc:
+            if report_path is not None:
+                _write_report(exc.report, report_path)  # type: ignore[arg-type]
+            raise
+        finally:
+            finetuned.close()
+    finally:
+        original.close()
+    if report_path is not None:
+        _write_report(result, report_path)  # type: ignore[arg-type]
+    return result

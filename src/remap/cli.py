@@ -164,7 +164,39 @@ def _parser() -> _Parser:
     d.add_argument("--force", action="store_true", help="let --write replace an existing file")
     d.add_argument("--json", action="store_true", help="print the alignment as JSON (a JSON error object on errors)")
     d.add_argument("-v", "--verbose", action="store_true", help="show every row")
-    p.commands = {"apply": a, "validate": v, "inspect": i, "diff": d}
+    e = sub.add_parser(
+        "export",
+        help="the rules backwards: a fine-tuned checkpoint in the original's names, shapes, dtypes and layout",
+        description="Plan the rules forward from the original (--like) onto the fine-tuned keys, run every op backwards, "
+                    "prove the result round-trips (planned forward again it gives the same target keys; every shape and "
+                    "dtype is the original's), then write it in the original's format, metadata and shards. Keys the rules "
+                    "dropped come from --like unchanged; a slice is written back into --like's tensor, a pad cut off; "
+                    "adapt (in_channels, interpolate) keeps --like's tensor unless --allow-lossy. Without --save nothing "
+                    "is written: the export is planned, computed and proven.",
+        epilog=_epilog([0, 1, 2, 3, 4], [
+            "remap export configs/timm-vit-to-torchvision.yaml --from finetuned.pt --like vit.safetensors --save out/vit.safetensors",
+            "remap export rules.yaml --from ft.safetensors --like hub/model.safetensors.index.json --save out/ --json",
+        ]),
+    )  # fmt: skip
+    e.add_argument("rules", metavar="RULES.yaml", help="the rules that load the original (--like) into the fine-tuned model")
+    e.add_argument("--from", dest="from_", metavar="FINETUNED", required=True,
+                   help="the fine-tuned checkpoint, in the target's names (file or folder; or a module.path:callable factory)")  # fmt: skip
+    e.add_argument("--like", metavar="ORIGINAL", help="the original checkpoint the rules load from (default: source in the rules)")
+    e.add_argument("--save", metavar="OUT", help="write the export here: a file of the original's format, or for a sharded "
+                                                 "original a folder or a *.index.json path")  # fmt: skip
+    e.add_argument("--only-loaded", action="store_true", help="leave out the original's keys that no target key came from "
+                                                             "(default: written unchanged from --like)")  # fmt: skip
+    e.add_argument("--allow-lossy", action="store_true", help="where an op cannot be inverted (adapt), compute an approximate "
+                                                             "inverse instead of keeping --like's tensor")  # fmt: skip
+    e.add_argument("--from-key", metavar="A.B", help="where the weights sit inside the --from checkpoint dict (default: auto-detected)")
+    e.add_argument("--like-key", metavar="A.B", help="where the weights sit inside the --like checkpoint dict (default: source.key, else auto-detected)")
+    e.add_argument("--trust-pickle", action="store_true", help=_TRUST_HELP)
+    e.add_argument("--trust-links", action="store_true", help=_LINKS_HELP)
+    e.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    e.add_argument("--json", action="store_true", help="print the JSON report instead of the text (a JSON error object on errors)")
+    e.add_argument("-v", "--verbose", action="store_true", help="show every key group")
+    e.add_argument("-q", "--quiet", action="store_true", help="print no report: only errors, each failed check's reason and the verdict")
+    p.commands = {"apply": a, "validate": v, "inspect": i, "diff": d, "export": e}
     return p
 
 
@@ -519,4 +551,34 @@ def _diff(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-_COMMANDS = {"apply": _apply, "validate": _validate, "inspect": _inspect, "diff": _diff}
+def _export(args: argparse.Namespace, out: TextIO) -> int:
+    from .api import export
+    from .exporting.report import format_export
+
+    def render(report: Any) -> None:
+        if args.json:
+            print(report.to_json(), file=out)
+        elif not args.quiet:
+            print(format_export(report, verbose=args.verbose), file=out)
+
+    try:
+        report = export(args.from_, args.rules, like=args.like, save=args.save, report=args.report, only_loaded=args.only_loaded,
+                        allow_lossy=args.allow_lossy, key=args.from_key, like_key=args.like_key,
+                        trust_pickle=args.trust_pickle or None, trust_links=args.trust_links or None)  # fmt: skip
+    except CheckError as exc:  # the export's own report, not a load's
+        render(exc.report)
+        if args.quiet and not args.json:
+            _print_failures(exc.report, sys.stderr)
+        print(f"remap: {printable(exc.message.split(chr(10))[0])}", file=sys.stderr)
+        return exc.exit_code
+    except RemapError as exc:
+        found = _KEY_HINT.search(exc.message)
+        if found is None:
+            raise
+        flag = "--from-key" if exc.where is not None and exc.where == str(args.from_) else "--like-key"  # which file wants a key
+        raise type(exc)(_KEY_HINT.sub(f"with {flag} {found[1] or 'A.B'}", exc.message), where=exc.where) from None
+    render(report)
+    return 0
+
+
+_COMMANDS = {"apply": _apply, "validate": _validate, "inspect": _inspect, "diff": _diff, "export": _export}

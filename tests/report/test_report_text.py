@@ -28,6 +28,8 @@ from remap.report.render import format_count, format_percent, format_report
 from test_conversions import _hf_gpt2, pretrained_like
 from test_keras_conversion import save_keras_model
 from test_onnx_gguf_conversions import gguf_source, onnx_source
+from test_pickled_model_conversion import save_old_model
+from test_tf_conversion import tf_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -63,6 +65,12 @@ def _gpt2_folder(folder: Path) -> str:
     return str(folder / "gpt2")
 
 
+def _flax_file(folder: Path) -> Path:
+    from test_flax_conversion import flax_variables, save_flax
+
+    return save_flax(folder, flax_variables())
+
+
 @dataclass(frozen=True)
 class Case:
     """A config run as its comment says: a generated source and the target to load into
@@ -85,6 +93,11 @@ CASES = {
                                 "torchvision.models:resnet18"),
     "mha-to-qkv": Case("mha-to-qkv.yaml", lambda d: _save(pretrained_like(cm.mha()).state_dict(), d), "conversion_models:QKVAttention"),
     "onnx-to-module": Case("onnx-to-module.yaml", onnx_source, "test_onnx_gguf_conversions:ConvBnNet"),
+    "pickled-model-renamed-class": Case("pickled-model-renamed-class.yaml", lambda d: str(save_old_model(d).path),
+                                        "test_pickled_model_conversion:NewNet"),
+    "flax-to-torch": Case("flax-to-torch.yaml", lambda d: str(_flax_file(d)), "test_flax_conversion:TorchNet"),
+    "tf-checkpoint-to-torch": Case("tf-checkpoint-to-torch.yaml", lambda d: str(tf_checkpoint() / "ckpt" / "ckpt-1"),
+                                   "test_tf_conversion:TorchNet"),
     "qkv-to-mha": Case("qkv-to-mha.yaml", lambda d: _save(pretrained_like(cm.QKVAttention()).state_dict(), d), "conversion_models:mha"),
     "resnet-stem-in-channels": Case("resnet-stem-in-channels.yaml", lambda d: _save(_resnet18(), d), "conversion_models:resnet18_gray"),
     "timm-resnet-to-torchvision": Case("timm-resnet-to-torchvision.yaml", lambda d: _save(_timm("resnet18"), d),

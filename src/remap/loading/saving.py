@@ -27,7 +27,7 @@ from ..files import refuse_non_regular_target
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["atomic_path", "write_text_atomic", "save_state_dict", "parse_size", "save_format", "check_savable",
+__all__ = ["atomic_path", "write_text_atomic", "save_state_dict", "save_tensors", "parse_size", "save_format", "check_savable",
            "clean_stale_temporaries", "SAVE_FORMATS", "TEMPORARY_PATTERN"]  # fmt: skip
 
 SAVE_FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch"}
@@ -364,6 +364,33 @@ def save_state_dict(module: torch.nn.Module, path: str | os.PathLike[str], *, ma
     return _write_sharded(shards, Path(path), fmt, tied)
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], *, shards: list[list[str]] | None = None,
+                 metadata: list[dict[str, str] | None] | None = None, index_metadata: dict[str, Any] | None = None,
+                 nest: tuple[str, ...] = (), what: str = "save") -> dict[str, Any]:  # fmt: skip
+    """Write ``tensors`` atomically in a layout given from outside (``remap export`` keeps the
+    original's), with :func:`save_state_dict`'s guarantees: a single file, or with ``shards``
+    (lists of keys, in order) one file per list named ``name-0000i-of-0000N.ext`` and the
+    index ``name.ext.index.json`` written last. ``metadata`` is each file's safetensors
+    ``__metadata__`` (None: remap's own); ``index_metadata`` the index's ``metadata`` (its
+    ``total_size`` recomputed); ``nest`` the keys a torch.save file holds the tensors under
+    (``("state_dict",)`` writes ``{"state_dict": tensors}``). Returns a description.
+    """
+    fmt = save_format(path, what=what)
+    final = Path(path)
+    _check_targets(final, sharded=shards is not None, what=what)
+    if shards is None:
+        full: Any = tensors
+        for name in reversed(nest):
+            full = {name: full}
+        with _folder_lock(final.parent):
+            clean_stale_temporaries(final.parent)
+        _write(tensors, final, fmt, {}, full if fmt == "torch" else None, commit=lambda: _retire_index(final),
+               metadata=metadata[0] if metadata else None)  # fmt: skip
+        return {"path": str(path), "format": fmt}
+    groups = [{k: tensors[k] for k in keys} for keys in shards]
+    return _write_sharded(groups, final, fmt, {}, metadata=metadata, index_metadata=index_metadata)
+
+
 def check_savable(module: torch.nn.Module, path: str | os.PathLike[str], *, sharded: bool = False, what: str = "save") -> None:
     """Raise the UsageError a save of ``module`` to ``path`` would raise for its format, before
     anything is loaded: an unknown suffix, or state_dict entries that are not tensors (a
@@ -461,7 +488,7 @@ def _shard(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch
 
 
 def _write(tensors: dict[str, torch.Tensor], path: Path, fmt: str, tied: dict[str, str], full: dict[str, Any] | None = None,
-           *, commit: Callable[[], None] | None = None) -> None:  # fmt: skip
+           *, commit: Callable[[], None] | None = None, metadata: dict[str, str] | None = None) -> None:  # fmt: skip
     """One file, atomically. A write the file system refuses (disk full, file too large)
     is the OSError it is, so :func:`atomic_path` reports it and keeps the previous file,
     whichever library wrote."""
@@ -469,7 +496,7 @@ def _write(tensors: dict[str, torch.Tensor], path: Path, fmt: str, tied: dict[st
         if fmt == "torch":
             _torch_save(full if full is not None else tensors, tmp)
         else:
-            _safetensors_save(tensors, tmp, tied)
+            _safetensors_save(tensors, tmp, tied, metadata)
 
 
 class _Sink:
@@ -509,10 +536,10 @@ def _torch_save(obj: Any, tmp: Path) -> None:
 _IO_ERROR = re.compile(r"I/O error: (?P<text>.*?) \(os error (?P<errno>\d+)\)")
 
 
-def _safetensors_save(tensors: dict[str, torch.Tensor], tmp: Path, tied: dict[str, str]) -> None:
+def _safetensors_save(tensors: dict[str, torch.Tensor], tmp: Path, tied: dict[str, str], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    meta = {"format": "pt", "remap.tied": ",".join(f"{a}={b}" for a, b in tied.items())}
+    meta = {"format": "pt", "remap.tied": ",".join(f"{a}={b}" for a, b in tied.items())} if metadata is None else (dict(metadata) or None)
     try:
         save_file(tensors, str(tmp), metadata=meta)
     except Exception as exc:  # SafetensorError: the OS error is in its text, "I/O error: ... (os error 28)"
@@ -522,7 +549,8 @@ def _safetensors_save(tensors: dict[str, torch.Tensor], tmp: Path, tied: dict[st
         raise OSError(int(found["errno"]), os.strerror(int(found["errno"]))) from None
 
 
-def _write_sharded(shards: list[dict[str, torch.Tensor]], path: Path, fmt: str, tied: dict[str, str]) -> dict[str, Any]:
+def _write_sharded(shards: list[dict[str, torch.Tensor]], path: Path, fmt: str, tied: dict[str, str], *,
+                   metadata: list[dict[str, str] | None] | None = None, index_metadata: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Shards under names this save alone holds, then the index, then the previous set goes.
 
     The names are chosen and claimed (a ``.shards`` claim file) under the folder's save
@@ -543,11 +571,12 @@ def _write_sharded(shards: list[dict[str, torch.Tensor]], path: Path, fmt: str, 
         claim = _claim(folder, stem, index_path.name, names)
     published = False
     try:
-        for name, shard in zip(names, shards):
-            _write(shard, folder / name, fmt, tied)
+        for n, (name, shard) in enumerate(zip(names, shards)):
+            _write(shard, folder / name, fmt, tied, metadata=metadata[n] if metadata else None)
         weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+        total = sum(_nbytes(t) for shard in shards for t in shard.values())
         index = {
-            "metadata": {"total_size": sum(_nbytes(t) for shard in shards for t in shard.values()), "remap.tied": tied},
+            "metadata": {"total_size": total, "remap.tied": tied} if index_metadata is None else {**index_metadata, "total_size": total},
             "weight_map": {**weight_map, **{alias: weight_map[first] for alias, first in tied.items()}} if fmt == "torch" else weight_map,
         }
         with _folder_lock(folder):

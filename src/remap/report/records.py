@@ -35,9 +35,17 @@ __all__ = [
     "Totals",
     "FreezeRecord",
     "Report",
+    "OPTIMIZER_SCHEMA_VERSION",
+    "OptimizerReport",
+    "OptimizerTargetRecord",
+    "OptimizerSourceRecord",
+    "OptimizerGroupRecord",
+    "PassthroughRecord",
 ]
 
 REPORT_SCHEMA_VERSION = 1
+#: Version of the report's ``optimizer`` section, on its own: additive changes keep it.
+OPTIMIZER_SCHEMA_VERSION = 1
 
 # Target statuses
 LOADED = "loaded"  # written from the source
@@ -133,6 +141,7 @@ FAILURE_KINDS = (
     "freeze",  # a freeze pattern matched nothing, or batchnorm cannot apply
     "tied_conflict",  # two source tensors for one tied parameter differ
     "verify",  # the loaded target's outputs differ from the source model's
+    "optimizer",  # the saved optimizer state does not fit the plan (a moment's shape, a name no source key has)
 )
 
 
@@ -168,6 +177,142 @@ class FreezeRecord:
     batchnorm_modules: tuple[str, ...] = ()
 
 
+# Optimizer state: what happened to each parameter of the new optimizer, and to each saved one
+OPT_LOADED = "loaded"  # its saved state followed it through the plan
+OPT_RESET = "reset"  # it starts with no state (``reason`` says why)
+OPT_FAILED = "failed"  # its state cannot be mapped: a failure names it, nothing was written
+OPT_DISCARDED = "discarded"  # a saved parameter's state that reaches no parameter of the new optimizer
+OPT_STATELESS = "stateless"  # a saved parameter without state (never stepped)
+
+
+@dataclass(frozen=True)
+class OptimizerTargetRecord:
+    """One parameter of the new optimizer, by its name in the target module.
+
+    ``status`` is loaded, reset or failed; ``sources`` are the saved parameters its state
+    came from, ``ops`` the plan's ops it went through, ``state`` the state entries it
+    holds now (``exp_avg``, ``step``, ...); ``group`` is its param group in the new optimizer.
+    """
+
+    key: str
+    status: str
+    group: int
+    sources: tuple[str, ...] = ()
+    ops: tuple[str, ...] = ()
+    state: tuple[str, ...] = ()
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class OptimizerSourceRecord:
+    """One parameter of the saved optimizer: ``index`` is its position in the saved state,
+    ``key`` the name it had (a source key); ``fate`` is used, discarded, stateless or failed;
+    ``targets`` the target keys it reached (took its state, when used)."""
+
+    key: str
+    index: int
+    fate: str
+    group: int
+    targets: tuple[str, ...] = ()
+    state: tuple[str, ...] = ()
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class OptimizerGroupRecord:
+    """One param group of the new optimizer: where its hyperparameters come from (``new``
+    or ``checkpoint``), the saved groups whose parameters it took, and the
+    hyperparameters whose values differ between the two."""
+
+    index: int
+    params: int
+    hparams_from: str
+    checkpoint_groups: tuple[int, ...] = ()
+    differs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PassthroughRecord:
+    """A piece of training state found beside the optimizer state (``role``: lr_scheduler,
+    grad_scaler or rng_state), handed back unchanged in ``value`` (not in the JSON);
+    ``loaded`` says whether remap loaded it into an object the caller passed."""
+
+    name: str
+    role: str
+    where: str
+    description: str
+    loaded: bool = False
+    value: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class OptimizerReport:
+    """What a load with ``optimizer=`` did to the optimizer: the report's ``optimizer``
+    section (its own ``schema`` version, :data:`OPTIMIZER_SCHEMA_VERSION`).
+
+    ``source`` says where the saved state was (``kind``: key, file or state_dict; ``path``,
+    ``key``, ``detected``), ``names`` how saved positions got names (``param_names`` saved
+    by torch, or ``source.model``'s parameter order), ``hparams`` where the groups'
+    hyperparameters come from. ``passthrough_values`` hands back the scheduler, scaler and
+    RNG states found beside the optimizer state.
+    """
+
+    optimizer: str
+    source: dict[str, Any]
+    names: str
+    hparams: str
+    groups: tuple[OptimizerGroupRecord, ...] = ()
+    targets: tuple[OptimizerTargetRecord, ...] = ()
+    sources: tuple[OptimizerSourceRecord, ...] = ()
+    passthrough: tuple[PassthroughRecord, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def passthrough_values(self) -> dict[str, Any]:
+        """``{name: value}`` of what was passed through (``{"lr_scheduler": {...}, "scaler.pt": {...}}``)."""
+        return {p.name: p.value for p in self.passthrough}
+
+    def totals(self) -> dict[str, int]:
+        """Counts of the two sides: ``params`` (new optimizer) by status, ``saved`` by fate."""
+        def count(values: Sequence[str], words: tuple[str, ...]) -> dict[str, int]:
+            return {w: sum(1 for v in values if v == w) for w in words}
+
+        return {"params": len(self.targets), **count([t.status for t in self.targets], (OPT_LOADED, OPT_RESET, OPT_FAILED)),
+                "saved": len(self.sources), **{f"saved_{k}": v for k, v in count([s.fate for s in self.sources],
+                                                (USED, OPT_DISCARDED, OPT_STATELESS, OPT_FAILED)).items()}}  # fmt: skip
+
+    def target_record(self, key: str) -> OptimizerTargetRecord:
+        """The record of one parameter of the new optimizer (KeyError when it has none)."""
+        for rec in self.targets:
+            if rec.key == key:
+                return rec
+        raise KeyError(key)
+
+    def source_record(self, key: str) -> OptimizerSourceRecord:
+        """The record of one saved parameter, by name (KeyError when there is none)."""
+        for rec in self.sources:
+            if rec.key == key:
+                return rec
+        raise KeyError(key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form of the section; per-parameter records by name, as the report's own."""
+        return _lists({
+            "schema": OPTIMIZER_SCHEMA_VERSION,
+            "optimizer": self.optimizer,
+            "source": self.source,
+            "names": self.names,
+            "hparams": self.hparams,
+            "totals": self.totals(),
+            "groups": [asdict(g) for g in self.groups],
+            "passthrough": {p.name: {"role": p.role, "where": p.where, "description": p.description, "loaded": p.loaded}
+                            for p in self.passthrough},
+            "notes": list(self.notes),
+            "targets": _by_key(self.targets),
+            "sources": _by_key(self.sources),
+        })  # fmt: skip
+
+
 @dataclass(frozen=True, repr=False)
 class Report:
     """The full account of one apply or dry run. ``ok`` is true iff ``failures`` is empty.
@@ -189,6 +334,7 @@ class Report:
     freeze: FreezeRecord = field(default_factory=FreezeRecord)
     stats: dict[str, Any] = field(default_factory=dict)
     verify: dict[str, Any] = field(default_factory=dict)
+    optimizer: OptimizerReport | None = None  # set by a load given an optimizer
 
     @property
     def ok(self) -> bool:
@@ -271,6 +417,7 @@ class Report:
             "freeze": asdict(self.freeze),
             "stats": self.stats,
             "verify": self.verify,
+            "optimizer": self.optimizer.to_dict() if self.optimizer is not None else {},
         })
 
     def to_json(self, *, indent: int | None = 2) -> str:
@@ -289,15 +436,27 @@ class Report:
         d = self.to_dict()
         if indent is None:
             return json.dumps(d, default=_jsonable)
-        records = {name: d.pop(name) for name in ("targets", "sources")}
-        head = json.dumps(d, indent=indent, default=_jsonable)
-        line = json.JSONEncoder(default=_jsonable).encode
-        pad, pad2 = " " * indent, " " * (2 * indent)
-        parts = []
-        for name, by_key in records.items():
-            rows = ",\n".join(f"{pad2}{line(k)}: {line(v)}" for k, v in by_key.items())
-            parts.append(f'{pad}"{name}": ' + (f"{{\n{rows}\n{pad}}}" if rows else "{}"))
-        return head[: head.rindex("\n}")] + ",\n" + ",\n".join(parts) + "\n}"
+        optimizer = d.pop("optimizer")  # its records one per line too, in its place before the report's own
+        text = _records_block(d, indent, 0)
+        pad = " " * indent
+        at = text.index(f',\n{pad}"targets": ')  # JSON strings hold no raw newline: this is the top-level field
+        section = _records_block(optimizer, indent, 1) if optimizer else "{}"
+        return f'{text[:at]},\n{pad}"optimizer": {section}{text[at:]}'
+
+
+def _records_block(d: dict[str, Any], indent: int, depth: int) -> str:
+    """``d`` as indented JSON at nesting ``depth``, its ``targets`` and ``sources`` (which
+    it must have) with one line per key's record."""
+    records = {name: d.pop(name) for name in ("targets", "sources")}
+    line = json.JSONEncoder(default=_jsonable).encode
+    outer = " " * (indent * depth)
+    pad, pad2 = outer + " " * indent, outer + " " * (2 * indent)
+    parts = []
+    for name, by_key in records.items():
+        rows = ",\n".join(f"{pad2}{line(k)}: {line(v)}" for k, v in by_key.items())
+        parts.append(f'{pad}"{name}": ' + (f"{{\n{rows}\n{pad}}}" if rows else "{}"))
+    head = json.dumps(d, indent=indent, default=_jsonable).replace("\n", "\n" + outer)
+    return head[: head.rindex("\n" + outer + "}")] + ",\n" + ",\n".join(parts) + "\n" + outer + "}"
 
 
 def _lists(value: Any) -> Any:

@@ -40,10 +40,16 @@ from .records import (
     LOADED,
     MISMATCHED,
     MISSING,
+    OPT_DISCARDED,
+    OPT_FAILED,
+    OPT_LOADED,
+    OPT_RESET,
+    OPT_STATELESS,
     SKIPPED,
     TIED,
     UNUSED,
     USED,
+    OptimizerReport,
     Report,
     SourceRecord,
     StepRecord,
@@ -203,6 +209,7 @@ def _document(report: Report, *, verbose: bool, width: int) -> list[Block]:
         _freeze(report, verbose),
         _totals(report),
         _verify(report),
+        _optimizer(report.optimizer, verbose, width),
         _warnings(report.warnings),
         _failures(report, verbose),
     ):
@@ -607,6 +614,63 @@ def _verify(report: Report) -> list[Block]:
     if moved:
         detail += f"; {moved} NaN/Inf position(s) differ (first at {v.get('first_mismatch')})"
     return [(("Verify", TITLE), ("  ", ""), (verdict_text, style)), _indented(2, (detail, ""))]
+
+
+def _optimizer(section: OptimizerReport | None, verbose: bool, width: int) -> list[Block]:
+    """The optimizer's state, grouped as the keys are: the new optimizer's parameters by
+    status (loaded ones by how their name changed, reset and failed ones by why), then the
+    saved parameters by fate, the param groups, what was passed through, and the notes."""
+    if section is None:
+        return []
+    src = section.source
+    where = f'key "{src["key"]}"' if src.get("kind") == "key" else str(src.get("path") or src.get("kind") or "state_dict")
+    if src.get("kind") == "file" and src.get("key"):
+        where += f' (key "{src["key"]}")'
+    names = "saved param_names" if section.names == "param_names" else "source.model's parameter order"
+    hparams = "the new optimizer's" if section.hparams == "new" else "the checkpoint's"
+    head = f"state from {where}{', detected' if src.get('detected') else ''}; names: {names}; hparams: {hparams}"
+    lines: list[Block] = [(("Optimizer: ", TITLE), (section.optimizer, TITLE), ("  ", ""), (head, MUTED))]
+    loaded = [t for t in section.targets if t.status == OPT_LOADED]
+    entries = ", ".join(dict.fromkeys(k for t in loaded for k in t.state))
+    lines.append(_status_line("loaded", len(loaded), entries, OK_STYLE))
+    lines.extend(_loaded_lines(loaded, verbose, width))  # type: ignore[arg-type]  # key, sources and ops, as a TargetRecord's
+    for status, style in ((OPT_RESET, DECLARED_STYLE), (OPT_FAILED, FAIL_STYLE)):
+        these = [t for t in section.targets if t.status == status]
+        if these:
+            lines.append(_status_line(status, len(these), "", style))
+            lines.extend(_capped(_by_reason(these), verbose, LIST_CAP, width))
+    fates = _counts(r.fate for r in section.sources)
+    summary = ", ".join(f"{fates.get(f, 0)} {f}" for f in (USED, OPT_DISCARDED, OPT_STATELESS, OPT_FAILED) if fates.get(f) or f != OPT_FAILED)
+    lines.append(_status_line("saved", len(section.sources), summary, MUTED))
+    for fate, style in ((OPT_DISCARDED, DECLARED_STYLE), (OPT_FAILED, FAIL_STYLE)):
+        these = [r for r in section.sources if r.fate == fate]
+        if these:
+            lines.append(_indented(4, (f"{fate} {len(these)}", style)))
+            lines.extend(_capped(_by_reason(these), verbose, LIST_CAP, width, indent=6))
+    stateless = [r for r in section.sources if r.fate == OPT_STATELESS]
+    if stateless and verbose:
+        lines.append(_indented(4, (f"stateless {len(stateless)} (never stepped)", MUTED)))
+        lines.extend(_capped([g.text for g in fold_keys(r.key for r in stateless)], verbose, LIST_CAP, width, indent=6))
+    for g in section.groups:
+        text = f"group {g.index}: {g.params} params, hparams from the {'new optimizer' if g.hparams_from == 'new' else 'checkpoint'}"
+        if g.differs:
+            text += f" (differs from the checkpoint: {', '.join(g.differs)})"
+        lines.append(_indented(2, (text, MUTED)))
+    for p in section.passthrough:
+        name = p.name if p.name == p.role else f"{p.name} ({p.role})"
+        text = f"{name}: {p.description} ({'loaded into the scheduler' if p.loaded else 'handed back'})"
+        lines.append(_indented(2, ("passed through: ", MUTED), (text, "")))
+    lines.extend(_indented(2, ("note: ", MUTED), (note, "")) for note in section.notes)
+    return lines
+
+
+def _by_reason(records: Sequence[Any]) -> list[str]:
+    """``reason: folded keys``, one line per reason, in order of first appearance."""
+    by: dict[str, list[str]] = {}
+    for r in records:
+        by.setdefault(r.reason or "", []).append(r.key)
+    return [f"{reason}: {', '.join(g.text for g in fold_keys(keys))}" if reason else ", ".join(g.text for g in fold_keys(keys))
+            for reason, keys in by.items()]  # fmt: skip
 
 
 def _counts(values: Iterable[str]) -> dict[str, int]:

@@ -28,7 +28,8 @@ from ..meta import TensorMeta
 from .patterns import CaptureError, PatternError, Template, compile_regex, pattern_budget, quote, quotes, search
 from ..report.records import Failure
 
-__all__ = ["Item", "NameStep", "Op", "Recipe", "StepContext", "StepResult", "Step", "STEPS", "register", "StepSpecError", "close_keys"]
+__all__ = ["Item", "Inverse", "NameStep", "Op", "Recipe", "StepContext", "StepResult", "Step", "STEPS", "register", "StepSpecError",
+           "close_keys", "run_recipe"]  # fmt: skip
 
 
 class StepSpecError(ValueError):
@@ -49,15 +50,54 @@ class StepSpecError(ValueError):
 
 
 @dataclass(frozen=True)
+class Inverse:
+    """How an :class:`Op` runs backwards, as data beside it (``remap export`` reads it;
+    :mod:`remap.exporting.inverse` runs it).
+
+    ``kind`` names the inverse and ``params`` holds its arguments, as ``(name, value)``
+    pairs of plain values. ``exact`` is False where the op loses information, so that no
+    inverse gives back what went in (``adapt``): the export then keeps the original
+    tensor, or computes the approximate inverse that ``kind`` names when asked to.
+
+    >>> inv = Inverse.of("reshape", shape=(768, 768))
+    >>> inv.kind, inv["shape"], inv.exact
+    ('reshape', (768, 768), True)
+    """
+
+    kind: str
+    params: tuple[tuple[str, Any], ...] = ()
+    exact: bool = True
+
+    @classmethod
+    def of(cls, kind: str, *, exact: bool = True, **params: Any) -> Inverse:
+        return cls(kind, tuple(sorted(params.items())), exact)
+
+    def __getitem__(self, name: str) -> Any:
+        for key, value in self.params:
+            if key == name:
+                return value
+        raise KeyError(name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+
+@dataclass(frozen=True)
 class Op:
     """A tensor operation recorded at planning time and run at apply time.
 
     ``fn`` takes the input tensors of its :class:`Recipe` node and returns one tensor.
+    ``inverse`` says how to run it backwards (None: no inverse is known; the export then
+    treats the op as lossy).
     """
 
     name: str
     describe: str
     fn: Callable[..., Any] = field(compare=False, repr=False)
+    inverse: Inverse | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,6 +116,24 @@ class Recipe:
         """``split(dim=0)[1 of 3] of transpose(0, 1) of 'h.0.attn.c_attn.weight'``"""
         args = ", ".join(i.describe() if isinstance(i, Recipe) else repr(i) for i in self.inputs)
         return f"{self.op.describe} of {args if len(self.inputs) == 1 else '[' + args + ']'}"
+
+
+def run_recipe(node: Recipe | str, inputs: Mapping[str, Any], memo: dict[int, Any] | None = None) -> Any:
+    """The tensor ``node`` computes from ``inputs`` (source key -> tensor; a plain source
+    key is looked up as it is). Pass one ``memo`` dict to several calls so that a node
+    they share (the parent of a split's parts) is computed once.
+
+    >>> import operator
+    >>> double = Recipe(Op("double", "double", lambda t: operator.mul(t, 2)), ("w",))
+    >>> run_recipe(double, {"w": 21})
+    42
+    """
+    if isinstance(node, str):
+        return inputs[node]
+    memo = {} if memo is None else memo
+    if id(node) not in memo:
+        memo[id(node)] = node.op.fn(*(run_recipe(i, inputs, memo) for i in node.inputs))
+    return memo[id(node)]
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from ..meta import DTYPE_ALIASES, DTYPE_NAMES, TensorMeta, dtype_name
 from .ops import OpError
 from .patterns import PatternError, Template, compile_regex, quote, quotes, search
 from ..report.records import Failure
-from .steps import STEPS, Item, Op, Recipe, Step, StepContext, StepResult, StepSpecError, register
+from .steps import STEPS, Inverse, Item, Op, Recipe, Step, StepContext, StepResult, StepSpecError, register
 
 __all__ = ["Transpose", "Reshape", "Slice", "Pad", "Cast", "Merge", "Split", "Adapt"]
 
@@ -93,6 +93,22 @@ def _patterns(value: Any, field: tuple[str, ...] = ("match",)) -> tuple[str, ...
         except PatternError as exc:
             raise StepSpecError(str(exc), field=field if isinstance(value, str) else (*field, n)) from None
     return items
+
+
+def _inverse_dims(dims: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    """The dims that undo ``transpose(dims)``: the same two for a swap, the inverse
+    permutation for a permutation of every dim.
+
+    >>> _inverse_dims((2, 0, 1), 3)
+    (1, 2, 0)
+    """
+    if len(dims) == 2:
+        return dims
+    perm = [d % ndim for d in dims]
+    inverse = [0] * ndim
+    for position, d in enumerate(perm):
+        inverse[d] = position
+    return tuple(inverse)
 
 
 def _shape(meta: TensorMeta) -> str:
@@ -252,7 +268,8 @@ class Transpose(_TensorStep):
     def transform(self, item: Item, ctx: StepContext) -> Item:
         shape = ops.transpose_shape(item.meta.shape, self.dims)
         name = "transpose" if len(self.dims) == 2 else "permute"
-        op = Op(name, f"{name}({', '.join(map(str, self.dims))})", functools.partial(ops.transpose, dims=self.dims))
+        op = Op(name, f"{name}({', '.join(map(str, self.dims))})", functools.partial(ops.transpose, dims=self.dims),
+                Inverse.of("transpose", dims=_inverse_dims(self.dims, len(item.meta.shape))))
         return item.with_op(op, replace(item.meta, shape=shape), self.index)
 
 
@@ -279,7 +296,8 @@ class Reshape(_TensorStep):
     def transform(self, item: Item, ctx: StepContext) -> Item:
         new = self.shape if self.shape is not None else _target(item, ctx, "reshape").shape
         shape = ops.reshape_shape(item.meta.shape, new)
-        op = Op("reshape", f"reshape({list(shape)})", functools.partial(ops.reshape, new=shape))
+        op = Op("reshape", f"reshape({list(shape)})", functools.partial(ops.reshape, new=shape),
+                Inverse.of("reshape", shape=item.meta.shape))
         return item.with_op(op, replace(item.meta, shape=shape), self.index)
 
 
@@ -322,7 +340,11 @@ class Slice(_TensorStep):
     def transform(self, item: Item, ctx: StepContext) -> Item:
         args = (self.dim, self.indices, self.start, self.stop, self.step)
         shape = ops.slice_shape(item.meta.shape, *args)
-        op = Op("slice", f"slice(dim={self.dim}, {self._what()})", functools.partial(_slice, args=args))
+        size = item.meta.shape[self.dim % len(item.meta.shape)]
+        repeats = self.indices is not None and len({i % size for i in self.indices}) < len(self.indices)
+        inverse = Inverse.of("scatter", exact=not repeats, dim=self.dim, index=self.indices, start=self.start, stop=self.stop,
+                             step=self.step, shape=item.meta.shape)  # an entry kept twice cannot be written back twice
+        op = Op("slice", f"slice(dim={self.dim}, {self._what()})", functools.partial(_slice, args=args), inverse)
         return item.with_op(op, replace(item.meta, shape=shape), self.index)
 
 
@@ -361,7 +383,8 @@ class Pad(_TensorStep):
             return item  # nothing to pad: no op, no copy
         if not isinstance(self.fill, str):
             ops.check_fill(self.fill, item.meta.dtype)
-        op = Op("pad", f"pad(to={list(shape)}, fill={self.fill})", functools.partial(ops.pad, target=shape, fill=self.fill))
+        op = Op("pad", f"pad(to={list(shape)}, fill={self.fill})", functools.partial(ops.pad, target=shape, fill=self.fill),
+                Inverse.of("crop", shape=item.meta.shape))
         return item.with_op(op, replace(item.meta, shape=shape), self.index)
 
 
@@ -386,7 +409,7 @@ class Cast(_TensorStep):
     def transform(self, item: Item, ctx: StepContext) -> Item:
         if item.meta.dtype == self.dtype:
             return item
-        op = Op("cast", f"cast({self.dtype})", functools.partial(_cast, dtype=self.dtype))
+        op = Op("cast", f"cast({self.dtype})", functools.partial(_cast, dtype=self.dtype), Inverse.of("cast", dtype=item.meta.dtype))
         return item.with_op(op, replace(item.meta, dtype=self.dtype), self.index)
 
 
@@ -445,12 +468,15 @@ class Adapt(_TensorStep):
         target = _target(item, ctx, f"adapt {self.op}")
         if self.op == "in_channels":
             shape = ops.in_channels_shape(item.meta.shape, target.shape)
-            op = Op("in_channels", f"in_channels({item.meta.shape[1]}->{shape[1]})", functools.partial(ops.adapt_in_channels, in_chans=shape[1]))
+            op = Op("in_channels", f"in_channels({item.meta.shape[1]}->{shape[1]})", functools.partial(ops.adapt_in_channels, in_chans=shape[1]),
+                    Inverse.of("in_channels", exact=False, channels=item.meta.shape[1]))
         else:
             shape = ops.interpolate_shape(item.meta.shape, target.shape, self.prefix_tokens, self.grid)
             tokens = shape[-2]
             op = Op("interpolate", f"interpolate({item.meta.shape[-2]}->{tokens} tokens, {self.grid}, {self.mode})",
-                    functools.partial(ops.interpolate_grid, target_tokens=tokens, prefix_tokens=self.prefix_tokens, mode=self.mode, grid=self.grid))  # fmt: skip
+                    functools.partial(ops.interpolate_grid, target_tokens=tokens, prefix_tokens=self.prefix_tokens, mode=self.mode, grid=self.grid),
+                    Inverse.of("interpolate", exact=False, tokens=item.meta.shape[-2], prefix_tokens=self.prefix_tokens, mode=self.mode,
+                               grid=self.grid))  # fmt: skip
         if shape == item.meta.shape:
             return item
         return item.with_op(op, replace(item.meta, shape=shape), self.index)
@@ -550,7 +576,9 @@ class Merge(Step):
         except OpError as exc:
             return None, self._fail(key, parts, str(exc))
         how = "stack" if self.stack else "cat"
-        op = Op(how, f"{how}(dim={self.dim})[{', '.join(self.order)}]", functools.partial(_concat, dim=self.dim, stack=self.stack))
+        sizes = () if self.stack else tuple(i.meta.shape[self.dim % len(i.meta.shape)] for i in chosen)
+        op = Op(how, f"{how}(dim={self.dim})[{', '.join(self.order)}]", functools.partial(_concat, dim=self.dim, stack=self.stack),
+                Inverse.of("unmerge", dim=self.dim, stack=self.stack, sizes=sizes))
         sources = tuple(s for i in chosen for s in i.sources)
         recipe = Recipe(op, tuple(i.node for i in chosen))
         return Item(key, sources, TensorMeta(shape, chosen[0].meta.dtype), ((self.index, key),), recipe, tuple(chosen)), None
@@ -631,9 +659,11 @@ class Split(Step):
                 out.append(item)
                 continue
             n = len(self.into)
+            d = self.dim % len(item.meta.shape)
             for part, (template, shape) in enumerate(zip(self.into, shapes)):
                 key = template.expand(m)
-                op = Op("split", f"split(dim={self.dim})[{part} of {n}]", functools.partial(ops.split, dim=self.dim, parts=n, sizes=self.sizes, part=part))
+                op = Op("split", f"split(dim={self.dim})[{part} of {n}]", functools.partial(ops.split, dim=self.dim, parts=n, sizes=self.sizes, part=part),
+                        Inverse.of("part", dim=self.dim, part=part, sizes=tuple(s[d] for s in shapes)))
                 out.append(Item(key, item.sources, replace(item.meta, shape=shape), ((self.index, key),), Recipe(op, (item.node,)), (item,)))
         pairs = ((self.pattern, matched),)
         return StepResult(out, counts=pairs, failures=failures + self.unmatched(pairs, items))
