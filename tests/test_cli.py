@@ -10,6 +10,7 @@ import torch
 from weights import Small, perturb
 
 from remap.sources import readers as sources
+from remap.sources import safetensors_reader
 from remap.cli import main
 
 SMALL = "weights:Small"  # tests/ is on sys.path, so the factory is importable by name
@@ -130,7 +131,7 @@ def test_dry_run_on_300_keys_reads_no_tensor_data(tmp_path, capsys, monkeypatch,
     state = big_state()
     save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
     monkeypatch.setattr(sources.Source, "read", lambda self, key: pytest.fail(f"dry run read {key}"))
-    monkeypatch.setattr(sources, "_open_safetensors", lambda path: pytest.fail("dry run opened tensor data"))
+    monkeypatch.setattr(safetensors_reader, "_open_safetensors", lambda path: pytest.fail("dry run opened tensor data"))
     rules = write(tmp_path, "version: 1\ntarget: {model: 'test_cli:Blocks'}\n")
     code, out, _ = run(capsys, "apply", rules, "--source", path, "--dry-run", "--json")
     report = json.loads(out)
@@ -170,8 +171,25 @@ def test_mmap_weights_converts_without_copying(tmp_path, capsys):
     assert all(torch.equal(saved[k.removeprefix("module.")], v) for k, v in src.items())
 
 
-def test_mmap_weights_needs_a_meta_target(tmp_path, capsys, ddp_ckpt):
+_ALLOCATED = Small()
+
+
+def allocated_small() -> Small:
+    """A factory whose module has its memory even under remap.empty_weights (a copy of one built before)."""
+    import copy
+
+    return copy.deepcopy(_ALLOCATED)
+
+
+def test_mmap_weights_works_on_a_target_remap_builds(tmp_path, capsys, ddp_ckpt):
     rules = write(tmp_path, f"version: 1\ntarget: {{model: '{SMALL}'}}\nrules:\n  - strip_prefix: module.\n")
+    code, out, err = run(capsys, "apply", rules, "--source", ddp_ckpt, "--mmap-weights", "--json")
+    assert (code, err) == (0, "")  # built under remap.empty_weights: its parameters were on meta
+    assert json.loads(out)["stats"]["mmap_weights_tensors"] > 0
+
+
+def test_mmap_weights_needs_a_meta_target(tmp_path, capsys, ddp_ckpt):
+    rules = write(tmp_path, "version: 1\ntarget: {model: 'test_cli:allocated_small'}\nrules:\n  - strip_prefix: module.\n")
     code, out, err = run(capsys, "apply", rules, "--source", ddp_ckpt, "--mmap-weights")
     assert (code, out) == (2, "")
     assert err == ("remap: error: --mmap-weights keeps the file's pages as the weights of a meta-device target; "

@@ -35,6 +35,7 @@ from weights import Small, perturb
 import remap
 import remap.rules.patterns
 import remap.sources.readers
+import remap.sources.safetensors_reader
 from remap.cli import main
 from remap.errors import RemapError, RulesError, SourceError
 from remap.rules.parse import parse_rules
@@ -285,7 +286,7 @@ def test_safetensors_headers_that_lie_are_refused(tmp_path: Path, capsys: pytest
 def test_a_header_that_is_not_an_object_read_directly(tmp_path: Path) -> None:
     path = _safetensors(tmp_path / "list.safetensors", [1, 2])
     with pytest.raises(SourceError, match="the safetensors header is a JSON list, expected an object"):
-        remap.sources.readers._read_safetensors_header(path)
+        remap.sources.safetensors_reader._read_safetensors_header(path)
 
 
 class _CountingFile:
@@ -314,7 +315,7 @@ class _CountingFile:
     [
         (1 << 40, 64, "the header claims 1099511627776 bytes but only"),
         ((1 << 64) - 1, 64, "the header claims 18446744073709551615 bytes"),
-        (remap.sources.readers.MAX_SAFETENSORS_HEADER + 1, remap.sources.readers.MAX_SAFETENSORS_HEADER + 64, "more than the 100000000 safetensors allows"),
+        (remap.sources.safetensors_reader.MAX_SAFETENSORS_HEADER + 1, remap.sources.safetensors_reader.MAX_SAFETENSORS_HEADER + 64, "more than the 100000000 safetensors allows"),
     ],
     ids=["terabyte", "2**64-1", "over-100MB-in-a-large-file"],
 )
@@ -326,8 +327,9 @@ def test_a_header_claiming_too_much_is_refused_before_reading_it(tmp_path: Path,
     reads: list[int] = []
     real_open = open
     monkeypatch.setattr(remap.sources.readers, "open", lambda *a, **k: _CountingFile(real_open(*a, **k), reads), raising=False)
+    monkeypatch.setattr(remap.sources.safetensors_reader, "open", lambda *a, **k: _CountingFile(real_open(*a, **k), reads), raising=False)
     with pytest.raises(SourceError) as info:
-        remap.sources.readers._read_safetensors_header(path)
+        remap.sources.safetensors_reader._read_safetensors_header(path)
     assert message in str(info.value)
     assert sum(reads) <= 8, reads  # the length field, and nothing it claims
     with pytest.raises(SourceError):
@@ -339,14 +341,14 @@ def test_reads_never_exceed_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
     """Over many mutants of a safetensors file, the header reader asks for no byte past the end."""
     reads: list[int] = []
     real_open = open
-    monkeypatch.setattr(remap.sources.readers, "open", lambda *a, **k: _CountingFile(real_open(*a, **k), reads), raising=False)
+    monkeypatch.setattr(remap.sources.safetensors_reader, "open", lambda *a, **k: _CountingFile(real_open(*a, **k), reads), raising=False)
     data = files["safetensors"].read_bytes()
     for name, mutant in _mutants(data, seed=5, count=int(60 * SCALE)):
         path = tmp_path / "m.safetensors"
         path.write_bytes(mutant)
         reads.clear()
         with contextlib.suppress(SourceError):
-            remap.sources.readers._read_safetensors_header(path)
+            remap.sources.safetensors_reader._read_safetensors_header(path)
         assert sum(reads) <= len(mutant) + 8, (name, reads, len(mutant))
 
 

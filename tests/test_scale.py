@@ -21,6 +21,7 @@ from torch import nn
 import remap
 import remap.meta
 import remap.sources.readers
+import remap.sources.safetensors_reader
 from remap.errors import SourceError, TargetError, UsageError
 from remap.meta import TargetMeta, target_meta_of_module
 from remap.sources.readers import open_source
@@ -53,13 +54,13 @@ def header(members: list[str]) -> str:
 def hook_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the calls of ``object_pairs_hook=_unique_keys`` (one per JSON object parsed with it)."""
     calls: list[int] = []
-    real = remap.sources.readers._unique_keys
+    real = remap.sources.safetensors_reader._unique_keys
 
     def counting(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         calls.append(len(pairs))
         return real(pairs)
 
-    monkeypatch.setattr(remap.sources.readers, "_unique_keys", counting)
+    monkeypatch.setattr(remap.sources.safetensors_reader, "_unique_keys", counting)
     return calls
 
 
@@ -80,7 +81,7 @@ def test_colons_in_names_and_metadata_still_skip_the_hook(tmp_path, hook_calls):
     meta = '"__metadata__": {"format": "pt", "note": "k: v"}'
     path = write_safetensors(tmp_path / "colons.safetensors", header([meta, *entries(names)]), bytes(4 * 1000))
     src = open_source(path)
-    assert list(src.meta) == names and remap.sources.readers._read_safetensors_header(path)[1] == {"format": "'pt'", "note": "'k: v'"}
+    assert list(src.meta) == names and remap.sources.safetensors_reader._read_safetensors_header(path)[1] == {"format": "'pt'", "note": "'k: v'"}
     assert hook_calls == []
 
 
@@ -113,7 +114,7 @@ def test_a_key_named_twice_is_refused_at_any_depth_and_size(tmp_path, case):
 def test_a_syntax_error_after_a_duplicate_reports_the_duplicate_as_before(tmp_path):
     path = write_safetensors(tmp_path / "both.safetensors", '{"a": 1, "a": 2} trailing', b"")
     with pytest.raises(SourceError, match="the key 'a' appears twice$"):
-        remap.sources.readers._read_safetensors_header(path)
+        remap.sources.safetensors_reader._read_safetensors_header(path)
 
 
 # Keys from a small alphabet (so they repeat), written raw or with \u escapes, with values
@@ -146,7 +147,7 @@ def test_fuzz_the_header_parser_agrees_with_the_per_object_hook(members):
     except ValueError as exc:
         expected = ("error", str(exc))
     try:
-        got: Any = remap.sources.readers._load_header_json(raw)
+        got: Any = remap.sources.safetensors_reader._load_header_json(raw)
     except ValueError as exc:
         got = ("error", str(exc))
     assert got == expected

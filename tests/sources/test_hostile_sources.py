@@ -189,12 +189,12 @@ def test_an_array_built_from_no_data_is_refused_before_allocating(tmp_path: Path
 
 def test_the_allow_list_refuses_an_array_from_no_data_inside_torch_load_too(tmp_path: Path) -> None:
     """The check in remap's allow-list, not only the scan before it: torch.load itself refuses."""
-    from remap.sources import readers as sources
+    from remap.sources import torch_reader
 
     path = tmp_path / "bomb.pth"
     torch.save({"w": _FromNumpy(_EmptyArray((1000,)))}, path)
     with pytest.raises(SourceError, match=r"refused a numpy array built with shape \(1000,\) from no data"):
-        sources._torch_load(path, meta=True, weights_only=True, mmap=False)
+        torch_reader._torch_load(path, meta=True, weights_only=True, mmap=False)
 
 
 def test_an_object_array_with_fewer_items_than_its_shape_is_refused(tmp_path: Path) -> None:

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 import remap
 from remap.cli import main
 from remap.errors import SourceError
-from remap.sources.readers import hf_cache_dir, open_source, parse_hub_ref
+from remap.sources.hub import hf_cache_dir, parse_hub_ref
+from remap.sources.readers import open_source
 
 REPO = "timm/test_resnet.r160_in1k"  # a real timm repo on the hub: its weights are timm's test_resnet
 MAIN = "1" * 40

@@ -300,3 +300,243 @@ def test_changed_file_is_refused(saved, tmp_path):
     path.write_bytes(path.read_bytes() + b"\x00")
     with pytest.raises(SourceError, match="changed on disk"):
         reader.read("conv2d.kernel")
+
+
+# ---------------------------------------------------------------------------- spans (pread straight into parameters)
+
+
+def _member_data_offset(path: Path) -> tuple[int, int]:
+    """(where the stored weights member's bytes start in the archive, its size), from the zip's own headers."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("model.weights.h5")
+    assert info.compress_type == zipfile.ZIP_STORED  # as Keras writes it
+    local = path.read_bytes()[info.header_offset : info.header_offset + 30]
+    start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    return start, info.file_size
+
+
+def _h5py_arrays(path: Path) -> list[tuple[tuple[int, ...], str, bytes]]:
+    """Every weight dataset as h5py reads it (optimizer state left out): (shape, dtype, bytes), sorted."""
+    import io
+
+    if path.suffix == ".keras":
+        with zipfile.ZipFile(path) as z:
+            f = h5py.File(io.BytesIO(z.read("model.weights.h5")), "r")
+    else:
+        f = h5py.File(path, "r")
+    out = []
+    with f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset) and not name.startswith("optimizer"):
+                value = np.ascontiguousarray(obj[()])
+                out.append((value.shape, str(value.dtype), value.tobytes()))
+        f.visititems(visit)
+    return sorted(out)
+
+
+def _mirror(meta):
+    """A torch module with one frozen parameter per key, in the file's own shapes and dtypes (no rules needed)."""
+    import torch
+
+    root = torch.nn.Module()
+    for key, m in meta.items():
+        *owners, leaf = key.split(".")
+        module = root
+        for name in owners:
+            if not hasattr(module, name):
+                module.add_module(name, torch.nn.Module())
+            module = getattr(module, name)
+        module.register_parameter(leaf, torch.nn.Parameter(torch.full(m.shape, 7, dtype=getattr(torch, m.dtype)),
+                                                           requires_grad=False))  # fmt: skip
+    return root
+
+
+def _load(path: Path):
+    """remap.load of ``path`` into its mirror module: (state_dict, report stats)."""
+    import remap
+
+    reader = open_reader(path, key=None, trust_pickle=False)
+    module = _mirror(reader.meta)
+    report = remap.load(module, str(path), rollback=False)
+    assert report.ok
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}, report.stats
+
+
+@pytest.mark.parametrize("name", ["m.weights.h5", "m.keras"])
+def test_spans_are_the_keras_values(saved, name):
+    folder, model = saved
+    path = folder / name
+    expected = _expected(model, drop_model_name=True)
+    reader = _open(path)
+    raw = path.read_bytes()
+    start, size = _member_data_offset(path) if name.endswith(".keras") else (0, len(raw))
+    for key, value in expected.items():
+        span = reader.span(key)
+        assert span is not None, key
+        assert span.path == str(path) and span.dtype == str(value.dtype) and span.shape == value.shape
+        assert start <= span.offset and span.offset + span.nbytes <= start + size, key  # inside the weights member
+        got = np.frombuffer(raw[span.offset : span.offset + span.nbytes], dtype=value.dtype).reshape(value.shape)
+        np.testing.assert_array_equal(got, value, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["m.weights.h5", "m.keras"])
+def test_load_through_spans_equals_h5py(saved, name):
+    folder, model = saved
+    path = folder / name
+    state, stats = _load(path)
+    assert stats["direct_tensors"] + stats["zero_copy_tensors"] == len(state)  # every tensor read through its span
+    got = sorted((tuple(v.shape), str(v.dtype).removeprefix("torch."), v.numpy().tobytes()) for v in state.values())
+    assert got == _h5py_arrays(path)
+    for key, value in _expected(model, drop_model_name=True).items():
+        np.testing.assert_array_equal(state[key].numpy(), value, err_msg=key)
+
+
+def test_deflated_archive_has_no_spans(saved, tmp_path):
+    folder, model = saved
+    out = tmp_path / "deflated.keras"
+    with zipfile.ZipFile(folder / "m.keras") as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    reader = _open(out)
+    assert all(reader.span(key) is None for key in reader.meta)
+    state, stats = _load(out)
+    assert stats["direct_tensors"] == stats["zero_copy_tensors"] == 0
+    for key, value in _expected(model, drop_model_name=True).items():
+        np.testing.assert_array_equal(state[key].numpy(), value, err_msg=key)
+
+
+def test_chunked_or_compressed_gets_no_span(tmp_path):
+    path = tmp_path / "mixed.weights.h5"
+    kernel, bias = np.arange(12, dtype="float32").reshape(3, 4), np.array([1, -2, 3, -4], dtype="float32")
+    with h5py.File(path, "w") as f:
+        g = f.create_group("layers/dense/vars")  # Keras's layout, written with options Keras does not use
+        g.attrs["name"] = "dense"
+        g.create_dataset("0", data=kernel, chunks=(1, 4), compression="gzip")
+        g.create_dataset("1", data=bias, chunks=(2,))  # chunked, no filter
+        g = f.create_group("layers/dense_1/vars")
+        g.attrs["name"] = "dense_1"
+        g["0"] = kernel.T.copy()
+        g["1"] = bias[:3].copy()
+    reader = _open(path)
+    assert reader.span("dense.kernel") is None and reader.span("dense.bias") is None
+    assert reader.span("dense_1.kernel") is not None and reader.span("dense_1.bias") is not None
+    state, stats = _load(path)
+    assert stats["direct_tensors"] + stats["zero_copy_tensors"] == 2
+    np.testing.assert_array_equal(state["dense.kernel"].numpy(), kernel)
+    np.testing.assert_array_equal(state["dense.bias"].numpy(), bias)
+    np.testing.assert_array_equal(state["dense_1.kernel"].numpy(), kernel.T)
+    np.testing.assert_array_equal(state["dense_1.bias"].numpy(), bias[:3])
+
+
+def test_bfloat16_span(tmp_path):
+    import torch
+
+    path = tmp_path / "bf16.weights.h5"
+    values = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3) / 3
+    with h5py.File(path, "w") as f:
+        g = f.create_group("layers/dense/vars")
+        g.attrs["name"] = "dense"
+        g.create_dataset("0", data=values.view(torch.uint16).numpy().view("V2")).attrs["dtype"] = "bfloat16"
+    assert _open(path).span("dense.kernel") is not None
+    state, _ = _load(path)
+    assert torch.equal(state["dense.kernel"], values)
+
+
+def _point_past(data: bytearray, offset: int, where: int) -> bytes:
+    """``data`` with the (single) 8-byte address ``offset`` in a dataset's layout message replaced by ``where``."""
+    old = offset.to_bytes(8, "little")
+    assert data.count(old) == 1
+    i = data.find(old)
+    data[i : i + 8] = where.to_bytes(8, "little")
+    return bytes(data)
+
+
+@pytest.mark.hostile
+def test_dataset_offset_past_the_end(tmp_path):
+    path = tmp_path / "lying.weights.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("layers/dense/vars")
+        g.attrs["name"] = "dense"
+        g["0"] = np.arange(12, dtype="float32").reshape(3, 4)
+        g["1"] = np.zeros(4, "float32")
+    with h5py.File(path, "r") as f:
+        offset = f["layers/dense/vars/0"].id.get_offset()
+    data = bytearray(path.read_bytes())
+    for where in (len(data) - 8, len(data) + 4096, 1 << 40):
+        path.write_bytes(_point_past(bytearray(data), offset, where))
+        with pytest.raises(SourceError):
+            open_reader(path, key=None, trust_pickle=False)
+
+
+@pytest.mark.hostile
+def test_archive_dataset_offset_past_the_member(saved, tmp_path):
+    folder, _ = saved
+    source = folder / "m.keras"
+    start, size = _member_data_offset(source)
+    span = _open(source).span("dense_1.kernel")
+    data = bytearray(source.read_bytes())
+    path = tmp_path / "lying.keras"
+    # into the archive's own bytes after the member (config.json, the central directory): inside the file, not the member
+    path.write_bytes(_point_past(data, span.offset - start, size - span.nbytes // 2))
+    with pytest.raises(SourceError):
+        open_reader(path, key=None, trust_pickle=False)
+
+
+class _Lying:
+    """A real h5py dataset whose storage address is replaced (HDF5 itself refuses such a file
+    at open, so the reader's own bound is reached only this way)."""
+
+    def __init__(self, ds, offset: int) -> None:
+        self._ds, self._offset = ds, offset
+
+    def __getattr__(self, name):
+        return getattr(self._ds, name)
+
+    @property
+    def id(self):
+        outer = self
+
+        class _Id:
+            def __getattr__(self, name):
+                return getattr(outer._ds.id, name)
+
+            def get_offset(self):
+                return outer._offset
+
+        return _Id()
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("name", ["m.weights.h5", "m.keras"])
+def test_reader_bounds_every_span(saved, name):
+    folder, _ = saved
+    reader = open_reader(folder / name, key=None, trust_pickle=False)
+    limit = reader._limit  # the bytes the HDF5 data may span: the file, or the archive's weights member
+    h5py_file = reader._open(h5py)
+    try:
+        ds = h5py_file["layers/dense_1/vars/0"] if "layers/dense_1/vars/0" in h5py_file else None
+        assert ds is not None
+        nbytes = ds.id.get_storage_size()
+        assert reader._span_of(_Lying(ds, limit - nbytes), "d", nbytes, "float32") is not None  # the last bytes: fine
+        for offset in (limit - nbytes + 1, limit, -1):
+            with pytest.raises(SourceError, match="holds"):
+                reader._span_of(_Lying(ds, offset), "d", nbytes, "float32")
+    finally:
+        h5py_file.close()
+        reader.release()
+
+
+def test_a_type_h5py_converts_gets_no_span(tmp_path):
+    path = tmp_path / "bits.weights.h5"
+    values = np.array([[-2048, -1, 0], [1, 7, 2047]], dtype="int16")
+    twelve_bits = h5py.h5t.py_create(np.dtype("<i2")).copy()
+    twelve_bits.set_precision(12)  # 2-byte items whose bytes are not numpy's: h5py converts them
+    with h5py.File(path, "w") as f:
+        g = f.create_group("layers/embedding/vars")
+        g.attrs["name"] = "embedding"
+        ds = h5py.Dataset(h5py.h5d.create(g.id, b"0", twelve_bits, h5py.h5s.create_simple(values.shape)))
+        ds[...] = values
+    reader = _open(path)
+    assert reader.meta["embedding.embeddings"].dtype == "int16" and reader.span("embedding.embeddings") is None
+    state, _ = _load(path)
+    np.testing.assert_array_equal(state["embedding.embeddings"].numpy(), values)

@@ -27,7 +27,8 @@ from weights import Small, perturb
 import remap
 from remap.cli import main
 from remap.errors import SourceError
-from remap.sources.readers import PICKLE_ALLOW_LIST, open_source
+from remap.sources.readers import open_source
+from remap.sources.torch_reader import PICKLE_ALLOW_LIST
 
 np = pytest.importorskip("numpy")
 

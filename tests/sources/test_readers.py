@@ -16,13 +16,16 @@ from helpers import Config, assert_same, metas, mixed_state_dict, save, save_sha
 from weights import Small, perturb
 
 import remap.sources.readers as sources
+import remap.sources.safetensors_reader as safetensors_reader
 from remap.errors import SourceError, UsageError
 from remap.meta import TensorMeta
 from remap.sources.readers import open_source
 
 ACCEPTED = (
-    "a torch.save file (.pt .pth .bin .ckpt .tar), a .safetensors file, a sharded *.safetensors.index.json "
-    "or *.bin.index.json, or a folder holding one"
+    "a torch.save file (.pt .pth .bin .ckpt .tar; a whole pickled model or a TorchScript archive too), "
+    "a .safetensors file, a sharded *.safetensors.index.json or *.bin.index.json, a folder holding one, "
+    "or another framework's file (ONNX, NumPy .npz/.npy, GGUF, Keras .keras/.h5, Flax .msgpack, "
+    "a TensorFlow checkpoint)"
 )
 TRUST = "`source.trust_pickle: true` in the rules or `--trust-pickle` on the command line"
 
@@ -81,7 +84,7 @@ def test_safetensors_metadata_reads_no_tensor_data(tmp_path: Path, monkeypatch: 
     def refuse(p):
         raise AssertionError("tensor data read while reading metadata")
 
-    monkeypatch.setattr(sources, "_open_safetensors", refuse)
+    monkeypatch.setattr(safetensors_reader, "_open_safetensors", refuse)
     src = open_source(path)
     assert src.meta == metas(state)
     monkeypatch.undo()
@@ -341,8 +344,8 @@ def test_sharded_index_reads_one_shard_at_a_time(tmp_path: Path, monkeypatch: py
     state = mixed_state_dict()
     index = save_sharded(state, tmp_path, shards=3, fmt=fmt)
     opened: list[str] = []
-    real_open, real_load = sources._open_safetensors, torch.load
-    monkeypatch.setattr(sources, "_open_safetensors", lambda p: (opened.append(p.name), real_open(p))[1])
+    real_open, real_load = safetensors_reader._open_safetensors, torch.load
+    monkeypatch.setattr(safetensors_reader, "_open_safetensors", lambda p: (opened.append(p.name), real_open(p))[1])
     monkeypatch.setattr(torch, "load", lambda p, **kw: (opened.append(Path(p).name), real_load(p, **kw))[1])
     src = open_source(index)
     shards = sorted({p.name for p in tmp_path.iterdir() if not p.name.endswith(".json")})

@@ -1,6 +1,7 @@
 """Reading checkpoints without running them, and building modules: the readers behind
-one ``Source`` interface (``readers``: ``open_source``, detection by content), ``module:callable``
-factories (``factories``), and ``remap inspect``'s key tree (``tree``).
+one ``Source`` interface (``readers``: ``open_source``, detection by content; one module per
+format: ``torch_reader``, ``safetensors_reader``, ``sharded``, ``hub`` and those ``registry``
+lists), ``module:callable`` factories (``factories``), and ``remap inspect``'s key tree (``tree``).
 
 May import, at module level: ``remap.errors``, ``remap.files``, ``remap.meta``, ``remap.report``. Never ``rules``, ``planning``, ``loading``, ``diffing``, ``api``, ``cli`` (docs/architecture.md; tests/test_architecture.py keeps it so).
 
@@ -19,10 +20,10 @@ _EXPORTS = {
     "CANDIDATE_KEYS": "readers",
     "FOLDER_FILES": "readers",
     "ACCEPTED_FORMATS": "readers",
-    "PICKLE_ALLOW_LIST": "readers",
-    "HubRef": "readers",
-    "parse_hub_ref": "readers",
-    "hf_cache_dir": "readers",
+    "PICKLE_ALLOW_LIST": "torch_reader",
+    "HubRef": "hub",
+    "parse_hub_ref": "hub",
+    "hf_cache_dir": "hub",
 }
 __all__ = list(_EXPORTS)
 
@@ -33,7 +34,9 @@ if TYPE_CHECKING:
         CANDIDATE_KEYS as CANDIDATE_KEYS,
         FOLDER_FILES as FOLDER_FILES,
         ACCEPTED_FORMATS as ACCEPTED_FORMATS,
-        PICKLE_ALLOW_LIST as PICKLE_ALLOW_LIST,
+    )
+    from .torch_reader import PICKLE_ALLOW_LIST as PICKLE_ALLOW_LIST
+    from .hub import (
         HubRef as HubRef,
         parse_hub_ref as parse_hub_ref,
         hf_cache_dir as hf_cache_dir,

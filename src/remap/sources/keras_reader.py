@@ -22,6 +22,12 @@ Optimizer state in an archive is listed in ``entries``, not read as weights.
 A ``.keras`` archive's weights member is read in place when it is stored uncompressed (as
 Keras writes it): h5py reads a window of the archive, nothing is extracted. A deflated member
 is read through :mod:`zipfile`'s seekable stream (slower, bounded memory, no temporary file).
+
+A dataset whose bytes sit in the file as they are (contiguous storage, no filter, a
+little-endian type equal to the tensor's own) has a :meth:`~_KerasReader.span`, so the engine
+reads it with ``pread`` straight into its parameter; each span is checked to lie inside the
+file (or the archive's weights member) when the file is opened. Other datasets (chunked,
+compressed, big-endian, in a deflated member) are read through h5py.
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ import io
 import json
 import math
 import re
+import sys
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceError, UsageError
 from ..meta import TensorMeta, dtype_name
-from .readers import _first_line, _Reader, _stamp
+from .readers import Span, _first_line, _Reader, _stamp
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +57,10 @@ _WEIGHTS_MEMBER = "model.weights.h5"
 _MAX_CONFIG = 64 * 1024 * 1024  # config.json larger than this is not read
 _MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than ~1032x: a member claiming more lies
 _NOT_WEIGHTS = ("optimizer",)  # top-level Keras 3 groups that hold training state, not weights
+#: Dtypes a span may map: HDF5 stores them as numpy does (bool is excluded: any byte may sit
+#: in an HDF5 enum, and torch expects 0 or 1; complex is a compound type h5py converts).
+_SPAN_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                "uint64")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- contract
@@ -308,6 +319,8 @@ class _KerasReader(_Reader):
         self.entries: dict[str, str] = {}
         self.notes: list[str] = []
         self._where: dict[str, tuple[str, bool]] = {}  # key -> (dataset path, stored as bfloat16)
+        self._spans: dict[str, tuple[int, int]] = {}  # key -> (offset in the file, bytes), where mappable
+        self._base: int | None = None  # where the HDF5 bytes start in the file; None: a deflated member
         self._h5: Any = None
         self._stream: Any = None
         h5py = _require_h5py(path)
@@ -362,14 +375,17 @@ class _KerasReader(_Reader):
             with open(self.path, "rb") as f:
                 if f.read(8) != _HDF5_MAGIC:
                     raise SourceError("neither an HDF5 file nor a .keras archive", where=str(self.path))
+            self._base = 0
             return h5py.File(self.path, "r")
         try:
             info, start, self._member_size = _member(self.path)
         except (zipfile.BadZipFile, OSError) as exc:
             raise SourceError(f"a damaged .keras archive: {_first_line(exc)}", where=str(self.path)) from None
         if info.compress_type == zipfile.ZIP_STORED:
+            self._base = start
             stream: Any = _Window(open(self.path, "rb"), start, info.file_size)
         else:
+            self._base = None
             self._zip = zipfile.ZipFile(self.path)
             try:
                 stream = self._zip.open(info)
@@ -425,6 +441,47 @@ class _KerasReader(_Reader):
             raise SourceError(f"two datasets are both named {key!r} (the second is {shown})", where=str(self.path))
         self.meta[key] = TensorMeta(shape, dtype)
         self._where[key] = (ds.name, bf16)
+        at = self._span_of(ds, shown, nbytes, dtype)
+        if at is not None:
+            self._spans[key] = at
+
+    def _span_of(self, ds: Any, shown: str, nbytes: int, dtype: str) -> tuple[int, int] | None:
+        """(offset in the file, bytes) of a dataset whose bytes are the tensor's as they sit in the
+        file; None where h5py must assemble or convert them. A span outside the file (or the
+        archive's weights member) is a SourceError.
+
+        Offered for contiguous, unfiltered storage of a little-endian type equal to the one torch
+        maps (HDF5's own type compared, so a custom precision or bit layout is converted by h5py),
+        or of 2-byte opaque items marked bfloat16 (raw bytes either way).
+        """
+        import h5py
+
+        if self._base is None or nbytes == 0 or sys.byteorder != "little":
+            return None
+        dcpl = ds.id.get_create_plist()  # contiguous means not chunked (nor compact, nor virtual)
+        if dcpl.get_layout() != h5py.h5d.CONTIGUOUS or dcpl.get_nfilters():
+            return None  # chunked (compressed or not): h5py assembles the chunks
+        stored = ds.id.get_type()
+        if dtype == "bfloat16":
+            if stored.get_class() != h5py.h5t.OPAQUE or stored.get_size() != 2:
+                return None
+        elif dtype not in _SPAN_DTYPES or stored != h5py.h5t.py_create(_np_dtype(dtype)):
+            return None
+        offset = ds.id.get_offset()
+        if offset is None:
+            return None  # never written: h5py gives the fill value
+        size = ds.id.get_storage_size()
+        what = "the weights member" if self._archive else "the file"
+        if size != nbytes:
+            raise SourceError(f"{shown} claims shape {list(ds.shape)} of {dtype} ({nbytes} bytes), but its contiguous "
+                              f"storage holds {size} bytes", where=str(self.path))  # fmt: skip
+        if offset < 0 or offset + nbytes > self._limit:
+            raise SourceError(
+                f"{shown} claims its {nbytes} bytes sit at bytes {offset}..{offset + nbytes} of {what}, which holds "
+                f"{self._limit} bytes (truncated or forged?)",
+                where=str(self.path),
+            )
+        return self._base + offset, nbytes
 
     def _read_legacy(self, h5: Any) -> None:
         g = h5["model_weights"] if "model_weights" in h5 else h5
@@ -541,6 +598,20 @@ class _KerasReader(_Reader):
 
     # --- data
 
+    def span(self, key: str) -> Span | None:
+        """Where ``key``'s bytes sit in the file, checked at open (None: read it with :meth:`read`).
+
+        Example: ``reader.span("dense.kernel")`` of a Keras 3 ``m.weights.h5`` is
+        ``Span(path='m.weights.h5', offset=2048, nbytes=80, dtype='float32', shape=(4, 5), stride=(5, 1))``;
+        a chunked or compressed dataset's is None.
+        """
+        at = self._spans.get(key)
+        if at is None:
+            return None
+        meta = self.meta[key]
+        stride = tuple(math.prod(meta.shape[i + 1 :]) for i in range(len(meta.shape)))
+        return Span(str(self.path), at[0], at[1], meta.dtype, meta.shape, stride)
+
     def read(self, key: str) -> torch.Tensor:
         import torch
 
@@ -591,6 +662,13 @@ class _KerasReader(_Reader):
                     handle.close()
                 except Exception:  # noqa: BLE001
                     pass
+
+
+def _np_dtype(name: str) -> Any:
+    """The little-endian numpy dtype of a torch dtype name (``"float32"`` -> ``<f4``)."""
+    import numpy as np
+
+    return np.dtype(name).newbyteorder("<")
 
 
 def _require_h5py(path: Path) -> Any:

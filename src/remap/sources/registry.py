@@ -8,7 +8,9 @@ a file, and its library (``onnx``, ``gguf``, ``h5py``) only inside ``open_reader
 the base install stays light and a missing extra is a :class:`~remap.errors.SourceError`
 naming ``pip install 'remap[EXTRA]'``.
 
-Adding a format: one file in ``sources/`` and one :class:`Format` line below.
+Adding a format: one file in ``sources/`` and one :class:`Format` line below. The formats
+that predate this registry (``safetensors_reader``, ``torch_reader``, ``sharded``, ``hub``)
+have a module each too, but ``readers`` detects and opens them itself.
 
 >>> [f.name for f in FORMATS][:2]
 ['onnx', 'npz']

@@ -19,7 +19,7 @@ tensors  3 · 34 elements · 136 B
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -252,6 +252,30 @@ def _plural(n: int, word: str, width: int = 0) -> str:
     return f"{n:>{width},} {word}{'' if n == 1 else 's'}"
 
 
+ENTRY_LINES = 12  # more entries than this are folded by their text
+
+
+def _entry_lines(entries: Mapping[str, str]) -> list[str]:
+    """One line per entry, or, past :data:`ENTRY_LINES`, one per distinct text with its count
+    and first key (a 320-key whole-model pickle describes each key; ``--json`` keeps them all).
+
+    >>> _entry_lines({"a.weight": "parameter of Linear", "b": "x"})
+    ['a.weight: parameter of Linear', 'b: x']
+    >>> _entry_lines({f"l{i}.weight": "parameter of Linear" for i in range(20)})
+    ['20 keys: parameter of Linear (l0.weight, …)']
+    """
+    if len(entries) <= ENTRY_LINES:
+        return [f"{name}: {text}" for name, text in entries.items()]
+    groups: dict[str, list[str]] = {}
+    for name, text in entries.items():
+        groups.setdefault(text, []).append(name)
+    lines = [f"{_plural(len(names), 'key')}: {text} ({names[0]}{', …' if len(names) > 1 else ''})" for text, names in groups.items()]
+    if len(lines) > ENTRY_LINES:
+        rest = sum(len(names) for names in list(groups.values())[ENTRY_LINES:])
+        lines = [*lines[:ENTRY_LINES], f"… {len(lines) - ENTRY_LINES} more descriptions of {_plural(rest, 'key')} (--json lists every entry)"]
+    return lines
+
+
 def _header(tree: Tree) -> list[str]:
     d = tree.description
     kind = d.get("kind")
@@ -267,8 +291,8 @@ def _header(tree: Tree) -> list[str]:
         lines.append(f"folder   {d['folder']}")
     if d.get("key"):
         lines.append(f"key      {d['key']}{' (auto-detected)' if d.get('key_detected') else ''}")
-    for i, (name, text) in enumerate((d.get("entries") or {}).items()):
-        lines.append(f"{'entries' if i == 0 else '':<8} {name}: {text}")
+    for i, line in enumerate(_entry_lines(d.get("entries") or {})):
+        lines.append(f"{'entries' if i == 0 else '':<8} {line}")
     for i, note in enumerate(d.get("notes") or []):
         lines.append(f"{'note' if i == 0 else '':<8} {note}")
     lines.append(f"tensors  {tree.tensors:,} · {_plural(tree.numel, 'element')} · {human_bytes(tree.nbytes)}")
