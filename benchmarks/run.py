@@ -1,6 +1,6 @@
 """remap benchmarks: one command, every measurement side by side, a table of ratios, JSON.
 
-    python benchmarks/run.py [--quick] [--out results.json] [--only planning|loading|startup|scale|formats] [--repeats N]
+    python benchmarks/run.py [--quick] [--out results.json] [--only planning|loading|startup|scale|formats|build_load] [--repeats N]
     python benchmarks/run.py --show results.json      # the tables of an earlier run
 
 * planning throughput (``planning.py``): remap's planner against the rule-by-rule loop
@@ -19,6 +19,9 @@
   a ~1 GiB file (``--quick``: 64 MiB) of each format remap reads (safetensors, torch zip,
   ONNX, .npz, GGUF F32/F16/Q8_0, Keras .weights.h5, Flax .msgpack, TF checkpoint): bytes a
   plan reads, and remap.load against the format's own loader (time, peak memory above the model).
+* build + load (``build_load.py``, only with ``--only build_load``; results in ``results_build_load.json``):
+  a BERT-large-sized HF BertModel (``--quick``: tiny) from its ``save_pretrained`` folder: from_pretrained,
+  build + remap.load, empty_weights + remap.load, meta + remap.load, the hand loop; each a fresh process.
 
 ``--quick`` runs small sizes (300 and 3,000 keys; a 50 MB checkpoint; one repeat) to
 smoke-test the harness. Timings are never asserted; every case checks its own result
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import build_load  # noqa: E402
 import formats  # noqa: E402
 import loading  # noqa: E402
 import planning  # noqa: E402
@@ -124,6 +128,8 @@ def show(out: dict[str, Any]) -> None:
         scale.scale_table(out["scale"])
     if "formats" in out:
         formats.formats_table(out["formats"])
+    if "build_load" in out:
+        build_load.build_load_table(out["build_load"])
     start, end = out.get("machine", {}).get("remap_commit"), out.get("remap_commit_at_end")
     if start != end:
         print(f"\nWARNING: remap's source changed during the run ({start} -> {end}): the results may mix versions.")
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke test of the harness")
     ap.add_argument("--out", type=Path, help="where to write the JSON results (default: benchmarks/results.json; "
                     "with --only formats, benchmarks/results_formats.json)")  # fmt: skip
-    ap.add_argument("--only", choices=["planning", "loading", "startup", "scale", "formats"],
+    ap.add_argument("--only", choices=["planning", "loading", "startup", "scale", "formats", "build_load"],
                     help="run one part only (scale and formats run only when named here)")
     ap.add_argument("--repeats", type=int, help="loading runs per variant (default 5; --quick 1)")
     ap.add_argument("--variants", help="loading variants to run, comma-separated (default: all): "
@@ -160,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         show(saved)
         return 0
     repeats = a.repeats or (1 if a.quick else 5)
-    a.out = a.out or Path(__file__).resolve().parent / ("results_formats.json" if a.only == "formats" else "results.json")
+    named = {"formats": "results_formats.json", "build_load": "results_build_load.json"}
+    a.out = a.out or Path(__file__).resolve().parent / named.get(a.only or "", "results.json")
 
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     info = machine_info()
@@ -173,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     out: dict[str, Any] = {"command": command, "quick": a.quick, "machine": info, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     t0 = time.perf_counter()
-    for part in ("planning", "loading", "startup", "scale", "formats"):
-        if a.only != part and (a.only is not None or part in ("scale", "formats")):
+    for part in ("planning", "loading", "startup", "scale", "formats", "build_load"):
+        if a.only != part and (a.only is not None or part in ("scale", "formats", "build_load")):
             continue
         print(f"\n{part} ...", flush=True)
         with ForeignCpu() as other:
@@ -184,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 out[part] = startup.run(3 if a.quick else 7, progress=lambda s: print(s, flush=True))
             elif part == "scale":
                 out[part] = scale.run(a.quick, progress=lambda s: print(s, flush=True))
+            elif part == "build_load":
+                out[part] = build_load.run(a.quick, a.repeats or 1, a.tmpdir, progress=lambda s: print(s, flush=True))
             elif part == "formats":
                 out[part] = formats.run(a.quick, a.repeats or (1 if a.quick else 3), a.tmpdir,
                                         progress=lambda s: print(s, flush=True))  # fmt: skip
@@ -204,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     failed += [b for b in out.get("loading", {}).get("variants", {}).values() if b["status"].startswith("WRONG")]
     failed += [r for r in out.get("scale", {}).get("cases", {}).values() if "ok" != r["remap"]["check"] or "ok" != r["floor"]["check"]]
     failed += [r for r in out.get("formats", {}).get("formats", {}).values() if r["status"].startswith("WRONG")]
+    failed += [r for r in out.get("build_load", {}).get("variants", {}).values() if r["status"] != "ok"]
     return 1 if failed else 0
 
 

@@ -27,6 +27,7 @@ from .errors import VerifyError as VerifyError
 if TYPE_CHECKING:
     from .api import export as export
     from .api import load as load
+    from .loading.empty import empty_weights as empty_weights
     from .diffing.alignment import align as align
     from .exporting.report import ExportReport as ExportReport
     from .diffing.alignment import diff as diff
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 #: Names imported on first use, so that ``remap validate`` or ``remap inspect`` does not pay
 #: for the planner and what it imports (``import remap`` stays cheap).
 _LAZY = {
-    "load": "api", "plan": "api", "export": "api", "ExportReport": "exporting.report", "diff": "diffing.alignment", "align": "diffing.alignment", "Plan": "planning.planner", "make_plan": "planning.planner",
+    "load": "api", "plan": "api", "empty_weights": "loading.empty", "export": "api", "ExportReport": "exporting.report", "diff": "diffing.alignment", "align": "diffing.alignment", "Plan": "planning.planner", "make_plan": "planning.planner",
     "Report": "report.records", "Rules": "rules.parse", "load_rules": "rules.parse", "parse_rules": "rules.parse", "format_report": "report.render",
 }  # fmt: skip
 
@@ -55,6 +56,7 @@ __version__ = "0.1.0"
 __all__ = [
     "load",
     "plan",
+    "empty_weights",
     "export",
     "diff",
     "align",

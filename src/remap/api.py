@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,16 +46,40 @@ def resolve_rules(rules: Any) -> Rules:
 
 
 def build_target(model: Any, rules: Rules) -> Any:
-    """The module (or metadata mapping) to plan for: ``model`` when given, else ``target.model``."""
-    if model is not None:
-        return model
+    """The module (or metadata mapping) to plan for: ``model`` when given, else ``target.model``,
+    built under :func:`remap.empty_weights` (parameters on meta, buffers real; see :func:`_build`)."""
+    return model if model is not None else _build(rules)[0]
+
+
+def _build(rules: Rules) -> tuple[Any, str | None]:
+    """Build ``target.model``: under :func:`remap.empty_weights` (on ``target.device`` when
+    set), so that no random initialisation runs for what the checkpoint overwrites, or all on
+    meta for ``device: meta``. A factory that cannot be built with its parameters on meta is
+    built again on a real device; the second value is then a warning for the report."""
     if rules.target.model is None:
         raise UsageError("no target: set target.model in the rules, give --target on the command line, "
                          "or pass a module to remap.load / remap.plan")  # fmt: skip
-    from .sources.factories import build, describe_call
+    from .loading.empty import empty_weights
+    from .sources.factories import build, describe_call, import_callable
 
-    spec = rules.target
-    module = build(spec.model, spec.args, dict(spec.kwargs), what="target.model", device=spec.device)
+    spec, note = rules.target, None
+    if isinstance(spec.model, str):  # imported outside empty_weights: module-level tensors are made as usual
+        import_callable(spec.model, what="target.model")
+    call = functools.partial(build, spec.model, spec.args, dict(spec.kwargs), what="target.model", device=spec.device)
+    if spec.device == "meta":
+        module = call()
+    else:
+        try:
+            with empty_weights():
+                module = call()
+            derived = [n for n, b in module.named_buffers() if b.is_meta] if _is_module(module) else []
+            why = f"buffer(s) {', '.join(derived[:5])} were computed from parameters" if derived else None
+        except TargetError as exc:  # e.g. __init__ reads a parameter's values
+            why = exc.message
+        if why is not None:
+            module = call()
+            note = (f"target.model could not be built with its parameters on meta ({why}); it was built on a "
+                    "real device and randomly initialised before loading")  # fmt: skip
     if not _is_module(module):
         raise TargetError(f"{describe_call(spec.model, spec.args, spec.kwargs)} returned a {type(module).__name__}, "
                           "expected a torch.nn.Module", where="target.model (--target)")  # fmt: skip
@@ -62,7 +87,7 @@ def build_target(model: Any, rules: Rules) -> Any:
         import torch
 
         module = module.to(getattr(torch, spec.dtype))
-    return module
+    return module, note
 
 
 def open_rules_source(source: Any, rules: Rules, *, key: str | None = None, trust_pickle: bool | None = None,
@@ -168,8 +193,11 @@ def load(
     Raises :class:`~remap.errors.CheckError` (its ``report`` says why) and leaves the
     module untouched when any check fails. ``save``/``report`` (or the rules' ``output``)
     write the loaded state_dict and the JSON report atomically; ``max_shard_size``
-    (bytes or "5GB") splits the save into shards with an index. A module on the meta
-    device is loaded with ``assign=True`` onto ``device`` (default cpu), floating tensors
+    (bytes or "5GB") splits the save into shards with an index. A target remap builds
+    (``target.model``) is built under :func:`remap.empty_weights`: no random
+    initialisation, its buffers computed as usual. A module on the meta
+    device is loaded with ``assign=True`` onto ``device`` (default cpu; for a built target its
+    ``target.device``), floating tensors
     cast to ``dtype`` (default: the rules' ``target.dtype``). ``progress(bytes_done,
     bytes_total, tensors_done, tensors_total)`` is called after every batch. With
     ``verify`` the rules' ``verify`` section runs after loading: the source model and the
@@ -215,7 +243,9 @@ def load(
 
         refuse_non_regular_target(report_path, error=UsageError, what="report (--report / output.report)")
     save_path, save_what = _save_path(save, r)
-    module = build_target(model, r)
+    module, build_note = (model, None) if model is not None else _build(r)
+    if model is None and device is None and r.target.device not in (None, "meta"):
+        device = r.target.device  # built there under empty_weights: its weights are loaded there too
     if not _is_module(module):
         raise UsageError(f"remap.load needs a torch.nn.Module to load into, found a {type(module).__name__}"
                          + ("; remap.plan takes a mapping of key -> shape" if isinstance(module, Mapping) else ""))  # fmt: skip
@@ -238,6 +268,8 @@ def load(
                                  batch_bytes=batch_bytes, progress=progress, mmap_weights=mmap_weights, rollback=rollback)  # fmt: skip
             if carried is not None:
                 result = result.replace(optimizer=carried.record)
+            if build_note is not None:
+                result = result.replace(warnings=(*result.warnings, build_note))
             if verify and not dry_run:
                 result = _verify(r, src, module, result)
         except CheckError as exc:
@@ -337,6 +369,8 @@ def export(
     like_key: str | None = None,
     trust_pickle: bool | None = None,
     trust_links: bool | None = None,
+    optimizer: Any = None,
+    optimizer_save: str | os.PathLike[str] | None = None,
 ) -> ExportReport:
     """The rules run backwards: ``model`` (a fine-tuned module, its state_dict, or a checkpoint
     path; ``key`` says where a checkpoint nests its weights) written in the names, shapes,
@@ -355,6 +389,13 @@ def export(
     path); ``report`` the JSON report. Returns the :class:`~remap.exporting.report.ExportReport`;
     its ``state_dict`` holds the exported tensors.
 
+    ``optimizer`` (a torch optimizer over ``model``'s parameters, ``model`` a module) exports
+    its state back through the same plan: ``report.optimizer_state_dict`` is laid out for the
+    original model (positions in ``source.model``'s parameter order, else ``like``'s key
+    order; ``param_names`` filled in), ready for a plain ``load_state_dict``; state that no
+    element-moving inverse carries back is dropped and reported (``report.optimizer``).
+    ``optimizer_save`` writes it with ``torch.save``, atomically.
+
     >>> import torch, remap
     >>> rules = {"version": 1, "rules": [{"strip_prefix": "module."}]}
     >>> out = remap.export(torch.nn.Linear(2, 1), rules, like={"module.weight": torch.zeros(1, 2), "module.bias": torch.zeros(1)})
@@ -362,6 +403,7 @@ def export(
     (['module.weight', 'module.bias'], True)
     """
     from .exporting.export import Finetuned, run_export
+    from .exporting.optimizer import FinetunedOptimizer
 
     r = resolve_rules(rules)
     report_path = Path(report) if report is not None else None
@@ -369,13 +411,19 @@ def export(
         from .files import refuse_non_regular_target
 
         refuse_non_regular_target(report_path, error=UsageError, what="report (--report)")
+    if optimizer_save is not None:
+        from .files import refuse_non_regular_target
+
+        refuse_non_regular_target(optimizer_save, error=UsageError, what="optimizer_save")
     if like is None and r.source.path is None and r.source.model is None:
         raise UsageError("no original to export back to (--like, like=ORIGINAL): give one, or set source.path in the rules")
     original = open_rules_source(like, r, key=like_key, trust_pickle=trust_pickle, trust_links=trust_links)
     try:
         finetuned = Finetuned.of(model, key=key, trust_pickle=bool(trust_pickle), trust_links=bool(trust_links))
         try:
-            result = run_export(r, finetuned, original, save=save, only_loaded=only_loaded, allow_lossy=allow_lossy)
+            carried = FinetunedOptimizer.of(optimizer, model) if optimizer is not None else None
+            result = run_export(r, finetuned, original, save=save, only_loaded=only_loaded, allow_lossy=allow_lossy,
+                                optimizer=carried, optimizer_save=optimizer_save)  # fmt: skip
         except CheckError as exc:
             if report_path is not None:
                 _write_report(exc.report, report_path)  # type: ignore[arg-type]

@@ -41,6 +41,7 @@ from ..report.records import DROPPED, MISMATCHED, MISSING, SKIPPED, UNUSED, Fail
 from ..rules.steps import run_recipe
 from .inverse import LEFT_OUT, UNCHANGED, Result, invert, same_tensor, strip
 from .layout import plan_layout
+from .optimizer import ExportedOptimizer, FinetunedOptimizer, export_state, original_order, save_optimizer_state
 from .report import ExportRecord, ExportReport, LeftOutTarget
 
 if TYPE_CHECKING:
@@ -116,10 +117,17 @@ def export_failed(report: ExportReport) -> CheckError:
 
 
 def run_export(rules: Rules, finetuned: Finetuned, like: Source, *, save: str | os.PathLike[str] | None = None,
-               only_loaded: bool = False, allow_lossy: bool = False) -> ExportReport:  # fmt: skip
+               only_loaded: bool = False, allow_lossy: bool = False, optimizer: FinetunedOptimizer | None = None,
+               optimizer_save: str | os.PathLike[str] | None = None) -> ExportReport:  # fmt: skip
     """Plan, invert, prove and (with ``save``) write; returns the :class:`ExportReport`, whose
     ``state_dict`` holds the exported tensors. Raises CheckError, writing nothing, when the
-    forward plan or the proof fails."""
+    forward plan or the proof fails. With ``optimizer`` (the fine-tuned optimizer's state by
+    target name) the same plan runs its state back (:mod:`remap.exporting.optimizer`): the
+    report's ``optimizer`` section and ``optimizer_state_dict``, written to ``optimizer_save``."""
+    if optimizer_save is not None and optimizer is None:
+        from ..errors import UsageError
+
+        raise UsageError("optimizer_save was given without an optimizer to export (optimizer=)")
     layout = plan_layout(like, save) if save is not None else None  # a save the original's layout cannot take fails first
     base = ExportReport(rules=rules.filename, source=finetuned.description, like=dict(like.description),
                         options={"only_loaded": only_loaded, "allow_lossy": allow_lossy},
@@ -137,8 +145,20 @@ def run_export(rules: Rules, finetuned: Finetuned, like: Source, *, save: str | 
     failures = _prove(plan, rules, like, finetuned, tensors, results)
     if failures:
         raise export_failed(report.replace(failures=tuple(failures)))
+    exported = _export_optimizer(plan, rules, like, optimizer) if optimizer is not None else None
     saved = layout.write(tensors) if layout is not None else None
-    return report.replace(saved=saved, state_dict=tensors)
+    if exported is None:
+        return report.replace(saved=saved, state_dict=tensors)
+    if optimizer_save is not None:
+        saved = {**(saved or {}), "optimizer": save_optimizer_state(exported.state_dict, optimizer_save)}
+    return report.replace(saved=saved, state_dict=tensors, optimizer=exported.record, optimizer_state_dict=exported.state_dict)
+
+
+def _export_optimizer(plan: Plan, rules: Rules, like: Source, optimizer: FinetunedOptimizer) -> ExportedOptimizer:
+    """The fine-tuned optimizer's state run back through ``plan``, laid out for the original."""
+    order, how = original_order(plan, rules, like)
+    return export_state(plan, optimizer.state, optimizer.position, optimizer.hparams, order, how,
+                        group_of=optimizer.group_of, optimizer=optimizer.optimizer)  # fmt: skip
 
 
 def _left_out_targets(plan: Plan) -> tuple[LeftOutTarget, ...]:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..report.grouping import fold_keys, printable
-from ..report.records import Failure
+from ..report.records import OPT_LOADED, OPT_RESET, Failure, OptimizerReport
 from .inverse import APPROXIMATED, EXPORTED, KEPT, LEFT_OUT, STATUSES, UNCHANGED
 
 __all__ = ["EXPORT_SCHEMA_VERSION", "ExportRecord", "LeftOutTarget", "ExportReport"]
@@ -78,7 +78,9 @@ class ExportReport:
     warnings: tuple[str, ...] = ()
     saved: dict[str, Any] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    optimizer: OptimizerReport | None = None  # set by an export given the fine-tuned optimizer
     state_dict: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    optimizer_state_dict: Mapping[str, Any] | None = field(default=None, compare=False)  # for the original model (not in the JSON)
 
     @property
     def ok(self) -> bool:
@@ -121,6 +123,7 @@ class ExportReport:
             "warnings": list(self.warnings),
             "keys": {r.key: {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items() if k != "key"} for r in self.keys},
             "left_out": {t.key: {"reason": t.reason} for t in self.left_out},
+            "optimizer": self.optimizer.to_dict() if self.optimizer is not None else None,
         }
 
     def to_json(self, *, indent: int | None = 2) -> str:
@@ -176,14 +179,38 @@ def format_export(report: ExportReport, *, verbose: bool = False) -> str:
             by_reason.setdefault(rec.reason, []).append(rec.key)
         for reason, keys in by_reason.items():
             lines.append(f"    {', '.join(g.text for g in fold_keys(keys))}: {printable(reason)}")
+    lines += _optimizer_lines(report.optimizer)
     for w in report.warnings:
         lines.append(f"warning: {printable(w)}")
     for f in report.failures:
         lines.append(f"FAILED {f.kind}: {printable(f.message.splitlines()[0])}")
         lines += [f"  {printable(line)}" for line in f.message.splitlines()[1:]]
-    if report.saved:
+    if report.saved and report.saved.get("path"):
         where = report.saved.get("path")
         shards = report.saved.get("shards")
         lines.append(f"saved: {printable(str(where))} ({report.saved.get('format')}" + (f", {len(shards)} shards)" if shards else ")"))
+    if report.saved and report.saved.get("optimizer"):
+        lines.append(f"saved optimizer state: {printable(str(report.saved['optimizer'].get('path')))}")
     lines.append("ok" if report.ok else "FAILED: nothing was written")
     return "\n".join(lines)
+
+
+def _optimizer_lines(section: OptimizerReport | None) -> list[str]:
+    """The optimizer section: the original's parameters whose state came back, and those
+    that got none (why), grouped as the keys are."""
+    if section is None:
+        return []
+    t = section.totals()
+    order = "source.model's named_parameters()" if section.names == "source.model" else "--like's key order"
+    lines = [f"  optimizer ({section.optimizer}): state for {t[OPT_LOADED]} of {t['params']} parameters of the original "
+             f"(positions in {order}), {t['saved']} fine-tuned parameters"]  # fmt: skip
+    loaded = [r.key for r in section.targets if r.status == OPT_LOADED]
+    if loaded:
+        lines.append(f"    state exported: {', '.join(g.text for g in fold_keys(loaded))}")
+    by_reason: dict[str, list[str]] = {}
+    for r in section.targets:
+        if r.status == OPT_RESET:
+            by_reason.setdefault(r.reason or "no state", []).append(r.key)
+    for reason, keys in by_reason.items():
+        lines.append(f"    dropped: {', '.join(g.text for g in fold_keys(keys))}: {printable(reason)}")
+    return lines

@@ -10,7 +10,9 @@ Order matters, so that a failed check leaves the module untouched:
    ``load_state_dict(strict=False)`` — torch's own missing and unexpected keys are
    cross-checked against the plan (a disagreement is a bug);
 5. a meta-device target's keys that were not loaded are materialised and initialised
-   by their module's ``reset_parameters``; then freezing. The final report reads
+   by their module's ``reset_parameters`` (then, in a Hugging Face model, its
+   ``_init_weights``), and its non-persistent buffers still on meta are computed by
+   ``_init_weights`` (checked on meta tensors in step 3); then freezing. The final report reads
    requires_grad back from the module.
 
 Steps 4 and 5 run under a :class:`~remap.loading.streaming.Rollback`: if anything fails once
@@ -28,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import CheckError, InternalError, SourceError, UsageError
+from ..errors import CheckError, InternalError, SourceError, TargetError, UsageError
+from .empty import hf_initialises, init_owners, initialise
 from .freeze import apply_freeze
 from ..meta import dtype_name
 from ..report.records import Failure, Report, TargetRecord
@@ -103,8 +106,10 @@ def apply_plan(
                        rollback=undo if rollback else None,
                        batch_bytes=batch_bytes or BATCH_BYTES, progress=progress, mmap_weights=mmap_weights)  # fmt: skip
         del state  # a meta target's entries are stale now
+        initialised: dict[str, str] = {}
         if on_meta:
-            stats.materialised = _materialise_rest(module, dev or torch.device("cpu"), dt)
+            _retie(plan, module)
+            stats.materialised, initialised = _materialise_rest(module, dev or torch.device("cpu"), dt)
     except BaseException as exc:
         undo.restore()
         if isinstance(exc, SourceError):
@@ -120,7 +125,23 @@ def apply_plan(
     if copied:
         warnings = (*warnings, f"mmap_weights: {copied} tensor(s) were copied, not mapped: an op or a cast changes them, "
                                "or the source has no file to map")  # fmt: skip
+    if initialised:
+        warnings = (*warnings, _initialised_note(plan, initialised))
     return report.replace(target={**report.target, "meta": on_meta}, stats=stats.as_dict(), warnings=warnings)
+
+
+def _initialised_note(plan: Plan, initialised: Mapping[str, str]) -> str:
+    """One report line: the keys of a meta-device target that no source fed and what initialised
+    them (non-persistent buffers are computed, not keys)."""
+    groups: dict[str, list[str]] = {}
+    for key, by in initialised.items():
+        groups.setdefault(by, []).append(key if key in plan.target_meta else f"{key} (non-persistent buffer)")
+    parts = "; ".join(f"by {by}: {_some(keys)}" for by, keys in groups.items())
+    return f"{len(initialised)} tensor(s) not in the checkpoint were initialised on the meta-device target {parts}"
+
+
+def _some(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _device(device: str | torch.device | None) -> torch.device | None:
@@ -205,45 +226,96 @@ def _dry_op(a: Assignment, plan: Plan) -> list[Failure]:
 
 
 def _meta_gaps(plan: Plan, module: torch.nn.Module) -> list[Failure]:
-    """A meta-device target must end with no meta tensor: what is not loaded needs reset_parameters."""
+    """A meta-device target must end with no meta tensor: what is not loaded needs the init calls
+    its ``__init__`` made under :func:`~remap.loading.empty.empty_weights` (replayed), its module's
+    ``reset_parameters`` or (in a Hugging Face model) ``_init_weights``; a non-persistent buffer
+    on meta needs ``_init_weights`` to compute it (found by running it on meta tensors)."""
     assigned = {a.target for a in plan.assignments}
     loaded = assigned | {k for k, m in plan.target_meta.items() if m.tied_to in assigned}
     persistent = set(plan.target_meta)
+    owners = init_owners(module)
     failures = []
     for name, m in module.named_modules():
         prefix = f"{name}." if name else ""
         own = [(n, t) for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)] if t is not None and t.device.type == "meta"]
-        volatile = [prefix + n for n, _ in own if prefix + n not in persistent]
+        if not own:
+            continue
+        gaps = [n for n, t in own if prefix + n in persistent and prefix + n not in loaded and not getattr(t, "_remap_inits", None)]
+        volatile = [n for n, _ in own if prefix + n not in persistent]
+        computed = hf_initialises(owners.get(name), m) if volatile or (gaps and not callable(getattr(m, "reset_parameters", None))) else set()
+        volatile = [prefix + n for n in volatile if n not in computed]
         if volatile:
             failures.append(Failure("missing", f"non-persistent buffer(s) {', '.join(volatile)} of a meta-device target are not in any checkpoint "
-                                    "and remap cannot compute them; build this target on a real device", tuple(volatile)))  # fmt: skip
-        gaps = [prefix + n for n, _ in own if prefix + n in persistent and prefix + n not in loaded]
+                                    "and remap cannot compute them; build the target with `with remap.empty_weights(): model = ...` "
+                                    "(parameters on meta, buffers computed by the module as usual) or on a real device", tuple(volatile)))  # fmt: skip
+        gaps = [prefix + n for n in gaps if n not in computed]
         if gaps and not callable(getattr(m, "reset_parameters", None)):
             failures.append(Failure("missing", f"{', '.join(gaps)} of a meta-device target would stay uninitialised: "
                                     f"{type(m).__name__} has no reset_parameters; load them or build the target on a real device", tuple(gaps)))  # fmt: skip
     return failures
 
 
-def _materialise_rest(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> list[str]:
-    """Give every module still holding meta tensors real memory and its own initialisation."""
-    done = []
+def _retie(plan: Plan, module: torch.nn.Module) -> None:
+    """Tied names of a meta-device target share the tensor one of them was assigned
+    (``assign=True`` replaced that name's tensor only)."""
+    groups: dict[str, list[str]] = {}
+    for key, m in plan.target_meta.items():
+        if m.tied_to is not None:
+            groups.setdefault(m.tied_to, [m.tied_to]).append(key)
+    for keys in groups.values():
+        slots = [_slot(module, k) for k in keys]
+        real = [d[n] for d, n in slots if d[n] is not None and d[n].device.type != "meta"]
+        if real:
+            for d, n in slots:
+                if d[n] is not None and d[n].device.type == "meta":
+                    d[n] = real[0]
+
+
+def _slot(module: torch.nn.Module, key: str) -> tuple[dict[str, Any], str]:
+    """The dict (``_parameters`` or ``_buffers``) and name that hold ``key``'s tensor."""
+    owner, _, name = key.rpartition(".")
+    m = module.get_submodule(owner)
+    return (m._parameters if name in m._parameters else m._buffers), name
+
+
+def _materialise_rest(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> tuple[list[str], dict[str, str]]:
+    """Give every module still holding meta tensors real memory and its own initialisation
+    (``reset_parameters``, then a Hugging Face model's ``_init_weights``); returns the keys
+    materialised and, for each, what initialised it. A tensor that no initialiser wrote is a
+    TargetError (the caller puts the module back)."""
+    done, how = [], {}
+    owners = None
     for name, m in module.named_modules():
         own = dict([*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)])
         if not any(t is not None and t.device.type == "meta" for t in own.values()):
             continue
+        if owners is None:
+            owners = init_owners(module)
         keep = {n: t.detach().clone() for n, t in own.items() if t is not None and t.device.type != "meta"}
+        inits = {n: list(getattr(t, "_remap_inits", ())) for n, t in own.items() if t is not None and n not in keep}
+        unreplayed = {n for n, t in own.items() if t is not None and n not in keep and getattr(t, "_remap_version", t._version) != t._version}
         m.to_empty(device=device, recurse=False)
         if dtype is not None:
             for n, t in own.items():
                 if t is not None and t.is_floating_point():
                     getattr(m, n).data = getattr(m, n).data.to(dtype)
+        fresh = [n for n, t in own.items() if t is not None and n not in keep]
+        by = initialise(m, owners.get(name), fresh, inits)
         with torch.no_grad():
-            m.reset_parameters()
             for n, t in keep.items():
                 getattr(m, n).copy_(t)
         prefix = f"{name}." if name else ""
-        done += [prefix + n for n, t in own.items() if t is not None and n not in keep]
-    return done
+        left = [prefix + n for n in fresh if n not in by]
+        if left:
+            raise TargetError(f"{', '.join(left)} of a meta-device target stayed uninitialised: {type(m).__name__}'s initialisers "
+                              "(reset_parameters, _init_weights) did not write them; load them or build the target on a real device; "
+                              "the module was put back as it was")  # fmt: skip
+        done += [prefix + n for n in fresh]
+        if owners.get(name) is None:  # a Hugging Face model's _init_weights redoes what its __init__ wrote
+            by.update({n: f"{by[n]} (its __init__ also wrote it in place, not through torch.nn.init: that was not replayed)"
+                       for n in unreplayed})  # fmt: skip
+        how.update({prefix + n: by[n] for n in fresh})
+    return done, how
 
 
 def _check_duplicates(plan: Plan, source: Source) -> None:

@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from ..rules.steps import Recipe
     from ..sources.readers import Source
 
-__all__ = ["carry_optimizer", "Carried", "run_state_recipe", "LAYOUT_OPS"]
+__all__ = ["carry_optimizer", "Carried", "run_state_recipe", "is_scalar_state", "LAYOUT_OPS"]
 
 #: Ops that only move, pick or cast elements: a per-element state (a moment) follows its
 #: element through them exactly. Any other op computes new values, so no state can follow.
@@ -118,7 +118,7 @@ def _is_optimizer_state(value: Any) -> bool:
 def _torch_file(path: Path, trust_pickle: bool) -> Any:
     """A torch.save file read with ``torch.load(weights_only=True)`` (the reader's own
     loading, with its errors), unless the caller trusts pickles."""
-    from ..sources.readers import _torch_load
+    from ..sources.torch_reader import _torch_load
 
     if not path.is_file():
         raise SourceError("no such file; expected the saved optimizer state (a torch.save file)", where=str(path))
@@ -335,11 +335,19 @@ def _names(sd: Mapping[str, Any], rules: Rules, where: str) -> tuple[list[str], 
     return names, "source.model"
 
 
-def _is_scalar(key: str, value: Any, shape: tuple[int, ...]) -> bool:
-    """A state value that is one number for the whole parameter (``step``), not one per element."""
+def is_scalar_state(key: str, value: Any, shape: tuple[int, ...]) -> bool:
+    """A state value that is one number for the whole parameter (``step``), not one per
+    element; ``shape`` is the parameter's (the export runs state back by the same rule).
+
+    >>> is_scalar_state("step", torch.tensor(3.0), (2, 2)), is_scalar_state("exp_avg", torch.zeros(2, 2), (2, 2))
+    (True, False)
+    """
     if isinstance(value, (bool, int, float)):
         return True
     return isinstance(value, torch.Tensor) and value.dim() == 0 and (key == "step" or len(shape) > 0)
+
+
+_is_scalar = is_scalar_state
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -1,0 +1,184 @@
+"""Building a module without memory for its weights: :func:`empty_weights`.
+
+Inside ``with remap.empty_weights():`` every parameter a module registers is put on the
+meta device (no memory, no random initialisation), while buffers are made where they
+would be anyway, so the ones computed in ``__init__`` (position ids, rotary tables,
+attention masks) are correct. ``remap.load`` then assigns the checkpoint's tensors and
+initialises what it did not provide with the modules' own ``reset_parameters`` (and a
+Hugging Face model's ``_init_weights``).
+
+>>> import torch, remap
+>>> with remap.empty_weights():
+...     layer = torch.nn.Linear(4, 2)
+>>> layer.weight.device.type, layer.weight.requires_grad
+('meta', True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["empty_weights"]
+
+_LOCK = threading.RLock()
+_INIT_NAMES = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+               "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")  # fmt: skip
+
+
+@contextlib.contextmanager
+def empty_weights() -> Iterator[None]:
+    """Parameters registered inside go to the meta device; buffers stay on their real device.
+
+    ``torch.nn.init`` functions return at once for a meta tensor (there is nothing to fill),
+    and the call is recorded on it: when no checkpoint provides that tensor, ``remap.load``
+    replays the calls on its real memory, so a new head gets the initialisation its
+    ``__init__`` gave it (writes not made through ``torch.nn.init`` are not replayed; the
+    report says so). Nests, and restores everything on exit, errors included. The patch is process-wide
+    while it lasts, as ``torch.device(...)`` is not: build in one thread at a time.
+
+    >>> import torch, remap
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = torch.nn.Linear(8, 8)
+    ...         self.register_buffer("ids", torch.arange(8), persistent=False)
+    >>> with remap.empty_weights():
+    ...     net = Net()
+    >>> net.fc.weight.is_meta, net.ids.tolist()[:3]
+    (True, [0, 1, 2])
+    """
+    with _LOCK:
+        original = torch.nn.Module.register_parameter
+        inits = {n: getattr(torch.nn.init, n) for n in _INIT_NAMES if hasattr(torch.nn.init, n)}
+        torch.nn.Module.register_parameter = _meta_register(original)  # type: ignore[method-assign]
+        for name, fn in inits.items():
+            setattr(torch.nn.init, name, _skip_meta(fn))
+        try:
+            yield
+        finally:
+            torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+            for name, fn in inits.items():
+                setattr(torch.nn.init, name, fn)
+
+
+def _meta_register(original: Callable[..., None]) -> Callable[..., None]:
+    """``register_parameter`` that moves the registered parameter to meta, keeping its class and requires_grad."""
+
+    def register_parameter(self: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        original(self, name, param)
+        if param is None or param.device.type == "meta":
+            return
+        cls = type(param)
+        extra = dict(getattr(param, "__dict__", {}))  # attributes some libraries hang on parameters
+        if cls is not torch.nn.Parameter and not _plain_ctor(cls):
+            return  # a parameter subclass with a constructor of its own: left where it is
+        moved = cls(param.detach().to("meta"), requires_grad=param.requires_grad)
+        moved.__dict__.update(extra)
+        moved._remap_version = moved._version  # type: ignore[attr-defined]  # later in-place writes show as a newer version
+        self._parameters[name] = moved
+
+    return register_parameter
+
+
+def _plain_ctor(cls: type) -> bool:
+    """Whether a Parameter subclass keeps Parameter's constructor (data, requires_grad)."""
+    return cls.__new__ is torch.nn.Parameter.__new__ and cls.__init__ is torch.nn.Parameter.__init__
+
+
+def _skip_meta(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (an in-place ``torch.nn.init`` function) that returns a meta tensor untouched,
+    recording the call on it (``_remap_inits``) so that :func:`replay` can run the same
+    initialisation on the real tensor if no checkpoint provides it."""
+
+    def init(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
+            try:
+                tensor._remap_inits = [*getattr(tensor, "_remap_inits", ()), (fn, args, kwargs)]  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):  # a tensor that takes no attributes: nothing to replay
+                pass
+            return tensor
+        return fn(tensor, *args, **kwargs)
+
+    init.__name__, init.__doc__, init.__wrapped__ = fn.__name__, fn.__doc__, fn  # type: ignore[attr-defined]
+    return init
+
+
+def init_owners(module: torch.nn.Module) -> dict[str, Any]:
+    """Each submodule's name -> the nearest Hugging Face ``PreTrainedModel`` at or above it
+    (whose ``_init_weights(submodule)`` initialises it), or None.
+
+    >>> init_owners(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    {'': None, '0': None}
+    """
+    owners: dict[str, Any] = {}
+    for name, m in module.named_modules():
+        parent = name.rpartition(".")[0] if name else None
+        owners[name] = m if _is_hf_model(m) else owners.get(parent) if parent is not None else None
+    return owners
+
+
+def _is_hf_model(m: Any) -> bool:
+    """A transformers ``PreTrainedModel`` (told by its class tree, without importing transformers)."""
+    return callable(getattr(m, "_init_weights", None)) and any(
+        c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers") for c in type(m).__mro__)  # fmt: skip
+
+
+def hf_initialises(owner: Any, m: torch.nn.Module) -> set[str]:
+    """The names of ``m``'s own tensors that ``owner._init_weights(m)`` writes, found by running
+    it on a twin of ``m`` whose own tensors are fresh meta tensors (``m`` is not touched)."""
+    if owner is None:
+        return set()
+    twin = copy.copy(m)
+    twin._parameters = {n: None if p is None else torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                        for n, p in m._parameters.items()}  # fmt: skip
+    twin._buffers = {n: None if b is None else torch.empty_like(b, device="meta") for n, b in m._buffers.items()}
+    before = {n: (t, t._version) for n, t in [*twin._parameters.items(), *twin._buffers.items()] if t is not None}
+    try:
+        with torch.no_grad():
+            owner._init_weights(twin)
+    except Exception:  # an initialiser that cannot run on meta tensors: treated as not computing them
+        return set()
+    return {n for n, (t, v) in before.items() if getattr(twin, n, None) is not t or t._version != v}
+
+
+def replay(inits: dict[str, list[Any]], m: torch.nn.Module) -> None:
+    """Run on ``m``'s real tensors the ``torch.nn.init`` calls its ``__init__`` made on them
+    while they were on meta (under :func:`empty_weights`), in their order."""
+    for name, calls in inits.items():
+        for fn, args, kwargs in calls:
+            fn(getattr(m, name), *args, **kwargs)
+
+
+def initialise(m: torch.nn.Module, owner: Any, fresh: list[str], inits: dict[str, list[Any]] | None = None) -> dict[str, str]:
+    """Initialise a module whose tensors ``fresh`` were just materialised: its ``reset_parameters()``
+    (unless ``inits`` holds, for every fresh tensor, the init calls its ``__init__`` made under
+    :func:`empty_weights`), then those calls replayed, then ``owner._init_weights(m)`` for a
+    Hugging Face model; returns name -> what initialised it, for the fresh tensors that were
+    written (a name left out stayed as allocated)."""
+    inits = {n: c for n, c in (inits or {}).items() if n in fresh and c}
+    before = {n: (getattr(m, n), getattr(m, n)._version) for n in fresh}
+    done: dict[str, str] = {}
+    steps: list[tuple[str, Any]] = []
+    if set(inits) != set(fresh):
+        steps.append(("reset_parameters", getattr(m, "reset_parameters", None)))
+    if inits:
+        steps.append(("__init__'s torch.nn.init calls (replayed)", lambda: replay(inits, m)))
+    if owner is not None:
+        steps.append((f"{type(owner).__name__}._init_weights", lambda: owner._init_weights(m)))
+    with torch.no_grad():
+        for label, fn in steps:
+            if not callable(fn):
+                continue
+            fn()
+            for n, (t, v) in before.items():
+                now = getattr(m, n)
+                if now is not t or now._version != v:
+                    done[n] = f"{done[n]}, then {label}" if n in done else label
+                    before[n] = (now, now._version)
+    return done
