@@ -598,11 +598,12 @@ def stream(plan: Plan, source: Source, module: torch.nn.Module, *, assign: bool,
     sizes = [(a.target, sum(_nbytes(source, k) for k in a.sources)) for a in ordered]
     size_of = dict(sizes)
     total = sum(size_of.values())
-    if rollback is None and any(s is None for s in spans.values()):
-        # Without a rollback, reads that may fail (a custom source, a factory, a legacy pickle,
-        # a quantized GGUF tensor) all happen before the first write, so a failure leaves the
-        # module untouched. With one, they stream batch by batch like spans: a failure
-        # restores what was written, and a dequantized model is never held whole.
+    checked = getattr(source, "read_checked", None)
+    if rollback is None and any(s is None and not (checked and checked(k)) for k, s in spans.items()):
+        # Without a rollback, reads that may fail (a custom source, a factory, a legacy pickle)
+        # all happen before the first write, so a failure leaves the module untouched. With
+        # one, they stream batch by batch like spans: a failure restores what was written.
+        # Reads checked at open (a quantized GGUF tensor) stream like spans either way.
         batch_bytes = max(total, 1)
     loader = _Loader(module, plan.target_meta, assign, stats)
     if state is None and not assign:

@@ -306,6 +306,11 @@ def _value(cur: _Cursor, vtype: int, key: str, depth: int = 0, arrays: dict[str,
 class _GGUFReader(_Reader):
     """One GGUF file: ``meta`` from the header at construction, tensor data on :meth:`read`."""
 
+    #: Every tensor's offset and size is checked against the file at open, and each quantized
+    #: type is tried on one block there: a read fails only as a span's read would, so the
+    #: engine streams dequantized tensors batch by batch even without a rollback.
+    checked_reads = True
+
     def __init__(self, path: Path, dequantize_to: str = "float32") -> None:
         self.path, self._stamp, self.dequantize_to = path, _stamp(path), dequantize_to
         self._handle: BinaryIO | None = None

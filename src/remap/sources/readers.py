@@ -437,6 +437,13 @@ class Source:
     def check_unchanged(self) -> None:
         """SourceError when a file changed on disk since its metadata was read."""
 
+    def read_checked(self, key: str) -> bool:
+        """Whether reading ``key`` can fail only as reading a span can (the file changed or
+        the disk failed): its offsets and sizes were checked against the file at open, and
+        whatever the read computes (GGUF dequantization) cannot fail on checked bytes. The
+        engine streams such keys batch by batch even without a rollback."""
+        return False
+
     @property
     def requires_grad(self) -> dict[str, bool] | None:
         """Each saved parameter's requires_grad, where the format keeps it (a whole-model
@@ -554,6 +561,9 @@ class _FileSource(Source):
 
     def span(self, key: str) -> Span | None:
         return self._owner[key].span(key)
+
+    def read_checked(self, key: str) -> bool:
+        return bool(getattr(self._owner[key], "checked_reads", False))
 
     def check_unchanged(self) -> None:
         for reader in {id(r): r for r in self._owner.values()}.values():
