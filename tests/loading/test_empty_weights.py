@@ -133,8 +133,7 @@ def test_a_new_head_is_initialised_as_its_init_did(tmp_path):
     assert not model.head.weight.is_meta and torch.isfinite(model.head.weight).all()
     assert torch.equal(model.head.weight, expected.weight) and torch.equal(model.head.bias, expected.bias)
     assert torch.equal(model.body.weight, body.weight)
-    assert report.warnings == ("2 tensor(s) not in the checkpoint were initialised on the meta-device target by "
-                               "__init__'s torch.nn.init calls (replayed): head.weight, head.bias",)  # fmt: skip
+    assert report.warnings == ()  # replayed init calls give what a real build gives: nothing to warn about
 
 
 class CustomInit(WithHead):
@@ -260,9 +259,8 @@ def test_an_init_remap_cannot_replay_is_said_in_the_report():
     report = remap.load(model, {"body.weight": body.weight.detach(), "body.bias": body.bias.detach()},
                         {"version": 1, "expect": {"missing": [r"^head\."]}})
     assert report.warnings == (
-        "2 tensor(s) not in the checkpoint were initialised on the meta-device target by __init__'s torch.nn.init calls "
-        "(replayed): head.weight; by __init__'s torch.nn.init calls (replayed) (its __init__ also wrote it in place, not "
-        "through torch.nn.init: that was not replayed): head.bias",)
+        "1 tensor(s) not in the checkpoint were initialised on the meta-device target by __init__'s torch.nn.init calls "
+        "(replayed) (its __init__ also wrote it in place, not through torch.nn.init: that was not replayed): head.bias",)
 
 
 class Scale(nn.Module):

@@ -147,6 +147,11 @@ def hf_initialises(owner: Any, m: torch.nn.Module) -> set[str]:
     return {n for n, (t, v) in before.items() if getattr(twin, n, None) is not t or t._version != v}
 
 
+#: What initialised a tensor whose ``__init__`` init calls were replayed: the same values a
+#: build on a real device gives, so the report does not call it out.
+REPLAYED = "__init__'s torch.nn.init calls (replayed)"
+
+
 def replay(inits: dict[str, list[Any]], m: torch.nn.Module) -> None:
     """Run on ``m``'s real tensors the ``torch.nn.init`` calls its ``__init__`` made on them
     while they were on meta (under :func:`empty_weights`), in their order."""
@@ -168,7 +173,7 @@ def initialise(m: torch.nn.Module, owner: Any, fresh: list[str], inits: dict[str
     if set(inits) != set(fresh):
         steps.append(("reset_parameters", getattr(m, "reset_parameters", None)))
     if inits:
-        steps.append(("__init__'s torch.nn.init calls (replayed)", lambda: replay(inits, m)))
+        steps.append((REPLAYED, lambda: replay(inits, m)))
     if owner is not None:
         steps.append((f"{type(owner).__name__}._init_weights", lambda: owner._init_weights(m)))
     with torch.no_grad():

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import CheckError, InternalError, SourceError, TargetError, UsageError
-from .empty import hf_initialises, init_owners, initialise
+from .empty import REPLAYED, hf_initialises, init_owners, initialise
 from .freeze import apply_freeze
 from ..meta import dtype_name
 from ..report.records import Failure, Report, TargetRecord
@@ -125,8 +125,9 @@ def apply_plan(
     if copied:
         warnings = (*warnings, f"mmap_weights: {copied} tensor(s) were copied, not mapped: an op or a cast changes them, "
                                "or the source has no file to map")  # fmt: skip
-    if initialised:
-        warnings = (*warnings, _initialised_note(plan, initialised))
+    unlike_a_real_build = {k: by for k, by in initialised.items() if by != REPLAYED}
+    if unlike_a_real_build:  # replayed init calls give what building for real gives: nothing to say
+        warnings = (*warnings, _initialised_note(plan, unlike_a_real_build))
     return report.replace(target={**report.target, "meta": on_meta}, stats=stats.as_dict(), warnings=warnings)
 
 
