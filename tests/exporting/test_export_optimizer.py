@@ -20,36 +20,9 @@ from torch import nn
 import remap
 from remap.errors import UsageError
 
-HERE = __name__
-DIM = 8
+from loading.test_optimizer_state import DIM, New, Old, _attend  # the same refactor as the load tests
 
-
-class Old(nn.Module):
-    """Separate q, k, v projections and a ``fc`` head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(4, DIM)
-        self.q, self.k, self.v = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
-        self.fc = nn.Linear(DIM, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x)
-        return self.fc(_attend(self.q(h), self.k(h), self.v(h)))
-
-
-class New(nn.Module):
-    """The refactor: q, k, v fused into ``qkv``, ``fc`` renamed ``head``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(4, DIM)
-        self.qkv = nn.Linear(DIM, 3 * DIM)
-        self.head = nn.Linear(DIM, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(self.embed(x)).chunk(3, dim=-1)
-        return self.head(_attend(q, k, v))
+HERE = __name__  # Old is a name of this module too: "<this module>:Old" finds it
 
 
 class NewT(New):
@@ -64,10 +37,6 @@ class NewT(New):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(self.embed(x)).chunk(3, dim=-1)
         return _attend(q, k, v) @ self.head_t + self.head_b
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return (torch.sigmoid(q @ k.transpose(1, 2) / DIM**0.5) @ v).mean(1)
 
 
 FUSE = [{"merge": {"match": r"^(q|k|v)\.(weight|bias)$", "group": 1, "into": r"qkv.\2", "order": ["q", "k", "v"]}}]
