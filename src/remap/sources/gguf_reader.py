@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from ..errors import SourceError
 from ..meta import TensorMeta
 from .readers import Span, _first_line, _Reader, _stamp
+from .registry import require_extra
 
 if TYPE_CHECKING:
     import torch
@@ -108,19 +109,6 @@ def sniff(head: bytes, path: Path) -> bool:
     return head[:4] == MAGIC
 
 
-def _require(lib: str, path: Path | None = None) -> Any:
-    """The module ``lib``, or a SourceError (exit 3) naming the extra that installs it."""
-    import importlib
-
-    try:
-        return importlib.import_module(lib)
-    except ImportError:
-        raise SourceError(
-            f"reading {FORMAT} files needs the '{lib}' package: pip install 'remap[{EXTRA}]'",
-            where=str(path) if path is not None else None,
-        ) from None
-
-
 def open_reader(
     path: Path, *, key: str | None = None, trust_pickle: bool = False, dequantize_to: str = "float32"
 ) -> _GGUFReader:
@@ -135,7 +123,7 @@ def open_reader(
     if dequantize_to not in DEQUANT_DTYPES:
         raise SourceError(f"dequantize_to must be one of {', '.join(DEQUANT_DTYPES)}, found {dequantize_to!r}",
                           where=str(path))  # fmt: skip
-    _require("gguf", path)
+    require_extra("gguf", FORMAT, EXTRA, path)
     return _GGUFReader(path, dequantize_to)
 
 

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import SourceError, UsageError
 from ..meta import TensorMeta, dtype_name
 from .readers import Span, _first_line, _Reader, _stamp
+from .registry import require_extra
 
 if TYPE_CHECKING:
     import torch
@@ -89,15 +90,6 @@ def open_reader(path: Path, *, key: str | None, trust_pickle: bool) -> _KerasRea
             where=str(path),
         )
     return _KerasReader(path)
-
-
-def _require(lib: str) -> Any:
-    try:
-        return __import__(lib)
-    except ImportError:
-        raise SourceError(
-            f"reading {FORMAT} files needs the '{lib}' package: pip install 'remap[{EXTRA}]'", where=None
-        ) from None
 
 
 # ---------------------------------------------------------------------------- archive window
@@ -323,7 +315,7 @@ class _KerasReader(_Reader):
         self._base: int | None = None  # where the HDF5 bytes start in the file; None: a deflated member
         self._h5: Any = None
         self._stream: Any = None
-        h5py = _require_h5py(path)
+        h5py = require_extra("h5py", FORMAT, EXTRA, path)
         with open(path, "rb") as f:
             self._archive = f.read(4) == b"PK\x03\x04"
         config: Any = None
@@ -619,7 +611,7 @@ class _KerasReader(_Reader):
             raise SourceError(f"no tensor {key!r} in this file", where=str(self.path))
         if self._h5 is None:
             self._check_unchanged()
-            h5py = _require_h5py(self.path)
+            h5py = require_extra("h5py", FORMAT, EXTRA, self.path)
             try:
                 self._h5 = self._open(h5py)
             except SourceError:
@@ -669,10 +661,3 @@ def _np_dtype(name: str) -> Any:
     import numpy as np
 
     return np.dtype(name).newbyteorder("<")
-
-
-def _require_h5py(path: Path) -> Any:
-    try:
-        return _require("h5py")
-    except SourceError as exc:
-        raise SourceError(exc.message, where=str(path)) from None

@@ -30,6 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 from ..errors import SourceError
 from ..meta import TensorMeta
 from .readers import Span, _first_line, _Reader, _stamp
+from .registry import require_extra
 
 if TYPE_CHECKING:
     import torch
@@ -79,7 +80,7 @@ def open_reader(path: Path, *, key: str | None = None, trust_pickle: bool = Fals
             "the weights; leave `key` out",
             where=str(path),
         )
-    _require("numpy", path)
+    require_extra("numpy", FORMAT, EXTRA, path)
     return _NpyReader(path) if _is_npy(path) else _NpzReader(path)
 
 
@@ -89,18 +90,6 @@ def _is_npy(path: Path) -> bool:
             return f.read(len(NPY_MAGIC)) == NPY_MAGIC
     except OSError as exc:
         raise SourceError(f"cannot read it: {exc.strerror or exc}", where=str(path)) from None
-
-
-def _require(lib: str, path: Path) -> Any:
-    """``import lib``, or the SourceError (exit 3) naming the extra that brings it."""
-    import importlib
-
-    try:
-        return importlib.import_module(lib)
-    except ImportError:
-        raise SourceError(
-            f"reading {FORMAT} files needs the '{lib}' package: pip install 'remap[{EXTRA}]'", where=str(path)
-        ) from None
 
 
 # ---------------------------------------------------------------------------- headers

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import SourceError
 from ..meta import MAX_SIZE, TensorMeta
 from .readers import Span, _Reader, _stamp
+from .registry import require_extra
 
 if TYPE_CHECKING:
     import torch
@@ -83,18 +84,6 @@ _MAX_WALK = 256
 _SHOWN_CONSUMERS = 3
 #: ModelProto's field numbers, for :func:`sniff`.
 _MODEL_FIELDS = {1, 2, 3, 4, 5, 6, 7, 8, 14, 20, 25, 26}
-
-
-def _require(lib: str, path: Path) -> Any:
-    """Import ``lib`` (``onnx``), or a SourceError naming the extra that brings it."""
-    import importlib
-
-    try:
-        return importlib.import_module(lib)
-    except ImportError:
-        raise SourceError(
-            f"reading {FORMAT} files needs the '{lib}' package: pip install 'remap[{EXTRA}]'", where=str(path)
-        ) from None
 
 
 # ---------------------------------------------------------------------------- detection
@@ -616,7 +605,7 @@ class OnnxReader(_Reader):
         import numpy as np
         import torch
 
-        onnx = _require("onnx", self.path)
+        onnx = require_extra("onnx", FORMAT, EXTRA, self.path)
         from onnx import numpy_helper
 
         data = self._bytes(key, self.path, *message).numpy().tobytes()

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["Format", "FORMATS", "detect", "open_format", "accepted"]
+__all__ = ["Format", "FORMATS", "detect", "open_format", "accepted", "require_extra"]
 
 
 @dataclass(frozen=True)
@@ -76,3 +76,19 @@ def open_format(fmt: Format, path: Path, **options: Any) -> Any:
 def accepted() -> str:
     """The formats of this registry, for the message that lists what remap reads."""
     return ", ".join(f.text for f in _available())
+
+
+def require_extra(lib: str, fmt: str, extra: str, path: Path | None = None) -> ModuleType:
+    """The module ``lib``, imported for a format's reader, or the SourceError (exit 3) naming
+    the extra that installs it.
+
+    >>> require_extra("json", "x", "x").__name__
+    'json'
+    """
+    from ..errors import SourceError
+
+    try:
+        return import_module(lib)
+    except ImportError:
+        raise SourceError(f"reading {fmt} files needs the '{lib}' package: pip install 'remap[{extra}]'",
+                          where=str(path) if path is not None else None) from None  # fmt: skip
