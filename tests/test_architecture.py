@@ -22,7 +22,7 @@ import remap
 
 SRC = Path(remap.__file__).resolve().parent
 
-LAYERS = ["errors", "exports", "collector", "files", "meta", "report", "sources", "rules", "planning", "loading", "exporting", "diffing", "api", "cli"]
+LAYERS = ["errors", "exports", "collector", "files", "meta", "report", "sources", "rules", "planning", "loading", "verifying", "exporting", "diffing", "api", "cli"]
 TOP = {"__init__", "__main__"}  # may import anything; nothing but cli and __main__ may import them
 
 

@@ -292,7 +292,8 @@ def _verify(rules: Rules, src: Source, target: Any, report: Report) -> Report:
     """Run the rules' verify section; a VerifyError (with the report) when the outputs differ."""
     from .errors import VerifyError
     from .report.records import Failure
-    from .loading.verify import describe_failure, run_verify
+    from .verifying.compare import describe_failure
+    from .verifying.run import run_verify
 
     result = run_verify(rules.verify, _source_model(rules, src), target)  # type: ignore[arg-type]
     report = report.replace(verify=result)
@@ -313,7 +314,7 @@ def _source_model(rules: Rules, src: Source) -> Any:
         raise UsageError("verify needs the source architecture: set source.model (with source.path holding its weights)")
     from .errors import SourceError
     from .sources.factories import build, describe_call
-    from .loading.verify import load_source_weights
+    from .verifying.source_model import load_source_weights
 
     spec = rules.source
     model = build(spec.model, spec.args, dict(spec.kwargs), what="source.model")

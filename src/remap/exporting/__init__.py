@@ -4,7 +4,7 @@ data beside it), the proof and the orchestration (``export``: ``run_export``), t
 original's file layout (``layout``), and the account of every key (``report``:
 ``ExportReport``).
 
-May import, at module level: ``remap.errors``, ``remap.files``, ``remap.meta``, ``remap.report``, ``remap.sources``, ``remap.rules``, ``remap.planning``, ``remap.loading``. Never ``diffing``, ``api``, ``cli`` (docs/architecture.md; tests/test_architecture.py keeps it so).
+May import, at module level: ``remap.errors``, ``remap.files``, ``remap.meta``, ``remap.report``, ``remap.sources``, ``remap.rules``, ``remap.planning``, ``remap.loading``, ``remap.verifying``. Never ``diffing``, ``api``, ``cli`` (docs/architecture.md; tests/test_architecture.py keeps it so).
 
 Its main names are importable from here, loaded on first use.
 """

@@ -1,7 +1,7 @@
 """The ``verify:`` section of a rules file: its JSON schema and its parsed form.
 
 Part of the rules language, so that parsing a rules file needs nothing from ``loading``;
-running the check is :mod:`remap.loading.verify`.
+running the check is :mod:`remap.verifying`.
 """
 
 from __future__ import annotations

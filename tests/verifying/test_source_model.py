@@ -21,7 +21,7 @@ import remap
 from remap.cli import main
 from remap.errors import SourceError, UsageError
 from remap.sources.readers import open_source
-from remap.loading.verify import load_source_weights, tied_aliases
+from remap.verifying.source_model import load_source_weights, tied_aliases
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONFIG = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0)
@@ -71,9 +71,9 @@ def test_the_checkpoint_leaves_out_the_tied_head_and_the_model_ties_it(tmp_path)
 
 def test_apply_verify_passes_on_a_save_pretrained_gpt2(tmp_path, capsys):
     folder = saved_pretrained(tmp_path)
-    rules = rules_file(tmp_path, {"path": str(folder), "model": "tests.loading.test_verify_tied:tiny_gpt2"})
+    rules = rules_file(tmp_path, {"path": str(folder), "model": "tests.verifying.test_source_model:tiny_gpt2"})
     report = tmp_path / "report.json"
-    code = main(["apply", str(rules), "--target", "tests.loading.test_verify_tied:small_gpt", "--verify", "--report", str(report), "-q"])
+    code = main(["apply", str(rules), "--target", "tests.verifying.test_source_model:small_gpt", "--verify", "--report", str(report), "-q"])
     assert code == 0, capsys.readouterr().err
     verify = json.loads(report.read_text())["verify"]
     assert verify["ok"] and verify["tensors"] == 1 and verify["max_abs"] < 1e-4
@@ -113,16 +113,16 @@ def test_other_missing_and_unexpected_keys_still_fail_through_the_cli(tmp_path, 
     state["transformer.extra.weight"] = state.pop("transformer.ln_f.weight")
     path = tmp_path / "renamed.safetensors"
     save_file(state, str(path))
-    rules = rules_file(tmp_path, {"path": str(path), "model": "tests.loading.test_verify_tied:tiny_gpt2"})
+    rules = rules_file(tmp_path, {"path": str(path), "model": "tests.verifying.test_source_model:tiny_gpt2"})
     rules_data = yaml.safe_load(rules.read_text())
     rules_data["rules"].append({"rename": {r"^transformer\.extra\.": "transformer.ln_f."}})  # the target side loads it
     rules.write_text(yaml.safe_dump(rules_data))
     capsys.readouterr()  # save_pretrained's progress bar
-    code = main(["apply", str(rules), "--target", "tests.loading.test_verify_tied:small_gpt", "--verify", "-q"])
+    code = main(["apply", str(rules), "--target", "tests.verifying.test_source_model:small_gpt", "--verify", "-q"])
     err = capsys.readouterr().err
     assert code == 2
     assert err == (
-        f"remap: error: verify: the source weights do not load strictly into source.model tests.loading.test_verify_tied:tiny_gpt2 (from {path}): "
+        f"remap: error: verify: the source weights do not load strictly into source.model tests.verifying.test_source_model:tiny_gpt2 (from {path}): "
         "1 missing key(s): transformer.ln_f.weight; 1 unexpected key(s): transformer.extra.weight "
         "(tied parameters, which may be saved under one name: lm_head.weight = transformer.wte.weight); "
         "source.model must build the architecture the checkpoint was saved from\n"
@@ -157,8 +157,8 @@ def state_factory():
 
 def test_a_source_model_that_is_no_module_is_named(tmp_path):
     folder = saved_pretrained(tmp_path)
-    rules = yaml.safe_load(rules_file(tmp_path, {"path": str(folder), "model": "tests.loading.test_verify_tied:state_factory"}).read_text())
+    rules = yaml.safe_load(rules_file(tmp_path, {"path": str(folder), "model": "tests.verifying.test_source_model:state_factory"}).read_text())
     with pytest.raises(SourceError) as info:
         remap.load(small_gpt(), None, rules=rules, verify=True)
-    assert str(info.value) == "source.model: tests.loading.test_verify_tied:state_factory() returned a OrderedDict, expected a torch.nn.Module"
+    assert str(info.value) == "source.model: tests.verifying.test_source_model:state_factory() returned a OrderedDict, expected a torch.nn.Module"
     assert info.value.exit_code == 3

@@ -14,7 +14,9 @@ from weights import perturb
 import remap
 from remap.cli import main
 from remap.errors import UsageError, VerifyError
-from remap.loading.verify import VerifySpec, compare, make_inputs
+from remap.rules.verify_spec import VerifySpec
+from remap.verifying.compare import compare
+from remap.verifying.inputs import make_inputs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -72,11 +74,11 @@ def test_token_ids_and_output_selectors_through_the_cli(tmp_path):
     hf = perturb(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)), seed=3)
     path = tmp_path / "gpt2.pth"
     torch.save(hf.state_dict(), path)
-    rules = config_with("hf-gpt2-to-linear.yaml", source={"path": str(path), "model": "tests.loading.test_verify:small_hf_gpt2"},
+    rules = config_with("hf-gpt2-to-linear.yaml", source={"path": str(path), "model": "tests.verifying.test_compare:small_hf_gpt2"},
                         verify={"input": {"ids": [2, 8], "high": 50}, "output": {"source": "logits", "target": None}, "atol": 1e-4})  # fmt: skip
     rules_path = tmp_path / "rules.yaml"
     rules_path.write_text(yaml.safe_dump(rules))
-    code = main(["apply", str(rules_path), "--target", "tests.loading.test_verify:small_gpt", "--verify", "--report", str(tmp_path / "r.json"), "-q"])
+    code = main(["apply", str(rules_path), "--target", "tests.verifying.test_compare:small_gpt", "--verify", "--report", str(tmp_path / "r.json"), "-q"])
     assert code == 0
     verify = json.loads((tmp_path / "r.json").read_text())["verify"]
     assert verify["ok"] and verify["output"] == ["logits", None]
