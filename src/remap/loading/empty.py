@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import inspect
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -187,3 +189,180 @@ def initialise(m: torch.nn.Module, owner: Any, fresh: list[str], inits: dict[str
                     done[n] = f"{done[n]}, then {label}" if n in done else label
                     before[n] = (now, now._version)
     return done
+
+
+# --- non-persistent buffers of a module built on meta: computed by building it again ---------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rebuilt:
+    """A non-persistent buffer's value, taken from a twin of the module built again
+    under :func:`empty_weights`, and the words that say how (for the report)."""
+
+    value: torch.Tensor
+    how: str
+
+
+def rebuild_buffers(module: torch.nn.Module, wanted: dict[str, torch.Tensor]) -> tuple[dict[str, Rebuilt], list[tuple[list[str], str]]]:
+    """Compute ``module``'s non-persistent buffers ``wanted`` (name -> its meta tensor) by building
+    again, under :func:`empty_weights` (parameters on meta, so cheap), the outermost module above
+    each whose construction is recorded on it: a Hugging Face model from its ``config``
+    (``type(model)(config)``, how Hugging Face builds it), a timm model from
+    ``timm.create_model(architecture, **model._model_args)``, or a module whose ``__init__`` takes
+    exactly ``(config)`` or ``(config, layer_idx)`` and keeps both. A buffer is taken from the twin
+    only where the twin's module that holds it has the same class, tensor names and shapes, and
+    the buffer the same shape and dtype; else the next module below is tried. ``module`` is not
+    touched (the twins are built on cpu, the random state is restored). Returns the values found
+    and, for the rest, (names, why not) — an empty ``why`` where nothing above them can be rebuilt.
+
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self, config):
+    ...         super().__init__()
+    ...         self.config = config
+    ...         self.register_buffer("ids", torch.arange(config["n"]), persistent=False)
+    >>> with torch.device("meta"):
+    ...     net = Net({"n": 3})
+    >>> found, missing = rebuild_buffers(net, {"ids": net.ids})
+    >>> found["ids"].value.tolist(), found["ids"].how, missing
+    ([0, 1, 2], 'Net(config) rebuilt from its dict under remap.empty_weights()', [])
+    """
+    found: dict[str, Rebuilt] = {}
+    reasons: dict[str, list[str]] = {}
+    twins: dict[str, tuple[torch.nn.Module | None, str]] = {}
+    for name, meta in wanted.items():
+        reasons[name] = []
+        for root, call in _rebuild_candidates(module, name):
+            if root not in twins:
+                twins[root] = _build_twin(call)
+            twin, how = twins[root]
+            if twin is None:
+                reasons[name].append(how)
+                continue
+            rel = name[len(root) + 1:] if root else name
+            why = _differs(module.get_submodule(root), twin, rel, meta, how)
+            if why is None:
+                found[name] = Rebuilt(twin.get_buffer(rel).detach(), f"{how} under remap.empty_weights()")
+                break
+            reasons[name].append(why)
+    missing: dict[str, list[str]] = {}
+    for name, why in reasons.items():
+        if name not in found:  # the outermost rebuild's reason: the others were built from the same record
+            missing.setdefault(why[0] if why else "", []).append(name)
+    return found, [(names, why) for why, names in missing.items()]
+
+
+def _rebuild_candidates(module: torch.nn.Module, name: str) -> Iterator[tuple[str, tuple[Callable[[], torch.nn.Module], str]]]:
+    """The modules above buffer ``name`` (outermost first) that can be built again, with the call."""
+    parts = name.split(".")[:-1]
+    for i in range(len(parts) + 1):
+        root = ".".join(parts[:i])
+        call = rebuild_call(module.get_submodule(root))
+        if call is not None:
+            yield root, call
+
+
+def rebuild_call(m: torch.nn.Module) -> tuple[Callable[[], torch.nn.Module], str] | None:
+    """How to build ``m`` again from what is recorded on it, and the words that say so (the call
+    and where its arguments come from); None where the call is not certain (a plain module of
+    sizes, arguments that are not recorded).
+
+    >>> rebuild_call(torch.nn.Linear(2, 2)) is None
+    True
+    """
+    config = getattr(m, "config", None)
+    cls = type(m)
+    from_config = f" rebuilt from its {type(config).__name__}"
+    if _is_hf_model(m) and config is not None:
+        return (lambda: cls(copy.deepcopy(config))), f"{cls.__name__}(config){from_config}"
+    timm_args = _timm_args(m)
+    if timm_args is not None:
+        arch, cfg, args = timm_args
+        shown = "".join(f", {k}={v!r}" for k, v in args.items())
+        return (lambda: _timm_create(arch, cfg, args)), f"timm.create_model({arch!r}{shown}) rebuilt from the arguments timm recorded"
+    required = _required_args(cls)
+    if config is None or required is None:
+        return None
+    if required == ["config"]:
+        return (lambda: cls(copy.deepcopy(config))), f"{cls.__name__}(config){from_config}"
+    layer = getattr(m, "layer_idx", None)
+    if required == ["config", "layer_idx"] and isinstance(layer, int) and not isinstance(layer, bool):
+        return (lambda: cls(copy.deepcopy(config), layer_idx=layer)), f"{cls.__name__}(config, layer_idx={layer}){from_config}"
+    return None
+
+
+def _required_args(cls: type) -> list[str] | None:
+    """The names of ``cls.__init__``'s arguments without a default, or None where it takes ``*args``/``**kwargs``."""
+    try:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None
+    return [p.name for p in params if p.default is p.empty]
+
+
+def _timm_args(m: torch.nn.Module) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    """A timm model's architecture, pretrained_cfg and the arguments ``timm.create_model`` recorded
+    on it (``_model_args``, timm 1.0.2x and later); None for anything else."""
+    cfg, args = getattr(m, "pretrained_cfg", None), getattr(m, "_model_args", None)
+    if not type(m).__module__.startswith("timm.") or not isinstance(cfg, dict) or not isinstance(args, dict):
+        return None
+    arch = cfg.get("architecture")
+    return (arch, cfg, args) if isinstance(arch, str) and arch else None
+
+
+def _timm_create(arch: str, cfg: dict[str, Any], args: dict[str, Any]) -> torch.nn.Module:
+    import timm  # a timm model is being rebuilt: timm is installed
+
+    return timm.create_model(arch, pretrained=False, pretrained_cfg=copy.deepcopy(cfg), **copy.deepcopy(args))
+
+
+def _build_twin(call: tuple[Callable[[], torch.nn.Module], str]) -> tuple[torch.nn.Module | None, str]:
+    """The module ``call`` builds on cpu under :func:`empty_weights`, the random state left as it
+    was; (None, why) where the build raised."""
+    build, how = call
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"), empty_weights():
+            return build(), how
+    except Exception as exc:  # a constructor that does not take what was recorded: nothing rebuilt
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return None, f"{how} raised {type(exc).__name__}{': ' + message if message else ''}"
+
+
+def _differs(root: torch.nn.Module, twin: torch.nn.Module, rel: str, meta: torch.Tensor, how: str) -> str | None:
+    """Why buffer ``rel`` of ``twin`` cannot stand for ``root``'s (the class or the tensors of the
+    module holding it differ, or the buffer's shape or dtype), or None; worded without the
+    buffer's name, so that the layers of a model that differ alike share one message."""
+    owner, _, leaf = rel.rpartition(".")
+    mine = root.get_submodule(owner)
+    try:
+        theirs = twin.get_submodule(owner)
+    except AttributeError:
+        return f"{how} has no {type(mine).__name__} there"
+    if type(theirs) is not type(mine):
+        return f"{how} has a {type(theirs).__name__} where the module has a {type(mine).__name__}"
+    got = theirs._buffers.get(leaf)
+    if got is None or got.is_meta:
+        return f"{how} does not compute them"
+    if got.shape != meta.shape or got.dtype != meta.dtype:
+        return f"{how} gives {_shown(got)} where the module has {_shown(meta)}"
+    ours, others = _layout(mine), _layout(theirs)
+    if ours != others:  # built from other arguments than the module was: its buffers' values cannot be trusted
+        diff = [f"{k or 'itself'}: module {_size(ours.get(k))}, rebuilt {_size(others.get(k))}"
+                for k in dict.fromkeys([*ours, *others]) if ours.get(k) != others.get(k)]  # fmt: skip
+        return f"{how} builds the {type(mine).__name__} that holds them unlike the module's ({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''})"
+    return None
+
+
+def _layout(m: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every tensor of ``m`` (parameters and buffers, persistent or not) -> its shape."""
+    named = [*m.named_parameters(remove_duplicate=False), *m.named_buffers(remove_duplicate=False)]
+    return {n: tuple(t.shape) for n, t in named}
+
+
+def _size(shape: tuple[int, ...] | None) -> str:
+    return "none" if shape is None else str(list(shape))
+
+
+def _shown(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"

@@ -12,7 +12,9 @@ Order matters, so that a failed check leaves the module untouched:
 5. a meta-device target's keys that were not loaded are materialised and initialised
    by their module's ``reset_parameters`` (then, in a Hugging Face model, its
    ``_init_weights``), and its non-persistent buffers still on meta are computed by
-   ``_init_weights`` (checked on meta tensors in step 3); then freezing. The final report reads
+   ``_init_weights`` (checked on meta tensors in step 3) or, where it does not write them,
+   taken from a twin built again from the model's recorded construction (built in step 3);
+   then freezing. The final report reads
    requires_grad back from the module.
 
 Steps 4 and 5 run under a :class:`~remap.loading.streaming.Rollback`: if anything fails once
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import CheckError, InternalError, SourceError, TargetError, UsageError
-from .empty import REPLAYED, hf_initialises, init_owners, initialise
+from .empty import REPLAYED, Rebuilt, hf_initialises, init_owners, initialise, rebuild_buffers
 from .freeze import apply_freeze
 from ..meta import dtype_name
 from ..report.records import Failure, Report, TargetRecord
@@ -97,7 +99,7 @@ def apply_plan(
     dev = _device(device)
     if mmap_weights and dev is not None and dev.type != "cpu":
         raise UsageError(f"mmap_weights maps the file into CPU memory; it cannot load onto device {dev}")
-    _preflight(plan, module, on_meta)
+    rebuilt = _preflight(plan, module, on_meta)
     _check_duplicates(plan, plan.source)
     dt = getattr(torch, dtype_name(dtype)) if isinstance(dtype, str) else dtype
     undo = Rollback(module)
@@ -109,7 +111,7 @@ def apply_plan(
         initialised: dict[str, str] = {}
         if on_meta:
             _retie(plan, module)
-            stats.materialised, initialised = _materialise_rest(module, dev or torch.device("cpu"), dt)
+            stats.materialised, initialised = _materialise_rest(module, dev or torch.device("cpu"), dt, rebuilt)
     except BaseException as exc:
         undo.restore()
         if isinstance(exc, SourceError):
@@ -197,13 +199,17 @@ def _is_meta(state: Mapping[str, Any]) -> bool:
     return any(t.device.type == "meta" for t in state.values() if isinstance(t, torch.Tensor))
 
 
-def _preflight(plan: Plan, module: torch.nn.Module, on_meta: bool) -> None:
-    """Checks that need the module or the ops' kernels, run before anything is written."""
+def _preflight(plan: Plan, module: torch.nn.Module, on_meta: bool) -> dict[str, Rebuilt]:
+    """Checks that need the module or the ops' kernels, run before anything is written; returns
+    the non-persistent buffers of a meta-device target computed by building it again."""
     failures = [f for a in plan.assignments if a.recipe is not None for f in _dry_op(a, plan)]
+    rebuilt: dict[str, Rebuilt] = {}
     if on_meta:
-        failures += _meta_gaps(plan, module)
+        gaps, rebuilt = _meta_gaps(plan, module)
+        failures += gaps
     if failures:
         raise check_failed(plan.report.replace(dry_run=False, failures=tuple(failures)))
+    return rebuilt
 
 
 def _dry_op(a: Assignment, plan: Plan) -> list[Failure]:
@@ -226,16 +232,19 @@ def _dry_op(a: Assignment, plan: Plan) -> list[Failure]:
     return []
 
 
-def _meta_gaps(plan: Plan, module: torch.nn.Module) -> list[Failure]:
+def _meta_gaps(plan: Plan, module: torch.nn.Module) -> tuple[list[Failure], dict[str, Rebuilt]]:
     """A meta-device target must end with no meta tensor: what is not loaded needs the init calls
     its ``__init__`` made under :func:`~remap.loading.empty.empty_weights` (replayed), its module's
     ``reset_parameters`` or (in a Hugging Face model) ``_init_weights``; a non-persistent buffer
-    on meta needs ``_init_weights`` to compute it (found by running it on meta tensors)."""
+    on meta needs ``_init_weights`` to compute it (found by running it on meta tensors) or else a
+    twin of the model built again from its recorded construction
+    (:func:`~remap.loading.empty.rebuild_buffers`): returns the failures and those buffers' values."""
     assigned = {a.target for a in plan.assignments}
     loaded = assigned | {k for k, m in plan.target_meta.items() if m.tied_to in assigned}
     persistent = set(plan.target_meta)
     owners = init_owners(module)
     failures = []
+    volatile_left: dict[str, torch.Tensor] = {}
     for name, m in module.named_modules():
         prefix = f"{name}." if name else ""
         own = [(n, t) for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)] if t is not None and t.device.type == "meta"]
@@ -244,16 +253,18 @@ def _meta_gaps(plan: Plan, module: torch.nn.Module) -> list[Failure]:
         gaps = [n for n, t in own if prefix + n in persistent and prefix + n not in loaded and not getattr(t, "_remap_inits", None)]
         volatile = [n for n, _ in own if prefix + n not in persistent]
         computed = hf_initialises(owners.get(name), m) if volatile or (gaps and not callable(getattr(m, "reset_parameters", None))) else set()
-        volatile = [prefix + n for n in volatile if n not in computed]
-        if volatile:
-            failures.append(Failure("missing", f"non-persistent buffer(s) {', '.join(volatile)} of a meta-device target are not in any checkpoint "
-                                    "and remap cannot compute them; build the target with `with remap.empty_weights(): model = ...` "
-                                    "(parameters on meta, buffers computed by the module as usual) or on a real device", tuple(volatile)))  # fmt: skip
+        volatile_left.update({prefix + n: m._buffers[n] for n in volatile if n not in computed})
         gaps = [prefix + n for n in gaps if n not in computed]
         if gaps and not callable(getattr(m, "reset_parameters", None)):
             failures.append(Failure("missing", f"{', '.join(gaps)} of a meta-device target would stay uninitialised: "
                                     f"{type(m).__name__} has no reset_parameters; load them or build the target on a real device", tuple(gaps)))  # fmt: skip
-    return failures
+    rebuilt, left = rebuild_buffers(module, volatile_left) if volatile_left else ({}, [])
+    for names, why in left:
+        failures.append(Failure("missing", f"non-persistent buffer(s) {', '.join(names)} of a meta-device target are not in any checkpoint "
+                                f"and remap cannot compute them{f' ({why})' if why else ''}; build the target with "
+                                "`with remap.empty_weights(): model = ...` (parameters on meta, buffers computed by the module as usual) "
+                                "or on a real device", tuple(names)))  # fmt: skip
+    return failures, rebuilt
 
 
 def _retie(plan: Plan, module: torch.nn.Module) -> None:
@@ -279,11 +290,14 @@ def _slot(module: torch.nn.Module, key: str) -> tuple[dict[str, Any], str]:
     return (m._parameters if name in m._parameters else m._buffers), name
 
 
-def _materialise_rest(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> tuple[list[str], dict[str, str]]:
+def _materialise_rest(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None,
+                      rebuilt: Mapping[str, Rebuilt] | None = None) -> tuple[list[str], dict[str, str]]:
     """Give every module still holding meta tensors real memory and its own initialisation
-    (``reset_parameters``, then a Hugging Face model's ``_init_weights``); returns the keys
-    materialised and, for each, what initialised it. A tensor that no initialiser wrote is a
-    TargetError (the caller puts the module back)."""
+    (``reset_parameters``, then a Hugging Face model's ``_init_weights``), the buffers in
+    ``rebuilt`` their value from the rebuild; returns the keys materialised and, for each, what
+    initialised it. A tensor that no initialiser wrote is a TargetError (the caller puts the
+    module back)."""
+    rebuilt = rebuilt or {}
     done, how = [], {}
     owners = None
     for name, m in module.named_modules():
@@ -301,11 +315,16 @@ def _materialise_rest(module: torch.nn.Module, device: torch.device, dtype: torc
                 if t is not None and t.is_floating_point():
                     getattr(m, n).data = getattr(m, n).data.to(dtype)
         fresh = [n for n, t in own.items() if t is not None and n not in keep]
-        by = initialise(m, owners.get(name), fresh, inits)
+        prefix = f"{name}." if name else ""
+        computed = {n: rebuilt[prefix + n] for n in fresh if prefix + n in rebuilt}
+        to_init = [n for n in fresh if n not in computed]
+        by = initialise(m, owners.get(name), to_init, inits) if to_init else {}
         with torch.no_grad():
             for n, t in keep.items():
                 getattr(m, n).copy_(t)
-        prefix = f"{name}." if name else ""
+            for n, r in computed.items():
+                getattr(m, n).copy_(r.value)
+        by.update({n: r.how for n, r in computed.items()})
         left = [prefix + n for n in fresh if n not in by]
         if left:
             raise TargetError(f"{', '.join(left)} of a meta-device target stayed uninitialised: {type(m).__name__}'s initialisers "
