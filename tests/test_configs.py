@@ -57,6 +57,7 @@ def test_every_config_has_a_scenario():
     tested |= {"flax-to-torch.yaml"}  # a Flax-built model against its torch port: tests/test_flax_conversion.py
     tested |= {"tf-checkpoint-to-torch.yaml"}  # a TensorFlow-written checkpoint against its torch port: tests/test_tf_conversion.py
     tested |= {"pickled-model-renamed-class.yaml"}  # a whole-model pickle of a removed class: tests/test_pickled_model_conversion.py
+    tested |= {"meta-llama-to-hf.yaml"}  # a Meta-style Llama against HF LlamaForCausalLM by logits: tests/rules/test_vars_and_heads.py
     assert {p.name for p in CONFIGS.glob("*.yaml")} == tested
 
 

@@ -265,10 +265,10 @@ def q8_0_roundtrip(t: torch.Tensor) -> torch.Tensor:
 
 
 ROTARY_OPS = {
-    "q_proj.weight": ["reshape([4, 8, 2, 64])", "transpose(1, 2)", "reshape([64, 64])"],
-    "k_proj.weight": ["reshape([2, 8, 2, 64])", "transpose(1, 2)", "reshape([32, 64])"],
-    "q_proj.bias": ["reshape([4, 8, 2, 1])", "transpose(1, 2)", "reshape([64])"],
-    "k_proj.bias": ["reshape([2, 8, 2, 1])", "transpose(1, 2)", "reshape([32])"],
+    "q_proj.weight": ["permute_heads(to=half_split, heads=4)"],
+    "k_proj.weight": ["permute_heads(to=half_split, heads=2)"],
+    "q_proj.bias": ["permute_heads(to=half_split, heads=4)"],
+    "k_proj.bias": ["permute_heads(to=half_split, heads=2)"],
 }
 
 
@@ -323,7 +323,7 @@ def test_gguf_to_hf_llama(tmp_path, config, variant):
     report, saved = cli_apply(tmp_path, config, path, factory)
     check_clean(report, ops=llama_ops(bias), tied=tie)
     per_op = 4 if bias else 2
-    assert [s["matched"] for s in report["steps"]] == [20 + 8 * bias, 0 if tied else 1, 0, *[per_op] * 6]
+    assert [s["matched"] for s in report["steps"]] == [20 + 8 * bias, 0 if tied else 1, 0, *[per_op] * 2]
     rebuilt = import_target(factory)
     rebuilt.load_state_dict(saved, strict=not tied)
     assert_close(run(rebuilt, ids), expected, atol=atol)

@@ -160,6 +160,7 @@ def _make(rules: Rules, target: Any, src: Source, *, built: bool) -> Plan:
         bn = batchnorm_modules(target)
     else:
         raise UsageError(f"target: expected a torch.nn.Module or a mapping of key -> shape, found {type(target).__name__}")
+    rules = rules.bound_to(target)  # vars read from the target model's config
     return make_plan(rules, src.meta, meta, source_description=src.description, target_description=description,
                      batchnorm_modules=bn, source_handle=src)  # fmt: skip
 
@@ -406,7 +407,7 @@ def export(
     from .exporting.export import Finetuned, run_export
     from .exporting.optimizer import FinetunedOptimizer
 
-    r = resolve_rules(rules)
+    r = resolve_rules(rules).bound_to(model)  # vars read from the fine-tuned model's config
     report_path = Path(report) if report is not None else None
     if report_path is not None:
         from .files import refuse_non_regular_target

@@ -198,6 +198,14 @@ def _gguf(tmp: Path) -> Case:
     return Case(like, tiny_llama(), reference, "out/llama.safetensors")
 
 
+def _meta_llama(tmp: Path) -> Case:
+    from tests.rules.test_vars_and_heads import _meta_weights, hf_llama
+
+    like = tmp / "consolidated.00.pth"
+    torch.save(_meta_weights(), like)  # Meta's names, q/k rows interleaved for its rotary embedding
+    return Case(like, hf_llama(), _torch_file(like), "out/consolidated.00.pth")
+
+
 CASES: dict[str, Callable[[Path], Case]] = {
     "timm-vit-to-torchvision.yaml": _timm_vit,
     "timm-vit-resize-pos-embed.yaml": _timm_vit_resize,
@@ -216,6 +224,7 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "torchvision-resnet-finetune.yaml": _finetune,
     "unwrap-ddp-compile.yaml": _ddp,
     "gguf-to-hf-llama.yaml": _gguf,
+    "meta-llama-to-hf.yaml": _meta_llama,
 }
 
 

@@ -635,3 +635,24 @@ def test_an_optimizer_file_that_needs_a_pickle_is_refused(tmp_path: Path) -> Non
     new = New()
     with pytest.raises(SourceError, match="refused this pickle"):
         remap.load(new, {"model": old.state_dict()}, rules=REFACTOR, optimizer=torch.optim.AdamW(new.parameters()), optimizer_state=str(bad))
+
+
+def test_permute_heads_carries_the_moments_row_for_row_like_the_weight() -> None:
+    """A RoPE layout change (rows permuted within each head) moves each moment's rows with its
+    weight's: with moments equal to the weights, the new moments equal the loaded weights."""
+    old = torch.nn.Linear(4, 16, bias=False)
+    opt = torch.optim.AdamW(old.parameters())
+    old(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    saved["param_groups"][0]["param_names"] = ["weight"]
+    saved["state"][0]["exp_avg"] = old.weight.detach().clone()
+    saved["state"][0]["exp_avg_sq"] = old.weight.detach().clone() ** 2
+    rules = {"version": 1, "rules": [{"permute_heads": {"match": r"^weight$", "heads": 2, "to": "half_split"}}]}
+    new = torch.nn.Linear(4, 16, bias=False)
+    new_opt = torch.optim.AdamW(new.parameters())
+    report = remap.load(new, {"model": old.state_dict(), "optimizer": saved}, rules=rules, optimizer=new_opt)
+    assert report.ok and {t.key: t.status for t in report.optimizer.targets} == {"weight": "loaded"}
+    assert not torch.equal(new.weight, old.weight)  # rows really moved
+    state = new_opt.state[new.weight]
+    assert torch.equal(state["exp_avg"], new.weight) and torch.equal(state["exp_avg_sq"], new.weight.detach() ** 2)

@@ -30,6 +30,7 @@ from test_keras_conversion import save_keras_model
 from test_onnx_gguf_conversions import gguf_source, onnx_source
 from test_pickled_model_conversion import save_old_model
 from test_tf_conversion import tf_checkpoint
+from tests.rules.test_vars_and_heads import _meta_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -87,6 +88,7 @@ CASES = {
     "hf-gpt2-factory": Case("hf-gpt2-to-linear.yaml", lambda d: "tests.report.test_report_text:small_hf_gpt2", "conversion_models:GPT"),
     "gguf-to-hf-llama": Case("gguf-to-hf-llama.yaml", gguf_source, "test_onnx_gguf_conversions:tiny_llama"),
     "keras-to-torch": Case("keras-to-torch.yaml", save_keras_model, "test_keras_conversion:TorchNet"),
+    "meta-llama-to-hf": Case("meta-llama-to-hf.yaml", lambda d: _save(_meta_weights(), d), "tests.rules.test_vars_and_heads:hf_llama"),
     "imagenet-head-subset": Case("imagenet-head-subset.yaml", lambda d: _save(_resnet18(), d), "conversion_models:resnet18_head_subset"),
     "lightning-to-module": Case("lightning-to-module.yaml",
                                 lambda d: _save({"state_dict": {f"model.{k}": v for k, v in _resnet18().items()}, "epoch": 3}, d),

@@ -38,8 +38,8 @@ def _error(rules: object, **kwargs: object) -> RulesError:
     return info.value
 
 
-STEP_NAMES = "strip_prefix, add_prefix, rename, drop, keep, transpose, reshape, slice, pad, cast, adapt, merge, split"
-TOP = "version, source, target, rules, shapes, expect, freeze, output, verify"
+STEP_NAMES = "strip_prefix, add_prefix, rename, drop, keep, transpose, reshape, slice, pad, cast, adapt, merge, split, permute_heads"
+TOP = "version, source, target, rules, shapes, expect, freeze, output, verify, vars"
 
 # (YAML text, the whole message). Columns are 1-based and point at the offending key
 # (unknown fields, bad rename patterns) or value (everything else).
@@ -446,12 +446,12 @@ YAML_ERRORS = [
     ),
     pytest.param(
         "version: 1\nrules:\n  - rename: {'a': null}\n",
-        "rules.yaml:3:19: step 1 (rename): pattern 'a': expected a replacement string, found nothing (null); to remove keys, use `drop`",
+        "rules.yaml:3:19: step 1 (rename): pattern 'a': expected a replacement string or a mapping {to, add, map, select}, found nothing (null); to remove keys, use `drop`",
         id="rename-null",
     ),
     pytest.param(
         "version: 1\nrules:\n  - rename:\n      a: b\n      c: 1\n",
-        "rules.yaml:5:10: step 1 (rename): pattern 'c': expected a replacement string, found an integer 1",
+        "rules.yaml:5:10: step 1 (rename): pattern 'c': expected a replacement string or a mapping {to, add, map, select}, found an integer 1",
         id="rename-int-replacement",
     ),
     pytest.param(
@@ -481,12 +481,12 @@ YAML_ERRORS = [
     ),
     pytest.param(
         "version: 1\nrules:\n  - rename: {from: a, to: b, ad: {}}\n",
-        "rules.yaml:3:30: step 1 (rename): unknown field 'ad' (did you mean 'add'?); the from/to form takes: from, to, add",
+        "rules.yaml:3:30: step 1 (rename): unknown field 'ad' (did you mean 'add'?); the from/to form takes: from, to, add, map, select",
         id="rename-long-unknown",
     ),
     pytest.param(
         "version: 1\nrules:\n  - rename: {from: a, to: b, '^c': d}\n",
-        "rules.yaml:3:30: step 1 (rename): unknown field '^c'; the from/to form takes: from, to, add",
+        "rules.yaml:3:30: step 1 (rename): unknown field '^c'; the from/to form takes: from, to, add, map, select",
         id="rename-long-mixed-with-mapping",
     ),
     # ------------------------------------------------------------------ rename add
@@ -777,6 +777,11 @@ GOOD_STEPS = [
         "reshape: {match: '\\.proj\\.weight$', shape: [768, -1, 1, 1]}",
         "reshape to [768, -1, 1, 1] on '\\.proj\\.weight$'",
         id="reshape",
+    ),
+    pytest.param(
+        "permute_heads: {match: '\\.wk\\.weight$', heads: 8, to: half_split}",
+        "permute_heads to half_split, heads 8 on '\\.wk\\.weight$'",
+        id="permute-heads",
     ),
     pytest.param(
         "slice: {match: '^fc\\.(weight|bias)$', dim: 0, index: [0, 5, 9]}",

@@ -5,7 +5,7 @@ The forward plan knows, for every target key, its source keys and its
 :class:`~remap.rules.steps.Inverse` as data. :func:`invert` walks every recipe from the target
 tensor down to the source keys, running each op's inverse:
 
-- transpose, reshape, cast, merge (``cat``/``stack``) and pad invert exactly (a pad is cut
+- transpose, reshape, permute_heads (to the other rotary layout), cast, merge (``cat``/``stack``) and pad invert exactly (a pad is cut
   back off, and the report says how many entries that drops);
 - a split's parts are gathered back into one tensor; parts that reach no target key are
   taken from ``like`` (the original source), and the report says which;
@@ -271,7 +271,12 @@ def _reshape(t: torch.Tensor, inv: Inverse) -> torch.Tensor:
     return t.reshape(tuple(inv["shape"]))
 
 
-_EXACT: dict[str, Callable[[torch.Tensor, Inverse], torch.Tensor]] = {"transpose": _transpose, "reshape": _reshape}
+def _permute_heads(t: torch.Tensor, inv: Inverse) -> torch.Tensor:
+    return ops.permute_heads(t, heads=inv["heads"], to=inv["to"], dim=inv["dim"])
+
+
+_EXACT: dict[str, Callable[[torch.Tensor, Inverse], torch.Tensor]] = {"transpose": _transpose, "reshape": _reshape,
+                                                                       "permute_heads": _permute_heads}
 
 
 def _scatter(t: torch.Tensor, base: torch.Tensor, inv: Inverse) -> torch.Tensor:

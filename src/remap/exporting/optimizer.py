@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 __all__ = ["FinetunedOptimizer", "ExportedOptimizer", "export_state", "original_order", "save_optimizer_state", "STATE_INVERSES"]
 
 #: Inverse kinds that move elements only: a per-element state follows them back exactly.
-STATE_INVERSES = frozenset({"transpose", "reshape", "cast", "unmerge", "part"})
+STATE_INVERSES = frozenset({"transpose", "reshape", "cast", "unmerge", "part", "permute_heads"})
 _NOT_HPARAMS = ("params", "param_names")
 
 

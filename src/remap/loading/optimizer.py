@@ -65,7 +65,7 @@ __all__ = ["carry_optimizer", "Carried", "run_state_recipe", "is_scalar_state", 
 
 #: Ops that only move, pick or cast elements: a per-element state (a moment) follows its
 #: element through them exactly. Any other op computes new values, so no state can follow.
-LAYOUT_OPS = frozenset({"transpose", "permute", "reshape", "slice", "cat", "stack", "split", "cast"})
+LAYOUT_OPS = frozenset({"transpose", "permute", "reshape", "slice", "cat", "stack", "split", "cast", "permute_heads"})
 #: Entries of a checkpoint that hold an optimizer state, tried in this order when none is named.
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state", "optimizer_state_dict", "optimizer_states")
 #: Files beside the weights that Hugging Face's Trainer writes.

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OpError",
+    "SizeValueError",
     "MAX_SIZE",
     "checked",
     "transpose_shape",
@@ -42,6 +43,10 @@ __all__ = [
     "adapt_in_channels",
     "interpolate_shape",
     "interpolate_grid",
+    "HEAD_LAYOUTS",
+    "other_layout",
+    "permute_heads_shape",
+    "permute_heads",
 ]
 
 Shape = tuple[int, ...]
@@ -49,6 +54,11 @@ Shape = tuple[int, ...]
 
 class OpError(ValueError):
     """An op cannot apply to a shape; the planner adds the step and the key."""
+
+
+class SizeValueError(OpError):
+    """A size expression of the rules cannot be computed for a key (a division with a
+    remainder, a dim the tensor lacks): the failure names the step's place in the rules file."""
 
 
 MAX_SIZE = 2**63 - 1  # torch holds sizes and element counts in int64
@@ -385,3 +395,64 @@ def interpolate_grid(t: torch.Tensor, target_tokens: int, prefix_tokens: int, mo
         body = body.reshape(b, dim, nh * nw)
     out = torch.cat([prefix, body.transpose(1, 2).to(dtype)], dim=1)
     return (out.squeeze(0) if squeeze else out).contiguous()
+
+
+# --------------------------------------------------------------------------- rotary heads
+
+#: The row layouts of a rotary q/k projection: Meta's and GGUF's pairs on neighbouring rows,
+#: Hugging Face's halves (each head's first rotary halves, then its second ones).
+HEAD_LAYOUTS = ("half_split", "interleaved")
+
+
+def other_layout(to: str) -> str:
+    """The layout a ``permute_heads`` to ``to`` came from (its inverse goes there).
+
+    >>> other_layout("half_split")
+    'interleaved'
+    """
+    return HEAD_LAYOUTS[1 - HEAD_LAYOUTS.index(to)]
+
+
+def permute_heads_shape(shape: Shape, heads: int, dim: int = 0) -> Shape:
+    """The shape (unchanged) when dim ``dim`` of ``shape`` splits into ``heads`` heads of an
+    even head_dim; else OpError with the numbers.
+
+    >>> permute_heads_shape((4096, 4096), 32)
+    (4096, 4096)
+    >>> permute_heads_shape((1024, 4096), 3)
+    Traceback (most recent call last):
+    ...
+    remap.rules.ops.OpError: dim 0 has 1024 rows, which do not split into 3 heads (1024 / 3 leaves 1)
+    """
+    if not shape:
+        raise OpError("permute_heads needs a tensor with rows, found a 0-d tensor")
+    d = _dim(dim, len(shape))
+    rows = shape[d]
+    if heads < 1:
+        raise OpError(f"permute_heads needs at least 1 head, found {heads}")
+    if rows % heads:
+        raise OpError(f"dim {dim} has {rows} rows, which do not split into {heads} heads ({rows} / {heads} leaves {rows % heads})")
+    if (rows // heads) % 2:
+        raise OpError(f"dim {dim} has {rows} rows: {heads} heads of {rows // heads} rows, an odd head_dim, "
+                      "which has no rotary pairs to permute (is heads right?)")  # fmt: skip
+    return shape
+
+
+def permute_heads(t: torch.Tensor, heads: int, to: str, dim: int = 0) -> torch.Tensor:
+    """The rows of every head of ``t`` (along ``dim``) from one rotary layout to the other.
+
+    To ``half_split`` (Meta/GGUF -> Hugging Face): each head's rows ``[h, head_dim/2, 2]``
+    read as ``[h, 2, head_dim/2]``, as transformers' ``convert_llama_weights_to_hf.permute``
+    and its GGUF loader's reverse permutation do; to ``interleaved`` the opposite, as
+    llama.cpp's ``convert_hf_to_gguf.py`` permutes. One undoes the other exactly.
+    """
+    permute_heads_shape(tuple(t.shape), heads, dim)
+    d = dim % t.dim()
+    x = t.movedim(d, 0) if d else t
+    rows, rest = x.shape[0], tuple(x.shape[1:])
+    if to not in HEAD_LAYOUTS:
+        raise OpError(f"permute_heads: expected to: one of {', '.join(HEAD_LAYOUTS)}, found {to!r}")
+    half = rows // heads // 2
+    grouped = (heads, half, 2, *rest) if to == "half_split" else (heads, 2, half, *rest)
+    y = x.reshape(grouped).transpose(1, 2).reshape(x.shape)
+    return (y.movedim(0, d) if d else y).contiguous()

@@ -25,11 +25,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import regex
+
 from ..errors import RulesError, describe_value
 from ..files import file_kind, read_text_capped
 from .patterns import PatternError, compile_regex
 from . import tensor_steps  # noqa: F401  (registers the tensor-op steps)
-from .steps import STEPS, Step, StepSpecError
+from .steps import DIM_NAME, STEPS, ConfigVar, Step, StepSpecError
 from .verify_spec import VERIFY_SCHEMA, VerifySpec
 from .yaml_source import Locations, check_scalar, load_yaml
 
@@ -46,11 +48,12 @@ __all__ = [
     "load_rules",
     "SECTIONS",
     "fragments",
+    "VARS",
 ]
 
 MAX_RULES_BYTES = 4 * 2**20  # a rules file is a page or two; nothing longer is read
 
-SECTIONS = ("version", "source", "target", "rules", "shapes", "expect", "freeze", "output", "verify")
+SECTIONS = ("version", "source", "target", "rules", "shapes", "expect", "freeze", "output", "verify", "vars")
 INCLUDE = "include"  # top-level list of fragment names whose steps go in front of the file's own
 FRAGMENT_SECTIONS = ("version", "rules")
 STEP_OPTIONS = ("optional",)
@@ -203,6 +206,28 @@ class Rules:
     filename: str | None = None
     base_dir: str | None = None
     includes: tuple[str, ...] = ()  # the fragments whose steps lead ``steps``, in order
+    vars: Mapping[str, int | ConfigVar] = field(default_factory=dict)  # ``vars:``, name -> a number or the config entry to read
+
+    def bound_to(self, target: Any) -> Rules:
+        """These rules with every ``vars`` entry read from the target model's config
+        (``{config: num_attention_heads}``) replaced by its value, read from ``target.config``;
+        the rules themselves when no entry reads the config. :class:`~remap.errors.RulesError`
+        at the entry when ``target`` has no such config value (a mapping of key -> shape has
+        no config at all).
+
+        >>> rules = parse_rules({"version": 1, "vars": {"heads": {"config": "n_head"}},
+        ...                      "rules": [{"reshape": {"match": "w", "shape": ["heads", -1]}}]})
+        >>> class Model:
+        ...     config = {"n_head": 4}
+        >>> rules.bound_to(Model()).steps[0].summary()
+        "reshape to [heads, -1] (heads=4) on 'w'"
+        """
+        wanted = {n: v for n, v in self.vars.items() if isinstance(v, ConfigVar)}
+        if not wanted:
+            return self
+        values = {n: _config_value(target, v) for n, v in wanted.items()}
+        steps = tuple(replace(s, vars=tuple((n, values.get(n, v)) for n, v in s.vars)) if s.vars else s for s in self.steps)
+        return replace(self, steps=steps, vars={**self.vars, **values})
 
 
 # --------------------------------------------------------------------------- schema
@@ -240,6 +265,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "freeze": _obj({"params": PATTERNS, "except": PATTERNS, "batchnorm": {"enum": list(BATCHNORM_MODES)},
                     "from_source": {"type": "boolean"}}),
     "verify": VERIFY_SCHEMA,
+    "vars": {"type": "object", "minProperties": 1},
     "output": _obj({"report": {"type": "string", "minLength": 1}, "save": {"type": "string", "minLength": 1},
                     "max_shard_size": {"type": ["string", "integer"], "pattern": r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*$", "minimum": 1,
                                        "x-expected": "a size such as 5GB, 500MiB or a number of bytes"}}),
@@ -396,11 +422,76 @@ def _shapes(value: Any, ctx: _Context) -> ShapePolicy:
     return ShapePolicy(value.get("default", "error"), _patterns(value.get("skip")))
 
 
-def _steps(items: list[Any], ctx: _Context, offset: int = 0, origin: str | None = None) -> tuple[Step, ...]:
-    return tuple(_step(item, n, ctx, offset, origin) for n, item in enumerate(items))
+VARS = "vars"
+VAR_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 
 
-def _step(item: dict[str, Any], n: int, ctx: _Context, offset: int = 0, origin: str | None = None) -> Step:
+def _config_value(target: Any, var: ConfigVar) -> int:
+    """``target.config``'s entry ``var.attribute`` (dotted: a sub-config), a positive integer."""
+    config = getattr(target, "config", None) if not isinstance(target, Mapping) else None
+    what = f"vars: '{var.name}' reads config.{var.attribute} of the target model"
+    if config is None:
+        found = "a mapping of key -> shape (no model)" if isinstance(target, Mapping) else f"a {type(target).__name__} without .config"
+        raise RulesError(f"{what}, but the target is {found}: plan with the model itself, or write the number "
+                         f"(`{var.name}: 32`)", where=var.where)  # fmt: skip
+    value: Any = config
+    for part in var.attribute.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else getattr(value, part, None)
+        if value is None:
+            cls = type(config).__name__
+            raise RulesError(f"{what}, but its config ({cls}) has no {var.attribute!r}", where=var.where)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise RulesError(f"{what}: expected a positive integer, found {describe_value(value)}", where=var.where)
+    return value
+
+
+def _vars(value: Any, ctx: _Context) -> dict[str, int | ConfigVar]:
+    """``vars: {heads: 32, kv_heads: {config: num_key_value_heads}}``: name -> a positive
+    integer, or the entry of the target model's config to read it from."""
+    _check(value, SCHEMA[VARS], (VARS,), ctx)
+    out: dict[str, int | ConfigVar] = {}
+    for name, given in value.items():
+        at = (VARS, name)
+        if not isinstance(name, str) or not regex.fullmatch(VAR_NAME, name):
+            raise ctx.error(f"a var name is a letter or _ then letters, digits or _, found {describe_value(name)}", at, key=True)
+        if DIM_NAME.fullmatch(name):
+            raise ctx.error(f"the name {name!r} means dim {name[1:]} of the input in a size: call the var something else", at, key=True)
+        if isinstance(given, int) and not isinstance(given, bool):
+            if given < 1:
+                raise ctx.error(f"expected a positive integer, found {given}", at)
+            out[name] = given
+        elif isinstance(given, dict) and list(given) == ["config"] and isinstance(given["config"], str) \
+                and regex.fullmatch(rf"{VAR_NAME}(\.{VAR_NAME})*", given["config"]):
+            out[name] = ConfigVar(name, given["config"], ctx.locs.at((*at, "config")) if ctx.locs.values else ctx.locs.at(at))
+        else:
+            raise ctx.error(f"expected a positive integer or {{config: name}} (an entry of the target model's config), "
+                            f"found {describe_value(given)}", at)  # fmt: skip
+    return out
+
+
+def _steps(items: list[Any], ctx: _Context, offset: int = 0, origin: str | None = None,
+           variables: Mapping[str, Any] | None = None) -> tuple[Step, ...]:  # fmt: skip
+    return tuple(_step(item, n, ctx, offset, origin, variables or {}) for n, item in enumerate(items))
+
+
+def _with_vars(step: Step, variables: Mapping[str, Any], path: tuple[Any, ...], kind: str, ctx: _Context, label: str) -> Step:
+    """The step with the ``vars`` its sizes name; a name not in ``vars`` is an error at its size."""
+    names: list[str] = []
+    for field_path, size in step.size_exprs():
+        for name in size.names:
+            if name not in variables:
+                defined = ", ".join(variables) or "none"
+                hint = _did_you_mean(name, variables)
+                raise ctx.error(f"size '{size}': {name!r} is not in vars{hint} (defined: {defined}); dims of the input are d0, d1, ...",
+                                (*path, kind, *field_path), step=label, fields=field_path)  # fmt: skip
+            names.append(name)
+    if not names:
+        return step
+    return replace(step, vars=tuple((n, variables[n]) for n in dict.fromkeys(names)))
+
+
+def _step(item: dict[str, Any], n: int, ctx: _Context, offset: int = 0, origin: str | None = None,
+          variables: Mapping[str, Any] | None = None) -> Step:  # fmt: skip
     """Item ``n`` of a ``rules:`` list; ``offset`` steps (from included fragments) come before
     it, and ``origin`` names the fragment it belongs to."""
     path = ("rules", n)
@@ -432,6 +523,7 @@ def _step(item: dict[str, Any], n: int, ctx: _Context, offset: int = 0, origin: 
         step = cls.parse(item[kind], index=offset + n + 1, where=where, optional=optional)
     except StepSpecError as exc:
         raise ctx.error(str(exc), (*path, kind, *exc.at), key=exc.key, step=label, fields=exc.path) from None
+    step = _with_vars(step, variables or {}, path, kind, ctx, label)
     return replace(step, origin=origin) if origin else step
 
 
@@ -512,18 +604,24 @@ def _build(data: Any, ctx: _Context, filename: str | None, base_dir: str | None)
             hint = " (this remap reads version 1 of the rules language)"
         raise ctx.error(f"expected 1, found {describe_value(version)}{hint}", ("version",))
     for name in SECTIONS:
-        if name in data and name != "shapes":
+        if name in data and name not in ("shapes", VARS):
             _check(data[name], SCHEMA[name], (name,), ctx)
     min_loaded = data.get("expect", {}).get("min_loaded")
     if isinstance(min_loaded, float) and math.isnan(min_loaded):  # passes both bounds of the schema
         raise ctx.error("expected a number from 0 to 1, found a number nan", ("expect", "min_loaded"))
     freeze = data.get("freeze", {})
     includes, included = _includes(data[INCLUDE], ctx) if INCLUDE in data else ((), ())
+    variables = _vars(data[VARS], ctx) if VARS in data else {}
+    own = _steps(data.get("rules", []), ctx, len(included), variables=variables)
+    used = {name for step in own for name, _ in step.vars}
+    idle = [name for name in variables if name not in used]
+    if idle:
+        raise ctx.error(f"{idle[0]!r} is defined but no step's size names it; remove it, or use it", (VARS, idle[0]), key=True)
     return Rules(
         version=data["version"],
         source=_source(data.get("source", {}), ctx),
         target=_target(data.get("target", {}), ctx),
-        steps=included + _steps(data.get("rules", []), ctx, len(included)),
+        steps=included + own,
         shapes=_shapes(data["shapes"], ctx) if "shapes" in data else ShapePolicy(),
         expect=Expect(_patterns(data.get("expect", {}).get("missing")), _patterns(data.get("expect", {}).get("unused")),
                       data.get("expect", {}).get("min_loaded")),  # fmt: skip
@@ -534,6 +632,7 @@ def _build(data: Any, ctx: _Context, filename: str | None, base_dir: str | None)
         filename=filename,
         base_dir=base_dir,
         includes=includes,
+        vars=variables,
     )
 
 

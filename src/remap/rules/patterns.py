@@ -22,8 +22,8 @@ import regex
 
 from ..errors import RulesError
 
-__all__ = ["quote", "compile_regex", "PatternError", "PatternTimeout", "TimedPattern", "Template", "CaptureError", "REGEX_TIMEOUT",
-           "REGEX_BUDGET", "pattern_budget"]  # fmt: skip
+__all__ = ["quote", "compile_regex", "PatternError", "PatternTimeout", "TimedPattern", "Template", "CaptureError", "Unmapped",
+           "REGEX_TIMEOUT", "REGEX_BUDGET", "pattern_budget"]  # fmt: skip
 
 MAX_INDEX_DIGITS = 100  # a captured index that `add` changes: far past any layer count, far below int()'s limit
 REGEX_TIMEOUT = 1.0  # seconds one match may take before the pattern is called catastrophic
@@ -100,6 +100,16 @@ class PatternError(ValueError):
 
 class CaptureError(ValueError):
     """A captured group cannot take part in index arithmetic (not an integer)."""
+
+
+class Unmapped(Exception):
+    """A captured index that a rename's index map does not list: the key leaves (dropped).
+
+    ``ref`` is the group, ``index`` the captured integer."""
+
+    def __init__(self, ref: Any, index: int) -> None:
+        super().__init__(f"group {_show(ref)} captured {index}, which the map does not list")
+        self.ref, self.index = ref, index
 
 
 class PatternTimeout(PatternError, RulesError):
@@ -201,45 +211,79 @@ Part = str | int
 
 @dataclass(frozen=True)
 class Template:
-    """A parsed replacement: literals and group references, plus integers to add to groups."""
+    """A parsed replacement: literals and group references, plus integers to add to groups
+    and tables that map a group's captured index to a new one (``maps``: a captured index
+    missing from its table raises :class:`Unmapped`: the rename drops that key).
+
+    >>> pattern = compile_regex(r"^layers\\.(\\d+)\\.")
+    >>> t = Template.parse(r"layers.\\1.", pattern, maps={1: {0: 0, 2: 1, 5: 2}})
+    >>> t.sub(pattern, "layers.5.w"), t.map_text()
+    ('layers.2.w', 'map {1: {0: 0, 2: 1, 5: 2}}')
+    """
 
     text: str
     parts: tuple[tuple[str, Any], ...]
     add: tuple[tuple[Any, int], ...] = ()
+    maps: tuple[tuple[Any, tuple[tuple[int, int], ...]], ...] = ()
 
     @classmethod
-    def parse(cls, text: str, compiled: regex.Pattern[str], add: Mapping[Any, int] | None = None) -> Template:
-        """Parse ``\\1``, ``\\g<1>`` and ``\\g<name>`` references; check them against the pattern."""
+    def parse(cls, text: str, compiled: regex.Pattern[str], add: Mapping[Any, int] | None = None,
+              maps: Mapping[Any, Mapping[int, int]] | None = None) -> Template:  # fmt: skip
+        """Parse ``\\1``, ``\\g<1>`` and ``\\g<name>`` references; check them against the pattern.
+        A group that ``add`` or ``maps`` changes must be used by the replacement, and no group
+        may be in both (a map gives the new index whole: put an offset in its values)."""
         parts = _parse_parts(text)
         used = set()
         for kind, ref in parts:
             if kind == "group":
                 used.add(_check_group(ref, compiled, f"replacement '{text}'"))
-        shifts = []
+        shifts, tables, changed = [], [], {}
         for ref, delta in (add or {}).items():
             ref = int(ref) if isinstance(ref, str) and _is_number(ref) else ref
-            if _check_group(ref, compiled, "add") not in used:
+            index = _check_group(ref, compiled, "add")
+            if index not in used:
                 raise PatternError(f"add changes group {_show(ref)}, which replacement '{text}' does not use")
             shifts.append((ref, delta))
-        return cls(text, tuple(parts), tuple(shifts))
+            changed[index] = "add"
+        for ref, table in (maps or {}).items():
+            ref = int(ref) if isinstance(ref, str) and _is_number(ref) else ref
+            index = _check_group(ref, compiled, "map")
+            if index not in used:
+                raise PatternError(f"map changes group {_show(ref)}, which replacement '{text}' does not use")
+            if index in changed:
+                raise PatternError(f"group {_show(ref)} is in both {changed[index]} and the map: the map gives its new index "
+                                   "whole (put an offset in the map's values)")  # fmt: skip
+            changed[index] = "map"
+            tables.append((ref, tuple(sorted(table.items()))))
+        return cls(text, tuple(parts), tuple(shifts), tuple(tables))
 
-    def expand(self, match: regex.Match[str]) -> str:
-        """The replacement for one match; raises :class:`CaptureError` for arithmetic on a non-integer."""
+    def map_text(self) -> str:
+        """The maps as the rules write them: ``map {1: {0: 0, 2: 1}}``; empty without one."""
+        if not self.maps:
+            return ""
+        inner = ", ".join(f"{_show(ref)}: {{{', '.join(f'{a}: {b}' for a, b in table)}}}" for ref, table in self.maps)
+        return f"map {{{inner}}}"
+
+    def expand(self, match: regex.Match[str], seen: list[tuple[Any, int]] | None = None) -> str:
+        """The replacement for one match; raises :class:`CaptureError` for arithmetic on a
+        non-integer, :class:`Unmapped` for an index a map does not list. ``seen`` collects
+        ``(group, captured index)`` for every map entry used."""
         shifted: dict[Any, str] = {}
         for ref, delta in self.add:
-            captured = match.group(ref)
-            if captured is None:
-                raise CaptureError(f"group {_show(ref)} took no part in the match, so there is no integer to add {delta} to")
-            if not _is_number(captured):
-                raise CaptureError(f"group {_show(ref)} captured '{captured}', which is not a non-negative integer")
-            if len(captured) > MAX_INDEX_DIGITS:  # a key is the checkpoint's: int() refuses 4300 digits
-                raise CaptureError(f"group {_show(ref)} captured a number of {len(captured)} digits; "
-                                   f"index arithmetic takes at most {MAX_INDEX_DIGITS}")  # fmt: skip
-            value = int(captured) + delta
+            value = _captured_index(match, ref, f"add {delta} to") + delta
             if value < 0:
-                raise CaptureError(f"group {_show(ref)} captured {captured}; adding {delta} gives {value} < 0")
+                raise CaptureError(f"group {_show(ref)} captured {match.group(ref)}; adding {delta} gives {value} < 0")
             shifted[ref] = str(value)
             shifted[_other_name(ref, match)] = str(value)
+        for ref, table in self.maps:
+            index = _captured_index(match, ref, "look up in the map")
+            new = next((b for a, b in table if a == index), None)
+            if new is None:
+                raise Unmapped(ref, index)
+            if seen is not None:
+                seen.append((ref, index))
+            shifted[ref] = str(new)
+            shifted[_other_name(ref, match)] = str(new)
         out = []
         for kind, value in self.parts:
             if kind == "text":
@@ -252,10 +296,24 @@ class Template:
         """Replace every match of ``compiled`` in ``key``."""
         return self.subn(compiled, key)[0]
 
-    def subn(self, compiled: regex.Pattern[str], key: str) -> tuple[str, int]:
+    def subn(self, compiled: regex.Pattern[str], key: str, seen: list[tuple[Any, int]] | None = None) -> tuple[str, int]:
         """Replace every match of ``compiled`` in ``key``; also say how many there were (0: no match)."""
         raw = compiled._re if isinstance(compiled, TimedPattern) else compiled
-        return _timed(compiled.pattern, key, raw.subn, self.expand, key)
+        expand = self.expand if seen is None else (lambda m: self.expand(m, seen))
+        return _timed(compiled.pattern, key, raw.subn, expand, key)
+
+
+def _captured_index(match: regex.Match[str], ref: Any, what: str) -> int:
+    """The integer group ``ref`` captured; :class:`CaptureError` when it is none."""
+    captured = match.group(ref)
+    if captured is None:
+        raise CaptureError(f"group {_show(ref)} took no part in the match, so there is no integer to {what}")
+    if not _is_number(captured):
+        raise CaptureError(f"group {_show(ref)} captured '{captured}', which is not a non-negative integer")
+    if len(captured) > MAX_INDEX_DIGITS:  # a key is the checkpoint's: int() refuses 4300 digits
+        raise CaptureError(f"group {_show(ref)} captured a number of {len(captured)} digits; "
+                           f"index arithmetic takes at most {MAX_INDEX_DIGITS}")  # fmt: skip
+    return int(captured)
 
 
 def _other_name(ref: Any, match: regex.Match[str]) -> Any:

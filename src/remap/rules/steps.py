@@ -25,11 +25,11 @@ import regex
 
 from ..errors import RulesError, describe_value
 from ..meta import TensorMeta
-from .patterns import CaptureError, PatternError, Template, compile_regex, pattern_budget, quote, quotes, search
+from .patterns import CaptureError, PatternError, Template, Unmapped, compile_regex, pattern_budget, quote, quotes, search
 from ..report.records import Failure
 
 __all__ = ["Item", "Inverse", "NameStep", "Op", "Recipe", "StepContext", "StepResult", "Step", "STEPS", "register", "StepSpecError",
-           "close_keys", "run_recipe"]  # fmt: skip
+           "close_keys", "run_recipe", "Size", "SizeError", "ConfigVar", "parse_size", "MappedRename"]  # fmt: skip
 
 
 class StepSpecError(ValueError):
@@ -212,9 +212,27 @@ class Step:
     where: str | None
     optional: bool
     origin: str | None = field(default=None, kw_only=True)
+    #: The ``vars:`` this step's size expressions name, as ``(name, value)`` pairs: an
+    #: integer, or a :class:`ConfigVar` until :meth:`~remap.rules.parse.Rules.bound_to` reads it.
+    vars: tuple[tuple[str, Any], ...] = field(default=(), kw_only=True)
 
     kind: ClassVar[str] = ""
     schema: ClassVar[dict[str, Any]] = {}
+
+    def size_exprs(self) -> tuple[tuple[tuple[Any, ...], Size], ...]:
+        """The size expressions of this step that name ``vars``, each with its field path
+        inside the step's value (for the parser's checks and positions)."""
+        return ()
+
+    def var_values(self) -> dict[str, Any]:
+        return dict(self.vars)
+
+    def vars_text(self) -> str:
+        """`` (heads=32, kv_heads from config.num_key_value_heads)`` for a summary; empty without vars."""
+        if not self.vars:
+            return ""
+        words = [f"{n}={v}" if isinstance(v, int) else f"{n} from config.{v.attribute}" for n, v in self.vars]
+        return f" ({', '.join(words)})"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -317,6 +335,153 @@ def _template(text: str, compiled: regex.Pattern[str], add: dict[Any, int] | Non
 
 
 STRINGS = {"type": ["string", "array"], "items": {"type": "string"}, "minItems": 1}
+
+
+# --------------------------------------------------------------------------- size expressions
+
+
+class SizeError(ValueError):
+    """A size expression that does not parse; ``column`` (1-based) is where in its text."""
+
+    def __init__(self, message: str, column: int | None = None) -> None:
+        super().__init__(message)
+        self.column = column
+
+
+@dataclass(frozen=True)
+class ConfigVar:
+    """A ``vars:`` entry read from the target model's config: ``{config: num_attention_heads}``
+    (a dotted path reaches a sub-config: ``text_config.num_attention_heads``). ``where`` is
+    its place in the rules file, for the error when it cannot be read."""
+
+    name: str
+    attribute: str
+    where: str | None = field(default=None, compare=False)
+
+
+_SIZE_TOKEN = regex.compile(r"\s*(?:(?P<int>[0-9]+)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<op>[*/])|(?P<bad>\S))")
+DIM_NAME = regex.compile(r"d([0-9]+)")
+MAX_SIZE_TEXT = 200  # a size is a few names and numbers
+
+
+@dataclass(frozen=True)
+class Size:
+    """A size computed from the input tensor's dims and the rules' ``vars``.
+
+    The grammar is small and strict: a product and quotient, read left to right, of
+    integers, names from ``vars`` and ``dN`` (dim N of the tensor the op is given):
+    ``d0/heads``, ``heads*2``, ``d0/heads/2``. No parentheses, no + or -, no float; a
+    division must be exact (a remainder fails the plan naming the key and the values).
+    ``-1`` (one size inferred) is a whole entry of a shape, never part of an expression.
+
+    >>> size = parse_size("d0 / heads / 2")
+    >>> size.names, size.value((4096, 64), {"heads": 32})
+    (('heads',), 64)
+    """
+
+    text: str
+    terms: tuple[tuple[str, str, int | str], ...]  # (operator "" | "*" | "/", "int" | "dim" | "var", value)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The ``vars`` it names, in order, once each."""
+        return tuple(dict.fromkeys(str(v) for _, kind, v in self.terms if kind == "var"))
+
+    def __str__(self) -> str:
+        return self.text
+
+    def value(self, dims: Sequence[int], values: Mapping[str, Any]) -> int:
+        """The size for a tensor of shape ``dims``; :class:`~remap.rules.ops.OpError` saying
+        which term and which values when it cannot be computed."""
+        from .ops import SizeValueError as OpError
+
+        total, shown = 0, []
+        for op, kind, raw in self.terms:
+            if kind == "int":
+                v = int(raw)
+            elif kind == "dim":
+                if int(raw) >= len(dims):
+                    raise OpError(f"size '{self.text}': d{raw} is dim {raw}, but the input {list(dims)} has {len(dims)} dim(s)")
+                v = dims[int(raw)]
+            else:
+                v = values.get(str(raw))
+                if isinstance(v, ConfigVar):
+                    raise OpError(f"size '{self.text}': {raw} is read from the target model's config ({v.attribute}), and this "
+                                  "plan was made without the target module: plan with the model (remap.plan(model, ...)), "
+                                  f"or write the number in vars (`{raw}: 32`)")  # fmt: skip
+                if v is None:
+                    raise OpError(f"size '{self.text}': {raw} is not in vars")
+            shown.append(f"d{raw}={v}" if kind == "dim" else f"{raw}={v}" if kind == "var" else str(v))
+            if op == "":
+                total = v
+            elif op == "*":
+                total *= v
+            elif v == 0:
+                raise OpError(f"size '{self.text}' divides by zero ({', '.join(shown)})")
+            elif total % v:
+                raise OpError(f"size '{self.text}' does not divide exactly: {total} / {v} leaves a remainder of {total % v} "
+                              f"({', '.join(s for s in shown if '=' in s)})")  # fmt: skip
+            else:
+                total //= v
+        return total
+
+
+def parse_size(value: Any) -> int | Size:
+    """One entry of a shape: an integer (``-1`` allowed) as it is, an expression as a
+    :class:`Size`; :class:`SizeError` says what is wrong and at which column.
+
+    >>> parse_size(-1), parse_size("-1"), parse_size("d1").terms
+    (-1, -1, (('', 'dim', 1),))
+    >>> parse_size("d0//2")
+    Traceback (most recent call last):
+    ...
+    remap.rules.steps.SizeError: bad size 'd0//2' at column 4: expected an integer, a name from vars or dN, found '/'
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise SizeError(f"expected a size (an integer, a name from vars, dN, or an expression of them with * and /), "
+                        f"found {describe_value(value)}")  # fmt: skip
+    if isinstance(value, int):
+        if value < -1:
+            raise SizeError(f"expected a size >= 0 or -1 (inferred), found {value}")
+        return value
+    text = value.strip()
+    if text == "-1":
+        return -1
+    if len(value) > MAX_SIZE_TEXT:
+        raise SizeError(f"a size expression of {len(value)} characters; at most {MAX_SIZE_TEXT}")
+    if not text:
+        raise SizeError("expected a size, found an empty string")
+    terms: list[tuple[str, str, int | str]] = []
+    op: str | None = ""
+    at = 0
+    for m in _SIZE_TOKEN.finditer(value):
+        column = m.start(m.lastgroup) + 1 if m.lastgroup else m.start() + 1
+        at = m.end()
+        if m["bad"] is not None or (m["op"] is not None) == (op is not None):
+            found = m[m.lastgroup] if m.lastgroup else value[m.start():]
+            expected = "* or / between sizes" if op is None else "an integer, a name from vars or dN"
+            hint = ""
+            if found in "()":
+                hint = " (no parentheses: write d0/heads/2, read left to right)"
+            elif found in "+-":
+                hint = " (sizes are products and exact quotients: + and - are not part of them; -1 is a whole entry)"
+            raise SizeError(f"bad size '{value}' at column {column}: expected {expected}, found '{found}'{hint}", column)
+        if m["op"] is not None:
+            op = m["op"]
+            continue
+        if m["int"] is not None:
+            terms.append((op, "int", int(m["int"])))
+        elif DIM_NAME.fullmatch(m["name"]):
+            terms.append((op, "dim", int(m["name"][1:])))
+        else:
+            terms.append((op, "var", m["name"]))
+        op = None
+    if value[at:].strip() or op is not None:
+        raise SizeError(f"bad size '{value}' at column {len(value.rstrip())}: it ends with '{op}', expected a size after it",
+                        len(value.rstrip()))  # fmt: skip
+    if len(terms) == 1 and terms[0][1] == "int":
+        return int(terms[0][2])
+    return Size(text, tuple(terms))
 
 
 # --------------------------------------------------------------------------- name steps
@@ -480,38 +645,74 @@ class AddPrefix(NameStep):
 class _Rule:
     pattern: str
     template: Template
+    select: tuple[Any, tuple[int, ...]] | None = None  # (group, keep) as written, for the summary
+
+    def text(self) -> str:
+        add = f" add {dict(self.template.add)}" if self.template.add else ""
+        if self.select is not None:
+            extra = f" select group {_show_group(self.select[0])} keep {list(self.select[1])}"
+        else:
+            extra = f" {self.template.map_text()}" if self.template.maps else ""
+        return f"{quote(self.pattern)} -> {quote(self.template.text)}{add}{extra}"
 
 
-@register
-@dataclass(frozen=True)
-class Rename(NameStep):
-    """Regex renames. Mapping form ``{pattern: replacement, ...}``: for each key the first
-    pattern that is found anywhere in it (anchor with ^ $) replaces every occurrence.
-    Long form ``{from, to, add}``: ``add: {1: 1}`` adds to captured integer indices."""
+def _show_group(ref: Any) -> str:
+    return str(ref) if isinstance(ref, int) else f"'{ref}'"
 
-    rules: tuple[_Rule, ...] = ()
-    kind: ClassVar[str] = "rename"
-    schema: ClassVar[dict[str, Any]] = {"type": "object", "minProperties": 1}
-    LONG: ClassVar[frozenset[str]] = frozenset({"from", "to", "add"})
+
+class _Renaming:
+    """What both kinds of rename share: the forms, the summary and what one key becomes.
+
+    Mapping form ``{pattern: replacement, ...}``: for each key the first pattern that is
+    found anywhere in it (anchor with ^ $) replaces every occurrence; a replacement may be
+    a mapping ``{to, add, map, select}`` instead of a string. Long form ``{from, to, add,
+    map, select}``. ``add: {1: 1}`` adds to captured integer indices; ``map: {1: {0: 0, 2: 1}}``
+    sends group 1's captured index through a table and ``select: {group: 1, keep: [0, 2, 5]}``
+    renumbers the kept indices 0, 1, 2: a key whose index the table does not list is
+    dropped (reported as dropped by the step).
+    """
+
+    rules: tuple[_Rule, ...]
+    LONG: ClassVar[frozenset[str]] = frozenset({"from", "to", "add", "map", "select"})
+    VALUE: ClassVar[tuple[str, ...]] = ("to", "add", "map", "select")
 
     @classmethod
     def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
         if "from" in value or "to" in value:
-            return cls(index, where, optional, (cls._long(value),))
-        rules = []
-        for pattern, replacement in value.items():
-            # the message names the pattern, so no field breadcrumb; a bad pattern points at its key
-            if not isinstance(pattern, str):
-                raise StepSpecError(f"expected a regex string as pattern, found {describe_value(pattern)}", at=(pattern,), key=True)
-            compiled = _compile(pattern, at=(pattern,), key=True)
-            if not isinstance(replacement, str):
-                hint = "; to remove keys, use `drop`" if replacement is None else ""
-                raise StepSpecError(
-                    f"pattern {quote(pattern)}: expected a replacement string, found {describe_value(replacement)}{hint}",
-                    at=(pattern,),
-                )
-            rules.append(_Rule(pattern, _template(replacement, compiled, None, at=(pattern,))))
-        return cls(index, where, optional, tuple(rules))
+            rules = (cls._long(value),)
+        else:
+            rules = tuple(cls._entry(pattern, replacement) for pattern, replacement in value.items())
+        kind = MappedRename if any(r.template.maps for r in rules) else Rename
+        return kind(index, where, optional, rules)
+
+    @classmethod
+    def _entry(cls, pattern: Any, replacement: Any) -> _Rule:
+        """One ``pattern: replacement`` of the mapping form; the message names the pattern,
+        so no field breadcrumb; a bad pattern points at its key."""
+        if not isinstance(pattern, str):
+            raise StepSpecError(f"expected a regex string as pattern, found {describe_value(pattern)}", at=(pattern,), key=True)
+        compiled = _compile(pattern, at=(pattern,), key=True)
+        if isinstance(replacement, dict):
+            extra = [k for k in replacement if k not in cls.VALUE]
+            if extra:
+                near = difflib.get_close_matches(str(extra[0]), cls.VALUE, n=1, cutoff=0.6)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                raise StepSpecError(f"pattern {quote(pattern)}: unknown field {quote(str(extra[0]))}{hint}; a replacement mapping "
+                                    f"takes: {', '.join(cls.VALUE)}", at=(pattern, extra[0]), key=True)  # fmt: skip
+            if "to" not in replacement:
+                raise StepSpecError(f"pattern {quote(pattern)}: missing required field 'to' (the replacement)", at=(pattern,))
+            if not isinstance(replacement["to"], str):
+                raise StepSpecError(f"pattern {quote(pattern)}: expected a replacement string, found "
+                                    f"{describe_value(replacement['to'])}", at=(pattern, "to"))  # fmt: skip
+            return cls._rule(pattern, compiled, replacement, (pattern,))
+        if not isinstance(replacement, str):
+            hint = "; to remove keys, use `drop`" if replacement is None else ""
+            raise StepSpecError(
+                f"pattern {quote(pattern)}: expected a replacement string or a mapping {{to, add, map, select}}, "
+                f"found {describe_value(replacement)}{hint}",
+                at=(pattern,),
+            )
+        return _Rule(pattern, _template(replacement, compiled, None, at=(pattern,)))
 
     @classmethod
     def _long(cls, value: dict[str, Any]) -> _Rule:
@@ -520,59 +721,258 @@ class Rename(NameStep):
             near = difflib.get_close_matches(str(extra[0]), sorted(cls.LONG), n=1, cutoff=0.6)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise StepSpecError(
-                f"unknown field {quote(str(extra[0]))}{hint}; the from/to form takes: from, to, add", at=(extra[0],), key=True
+                f"unknown field {quote(str(extra[0]))}{hint}; the from/to form takes: from, to, add, map, select",
+                at=(extra[0],), key=True,
             )
         for name in ("from", "to"):
             if name not in value:
                 raise StepSpecError(f"missing required field '{name}': the from/to form needs both 'from' and 'to'")
             if not isinstance(value[name], str):
                 raise StepSpecError(f"expected a string, found {describe_value(value[name])}", name)
-        add = value.get("add")
-        if "add" in value and (not isinstance(add, dict) or not add):
-            raise StepSpecError(f"expected a mapping of group -> integer, found {describe_value(add)}", "add")
-        for group, delta in (add or {}).items():
-            if not isinstance(delta, int) or isinstance(delta, bool):
-                raise StepSpecError(
-                    f"group {group}: expected an integer to add, found {describe_value(delta)}", "add", at=("add", group)
-                )
         compiled = _compile(value["from"], field="from")
-        template = _template(value["to"], compiled, None, field="to")
-        if add:
-            template = _template(value["to"], compiled, add, at=("add",))  # the message starts with "add"
-        return _Rule(value["from"], template)
+        _template(value["to"], compiled, None, field="to")  # the replacement's own errors name field 'to'
+        return cls._rule(value["from"], compiled, value, ())
+
+    @classmethod
+    def _rule(cls, pattern: str, compiled: Any, value: dict[str, Any], at: tuple[Any, ...]) -> _Rule:
+        """A rule from ``{to, add, map, select}`` (``at``: where that mapping is in the step's value)."""
+        fields = (lambda name: (*at, name)) if at else (lambda name: name)
+        try:
+            add = _adds(value, fields)
+            maps, select = _maps(value, compiled, fields, at)
+        except StepSpecError as exc:
+            if not at:
+                raise
+            # the mapping form: the message names the pattern, and the place is where the error is
+            raise StepSpecError(f"pattern {quote(pattern)}: {exc}", at=exc.at, key=exc.key) from None
+        try:
+            template = Template.parse(value["to"], compiled, add, maps)
+        except PatternError as exc:
+            name = "map" if "map" in str(exc).split(" ", 1)[0] or str(exc).startswith("group") else "add"
+            if select is not None and name == "map":
+                name = "select"
+            where = (*at, name) if name in value else (*at, "to")
+            raise StepSpecError(str(exc), at=where) from None
+        return _Rule(pattern, template, select)
 
     def summary(self) -> str:
-        parts = []
-        for r in self.rules:
-            add = f" add {dict(r.template.add)}" if r.template.add else ""
-            parts.append(f"{quote(r.pattern)} -> {quote(r.template.text)}{add}")
-        return "rename " + "; ".join(parts)
+        return "rename " + "; ".join(r.text() for r in self.rules)
 
     def labels(self) -> tuple[str, ...]:
         return tuple(r.pattern for r in self.rules)
 
-    def name_map(self, key: str) -> tuple[str | None, tuple[int, ...]]:
+    def map_key(self, key: str, seen: list[tuple[Any, int]] | None = None) -> tuple[str | None, tuple[int, ...]]:
+        """``(new key, or None when an index map drops it; the rule that matched)``; ``seen``
+        collects the map entries used, as ``(rule, group, index)``."""
         for n, rule in enumerate(self.rules):
+            used: list[tuple[Any, int]] | None = [] if seen is not None and rule.template.maps else None
             try:
-                new, hits = rule.template.subn(compile_regex(rule.pattern), key)  # one pass: no search, then sub
+                new, hits = rule.template.subn(compile_regex(rule.pattern), key, used)  # one pass: no search, then sub
             except CaptureError as exc:  # raised only on a match: that pattern counts as matched
                 exc.label_index = n  # type: ignore[attr-defined]
                 raise
+            except Unmapped:
+                return None, (n,)
             if hits:
+                if used and seen is not None:
+                    seen.extend((n, ref, index) for ref, index in used)
                 return new, (n,)
         return key, ()
+
+    def name_map(self, key: str) -> tuple[str | None, tuple[int, ...]]:
+        return self.map_key(key)
+
+    def regexes(self) -> tuple[str, ...] | None:
+        return tuple(r.pattern for r in self.rules)
+
+
+def _adds(value: dict[str, Any], fields: Callable[[str], Any]) -> dict[Any, int] | None:
+    if "add" not in value:
+        return None
+    add = value["add"]
+    if not isinstance(add, dict) or not add:
+        raise StepSpecError(f"expected a mapping of group -> integer, found {describe_value(add)}", fields("add"))
+    for group, delta in add.items():
+        if not isinstance(delta, int) or isinstance(delta, bool):
+            raise StepSpecError(f"group {group}: expected an integer to add, found {describe_value(delta)}", fields("add"),
+                                at=_path(fields("add"), group))  # fmt: skip
+    return add
+
+
+def _path(base: Any, *more: Any) -> tuple[Any, ...]:
+    return (*(base if isinstance(base, tuple) else (base,)), *more)
+
+
+def _index(value: Any) -> int | None:
+    """A non-negative integer index (an ASCII-digit string from Python too), else None."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _maps(value: dict[str, Any], compiled: Any, fields: Callable[[str], Any], at: tuple[Any, ...]
+          ) -> tuple[dict[Any, dict[int, int]] | None, tuple[Any, tuple[int, ...]] | None]:  # fmt: skip
+    """``map`` and ``select`` as one table per group, and ``select`` as written (for the summary)."""
+    tables: dict[Any, dict[int, int]] = {}
+    if "map" in value:
+        given = value["map"]
+        if not isinstance(given, dict) or not given:
+            raise StepSpecError(f"expected a mapping of group -> {{index: new index}}, found {describe_value(given)}", fields("map"))
+        for group, table in given.items():
+            where = _path(fields("map"), group)
+            if not isinstance(table, dict) or not table:
+                raise StepSpecError(f"group {group}: expected a mapping of index -> new index, found {describe_value(table)}",
+                                    fields("map"), at=where)  # fmt: skip
+            tables[group] = _table(table, f"group {group}", fields("map"), where)
+    select = None
+    if "select" in value:
+        given = value["select"]
+        where = _path(fields("select"))
+        if not isinstance(given, dict) or "keep" not in given or any(k not in ("group", "keep") for k in given):
+            raise StepSpecError(f"expected {{group: N, keep: [index, ...]}}, found {describe_value(given)}", fields("select"))
+        group = given.get("group")
+        if group is None:
+            if compiled.groups != 1:
+                raise StepSpecError(f"the pattern has {compiled.groups} groups: say which one select renumbers (group: N)",
+                                    fields("select"))  # fmt: skip
+            group = 1
+        keep = given["keep"]
+        if not isinstance(keep, list) or not keep:
+            raise StepSpecError(f"expected a non-empty list of indices to keep, found {describe_value(keep)}",
+                                fields("select"), at=(*where, "keep"))  # fmt: skip
+        indices = []
+        for n, item in enumerate(keep):
+            i = _index(item)
+            if i is None:
+                raise StepSpecError(f"keep: item {n + 1}: expected a non-negative integer index, found {describe_value(item)}",
+                                    fields("select"), at=(*where, "keep", n))  # fmt: skip
+            if i in indices:
+                raise StepSpecError(f"keep lists index {i} twice (items {indices.index(i) + 1} and {n + 1})",
+                                    fields("select"), at=(*where, "keep", n))  # fmt: skip
+            indices.append(i)
+        same = next((g for g in tables if _same_group(g, group, compiled)), None)
+        if same is not None:
+            raise StepSpecError(f"group {group} is in both map and select; give it one of them", fields("select"))
+        tables[group] = {i: n for n, i in enumerate(indices)}
+        select = (group, tuple(indices))
+    return (tables or None), select
+
+
+def _same_group(a: Any, b: Any, compiled: Any) -> bool:
+    def number(g: Any) -> Any:
+        g = int(g) if isinstance(g, str) and g.isascii() and g.isdigit() else g
+        return compiled.groupindex.get(g, g) if isinstance(g, str) else g
+
+    return number(a) == number(b)
+
+
+def _table(table: dict[Any, Any], what: str, field_: Any, where: tuple[Any, ...]) -> dict[int, int]:
+    """An index map ``{index: new index}``: non-negative integers, no two indices sent to one."""
+    out: dict[int, int] = {}
+    back: dict[int, int] = {}
+    for k, v in table.items():
+        i, j = _index(k), _index(v)
+        if i is None:
+            raise StepSpecError(f"{what}: expected a non-negative integer index, found {describe_value(k)}", field_,
+                                at=(*where, k), key=True)  # fmt: skip
+        if j is None or isinstance(v, str):
+            raise StepSpecError(f"{what}: index {i}: expected a non-negative integer as its new index, found {describe_value(v)}",
+                                field_, at=(*where, k))  # fmt: skip
+        if i in out:
+            raise StepSpecError(f"{what}: index {i} is listed twice", field_, at=(*where, k), key=True)
+        if j in back:
+            raise StepSpecError(f"{what}: indices {back[j]} and {i} both become {j}; an index map sends each index to its own "
+                                "new index", field_, at=(*where, k))  # fmt: skip
+        out[i], back[j] = j, i
+    return out
+
+
+@register
+@dataclass(frozen=True)
+class Rename(_Renaming, NameStep):
+    """Regex renames (see :class:`_Renaming` for the forms). A rename with an index map
+    parses as a :class:`MappedRename`."""
+
+    rules: tuple[_Rule, ...] = ()
+    kind: ClassVar[str] = "rename"
+    schema: ClassVar[dict[str, Any]] = {"type": "object", "minProperties": 1}
 
     def with_patterns(self, rewrite: Callable[[str], str | None]) -> NameStep | None:
         rules = []
         for r in self.rules:
             pattern = rewrite(r.pattern)
-            if pattern is None or r.template.add:  # index arithmetic needs the numbers themselves
+            if pattern is None or r.template.add or r.template.maps:  # index arithmetic needs the numbers themselves
                 return None
-            rules.append(_Rule(pattern, r.template))
+            rules.append(replace(r, pattern=pattern))
         return replace(self, rules=tuple(rules))
 
-    def regexes(self) -> tuple[str, ...] | None:
-        return tuple(r.pattern for r in self.rules)
+
+@dataclass(frozen=True)
+class MappedRename(_Renaming, Step):
+    """A rename with an index map (``map`` or ``select``). It runs key by key, not as a
+    name-only step planned once per key shape: it counts every entry of its maps, and a map
+    entry that no key used fails the plan as a pattern that matched nothing does."""
+
+    rules: tuple[_Rule, ...] = ()
+    kind: ClassVar[str] = "rename"
+    schema: ClassVar[dict[str, Any]] = Rename.schema
+
+    def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
+        counts = [0] * len(self.rules)
+        seen: list[tuple[int, Any, int]] = []
+        out, dropped, failures = [], [], []
+        for item in items:
+            try:
+                key, hits = self.map_key(item.key, seen)
+            except CaptureError as exc:
+                if hasattr(exc, "label_index"):
+                    counts[exc.label_index] += 1
+                failures.append(Failure("bad_capture", f"{self.label}: key {item.key!r}: {exc}", item.sources))
+                out.append(item)
+                continue
+            for n in hits:
+                counts[n] += 1
+            if key is None:
+                dropped.append(item)
+            else:
+                out.append(item.renamed(key, self.index))
+        pairs = tuple(zip(self.labels(), counts))
+        return StepResult(out, dropped, pairs, failures + self.unmatched(pairs, items) + self._unused_entries(seen, items))
+
+    def _unused_entries(self, seen: list[tuple[int, Any, int]], items: list[Item]) -> list[Failure]:
+        """A failure per map entry that no key used (unless optional), naming the indices found."""
+        if self.optional:
+            return []
+        used = set(seen)
+        failures = []
+        where = f" ({self.where})" if self.where else ""
+        for n, rule in enumerate(self.rules):
+            for ref, table in rule.template.maps:
+                idle = [i for i, _ in table if (n, ref, i) not in used]
+                if not idle:
+                    continue
+                found = _found_indices(rule, ref, items)
+                have = f"; indices found at this step: {found}" if found else ""
+                what = f"select group {_show_group(ref)} keep" if rule.select is not None else f"map group {_show_group(ref)}"
+                failures.append(Failure(
+                    "unmatched_step",
+                    f"{self.label}{where}: {quote(rule.pattern)} {what}: no key has index {', '.join(map(str, idle))}{have}. "
+                    "Fix the map, or add `optional: true` beside the step if that is expected.",
+                ))  # fmt: skip
+        return failures
+
+
+def _found_indices(rule: _Rule, ref: Any, items: list[Item], limit: int = 20) -> str:
+    """The indices group ``ref`` of ``rule`` captures in the keys, as ``0, 1, 2`` (at most ``limit``)."""
+    compiled = compile_regex(rule.pattern)
+    found: set[int] = set()
+    for item in items:
+        for m in compiled.finditer(item.key):
+            text = m.group(ref)
+            if text is not None and text.isascii() and text.isdigit() and len(text) < 20:
+                found.add(int(text))
+    shown = sorted(found)
+    return ", ".join(map(str, shown[:limit])) + (f" and {len(shown) - limit} more" if len(shown) > limit else "")
 
 
 # --------------------------------------------------------------------------- filters

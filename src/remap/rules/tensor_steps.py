@@ -1,4 +1,4 @@
-"""Tensor-op steps: transpose, reshape, slice, pad, cast, merge, split and adapt.
+"""Tensor-op steps: transpose, reshape, slice, pad, cast, merge, split, adapt and permute_heads.
 
 Each step matches keys by regex (as they are named at that step), computes the output
 shape from the input shape at planning time (so a dry run catches an impossible op),
@@ -28,9 +28,9 @@ from ..meta import DTYPE_ALIASES, DTYPE_NAMES, TensorMeta, dtype_name
 from .ops import OpError
 from .patterns import PatternError, Template, compile_regex, quote, quotes, search
 from ..report.records import Failure
-from .steps import STEPS, Inverse, Item, Op, Recipe, Step, StepContext, StepResult, StepSpecError, register
+from .steps import STEPS, Inverse, Item, Op, Recipe, Size, SizeError, Step, StepContext, StepResult, StepSpecError, parse_size, register
 
-__all__ = ["Transpose", "Reshape", "Slice", "Pad", "Cast", "Merge", "Split", "Adapt"]
+__all__ = ["Transpose", "Reshape", "Slice", "Pad", "Cast", "Merge", "Split", "Adapt", "PermuteHeads"]
 
 MATCH = {"type": ["string", "array"], "items": {"type": "string"}, "minItems": 1}
 INT = {"type": "integer"}
@@ -215,7 +215,8 @@ class _TensorStep(Step):
         return failures
 
     def op_failure(self, item: Item, exc: Exception) -> Failure:
-        return Failure("op", f"{self.label}: key {item.key!r} {_shape(item.meta)} {item.meta.dtype}: {exc}", item.sources)
+        where = f" ({self.where})" if isinstance(exc, ops.SizeValueError) and self.where else ""  # a size of the rules: where it is
+        return Failure("op", f"{self.label}{where}: key {item.key!r} {_shape(item.meta)} {item.meta.dtype}: {exc}", item.sources)
 
     def selection(self) -> str:
         """The selectors as words: ``rank 4``, ``rank 2 or 4, dtype float32``; empty without any."""
@@ -273,28 +274,51 @@ class Transpose(_TensorStep):
         return item.with_op(op, replace(item.meta, shape=shape), self.index)
 
 
+def _size(value: Any, field: tuple[Any, ...]) -> int | Size:
+    """One size as the rules write it, or the StepSpecError that points at it."""
+    try:
+        return parse_size(value)
+    except SizeError as exc:
+        raise StepSpecError(str(exc), field) from None
+
+
+def _sizes_text(shape: tuple[int | Size, ...]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
 @register
 @dataclass(frozen=True)
 class Reshape(_TensorStep):
     """``reshape: {match, shape: [768, 768, 1, 1]}`` (one -1 allowed), or ``shape: target``
-    to take the target key's shape."""
+    to take the target key's shape. A size may be an expression of the input's dims and the
+    rules' ``vars`` (:class:`~remap.rules.steps.Size`): ``shape: [heads, -1, d1]``,
+    ``[d0/heads, 2, -1]``; it is computed per key, at plan time."""
 
-    shape: tuple[int, ...] | None = None
+    shape: tuple[int | Size, ...] | None = None
     kind: ClassVar[str] = "reshape"
-    schema: ClassVar[dict[str, Any]] = _object({"shape": {"type": ["array", "string"], "items": INT}}, ("match", "shape"))
+    schema: ClassVar[dict[str, Any]] = _object({"shape": {"type": ["array", "string"], "items": {"type": ["integer", "string"]}}},
+                                               ("match", "shape"))  # fmt: skip
 
     @classmethod
     def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
         if isinstance(value["shape"], str) and value["shape"] != "target":
             raise StepSpecError(f"expected a list of sizes or 'target', found {describe_value(value['shape'])}", "shape")
-        shape = None if value["shape"] == "target" else tuple(value["shape"])
+        shape = None if value["shape"] == "target" else tuple(_size(v, ("shape", n)) for n, v in enumerate(value["shape"]))
         return cls(index, where, optional, _patterns(value["match"]), shape)
 
+    def size_exprs(self) -> tuple[tuple[tuple[Any, ...], Size], ...]:
+        return tuple((("shape", n), s) for n, s in enumerate(self.shape or ()) if isinstance(s, Size) and s.names)
+
     def summary(self) -> str:
-        return f"reshape to {list(self.shape) if self.shape is not None else 'the target shape'} {self.scope()}"
+        shown = _sizes_text(self.shape) if self.shape is not None else "the target shape"
+        return f"reshape to {shown}{self.vars_text()} {self.scope()}"
 
     def transform(self, item: Item, ctx: StepContext) -> Item:
-        new = self.shape if self.shape is not None else _target(item, ctx, "reshape").shape
+        if self.shape is None:
+            new = _target(item, ctx, "reshape").shape
+        else:
+            values = self.var_values()
+            new = tuple(s.value(item.meta.shape, values) if isinstance(s, Size) else s for s in self.shape)
         shape = ops.reshape_shape(item.meta.shape, new)
         op = Op("reshape", f"reshape({list(shape)})", functools.partial(ops.reshape, new=shape),
                 Inverse.of("reshape", shape=item.meta.shape))
@@ -668,3 +692,51 @@ class Split(Step):
         pairs = ((self.pattern, matched),)
         return StepResult(out, counts=pairs, failures=failures + self.unmatched(pairs, items))
 
+
+
+# --------------------------------------------------------------------------- rotary heads
+
+
+@register
+@dataclass(frozen=True)
+class PermuteHeads(_TensorStep):
+    """The Llama rotary (RoPE) row permutation of q/k projections, both ways:
+    ``permute_heads: {match, heads: kv_heads, to: half_split}``.
+
+    ``interleaved`` is Meta's and GGUF's layout (the two halves of each rotary pair on
+    neighbouring rows), ``half_split`` Hugging Face's (the first half of each head's rows,
+    then the second). ``heads`` (an integer, a name from ``vars`` or an expression) is the
+    number of heads of *this* tensor: ``num_attention_heads`` for q, ``num_key_value_heads``
+    for k under grouped-query attention; head_dim is the rows / heads. ``dim`` (default 0)
+    holds the rows. The inverse is the other direction with the same heads (exact).
+    """
+
+    heads: int | Size = 1
+    to: str = "half_split"
+    dim: int = 0
+    kind: ClassVar[str] = "permute_heads"
+    schema: ClassVar[dict[str, Any]] = _object(
+        {"heads": {"type": ["integer", "string"]}, "to": {"enum": list(ops.HEAD_LAYOUTS)}, "dim": INT}, ("match", "heads", "to"))
+
+    @classmethod
+    def parse(cls, value: Any, *, index: int, where: str | None, optional: bool) -> Step:
+        heads = _size(value["heads"], ("heads",))
+        if heads == -1 or (isinstance(heads, int) and heads < 1):
+            raise StepSpecError(f"expected a number of heads >= 1 (or a name from vars), found {describe_value(value['heads'])}", "heads")
+        return cls(index, where, optional, _patterns(value["match"]), heads, value["to"], value.get("dim", 0))
+
+    def size_exprs(self) -> tuple[tuple[tuple[Any, ...], Size], ...]:
+        return ((("heads",), self.heads),) if isinstance(self.heads, Size) and self.heads.names else ()
+
+    def summary(self) -> str:
+        on = "" if self.dim == 0 else f", dim {self.dim}"
+        return f"permute_heads to {self.to}, heads {self.heads}{on}{self.vars_text()} {self.scope()}"
+
+    def transform(self, item: Item, ctx: StepContext) -> Item:
+        heads = self.heads.value(item.meta.shape, self.var_values()) if isinstance(self.heads, Size) else self.heads
+        ops.permute_heads_shape(item.meta.shape, heads, self.dim)
+        back = ops.other_layout(self.to)
+        op = Op("permute_heads", f"permute_heads(to={self.to}, heads={heads})",
+                functools.partial(ops.permute_heads, heads=heads, to=self.to, dim=self.dim),
+                Inverse.of("permute_heads", heads=heads, to=back, dim=self.dim))
+        return item.with_op(op, item.meta, self.index)
