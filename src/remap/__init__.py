@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .exporting.report import ExportReport as ExportReport
     from .diffing.alignment import diff as diff
     from .api import plan as plan
+    from .api import verify as verify
     from .planning.planner import Plan as Plan
     from .planning.planner import make_plan as make_plan
     from .report.records import Report as Report
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 #: Names imported on first use, so that ``remap validate`` or ``remap inspect`` does not pay
 #: for the planner and what it imports (``import remap`` stays cheap).
 _LAZY = {
-    "load": "api", "plan": "api", "empty_weights": "loading.empty", "export": "api", "ExportReport": "exporting.report", "diff": "diffing.alignment", "align": "diffing.alignment", "Plan": "planning.planner", "make_plan": "planning.planner",
+    "load": "api", "plan": "api", "verify": "api", "empty_weights": "loading.empty", "export": "api", "ExportReport": "exporting.report", "diff": "diffing.alignment", "align": "diffing.alignment", "Plan": "planning.planner", "make_plan": "planning.planner",
     "Report": "report.records", "Rules": "rules.parse", "load_rules": "rules.parse", "parse_rules": "rules.parse", "format_report": "report.render",
 }  # fmt: skip
 
@@ -56,6 +57,7 @@ __version__ = "0.1.0"
 __all__ = [
     "load",
     "plan",
+    "verify",
     "empty_weights",
     "export",
     "diff",

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .report.records import Report
     from .sources.readers import Source
 
-__all__ = ["load", "plan", "export", "resolve_rules", "build_target", "open_rules_source"]
+__all__ = ["load", "plan", "export", "verify", "resolve_rules", "build_target", "open_rules_source"]
 
 def resolve_rules(rules: Any) -> Rules:
     """A path (str or PathLike), a dict, :class:`Rules`, or None (no steps: names must match)."""
@@ -290,19 +290,25 @@ def load(
 
 
 def _verify(rules: Rules, src: Source, target: Any, report: Report) -> Report:
-    """Run the rules' verify section; a VerifyError (with the report) when the outputs differ."""
+    """Run the rules' verify section; a VerifyError (with the report, exit 1) when the outcome
+    is ``differ`` or ``inconclusive``: the weights are loaded either way."""
     from .errors import VerifyError
     from .report.records import Failure
     from .verifying.compare import describe_failure
+    from .verifying.reference import reference_path, verify_against_reference
     from .verifying.run import run_verify
 
-    result = run_verify(rules.verify, _source_model(rules, src), target)  # type: ignore[arg-type]
+    ref = reference_path(None, rules.verify, rules.base_dir)
+    if ref is not None:
+        result = verify_against_reference(rules.verify, target, ref, records=report.targets)
+    else:
+        result = run_verify(rules.verify, _source_model(rules, src), target, base_dir=rules.base_dir, records=report.targets)  # type: ignore[arg-type]
     report = report.replace(verify=result)
-    if result["ok"]:
+    if result.get("outcome", "agree" if result.get("ok") else "differ") == "agree":
         return report
-    failure = Failure("verify", f"verify: {describe_failure(result)}")
+    failure = Failure("verify", describe_failure(result))  # shown as "verify: ..."
     report = report.replace(failures=(*report.failures, failure))
-    raise VerifyError(f"{failure.message}; the weights were loaded", report=report)
+    raise VerifyError(f"verify: {failure.message}; the weights were loaded", report=report)
 
 
 def _source_model(rules: Rules, src: Source) -> Any:
@@ -437,3 +443,136 @@ def export(
     if report_path is not None:
         _write_report(result, report_path)  # type: ignore[arg-type]
     return result
+
+
+def verify(
+    rules: Any = None,
+    *,
+    record: str | os.PathLike[str] | None = None,
+    reference: str | os.PathLike[str] | None = None,
+    source: Any = None,
+    target: Any = None,
+    target_weights: str | os.PathLike[str] | None = None,
+    key: str | None = None,
+    trust_pickle: bool | None = None,
+    trust_links: bool | None = None,
+) -> dict[str, Any]:
+    """Prove a conversion after the fact, or record reference outputs; no plan, no load of the rules.
+
+    With ``record`` (a path): the source model (``source.model`` loaded strictly from
+    ``source.path``, or ``source`` given here) runs on the rules' verify input and its inputs and
+    outputs are written to ``record`` (:func:`~remap.verifying.reference.write_reference`);
+    returns ``{"recorded": path, "inputs": ..., "outputs": ..., "settings": ...}``.
+
+    Otherwise the target (``target``, a module; else ``target.model`` loaded strictly from
+    ``target_weights``, default the rules' ``output.save``: what ``remap apply --save`` wrote)
+    is compared with ``reference`` (else the rules' ``verify.reference``, relative to the rules
+    file) or, without one, with the source model on the verify input. Returns the verify dict
+    (compare()'s numbers, ``outcome``: ``"agree"`` or ``"differ"``); it raises only for bad
+    usage or unreadable files, never for outputs that differ.
+
+    >>> import torch, remap
+    >>> net = torch.nn.Linear(2, 1)
+    >>> rules = {"version": 1, "source": {"model": "torch.nn:Linear", "args": [2, 1]}, "verify": {"input": [1, 2]}}
+    >>> remap.verify(rules, source=net.state_dict(), target=net)["outcome"]
+    'agree'
+    """
+    r = resolve_rules(rules)
+    spec = r.verify
+    if record is not None:
+        return _record(r, record, source, key=key, trust_pickle=trust_pickle, trust_links=trust_links)
+    from .verifying.reference import reference_path, verify_against_reference
+
+    ref = reference_path(reference, spec, r.base_dir)
+    if ref is None and spec is None:
+        raise UsageError("nothing to verify against: the rules have no `verify` section (e.g. `verify: {input: [1, 3, 224, 224]}`) "
+                         "and no recorded reference was given with --reference REF, or pass the reference argument to remap.verify")  # fmt: skip
+    module = target if target is not None else _verify_target(r, target_weights)
+    if not _is_module(module):
+        raise UsageError(f"verify: the target must be a torch.nn.Module, found a {type(module).__name__}")
+    if ref is not None:
+        return verify_against_reference(spec, module, ref)
+    from .verifying.run import run_verify
+
+    src = open_rules_source(source, r, key=key, trust_pickle=trust_pickle, trust_links=trust_links)
+    try:
+        result = run_verify(spec, _source_model(r, src), module, base_dir=r.base_dir)  # type: ignore[arg-type]
+    finally:
+        src.close()
+    return {**result, "outcome": result.get("outcome", "agree" if result["ok"] else "differ")}
+
+
+def _verify_target(rules: Rules, weights: str | os.PathLike[str] | None) -> Any:
+    """``target.model`` loaded strictly (names must match, every key loaded) from ``weights``,
+    else the rules' ``output.save``."""
+    import dataclasses
+
+    from .rules.parse import Rules as _Rules
+
+    path = Path(weights) if weights is not None else _output(None, rules.output.save, rules)
+    if path is None:
+        raise UsageError("verify needs the converted weights: set output.save in the rules (what `remap apply RULES.yaml` "
+                         "writes) or give --target-weights FILE, or pass the target_weights argument to remap.verify")  # fmt: skip
+    from .files import file_kind
+
+    if file_kind(path) == "missing":
+        origin = "the target weights given" if weights is not None else "output.save in the rules"
+        raise UsageError(f"verify: the converted weights {str(path)!r} ({origin}) do not exist: convert first "
+                         "(`remap apply RULES.yaml` writes output.save), or give the converted file with --target-weights")  # fmt: skip
+    strict = dataclasses.replace(_Rules(), target=rules.target)
+    module, _ = _build(strict)
+    device = rules.target.device if rules.target.device not in (None, "meta") else None
+    try:
+        load(module, path, strict, device=device, dtype=rules.target.dtype)
+    except CheckError as exc:
+        failures = "; ".join(_first_line_and_keys(f.message) for f in exc.report.failures) or exc.message
+        raise UsageError(f"verify: the target weights {str(path)!r} do not load strictly into target.model "
+                         f"{rules.target.model} (names must match): {failures}") from None  # fmt: skip
+    return module
+
+
+def _first_line_and_keys(message: str, limit: int = 4) -> str:
+    """A check's message in one line: its first line and the first (folded) keys it lists.
+
+    >>> _first_line_and_keys("2 target key(s) missing:\\n  a.weight\\n  b.{bias, weight}\\nhint: ...")
+    '2 target key(s) missing (a.weight, b.{bias, weight})'
+    """
+    first, *rest = message.split("\n")
+    keys = [line.strip() for line in rest if line.startswith("  ")]
+    shown = ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
+    return first.rstrip().removesuffix(":") + (f" ({shown})" if keys else "")
+
+
+def _record(rules: Rules, path: str | os.PathLike[str], source: Any, **opening: Any) -> dict[str, Any]:
+    """Run the source model on the verify input; write its inputs and outputs to ``path``."""
+    import torch
+
+    from .verifying.inputs import make_inputs
+    from .verifying.reference import output_leaves, write_reference
+
+    spec = rules.verify
+    if spec is None or not (spec.inputs or getattr(spec, "input_file", None)):
+        raise UsageError("--record needs the input to record: the rules' verify section must give one "
+                         "(e.g. `verify: {input: [1, 3, 224, 224]}`)")  # fmt: skip
+    src = open_rules_source(source, rules, **opening)
+    try:
+        model = _source_model(rules, src)
+        weights = src.description.get("path")
+    finally:
+        src.close()
+    args, kwargs = make_inputs(spec, base_dir=rules.base_dir)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(*[a.clone() for a in args], **{k: v.clone() for k, v in kwargs.items()})
+    except Exception as exc:  # the user's model raising on the declared input
+        raise UsageError(f"verify --record: the source model failed on the verify input: {type(exc).__name__}: {exc}") from None
+    finally:
+        model.train(was_training)
+    dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), None)
+    settings = {"framework": f"torch {torch.__version__}", "model": rules.source.model, "weights": weights,
+                "seed": spec.seed, "input": dict(spec.raw).get("input"), "dtype": dtype}  # fmt: skip
+    write_reference(path, inputs=(args, kwargs), outputs=out, settings=settings)
+    named = {str(n): list(a.shape) for n, a in enumerate(args)} | {k: list(v.shape) for k, v in kwargs.items()}
+    return {"recorded": str(path), "inputs": named, "outputs": output_leaves(out), "settings": settings}

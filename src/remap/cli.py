@@ -196,7 +196,8 @@ def _parser() -> _Parser:
     e.add_argument("--json", action="store_true", help="print the JSON report instead of the text (a JSON error object on errors)")
     e.add_argument("-v", "--verbose", action="store_true", help="show every key group")
     e.add_argument("-q", "--quiet", action="store_true", help="print no report: only errors, each failed check's reason and the verdict")
-    p.commands = {"apply": a, "validate": v, "inspect": i, "diff": d, "export": e}
+    vf = _verify_parser(sub)
+    p.commands = {"apply": a, "validate": v, "inspect": i, "diff": d, "export": e, "verify": vf}
     return p
 
 
@@ -582,3 +583,153 @@ def _export(args: argparse.Namespace, out: TextIO) -> int:
 
 
 _COMMANDS = {"apply": _apply, "validate": _validate, "inspect": _inspect, "diff": _diff, "export": _export}
+
+
+# ---------------------------------------------------------------------------- remap verify
+
+VERIFY_EXIT_CODES = {0: "the outputs agree (or --record wrote the reference)", 1: "the outputs differ, or the check is inconclusive",
+                     2: "bad rules or usage", 3: "unreadable source, target or reference", 4: EXIT_CODES[4]}  # fmt: skip
+
+
+def _verify_parser(sub: Any) -> argparse.ArgumentParser:
+    """``remap verify``: prove a conversion after the fact, compare two models, or record a reference."""
+    codes = "\n".join(f"  {code}  {text}" for code, text in VERIFY_EXIT_CODES.items())
+    examples = [
+        "remap verify rules.yaml                                  (target.model from output.save, against the source model)",
+        "remap verify rules.yaml --record ref.safetensors         (the source model's outputs on the verify input)",
+        "remap verify rules.yaml --reference ref.safetensors --target-weights converted.safetensors",
+        "remap verify --source-model timm:create_model --source-args '[\"resnet18\"]' --source timm.safetensors \\\n"
+        "        --target torchvision.models:resnet18 --target-weights tv.safetensors --input 1,3,64,64",
+    ]  # fmt: skip
+    f = sub.add_parser(
+        "verify",
+        help="prove a conversion after the fact (or two models, or against recorded outputs); record reference outputs",
+        description="Compare the converted target with its source on the same input, without planning or loading again: "
+                    "target.model loaded strictly from --target-weights (default: output.save in the rules) against the source "
+                    "model (source.model with source.path) or a recorded reference (--reference, verify.reference). "
+                    "With --record, run the source model on the verify input and write the inputs and outputs to a reference "
+                    "file instead (docs/verify.md: recording in Keras, ONNX or JAX).",
+        epilog=f"exit codes:\n{codes}\n\nexamples:\n" + "\n".join(f"  {x}" for x in examples),
+    )  # fmt: skip
+    f.add_argument("rules", metavar="RULES.yaml", nargs="?", help="the rules file (optional when the flags say everything)")
+    f.add_argument("--record", metavar="REF", help="write the source model's inputs and outputs here (.safetensors) instead of comparing")
+    f.add_argument("--reference", metavar="REF", help="compare with this recorded reference instead of the source model (overrides verify.reference)")
+    f.add_argument("--source", metavar="PATH", help="the source checkpoint (overrides source.path)")
+    f.add_argument("--source-model", metavar="MODULE:CALLABLE", help=f"source architecture, {_FACTORY_HELP}; overrides source.model")
+    f.add_argument("--source-args", metavar="JSON", help="positional arguments for the source factory, a JSON list")
+    f.add_argument("--source-kwargs", metavar="JSON", help="keyword arguments for the source factory, a JSON object")
+    f.add_argument("--target", metavar="MODULE:CALLABLE", help=f"target {_FACTORY_HELP}; overrides target.model")
+    f.add_argument("--target-args", metavar="JSON", help="positional arguments for the target factory, a JSON list")
+    f.add_argument("--target-kwargs", metavar="JSON", help="keyword arguments for the target factory, a JSON object")
+    f.add_argument("--target-weights", metavar="FILE", help="the converted weights, loaded strictly into the target (default: output.save)")
+    f.add_argument("--input", metavar="SHAPE", help="the verify input: a shape such as 1,3,224,224, or JSON as verify.input takes "
+                                                   "(e.g. '{\"ids\": [1, 16], \"high\": 1000}'); overrides verify.input")  # fmt: skip
+    f.add_argument("--output", metavar="SELECTOR", help="which part of the outputs to compare (logits, 0, hidden_states.2); overrides verify.output")
+    f.add_argument("--atol", metavar="X", type=float, help="absolute tolerance (overrides verify.atol)")
+    f.add_argument("--rtol", metavar="X", type=float, help="relative tolerance (overrides verify.rtol)")
+    f.add_argument("--seed", metavar="N", type=int, help="seed of the verify input (overrides verify.seed)")
+    f.add_argument("--key", metavar="A.B", help=_KEY_HELP)
+    f.add_argument("--trust-pickle", action="store_true", help=_TRUST_HELP)
+    f.add_argument("--trust-links", action="store_true", help=_LINKS_HELP)
+    f.add_argument("--json", action="store_true", help="print the result as JSON (a JSON error object on errors)")
+    return f
+
+
+def _verify_rules(args: argparse.Namespace) -> Any:
+    """The rules file (or empty rules) with the command line's overrides."""
+    import os
+
+    from .rules.parse import Rules, load_rules, parse_rules
+
+    rules = load_rules(args.rules) if args.rules is not None else Rules()
+    for flag in (args.source_model, args.target):
+        if flag is not None:
+            _check_factory_flag(flag)
+    for side, model, flags in (("source", args.source_model, ("--source-args", "--source-kwargs")),
+                               ("target", args.target, ("--target-args", "--target-kwargs"))):  # fmt: skip
+        changes: dict[str, Any] = {"model": model} if model is not None else {}
+        given = _json_flag(getattr(args, f"{side}_args"), flags[0], list, '\'["resnet18"]\'')
+        kwargs = _json_flag(getattr(args, f"{side}_kwargs"), flags[1], dict, '\'{"num_classes": 10}\'')
+        changes.update({"args": tuple(given)} if given is not None else {})
+        changes.update({"kwargs": kwargs} if kwargs is not None else {})
+        if changes:
+            rules = dataclasses.replace(rules, **{side: dataclasses.replace(getattr(rules, side), **changes)})
+    section = dict(rules.verify.raw) if rules.verify is not None else {}
+    overrides = {"input": _input_flag(args.input), "output": args.output, "atol": args.atol, "rtol": args.rtol, "seed": args.seed}
+    section.update({k: v for k, v in overrides.items() if v is not None})
+    if "seed" in section and args.seed is not None:
+        section.pop("seeds", None)
+    if args.reference is not None and section and "input" not in section:
+        section["reference"] = os.path.abspath(args.reference)  # the flag's path, relative to the working directory
+    if section != (dict(rules.verify.raw) if rules.verify is not None else {}):
+        rules = dataclasses.replace(rules, verify=parse_rules({"version": 1, "verify": section}, filename="the command line").verify)
+    return rules
+
+
+def _input_flag(text: str | None) -> Any:
+    """``--input``: ``1,3,224,224`` (a shape) or the JSON of a ``verify.input`` value."""
+    import json
+
+    if text is None:
+        return None
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--input: {text!r} is not JSON ({exc}); expected a shape such as 1,3,224,224 or JSON such as "
+                             "'{\"ids\": [1, 16], \"high\": 1000}'") from None  # fmt: skip
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise UsageError(f"--input: expected a shape such as 1,3,224,224 (whole numbers separated by commas) or JSON such as "
+                         f"'{{\"ids\": [1, 16], \"high\": 1000}}'; found {text!r}")  # fmt: skip
+    return [int(p) for p in parts]
+
+
+def _verify(args: argparse.Namespace, out: TextIO) -> int:
+    from .api import verify
+
+    rules = _verify_rules(args)
+    result = verify(rules, record=args.record, reference=args.reference, source=args.source, target_weights=args.target_weights,
+                    key=args.key, trust_pickle=args.trust_pickle or None, trust_links=args.trust_links or None)  # fmt: skip
+    if args.record is not None:
+        if args.json:
+            _print_json({"ok": True, **result}, out)
+        else:
+            print(printable_lines(_recorded_text(result)), file=out)
+        return 0
+    outcome = result.get("outcome", "agree" if result.get("ok") else "differ")
+    if args.json:
+        _print_json({"ok": outcome == "agree", "verify": result}, out)
+    else:
+        print(printable_lines(_verify_text(result, outcome)), file=out)
+    return 0 if outcome == "agree" else 1
+
+
+def _recorded_text(result: dict[str, Any]) -> str:
+    inputs = ", ".join(f"{name} {shape}" for name, shape in result["inputs"].items())
+    outputs = ", ".join(f"{name} {shape}" for name, shape in result["outputs"].items())
+    settings = result["settings"]
+    lines = [f"recorded {result['recorded']}", f"  inputs   {inputs}", f"  outputs  {outputs}",
+             f"  from     {settings.get('model')} ({settings.get('framework')}, seed {settings.get('seed')})"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _verify_text(result: dict[str, Any], outcome: str) -> str:
+    """The report's verify section (its renderer), what it compared against, and a verdict line."""
+    from .report.records import Report
+    from .report.render import _plain_lines
+    from .report.render import _verify as verify_blocks
+
+    lines = _plain_lines(verify_blocks(Report(dry_run=False, verify=result)), 100)
+    if not result.get("reference"):  # the renderer names a reference; say what else the target was compared with
+        lines.append("  against the source model (source.model with the source weights)")
+    if outcome == "agree":
+        return "\n".join([*lines, "", "OK: outputs agree"])
+    from .verifying.compare import describe_failure
+
+    if outcome == "differ" or not result.get("ok", True):
+        return "\n".join([*lines, "", f"FAILED: {describe_failure(result)}"])
+    return "\n".join([*lines, "", "INCONCLUSIVE: the outputs agree, but the check cannot vouch for every weight (see above)"])
+
+
+_COMMANDS["verify"] = _verify

@@ -57,7 +57,7 @@ def test_swapped_q_and_k_load_the_right_shapes_and_fail_verify(tmp_path):
         remap.load(target, None, rules=rules, verify=True)
     report = info.value.report
     assert [f.kind for f in report.failures] == ["verify"]
-    assert report.failures[0].message.startswith("verify: outputs differ: max abs diff ")
+    assert report.failures[0].message.startswith("outputs differ: max abs diff ")
     assert info.value.exit_code == 1 and str(info.value).endswith("; the weights were loaded")
     assert report.totals.loaded == report.totals.target_keys  # every key loaded: only the outputs tell
 
@@ -135,3 +135,34 @@ def test_verify_rules_are_checked_when_parsed():
     with pytest.raises(remap.RulesError) as info:
         remap.parse_rules("version: 1\nverify: {input: [1, 3], atol: -1}\n", filename="rules.yaml")
     assert str(info.value) == "rules.yaml:2:31: verify: field 'atol': expected a number >= 0, found an integer -1"
+
+
+def test_language_model_metrics_through_the_cli_report(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = perturb(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)), seed=3)
+    path = tmp_path / "gpt2.pth"
+    torch.save(hf.state_dict(), path)
+    rules = config_with("hf-gpt2-to-linear.yaml", source={"path": str(path), "model": "tests.verifying.test_compare:small_hf_gpt2"},
+                        verify={"input": {"ids": [1, 6], "high": 50}, "output": {"source": "logits", "target": None}, "task": "causal_lm",
+                                "metrics": {"greedy": 3}, "seeds": [0, 1]})  # fmt: skip
+    rules_path = tmp_path / "rules.yaml"
+    rules_path.write_text(yaml.safe_dump(rules))
+    code = main(["apply", str(rules_path), "--target", "tests.verifying.test_compare:small_gpt", "--verify", "--report", str(tmp_path / "r.json"), "-q"])
+    verify = json.loads((tmp_path / "r.json").read_text())["verify"]
+    assert code == 0 and verify["outcome"] == "agree" and verify["verdict_by"] == "metrics" and [r["seed"] for r in verify["runs"]] == [0, 1]
+    assert verify["metrics"]["kl"] < 1e-9 and verify["metrics"]["greedy_match"] == 3 and verify["metrics"]["passed"]["greedy"]
+
+
+@pytest.mark.parametrize("outcome", ["differ", "inconclusive"])
+def test_differ_and_inconclusive_fail_with_exit_1(monkeypatch, outcome):
+    import remap.verifying.run as run
+
+    result = {"outcome": outcome, "ok": False, "close": True, "max_abs": 0.0, "max_rel": 0.0, "worst": "output", "atol": 1e-5, "rtol": 1e-5,
+              "tensors": 1, "coverage": {"uncovered": ["w"], "declared": [], "input_sensitive": True}}  # fmt: skip
+    monkeypatch.setattr(run, "run_verify", lambda *a, **k: result)
+    rules = config_with("qkv-to-mha.yaml", source={"model": "conversion_models:qkv_stack"}, verify={"input": [1, 3, EMBED_DIM], "output": 0})
+    with pytest.raises(VerifyError) as info:
+        remap.load(mha_stack(), None, rules=rules, verify=True)
+    assert info.value.exit_code == 1 and info.value.report.verify["outcome"] == outcome
+    assert info.value.report.failures[0].message.startswith("inconclusive: " if outcome == "inconclusive" else "outputs differ: ")

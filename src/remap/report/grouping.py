@@ -18,9 +18,11 @@ Groups come out in the order their first key came in. Nothing here imports torch
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 __all__ = ["KeyGroup", "fold_keys", "group_keys", "group_counts", "format_indices", "printable", "printable_lines"]
 
@@ -80,16 +82,20 @@ class _Group:
     indexed: frozenset[int] = frozenset()  # positions of integer components; none for a key without dots
 
 
-def fold_keys(keys: Iterable[str], *, escape: bool = True) -> list[KeyGroup]:
+def fold_keys(keys: Iterable[str], *, escape: bool = True, numbered: bool = False) -> list[KeyGroup]:
     r"""Fold ``keys`` into groups, each with its text and the keys behind it.
 
     A group's ``text`` is for people: with ``escape`` (the default) it passes through
-    :func:`printable`; its ``keys`` are always the exact names.
+    :func:`printable`; its ``keys`` are always the exact names. With ``numbered``, groups
+    that differ only in the number ending one component fold too (``layer1``..``layer4``
+    into ``layer{1..4}``), under the same rule: every folded line stands for keys that exist.
 
     >>> [(g.text, len(g)) for g in fold_keys(["stem.0.weight", "stem.1.weight", "head"])]
     [('stem.{0, 1}.weight', 2), ('head', 1)]
     >>> fold_keys(["a\nb"])
     [KeyGroup(text='a\\nb', keys=('a\nb',))]
+    >>> [g.text for g in fold_keys([f"layer{i}.{b}.conv1.weight" for i in range(1, 5) for b in (0, 1)], numbered=True)]
+    ['layer{1..4}.{0, 1}.conv1.weight']
     """
     unique = list(dict.fromkeys(keys))
     show = printable if escape else str
@@ -97,7 +103,50 @@ def fold_keys(keys: Iterable[str], *, escape: bool = True) -> list[KeyGroup]:
         return [KeyGroup(show(k), (k,)) for k in unique]
     groups = _fold_integers(_fold_leaves(unique))
     groups.sort(key=lambda g: g.members[0])
+    if numbered:
+        return _fold_numbered(groups, unique, show)
     return [_key_group(g, unique, show) for g in groups]
+
+
+def _fold_numbered(groups: list[_Group], unique: Sequence[str], show: Callable[[str], str]) -> list[KeyGroup]:
+    """Fold the folded groups once more where they differ only in one component's trailing
+    number (``layer1``, ``layer2``), innermost component first, until nothing changes."""
+    items = [(list(map(_render_segment, g.segments)) if len(g.members) > 1 else unique[g.members[0]].split("."), list(g.members))
+             for g in groups]  # fmt: skip
+    changed = True
+    while changed:
+        changed = False
+        for pos in sorted({p for parts, _ in items for p in range(len(parts))}, reverse=True):
+            items, folded = _fold_numbered_at(items, pos)
+            changed = changed or folded
+    items.sort(key=lambda item: item[1][0])
+    return [KeyGroup(show(unique[m[0]] if len(m) == 1 else ".".join(parts)), tuple(unique[i] for i in m)) for parts, m in items]
+
+
+def _fold_numbered_at(items: list[tuple[list[str], list[int]]], pos: int) -> tuple[list[tuple[list[str], list[int]]], bool]:
+    buckets: dict[tuple[Any, ...], list[tuple[list[str], list[int], int]]] = {}
+    out: list[tuple[list[str], list[int]]] = []
+    for parts, members in items:
+        found = _NUMBERED.fullmatch(parts[pos]) if pos < len(parts) else None
+        if found is None or not _is_index(found[2]):
+            out.append((parts, members))
+            continue
+        bucket = buckets.setdefault((len(parts), tuple(parts[:pos]), found[1], tuple(parts[pos + 1 :])), [])
+        if not bucket:
+            out.append((parts, members))  # placeholder for the bucket's fold
+        bucket.append((parts, members, int(found[2])))
+    folded = False
+    for bucket in buckets.values():
+        if len(bucket) > 1:
+            parts, members, _ = bucket[0]
+            numbers = {n for _, _, n in bucket}
+            parts[pos] = f"{_NUMBERED.fullmatch(parts[pos])[1]}{{{format_indices(numbers)}}}"  # type: ignore[index]
+            members[:] = sorted(i for _, m, _ in bucket for i in m)
+            folded = True
+    return out, folded
+
+
+_NUMBERED = re.compile(r"([A-Za-z_][A-Za-z_]*?)(\d+)")
 
 
 def _key_group(group: _Group, unique: Sequence[str], show: Callable[[str], str]) -> KeyGroup:

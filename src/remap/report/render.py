@@ -208,7 +208,7 @@ def _document(report: Report, *, verbose: bool, width: int) -> list[Block]:
         _sources(report.sources, report.steps, report.totals, verbose, width),
         _freeze(report, verbose),
         _totals(report),
-        _verify(report),
+        _verify(report, verbose, width),
         _optimizer(report.optimizer, verbose, width),
         _warnings(report.warnings),
         _failures(report, verbose),
@@ -601,19 +601,176 @@ def _totals(report: Report) -> list[Block]:
     ]
 
 
-def _verify(report: Report) -> list[Block]:
+def _verify(report: Report, verbose: bool = False, width: int = 100) -> list[Block]:
+    """The verify section: the verdict (outputs agree, outputs DIFFER, INCONCLUSIVE), the
+    numbers, the tolerances and why, the dtypes, the metrics against their thresholds, one line
+    per seed when there were several, the reference, the coverage (uncovered tensors folded)
+    and the first divergence."""
     v = report.verify
     if not v:
         return []
-    verdict_text, style = ("outputs agree", OK_STYLE) if v.get("ok") else ("outputs DIFFER", FAIL_STYLE)
+    outcome = v.get("outcome") or ("agree" if v.get("ok") else "differ")
+    verdict_text, style = _VERIFY_VERDICTS.get(outcome, (outcome.upper(), FAIL_STYLE))
     detail = (f"max abs diff {v['max_abs']:.3g}, max rel diff {v['max_rel']:.3g} "
               f"(atol {v['atol']:g}, rtol {v['rtol']:g}) over {v['tensors']} tensor(s)")  # fmt: skip
+    if len(v.get("seeds") or ()) > 1:
+        detail += f", worst at seed {v.get('worst_seed')}"
     nan, inf, moved = v.get("nan_matched", 0), v.get("inf_matched", 0), v.get("nonfinite_mismatched", 0)
     if nan or inf:
         detail += f"; {nan} NaN and {inf} Inf position(s) matched"
     if moved:
         detail += f"; {moved} NaN/Inf position(s) differ (first at {v.get('first_mismatch')})"
-    return [(("Verify", TITLE), ("  ", ""), (verdict_text, style)), _indented(2, (detail, ""))]
+    lines: list[Block] = [(("Verify", TITLE), ("  ", ""), (verdict_text, style)), _indented(2, (detail, ""))]
+    lines.extend(_verify_settings(v))
+    lines.extend(_verify_metrics(v.get("metrics") or {}))
+    lines.extend(_verify_runs(v.get("runs") or ()))
+    if v.get("reference"):
+        lines.append(_indented(2, ("reference: ", MUTED), (str(v["reference"]), "")))
+    lines.extend(_verify_coverage(v.get("coverage") or {}, verbose, width))
+    lines.extend(_verify_divergence(v.get("divergence") or {}, verbose, width))
+    return lines
+
+
+_VERIFY_VERDICTS = {
+    "agree": ("outputs agree", OK_STYLE),
+    "differ": ("outputs DIFFER", FAIL_STYLE),
+    "inconclusive": ("INCONCLUSIVE: the outputs agree, but this check does not vouch for every weight", FAIL_STYLE),
+}
+
+
+def _verify_settings(v: dict[str, Any]) -> list[Line]:
+    """Tolerances and why, the two runs' dtypes, and what decided the verdict."""
+    lines: list[Line] = []
+    tolerances = v.get("tolerances") or {}
+    if tolerances.get("why"):
+        lines.append(_indented(2, ("tolerances: ", MUTED), (tolerances["why"], "")))
+    dtypes = v.get("dtypes") or {}
+    if dtypes:
+        text = f"source {dtypes.get('source')}, target {dtypes.get('target')}; compared in {dtypes.get('compared_in', 'float64')}"
+        devices = v.get("devices") or {}
+        if devices and (devices.get("source"), devices.get("target")) != ("cpu", "cpu"):
+            text += f"; devices: source {devices.get('source')}, target {devices.get('target')}"
+        lines.append(_indented(2, ("dtypes: ", MUTED), (text, "")))
+    by = v.get("verdict_by")
+    if by == "metrics":
+        lines.append(_indented(2, ("verdict by: ", MUTED), ("the metrics (atol/rtol measured, not part of the verdict: none in the rules)", "")))
+    elif by == "tolerances and metrics":
+        lines.append(_indented(2, ("verdict by: ", MUTED), ("atol/rtol (given in the rules) and the metrics", "")))
+    return lines
+
+
+def _verify_metrics(m: dict[str, Any]) -> list[Line]:
+    """One line per metric: its value, its threshold, passed or FAILED, and where the threshold came from."""
+    want, passed, why = m.get("thresholds") or {}, m.get("passed") or {}, m.get("why") or {}
+    if not want:
+        return []
+    rows: list[tuple[str, str]] = []
+    if "kl" in want:
+        rows.append(("kl", f"kl divergence {m['kl']:.3g} (the worst of {m.get('positions')} position(s); mean {m['kl_mean']:.3g}), "
+                           f"at most {want['kl']:g}"))  # fmt: skip
+    if "top1" in want:
+        rows.append(("top1", f"top-1 agreement {m['top1_agreement']:.4g}, at least {want['top1']:g}"))
+    if "topk" in want:
+        k = str(want["topk"]["k"])
+        rows.append(("topk", f"top-{k} agreement {m['topk_agreement'][k]:.4g}, at least {want['topk']['min']:g}"))
+    if "greedy" in want:
+        first = m.get("greedy_first_mismatch")
+        at = "" if first is None else f" (first mismatch at new token {first})"
+        rows.append(("greedy", f"greedy decoding: {m['greedy_match']} of {m['greedy_tokens']} new tokens agree{at}, at least {want['greedy']['min']}"))
+    lines: list[Line] = [_indented(2, ("metrics:", MUTED))]
+    for name, text in rows:
+        ok = passed.get(name, True)
+        lines.append(_indented(4, (text, ""), (": ", ""), ("ok" if ok else "FAILED", OK_STYLE if ok else FAIL_STYLE),
+                               (f"  ({why[name]})" if why.get(name) else "", MUTED)))  # fmt: skip
+    return lines
+
+
+def _verify_runs(runs: Sequence[dict[str, Any]]) -> list[Line]:
+    """One line per seed when there were several: its outcome and numbers."""
+    lines: list[Line] = []
+    for r in runs:
+        outcome = r.get("outcome", "agree")
+        text = f"max abs diff {r['max_abs']:.3g}, max rel diff {r['max_rel']:.3g}"
+        metrics = r.get("metrics") or {}
+        if "kl" in metrics:
+            text += f"; kl {metrics['kl']:.3g}"
+        if "top1_agreement" in metrics:
+            text += f"; top-1 {metrics['top1_agreement']:.4g}"
+        for k, value in (metrics.get("topk_agreement") or {}).items():
+            text += f"; top-{k} {value:.4g}"
+        if "greedy_match" in metrics:
+            text += f"; greedy {metrics['greedy_match']}/{metrics['greedy_tokens']}"
+        word, style = ("agree", OK_STYLE) if outcome == "agree" else (outcome.upper(), FAIL_STYLE)
+        lines.append(_indented(2, (f"seed {r.get('seed')}: ", MUTED), (word, style), (f", {text}", "")))
+    return lines
+
+
+def _verify_coverage(c: dict[str, Any], verbose: bool, width: int) -> list[Line]:
+    """Which loaded tensors the outputs depend on: the uncovered ones folded, the declared
+    ones counted, the unmeasurable ones by reason, and a warning when the outputs barely depend
+    on the input."""
+    if not c:
+        return []
+    declared = list(c.get("declared") or ())
+    uncovered = [k for k in c.get("uncovered") or () if k not in set(declared)]
+    unmeasurable = _verify_by_reason(c.get("unmeasurable") or ())
+    head = f"{c.get('checked', 0)} tensor(s) checked by {c.get('method', '?')}: {len(uncovered)} uncovered"
+    head += f", {len(declared)} declared in verify.uncovered" if declared else ""
+    head += f", {sum(len(k) for k in unmeasurable.values())} unmeasurable" if unmeasurable else ""
+    lines: list[Line] = [_indented(2, ("coverage: ", MUTED), (head, FAIL_STYLE if uncovered else ""))]
+    if uncovered:
+        lines.append(_indented(4, ("uncovered (the outputs do not depend on them):", FAIL_STYLE)))
+        lines.extend(_capped([g.text for g in fold_keys(uncovered, numbered=True)], verbose, LIST_CAP, width, indent=6))
+    if declared:
+        groups = [g.text for g in fold_keys(declared, numbered=True)]
+        lines.append(_indented(4, ("declared: ", MUTED), (", ".join(groups[:5]), ""), (f", … and {len(groups) - 5} more" if len(groups) > 5 else "", MUTED)))
+    for reason, keys in unmeasurable.items():
+        label = f"unmeasurable ({reason}): " if reason else "unmeasurable: "
+        lines.append(_indented(4, (label, MUTED), (", ".join(g.text for g in fold_keys(keys, numbered=True)), "")))
+    if c.get("input_sensitive") is False:
+        lines.append(_indented(2, ("warning: ", DECLARED_STYLE), (f"the outputs barely depend on the input (two inputs give outputs "
+                                                                  f"within {c.get('input_spread', 0):.3g}): this check proves little", "")))  # fmt: skip
+    return lines
+
+
+def _verify_by_reason(items: Iterable[Any]) -> dict[str, list[str]]:
+    """Unmeasurable tensors by reason: each item a key, a [key, reason] pair or {key, reason}."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        if isinstance(item, dict):
+            key, reason = str(item.get("key")), str(item.get("reason") or "")
+        elif isinstance(item, (list, tuple)):
+            key, reason = str(item[0]), str(item[1]) if len(item) > 1 else ""
+        else:
+            key, reason = str(item), ""
+        out.setdefault(reason, []).append(key)
+    return out
+
+
+def _verify_divergence(d: dict[str, Any], verbose: bool, width: int) -> list[Line]:
+    """The first module pair whose outputs diverge (with what fed it), how many pairs were
+    compared, and how many modules had no partner."""
+    if not d:
+        return []
+    lines: list[Line] = []
+    first = d.get("first")
+    if first:
+        text = f"target {first['target'] or '(the whole model)'} <- source {first['source'] or '(the whole model)'} (max abs {first['max_abs']:.3g}, max rel {first['max_rel']:.3g})"
+        if first.get("ops"):
+            text += f"; weights through {', '.join(first['ops'])}"
+        lines.append(_indented(2, ("first divergence: ", FAIL_STYLE), (text, "")))
+        if first.get("keys"):
+            fed = ", ".join(g.text for g in fold_keys(first["keys"]))
+            if first.get("sources"):
+                fed += " <- " + ", ".join(g.text for g in fold_keys(first["sources"]))
+            lines.extend(_capped([fed], verbose, LIST_CAP, width, indent=4))
+    unpaired = d.get("unpaired") or {}
+    counts = {side: (n if isinstance(n, int) else len(n or ())) for side, n in ((s, unpaired.get(f"{s}_count", unpaired.get(s))) for s in ("target", "source"))}
+    text = f"{d.get('compared', 0)} module pair(s) compared in execution order" + ("" if first else ", none diverges")
+    if counts["target"] or counts["source"]:
+        text += f"; no partner: {counts['target']} target, {counts['source']} source module(s)"
+    lines.append(_indented(2, ("divergence: ", MUTED), (text, "")))
+    return lines
 
 
 def _optimizer(section: OptimizerReport | None, verbose: bool, width: int) -> list[Block]:

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import UsageError
+from ..report.grouping import fold_keys
 
-__all__ = ["compare", "describe_failure"]
+__all__ = ["compare", "describe_failure", "metric_failures"]
 
 
 def _leaves(value: Any, path: str = "") -> list[tuple[str, Any]]:
@@ -88,13 +89,73 @@ def _count_non_finite(name: str, x: Any, y: Any, result: dict[str, Any]) -> None
 
 
 def describe_failure(result: Mapping[str, Any]) -> str:
-    """Why verify failed: NaN/Inf in different places, else the largest differences."""
+    """Why verify failed, in one sentence: inconclusive (uncovered tensors, outputs that do not
+    depend on the input), NaN/Inf in different places, the metrics that missed their
+    thresholds, or the largest differences against atol/rtol; then the first divergence
+    when one was found.
+
+    >>> describe_failure({"max_abs": 0.5, "max_rel": 0.1, "worst": "output", "atol": 1e-5, "rtol": 1e-5})
+    'outputs differ: max abs diff 0.5 (at output), max rel diff 0.1; allowed atol 1e-05, rtol 1e-05'
+    """
+    if result.get("outcome") == "inconclusive":
+        return _inconclusive(result)
     mismatched = result.get("nonfinite_mismatched", 0)
     if mismatched:
-        return (f"outputs differ: {mismatched} position(s) hold NaN or Inf on one side and not the same value on the "
+        text = (f"outputs differ: {mismatched} position(s) hold NaN or Inf on one side and not the same value on the "
                 f"other (first at {result['first_mismatch']}); {_matched(result)}")  # fmt: skip
-    return (f"outputs differ: max abs diff {result['max_abs']:.3g} (at {result['worst']}), max rel diff "
-            f"{result['max_rel']:.3g}; allowed atol {result['atol']:g}, rtol {result['rtol']:g}")  # fmt: skip
+    else:
+        parts = []
+        if "tolerances" in result.get("verdict_by", "tolerances") and not result.get("close", result.get("ok", False)):
+            parts.append(f"max abs diff {result['max_abs']:.3g} (at {result['worst']}{_seed(result)}), max rel diff "
+                         f"{result['max_rel']:.3g}; allowed atol {result['atol']:g}, rtol {result['rtol']:g}")  # fmt: skip
+        parts.extend(metric_failures(result.get("metrics") or {}))
+        text = "outputs differ: " + "; ".join(parts or ["see the report"])
+    first = (result.get("divergence") or {}).get("first")
+    if first and (first["target"] or first["source"]):  # the whole models: nothing inside diverged first, nothing to add
+        text += f"; first divergence: target {first['target']} <- source {first['source']} (max abs {first['max_abs']:.3g})"
+    return text
+
+
+def metric_failures(metrics: Mapping[str, Any]) -> list[str]:
+    """One phrase per metric that missed its threshold.
+
+    >>> metric_failures({"kl": 0.5, "top1_agreement": 1.0, "thresholds": {"kl": 0.01, "top1": 1.0},
+    ...                  "passed": {"kl": False, "top1": True}})
+    ['kl divergence 0.5 > 0.01 (the worst position)']
+    """
+    passed, want = metrics.get("passed", {}), metrics.get("thresholds", {})
+    out = []
+    if passed.get("kl") is False:
+        out.append(f"kl divergence {metrics['kl']:.3g} > {want['kl']:g} (the worst position)")
+    if passed.get("top1") is False:
+        out.append(f"top-1 agreement {metrics['top1_agreement']:.3g} < {want['top1']:g}")
+    if passed.get("topk") is False:
+        k = str(want["topk"]["k"])
+        out.append(f"top-{k} agreement {metrics['topk_agreement'][k]:.3g} < {want['topk']['min']:g}")
+    if passed.get("greedy") is False:
+        out.append(f"greedy decoding: {metrics['greedy_match']} of {metrics['greedy_tokens']} tokens agree before the first "
+                   f"mismatch (at {metrics['greedy_first_mismatch']}), {want['greedy']['min']} needed")  # fmt: skip
+    return out
+
+
+def _seed(result: Mapping[str, Any]) -> str:
+    return f", seed {result['worst_seed']}" if len(result.get("seeds") or ()) > 1 else ""
+
+
+def _inconclusive(result: Mapping[str, Any]) -> str:
+    """Why outputs that agree prove nothing: tensors they do not depend on, or no dependence on the input."""
+    coverage = result.get("coverage") or {}
+    declared = set(coverage.get("declared") or ())
+    uncovered = [k for k in coverage.get("uncovered") or () if k not in declared]
+    parts = []
+    if uncovered:
+        groups = [g.text for g in fold_keys(uncovered, numbered=True)]
+        shown = ", ".join(groups[:4]) + (f" and {len(groups) - 4} more group(s)" if len(groups) > 4 else "")
+        parts.append(f"{len(uncovered)} loaded tensor(s) do not influence the outputs on the verify input ({shown}); "
+                     "declare the expected ones in verify.uncovered")  # fmt: skip
+    if coverage.get("input_sensitive") is False:
+        parts.append(f"the outputs barely depend on the input (two inputs give outputs within {coverage.get('input_spread', 0):.3g})")
+    return "inconclusive: the outputs agree, but " + ("; ".join(parts) or "the check could not vouch for every weight")
 
 
 def _matched(result: Mapping[str, Any]) -> str:
