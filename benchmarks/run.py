@@ -1,6 +1,6 @@
 """remap benchmarks: one command, every measurement side by side, a table of ratios, JSON.
 
-    python benchmarks/run.py [--quick] [--out results.json] [--only planning|loading|startup|scale|formats|build_load] [--repeats N]
+    python benchmarks/run.py [--quick] [--out results.json] [--only planning|loading|startup|scale|formats|build_load|many_keys] [--repeats N]
     python benchmarks/run.py --show results.json      # the tables of an earlier run
 
 * planning throughput (``planning.py``): remap's planner against the rule-by-rule loop
@@ -20,8 +20,15 @@
   ONNX, .npz, GGUF F32/F16/Q8_0, Keras .weights.h5, Flax .msgpack, TF checkpoint): bytes a
   plan reads, and remap.load against the format's own loader (time, peak memory above the model).
 * build + load (``build_load.py``, only with ``--only build_load``; results in ``results_build_load.json``):
-  a BERT-large-sized HF BertModel (``--quick``: tiny) from its ``save_pretrained`` folder: from_pretrained,
-  build + remap.load, empty_weights + remap.load, meta + remap.load, the hand loop; each a fresh process.
+  a BERT-large-sized HF BertModel, a ~1.6 GiB bf16 LlamaForCausalLM and a timm ViT-L (``--quick``: tiny
+  ones, the variants of a model sharing one process), each from a plain and a ``module.``-prefixed checkpoint:
+  from_pretrained (+ key_mapping), timm's pretrained_cfg_overlay / load_checkpoint, mmengine load_checkpoint
+  with revise_keys (skipped when not installed), the hand loops, and remap.load into a model built normally,
+  under empty_weights (with and without mmap_weights) and on meta; then 100,000 small keys end to end
+  (``many_keys.py``: strip_prefix against the hand rename loop). Each a fresh process, ratios against the
+  fastest peer; ``--only many_keys`` runs the last part alone.
+* first touch (``first_touch.py``, only with ``--only first_touch``; results in ``results_first_touch.json``):
+  filling a meta target's fresh memory from a 1.36 GB file of 218 tensors, route by route (faults, pre-faulting, huge pages).
 
 ``--quick`` runs small sizes (300 and 3,000 keys; a 50 MB checkpoint; one repeat) to
 smoke-test the harness. Timings are never asserted; every case checks its own result
@@ -40,8 +47,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_load  # noqa: E402
+import first_touch  # noqa: E402
 import formats  # noqa: E402
 import loading  # noqa: E402
+import many_keys  # noqa: E402
 import planning  # noqa: E402
 import scale  # noqa: E402
 import startup  # noqa: E402
@@ -130,6 +139,10 @@ def show(out: dict[str, Any]) -> None:
         formats.formats_table(out["formats"])
     if "build_load" in out:
         build_load.build_load_table(out["build_load"])
+    if "many_keys" in out:
+        many_keys.many_keys_table(out["many_keys"])
+    if "first_touch" in out:
+        first_touch.first_touch_table(out["first_touch"])
     start, end = out.get("machine", {}).get("remap_commit"), out.get("remap_commit_at_end")
     if start != end:
         print(f"\nWARNING: remap's source changed during the run ({start} -> {end}): the results may mix versions.")
@@ -147,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke test of the harness")
     ap.add_argument("--out", type=Path, help="where to write the JSON results (default: benchmarks/results.json; "
                     "with --only formats, benchmarks/results_formats.json)")  # fmt: skip
-    ap.add_argument("--only", choices=["planning", "loading", "startup", "scale", "formats", "build_load"],
+    ap.add_argument("--only", choices=["planning", "loading", "startup", "scale", "formats", "build_load", "many_keys", "first_touch"],
                     help="run one part only (scale and formats run only when named here)")
     ap.add_argument("--repeats", type=int, help="loading runs per variant (default 5; --quick 1)")
     ap.add_argument("--variants", help="loading variants to run, comma-separated (default: all): "
@@ -166,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         show(saved)
         return 0
     repeats = a.repeats or (1 if a.quick else 5)
-    named = {"formats": "results_formats.json", "build_load": "results_build_load.json"}
+    named = {"formats": "results_formats.json", "build_load": "results_build_load.json", "many_keys": "results_many_keys.json",
+             "first_touch": "results_first_touch.json"}
     a.out = a.out or Path(__file__).resolve().parent / named.get(a.only or "", "results.json")
 
     command = shlex.join([Path(sys.executable).name, *sys.argv])
@@ -180,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     out: dict[str, Any] = {"command": command, "quick": a.quick, "machine": info, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     t0 = time.perf_counter()
-    for part in ("planning", "loading", "startup", "scale", "formats", "build_load"):
-        if a.only != part and (a.only is not None or part in ("scale", "formats", "build_load")):
+    for part in ("planning", "loading", "startup", "scale", "formats", "build_load", "many_keys", "first_touch"):
+        if a.only != part and (a.only is not None or part in ("scale", "formats", "build_load", "many_keys", "first_touch")):
             continue
         print(f"\n{part} ...", flush=True)
         with ForeignCpu() as other:
@@ -193,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
                 out[part] = scale.run(a.quick, progress=lambda s: print(s, flush=True))
             elif part == "build_load":
                 out[part] = build_load.run(a.quick, a.repeats or 1, a.tmpdir, progress=lambda s: print(s, flush=True))
+            elif part == "first_touch":
+                out[part] = first_touch.run(a.quick, a.repeats or (1 if a.quick else 5), a.tmpdir,
+                                            progress=lambda s: print(s, flush=True))  # fmt: skip
+            elif part == "many_keys":
+                out[part] = many_keys.run(a.quick, a.repeats or (1 if a.quick else 3), a.tmpdir,
+                                          progress=lambda s: print(s, flush=True))  # fmt: skip
             elif part == "formats":
                 out[part] = formats.run(a.quick, a.repeats or (1 if a.quick else 3), a.tmpdir,
                                         progress=lambda s: print(s, flush=True))  # fmt: skip
@@ -213,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     failed += [b for b in out.get("loading", {}).get("variants", {}).values() if b["status"].startswith("WRONG")]
     failed += [r for r in out.get("scale", {}).get("cases", {}).values() if "ok" != r["remap"]["check"] or "ok" != r["floor"]["check"]]
     failed += [r for r in out.get("formats", {}).get("formats", {}).values() if r["status"].startswith("WRONG")]
-    failed += [r for r in out.get("build_load", {}).get("variants", {}).values() if r["status"] != "ok"]
+    failed += build_load.failures(out.get("build_load", {})) + many_keys.failures(out.get("many_keys", {"variants": {}}))
+    failed += [r for r in out.get("first_touch", {}).get("variants", {}).values() if r["status"].startswith("WRONG")]
     return 1 if failed else 0
 
 
