@@ -131,6 +131,9 @@ def test_tensors_that_are_not_a_reference(tmp_path: Path, tensors: dict, message
          "metadata 'remap.structure': expected {\"tensor\": NAME, \"shape\": [...], \"dtype\": ...}, {\"dict\": [[KEY, ...], ...]}, "
          "{\"tuple\": [...]}, {\"list\": [...]} or {\"none\": null}; found [1, 2]"),
         ({"remap.reference": "2"}, "reference layout version '2'; this remap reads version '1'"),
+        ({"remap.structure": "[" * 100_000 + "]" * 100_000}, "metadata 'remap.structure' is nested deeper than JSON can be read here"),
+        ({"remap.structure": '{"list": [' * 40 + '{"none": null}' + "]}" * 40},
+         "metadata 'remap.structure' nests deeper than 32 levels; a model's outputs do not"),
     ],
 )  # fmt: skip
 def test_broken_metadata(tmp_path: Path, metadata: dict, message: str) -> None:

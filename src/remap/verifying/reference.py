@@ -248,6 +248,8 @@ def _json(metadata: Mapping[str, str], key: str, where: str, *, default: Any) ->
         return json.loads(metadata[key])
     except json.JSONDecodeError as exc:
         raise SourceError(f"metadata {key!r} is not valid JSON ({exc})", where=where) from None
+    except RecursionError:  # "[[[[...": deeper than Python's JSON reader goes
+        raise SourceError(f"metadata {key!r} is nested deeper than JSON can be read here", where=where) from None
 
 
 def _default_structure(outputs: dict[str, Any]) -> Any:
@@ -267,16 +269,22 @@ def _rebuild(node: Any, outputs: Mapping[str, Any], where: str, seen: set[str], 
     return rebuilt
 
 
-def _rebuild_node(node: Any, outputs: Mapping[str, Any], where: str, seen: set[str]) -> Any:
+#: How deep an output structure may nest (a model's outputs are a few levels: dicts of tuples of tensors).
+MAX_DEPTH = 32
+
+
+def _rebuild_node(node: Any, outputs: Mapping[str, Any], where: str, seen: set[str], depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise SourceError(f"metadata {STRUCTURE!r} nests deeper than {MAX_DEPTH} levels; a model's outputs do not", where=where)
     if not isinstance(node, dict):
         raise _bad_node(node, where)
     if "tensor" in node:
         return _placed(node, outputs, where, seen)
     if "dict" in node and isinstance(node["dict"], list) and all(isinstance(p, list) and len(p) == 2 for p in node["dict"]):
-        return {str(k): _rebuild_node(v, outputs, where, seen) for k, v in node["dict"]}
+        return {str(k): _rebuild_node(v, outputs, where, seen, depth + 1) for k, v in node["dict"]}
     for kind, build in (("tuple", tuple), ("list", list)):
         if kind in node and isinstance(node[kind], list):
-            return build(_rebuild_node(v, outputs, where, seen) for v in node[kind])
+            return build(_rebuild_node(v, outputs, where, seen, depth + 1) for v in node[kind])
     if "none" in node:
         return None
     raise _bad_node(node, where)
