@@ -6,6 +6,7 @@ allocations: everything a user does with a parameter afterwards works as before.
 from __future__ import annotations
 
 import io
+import mmap
 import pickle
 import resource
 import sys
@@ -50,7 +51,10 @@ def test_populate_faults_the_pages_in_so_the_write_faults_no_more():
     if not populate_works():
         pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux < 5.14)")
     n = 16 << 20
-    fresh = torch.empty(n, dtype=torch.uint8)  # large: its own mapping, never touched
+    # memory never touched: an anonymous mapping of its own (torch.empty may get pages the
+    # allocator already faulted for an earlier tensor, and then there is nothing to populate)
+    area = mmap.mmap(-1, n)
+    fresh = torch.frombuffer(area, dtype=torch.uint8)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     assert streaming._populate(streaming._writable_bytes(fresh))
     populated = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
