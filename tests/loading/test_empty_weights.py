@@ -177,7 +177,7 @@ def test_a_new_hf_head_is_initialised_by_init_weights(tmp_path):
     assert torch.equal(head.bias, torch.zeros(2))  # BertPreTrainedModel._init_weights zeroes a Linear's bias
     assert 0.01 < head.weight.std().item() < 0.03  # and draws its weight with std initializer_range (0.02)
     assert "classifier.weight, classifier.bias" in report.warnings[0]
-    assert "by __init__'s torch.nn.init calls (replayed), then BertForSequenceClassification._init_weights" in report.warnings[0]
+    assert "by __init__'s values and torch.nn.init calls (replayed), then BertForSequenceClassification._init_weights" in report.warnings[0]
 
 
 def test_a_rules_target_is_built_under_empty_weights(tmp_path):
@@ -259,7 +259,7 @@ def test_an_init_remap_cannot_replay_is_said_in_the_report():
     report = remap.load(model, {"body.weight": body.weight.detach(), "body.bias": body.bias.detach()},
                         {"version": 1, "expect": {"missing": [r"^head\."]}})
     assert report.warnings == (
-        "1 tensor(s) not in the checkpoint were initialised on the meta-device target by __init__'s torch.nn.init calls "
+        "1 tensor(s) not in the checkpoint were initialised on the meta-device target by __init__'s values and torch.nn.init calls "
         "(replayed) (its __init__ also wrote it in place, not through torch.nn.init: that was not replayed): head.bias",)
 
 
@@ -291,3 +291,26 @@ def test_a_missing_parameter_of_a_module_without_reset_parameters_gets_its_init_
     with pytest.raises(CheckError, match="scale.gamma of a meta-device target would stay uninitialised: Scale has no reset_parameters"):
         remap.load(model, {"fc.weight": fc.weight.detach(), "fc.bias": fc.bias.detach()},
                    {"version": 1, "expect": {"missing": [r"^scale\."]}})
+
+
+def test_a_value_given_at_construction_survives_empty_weights_when_no_checkpoint_holds_it():
+    """CLIP's ``logit_scale = nn.Parameter(torch.tensor(log(1 / 0.07)))`` is no torch.nn.init call:
+    a parameter that small keeps the value it was registered with, and gets it back when the
+    checkpoint does not provide it (as a real build would have it)."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+            self.scale = torch.nn.Parameter(torch.tensor(2.6592))
+            self.gain = torch.nn.Parameter(torch.full((3,), 0.5))
+
+    real = Scaled()
+    with remap.empty_weights():
+        model = Scaled()
+    assert model.scale.is_meta and model.gain.is_meta
+    state = {k: v for k, v in real.state_dict().items() if k.startswith("fc.")}
+    report = remap.load(model, state, rules={"version": 1, "expect": {"missing": [r"^(scale|gain)$"]}})
+    assert report.ok and not report.warnings
+    assert torch.equal(model.scale, real.scale) and torch.equal(model.gain, real.gain)
+    assert torch.equal(model.fc.weight, real.fc.weight)

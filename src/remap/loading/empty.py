@@ -82,10 +82,25 @@ def _meta_register(original: Callable[..., None]) -> Callable[..., None]:
             return  # a parameter subclass with a constructor of its own: left where it is
         moved = cls(param.detach().to("meta"), requires_grad=param.requires_grad)
         moved.__dict__.update(extra)
+        if param.numel() <= KEEP_VALUES_UP_TO:  # a value given at construction (CLIP's logit_scale = log(1/0.07)): kept
+            moved._remap_inits = [(set_value, (param.detach().clone(),), {})]  # type: ignore[attr-defined]
         moved._remap_version = moved._version  # type: ignore[attr-defined]  # later in-place writes show as a newer version
         self._parameters[name] = moved
 
     return register_parameter
+
+
+#: Parameters of at most this many elements keep the value they were registered with, replayed
+#: first when no checkpoint provides them: a value set at construction (``nn.Parameter(torch.tensor(2.66))``,
+#: ``torch.ones(n)``) is not a ``torch.nn.init`` call, and would otherwise be lost on meta.
+#: Larger ones are the weights that empty_weights exists to not initialise.
+KEEP_VALUES_UP_TO = 1 << 16
+
+
+def set_value(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Write ``value`` into ``tensor`` (what a parameter held when it was registered)."""
+    with torch.no_grad():
+        return tensor.copy_(value)
 
 
 def _plain_ctor(cls: type) -> bool:
@@ -151,7 +166,7 @@ def hf_initialises(owner: Any, m: torch.nn.Module) -> set[str]:
 
 #: What initialised a tensor whose ``__init__`` init calls were replayed: the same values a
 #: build on a real device gives, so the report does not call it out.
-REPLAYED = "__init__'s torch.nn.init calls (replayed)"
+REPLAYED = "__init__'s values and torch.nn.init calls (replayed)"
 
 
 def replay(inits: dict[str, list[Any]], m: torch.nn.Module) -> None:
