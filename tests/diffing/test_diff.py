@@ -187,7 +187,7 @@ def test_index_offset_is_one_family_rule_with_add():
     ]
     assert a.pairs[1].detail == "index +1 in 'features.#'"
     rules = draft_rules(a).rules["rules"]
-    assert rules == [{"rename": {"from": r"^features\.(2|4)\.", "to": r"features.\1.", "add": {1: 1}}}]
+    assert rules == [{"rename": {r"^features\.(2|4)\.": {"to": r"features.\1.", "add": {1: 1}}}}]
     plan = remap.plan(tgt, src, {"version": 1, "rules": rules})
     assert plan.ok and {x.target: x.sources for x in plan.assignments}["features.5.bias"] == ("features.4.bias",)
 

@@ -232,8 +232,7 @@ def test_torchvision_bottlenecks_to_hugging_face_resnet_pair_right_and_load_the_
     details = {p.source: p.detail for p in alignment.pairs}
     assert details["layer2.0.downsample.1.weight"] == "'layer2.0.downsample' ~ 'resnet.encoder.stages.1.layers.0.shortcut', the pairs inside agree"
     assert details["layer1.0.conv3.weight"] == "'layer1.#' ~ 'resnet.encoder.stages.0.layers.#', as in the other instances"
-    assert details["layer2.0.bn1.weight"] == ("'layer2.0.bn1' numbered like 'layer2.0.conv1', which went into "
-                                              "'resnet.encoder.stages.1.layers.0.layer.0'")  # fmt: skip
+    assert details["layer2.0.bn1.weight"] == "'layer2.0' ~ 'resnet.encoder.stages.1.layers.0', by number"  # bn1..3 ~ layer.0..2
     assert not any("order" in d for d in details.values())
 
     ckpt, rules, text, out = _diff(capsys, tmp_path, source, "hf_resnet_21")

@@ -19,7 +19,12 @@ on each side), never a tensor, and never guesses. Evidence is tried strongest fi
    pair found under either lands under the other, is paired inside (``downsample`` ~
    ``shortcut`` once ``downsample.0`` ~ ``shortcut.convolution``); a module numbered like a
    paired sibling goes where that sibling went (``bn1`` beside ``conv1`` ->
-   ``layer.0.convolution`` goes into ``layer.0``). Definition order is never evidence: a
+   ``layer.0.convolution`` goes into ``layer.0``). Numbers include order words
+   (``layernorm_before``, ``layernorm_after`` ~ ``norm1``, ``norm2``) and a module's place in
+   its block (``layer.0.convolution`` ~ ``conv1``). A fused key whose name lists its parts
+   (``attn.qkv`` ~ ``attention.q_proj``, ``k_proj``, ``v_proj``) in modules that correspond
+   is a split (or, the other way, a merge), in the name's order, even beside a same-shaped
+   ``o_proj``: a :class:`Regroup` with its ``detail``. Definition order is never evidence: a
    library may declare a block's modules in any order;
 6. ``module`` — the same leaf name inside modules that already correspond;
 7. ``graph``  — an ONNX source only (its names are often graph-internal, ``onnx::Conv_123``):
@@ -93,6 +98,9 @@ _TRAILING = re.compile(r"^(.*_)(0|[1-9][0-9]*)$")  # encoder_layer_3, ln_1: digi
 _DIGITS = re.compile(r"([0-9]+)$")
 _MAX_TAIL_KEYS = 32  # a name tail shared by more target keys than this says nothing about prefixes
 _MAX_PARTS = 4  # split/merge suggested for 2 to 4 parts (gate+up, q+k+v, ...), not for a 1000-class head
+#: Words that end a module's name (after ``_``) and say its place as a number would: ``layernorm_before``,
+#: ``layernorm_after`` ~ ``norm1``, ``norm2`` (a shift is allowed: see ``_ranked``). Names, not definition order.
+_ORDER_WORDS = {"before": 0, "after": 1, "pre": 0, "post": 1, "first": 0, "second": 1, "third": 2}
 
 
 @functools.lru_cache(maxsize=65536)
@@ -196,19 +204,25 @@ class Choice:
 class Regroup:
     """Leftover keys that one op could join: ``merge`` the ``sources`` (same shape, sibling
     modules) along ``dim`` into the one target, or ``split`` the one source into the
-    ``targets``. Shown, never written: the order of the parts is the user's to check."""
+    ``targets``. Without ``detail``, a candidate found among leftovers: shown, never written
+    (the order of the parts is the user's to check). With ``detail``, the fused name lists
+    its parts in order (``qkv`` ~ ``q_proj``, ``k_proj``, ``v_proj``; ``gate_up`` ~
+    ``gate``, ``up``) inside modules that correspond: the parts are in that order, and
+    ``remap diff --write`` writes the ``split`` or ``merge``."""
 
     kind: str
     sources: tuple[str, ...]
     targets: tuple[str, ...]
     dim: int
+    detail: str = ""
 
     def describe(self) -> str:
         n = len(self.sources) if self.kind == "merge" else len(self.targets)
         return f"{self.kind} {n} along dim {self.dim}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "sources": list(self.sources), "targets": list(self.targets), "dim": self.dim}
+        return {"kind": self.kind, "sources": list(self.sources), "targets": list(self.targets), "dim": self.dim,
+                "detail": self.detail}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -373,6 +387,36 @@ def _pattern(key: str) -> str:
     return ".".join("#" if _is_index(c) else c for c in key.split("."))
 
 
+def _common_module(keys: Sequence[str]) -> list[str]:
+    """The components of the deepest module holding every key."""
+    parts = [_parent(k).split(".") if _parent(k) else [] for k in keys]
+    out: list[str] = []
+    for comps in zip(*parts):
+        if len(set(comps)) != 1:
+            break
+        out.append(comps[0])
+    return out
+
+
+def _name_parts(module: str) -> list[list[str]]:
+    """Ways a fused module's name lists its parts: its ``_``-separated words
+    (``gate_up_proj`` -> gate, up, proj; and without the last), and the letters of a first
+    word of two or three letters (``qkv`` or ``qkv_proj`` -> q, k, v; ``kv`` -> k, v).
+
+    >>> _name_parts("qkv"), _name_parts("gate_up_proj")
+    ([['q', 'k', 'v']], [['gate', 'up', 'proj'], ['gate', 'up']])
+    """
+    words = [w for w in re.split(r"[_\-]", module) if w]
+    out: list[list[str]] = []
+    if len(words) >= 2:
+        out.append(words)
+        if len(words) >= 3:
+            out.append(words[:-1])
+    if words and 2 <= len(words[0]) <= 3 and words[0].isalpha() and words[0].islower() and len(set(words[0])) == len(words[0]):
+        out.append(list(words[0]))
+    return out
+
+
 class _Aligner:
     def __init__(self, src: Mapping[str, TensorMeta], tgt: Mapping[str, TargetMeta], graph: GraphEvidence | None = None,
                  forward: ForwardEvidence | None = None) -> None:  # fmt: skip
@@ -391,6 +435,7 @@ class _Aligner:
         self.pairs: dict[str, Pair] = {}
         self.deferred: list[tuple[str, str, str, str]] = []  # name evidence whose shapes differ
         self.prefixes: list[PrefixChange] = []
+        self.named_regroups: list[Regroup] = []  # splits/merges whose fused name lists its parts (see fused)
 
     # ---- bookkeeping
 
@@ -579,10 +624,20 @@ class _Aligner:
     # ---- 5. structure
 
     def _number(self, name: str) -> int | None:
-        """The number a module's name ends with: ``norm1`` 1, ``ln_2`` 2, ``mlp.3`` 3."""
+        """The number a module's name ends with: ``norm1`` 1, ``ln_2`` 2, ``mlp.3`` 3; or the
+        place an order word at its end says (``layernorm_before`` 0, ``layernorm_after`` 1:
+        see :data:`_ORDER_WORDS`); else the index it sits at inside its block
+        (``layer.0.convolution`` 0, ~ ``conv1`` when the numbers shift alike)."""
         last = name.rpartition(".")[2]
         m = _DIGITS.search(last)
-        return int(m.group(1)) if m else None
+        if m:
+            return int(m.group(1))
+        word = re.split(r"[_\-]", last)[-1].lower() if ("_" in last or "-" in last) else ""
+        if word in _ORDER_WORDS:
+            return _ORDER_WORDS[word]
+        comps = name.split(".")  # layer.0.convolution, inside a block: its place in 'layer' (one index, no other)
+        places = [c for c in comps if _is_index(c)]
+        return int(comps[-2]) if len(comps) == 3 and len(places) == 1 and _is_index(comps[-2]) else None
 
     def _ranked(self, ss: list[str], tt: list[str], names_s: list[str], names_t: list[str],
                 inside: bool = True) -> tuple[list[tuple[str, str]], str] | None:  # fmt: skip
@@ -972,9 +1027,106 @@ class _Aligner:
                 made += self.pair(ss[0], tt[0], "shape", f"the only {list(shape)} left on both sides", defer=False)
         return made
 
+    def fused(self) -> int:
+        """A fused key whose module name lists its parts in order (``attn.qkv`` ~
+        ``attention.q_proj``, ``k_proj``, ``v_proj``; ``mlp.gate_up_proj`` ~ ``gate_proj``,
+        ``up_proj``), inside modules that the pairs so far say correspond, and whose shape is
+        the parts' joined along one dim: a split (one source key) or a merge (one target key),
+        found even when the parts share their shape with a neighbour (``o_proj``). The order
+        of the parts is the name's; anything less (two sites fit, a part matches two
+        modules, no name lists the parts) stays a candidate for the user (:meth:`regroups`)."""
+        made = 0
+        for kind in ("split", "merge"):
+            if kind == "split":
+                ones, many, shape_one, shape_many = list(self.free_s), self.free_t, self.shape_s, self.shape_t
+                ends = lambda p: (p.source, p.target)  # noqa: E731
+            else:
+                ones, many, shape_one, shape_many = list(self.free_t), self.free_s, self.shape_t, self.shape_s
+                ends = lambda p: (p.target, p.source)  # noqa: E731
+            for one in ones:
+                if one not in (self.free_s if kind == "split" else self.free_t):
+                    continue
+                found = self._fused_parts(one, list(many), shape_one, shape_many, ends)
+                if found is None:
+                    continue
+                parts, dim, detail = found
+                if kind == "split":
+                    del self.free_s[one]
+                    for t in parts:
+                        del self.free_t[t]
+                    self.named_regroups.append(Regroup("split", (one,), tuple(parts), dim, detail))
+                else:
+                    del self.free_t[one]
+                    for s in parts:
+                        del self.free_s[s]
+                    self.named_regroups.append(Regroup("merge", tuple(parts), (one,), dim, detail))
+                made += 1
+        return made
+
+    def _home(self, key: str, ends: Any) -> tuple[str, str] | None:
+        """The module on the other side that corresponds to the nearest ancestor of ``key``'s
+        module under which pairs were found (their common module, less as many trailing
+        components as the pairs' common module lies below the ancestor); None when no pair
+        says."""
+        comps = _parent(_parent(key)).split(".") if _parent(_parent(key)) else []
+        for j in range(len(comps), -1, -1):
+            anc = ".".join(comps[:j])
+            under = [ends(p) for p in self.pairs.values() if not anc or ends(p)[0].startswith(anc + ".")]
+            if not under:
+                continue
+            common_a = _common_module([a for a, _ in under])
+            common_b = _common_module([b for _, b in under])
+            extra = len(common_a) - j
+            if extra < 0 or extra > len(common_b):
+                return None
+            return anc, ".".join(common_b[: len(common_b) - extra])
+        return None
+
+    def _fused_parts(self, one: str, many: list[str], shape_one: Any, shape_many: Any,
+                     ends: Any) -> tuple[list[str], int, str] | None:  # fmt: skip
+        """(the parts in the name's order, the dim, detail) for :meth:`fused`, or None."""
+        module = _leaf(_parent(one))
+        options = _name_parts(module)
+        if not options:
+            return None
+        home = self._home(one, ends)
+        if home is None:
+            return None
+        anc, base = home
+        big = shape_one(one)
+        sites: dict[str, list[str]] = defaultdict(list)
+        for k in many:
+            if (not base or k.startswith(base + ".")) and _leaf(k) == _leaf(one) and len(shape_many(k)) == len(big) and _parent(k):
+                sites[_parent(_parent(k))].append(k)
+        hits = []
+        for site, keys in sites.items():
+            names = {_leaf(_parent(k)): k for k in keys}
+            for parts in options:
+                chosen = []
+                for part in parts:
+                    fits = [n for n in names if n == part or (n.startswith(part) and n not in chosen)]
+                    if len(fits) != 1:
+                        break
+                    chosen.append(fits[0])
+                else:
+                    if len(set(chosen)) != len(chosen):
+                        continue
+                    smalls = [shape_many(names[n]) for n in chosen]
+                    dims = {d for sm in smalls for d in range(len(big)) if sm[d] != big[d]}
+                    if len(dims) == 1:
+                        (dim,) = dims
+                        if sum(sm[dim] for sm in smalls) == big[dim]:
+                            hits.append(([names[n] for n in chosen], dim, parts, chosen))
+                    break
+        if len(hits) != 1:
+            return None
+        keys, dim, parts, chosen = hits[0]
+        where = f" in '{anc}' ~ '{base}'" if anc or base else ""
+        return keys, dim, f"'{module}' names its parts {', '.join(parts)}: {', '.join(chosen)}{where}"
+
     def structure(self) -> None:
         while self.free_s and self.free_t:
-            if self.families() or self.containers() or self.modules() or self.anchored():
+            if self.families() or self.containers() or self.modules() or self.anchored() or self.fused():
                 continue
             if not (self.graph() or self.unique_shapes()):
                 break
@@ -1124,8 +1276,9 @@ class _Aligner:
         notes = (*self.graph_notes, *self.square_transposed_notes(pairs), *_square_notes(pairs))
         unpaired = {*target_only, *(t for c in choices for t in c.targets)}
         held = tuple(t for t in self.held if t in unpaired)
+        regroups = (*self.named_regroups, *self.regroups(source_only, target_only))
         return Alignment(self.src, self.tgt, pairs, choices, source_only, target_only, tuple(self.prefixes), self.tied,
-                         notes=notes, regroups=self.regroups(source_only, target_only), held=held)  # fmt: skip
+                         notes=notes, regroups=regroups, held=held)  # fmt: skip
 
     def regroups(self, source_only: Sequence[str], target_only: Sequence[str]) -> tuple[Regroup, ...]:
         """One leftover key whose shape is k (2 to 4) same-shaped leftover keys of sibling

@@ -7,11 +7,23 @@ What goes in, in pipeline order:
    certainly fixes, or a leftover whose shape no leftover target key could take), as few
    regexes as cover them and nothing else;
 2. ``strip_prefix`` / ``add_prefix`` — when one prefix change explains most renames;
-3. ``rename`` — one line per *family* of keys, indices captured
+3. ``rename`` — one mapping, one line per *family* of keys, indices captured
    (``'^blocks\\.(\\d+)\\.attn\\.qkv\\.': 'encoder.layers.encoder_layer_\\1.self_attention.in_proj_'``),
-   the common tail of the names left to the key; an index offset becomes ``add``;
-4. ``transpose`` / ``reshape`` — shapes that are reversed, or differ only in size-1 dims;
-5. ``expect.missing`` — target keys nothing loads, on the same evidence.
+   the common tail of the names left to the key; an index offset is written in the
+   mapping form ``{to, add}``, and digits glued to a name count as an index when that
+   makes one rule of several stages (``'^layer(\\d+)\\.(\\d+)\\.conv(\\d+)\\.':
+   {to: 'stages.\\1.layers.\\2.layer.\\3.convolution.', add: {1: -1, 3: -1}}``);
+4. ``split`` / ``merge`` — a fused key whose name lists its parts in order (``qkv`` ~
+   ``q_proj``, ``k_proj``, ``v_proj``: see :meth:`remap.diffing.alignment._Aligner.fused`),
+   one step per family, the leaf captured (``(bias|weight)``), ``sizes`` when the parts
+   differ (grouped-query attention); a candidate whose order no name gives stays a comment;
+5. ``transpose`` / ``reshape`` — shapes that are reversed, or differ only in size-1 dims;
+6. ``expect.missing`` — target keys nothing loads, on the same evidence.
+
+Where layers were picked (more instances of a block family in the source than in the
+target, all alike, the extra ones left over), which ones the target takes is not in names
+or shapes: the draft writes commented ``map`` choices (the first N, the last N, evenly
+spaced) and leaves the family undeclared, never the pick that same names would make.
 
 What it cannot pair it never declares (see :func:`_undeclared`): ambiguous keys, leftovers
 that a leftover of a related shape could feed, and every key when nothing pairs at all stay
@@ -36,6 +48,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +61,7 @@ __all__ = ["DraftRules", "draft_rules", "write_draft", "cover", "escape"]
 
 _SPECIAL = set(".^$*+?{}[]\\|()")
 _FIXES = ("transpose", "permute", "reshape")
+_WORD = re.compile(r"^[a-z_]+$")  # a step's field name: written unquoted in flow style
 EVIDENCE_NOTES = {
     "exact": "same name",
     "prefix": "prefix",
@@ -195,10 +209,28 @@ class _Group:
     t_elems: list[Elem]
     s_values: list[list[int]]  # per row: the source's index values
     level: int = 0  # 0: head, any index; 1: head, indices listed; 2: whole name; 3: whole name, indices listed; 4: one rule per key
+    depth: int = 0  # at levels 0 and 1: how many shorter common tails were passed over (a longer head, e.g. '^blocks\.(\d+)\.mlp\.')
+
+    def deepen(self) -> None:
+        """Narrow the rule one notch: a longer head while the names have one, else the next level."""
+        if self.level < 2 and self._tails(self.depth + 1) is not None:
+            self.depth += 1
+        else:
+            self.level, self.depth = min(self.level + 1, 4), 0
 
     def head(self) -> tuple[list[Elem], list[Elem], bool]:
         """The shortest head of each name that the rename must rewrite: the longest common
-        tail that starts after a '.' or '_' on both sides is left to the key."""
+        tail that starts after a '.' or '_' on both sides is left to the key (at ``depth``
+        d, the d-th shorter such tail: a longer head)."""
+        found = self._tails(self.depth) if self.level < 2 else None
+        if found is None:
+            return self.s_elems, self.t_elems, True
+        ks, kt = found
+        return self.s_elems[:ks], self.t_elems[:kt], False
+
+    def _tails(self, depth: int) -> tuple[int, int] | None:
+        """Where the ``depth``-th longest usable common tail starts in each name, or None."""
+        seen = 0
         s, t = self.s_elems, self.t_elems
         n = 0
         while n < min(len(s), len(t)) and _same(s[-1 - n], t[-1 - n]):
@@ -206,16 +238,20 @@ class _Group:
         dot, under = ("c", "."), ("c", "_")
         # the tail starts a dotted component on both sides (or is the whole target name);
         # failing that, a component of the source and an '_'-part of the target (qkv.weight -> in_proj_weight)
-        for ends in ((dot,), (dot, under)) if self.level < 2 else ():
+        tried: set[tuple[int, int]] = set()
+        for ends in ((dot,), (dot, under)):
             for length in range(n, 0, -1):
                 ks, kt = len(s) - length, len(t) - length
-                if ks == 0 or s[ks - 1] != dot or (kt and t[kt - 1] not in ends):
+                if ks == 0 or s[ks - 1] != dot or (kt and t[kt - 1] not in ends) or (ks, kt) in tried:
                     continue
                 head_caps = {e[1] for e in s[:ks] if e[0] == "cap"}
                 if any(e[0] == "ref" and e[1] not in head_caps for e in t[:kt]):
                     continue
-                return s[:ks], t[:kt], False
-        return s, t, True
+                tried.add((ks, kt))
+                if seen == depth:
+                    return ks, kt
+                seen += 1
+        return None
 
 
 def _same(a: Elem, b: Elem) -> bool:
@@ -248,12 +284,59 @@ def _groups(rows: list[tuple[str, str, Pair]]) -> list[_Group]:
     out: list[_Group] = []
     for members in by_skel.values():
         out.extend(_solve(members))
+    return _fold_glued(out)
+
+
+_GLUED = re.compile(r"^(.*[^0-9_])(0|[1-9][0-9]*)$")
+
+
+def _loose_tokens(key: str) -> list[tuple[str, bool]]:
+    """:func:`~remap.diffing.alignment.index_tokens`, also reading digits glued to a name
+    as an index (``layer2`` -> ``layer``, ``2``), as a person writing ``layer(\\d+)`` does."""
+    out: list[tuple[str, bool]] = []
+    for text, idx in index_tokens(key):
+        if idx:
+            out.append((text, True))
+            continue
+        comps = text.split(".")
+        for n, comp in enumerate(comps):
+            m = _GLUED.match(comp)
+            piece = [(m.group(1), False), (m.group(2), True)] if m else [(comp, False)]
+            if n:
+                piece[0] = ("." + piece[0][0], False)
+            for t, i in piece:
+                if out and not out[-1][1] and not i:
+                    out[-1] = (out[-1][0] + t, False)
+                elif t:
+                    out.append((t, i))
     return out
 
 
-def _solve(rows: list[tuple[str, str, Pair]]) -> list[_Group]:
-    ts = [index_tokens(s) for s, _, _ in rows]
-    tt = [index_tokens(t) for _, t, _ in rows]
+def _fold_glued(groups: list[_Group]) -> list[_Group]:
+    """Groups that differ only in digits glued to names (``layer2.#.conv1`` ->
+    ``stages.1.layers.#.layer.0``, ``layer3.#.conv2`` -> ``stages.2.layers.#.layer.1``) become
+    one, with index arithmetic, when one offset per index explains every row: one rule
+    instead of one per stage. Only where arithmetic is needed: ``norm1``, ``norm2`` ->
+    ``ln_1``, ``ln_2`` stay two plain lines."""
+    buckets: dict[tuple[Any, ...], list[_Group]] = defaultdict(list)
+    for g in groups:
+        s, t, _ = g.rows[0]
+        skel = tuple(x if not i else None for x, i in _loose_tokens(s)), tuple(x if not i else None for x, i in _loose_tokens(t))
+        buckets[skel].append(g)
+    out: list[_Group] = []
+    for members in buckets.values():
+        if len(members) > 1:
+            solved = _solve([row for g in members for row in g.rows], _loose_tokens)
+            if len(solved) == 1 and not solved[0].level and any(e[0] == "ref" and e[2] for e in solved[0].t_elems):
+                out.append(solved[0])
+                continue
+        out.extend(members)
+    return out
+
+
+def _solve(rows: list[tuple[str, str, Pair]], tokenize: Any = index_tokens) -> list[_Group]:
+    ts = [tokenize(s) for s, _, _ in rows]
+    tt = [tokenize(t) for _, t, _ in rows]
     sv = [[int(x) for x, i in toks if i] for toks in ts]
     tv = [[int(x) for x, i in toks if i] for toks in tt]
     ns, nt = len(sv[0]), len(tv[0])
@@ -275,7 +358,7 @@ def _solve(rows: list[tuple[str, str, Pair]]) -> list[_Group]:
             parts: dict[int, list[tuple[str, str, Pair]]] = defaultdict(list)
             for row, v in zip(rows, tv):
                 parts[v[i]].append(row)
-            return [g for part in parts.values() for g in _solve(part)]
+            return [g for part in parts.values() for g in _solve(part, tokenize)]
         _, _, _, j, c = min(candidates)
         t_spec[i] = ("ref", j, c)
         used.add(j)
@@ -404,6 +487,7 @@ class _Plan:
     prefix: dict[str, Any] | None = None
     rules: list[_Rule] = field(default_factory=list)
     ops: list[tuple[str, Any, int, str]] = field(default_factory=list)  # (step kind, value, keys, why)
+    regroups: list[tuple[str, Any, int, str]] = field(default_factory=list)  # split/merge: (kind, value, keys, why)
 
     def steps(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -411,13 +495,10 @@ class _Plan:
             out.append({"drop": [r for r, _ in self.drop]})
         if self.prefix:
             out.append(dict(self.prefix))
-        mapping = {r.pattern: r.template for r in self.rules if not r.add}
-        if mapping:
+        mapping: dict[str, Any] = {r.pattern: {"to": r.template, "add": dict(r.add)} if r.add else r.template for r in self.rules}
+        if mapping:  # one step: each key takes the first pattern found in it, index arithmetic in the mapping form
             out.append({"rename": mapping})
-        for r in self.rules:
-            if r.add:
-                out.append({"rename": {"from": r.pattern, "to": r.template, "add": dict(r.add)}})
-        for kind, value, _, _ in self.ops:
+        for kind, value, _, _ in (*self.regroups, *self.ops):
             out.append({kind: value})
         return out
 
@@ -452,8 +533,7 @@ def _name_steps(plan: _Plan) -> tuple[list[Any], list[list[int | None]]]:
     steps = []
     owners: list[list[int | None]] = []
     parsed = parse_rules({"version": 1, "rules": plan.steps()}).steps
-    mapping_rules = [n for n, r in enumerate(plan.rules) if not r.add]
-    add_rules = [n for n, r in enumerate(plan.rules) if r.add]
+    mapping_rules = list(range(len(plan.rules)))
     i = 0
     if plan.drop:
         steps.append(parsed[i])
@@ -466,10 +546,6 @@ def _name_steps(plan: _Plan) -> tuple[list[Any], list[list[int | None]]]:
     if mapping_rules:
         steps.append(parsed[i])
         owners.append(list(mapping_rules))
-        i += 1
-    for n in add_rules:
-        steps.append(parsed[i])
-        owners.append([n])
         i += 1
     return steps, owners
 
@@ -509,7 +585,7 @@ def _simulate(plan: _Plan, kept: list[Pair], untouched: Sequence[str] = ()) -> t
         if key != p.target and not wrong and mine is not None:
             bad.add(mine)
         if mine is not None and mine not in touched and wrong:
-            steals.extend((n, mine) for n in wrong if not plan.rules[n].add and not plan.rules[mine].add)
+            steals.extend((n, mine) for n in wrong)
     return bad, steals
 
 
@@ -525,7 +601,7 @@ def _fit_renames(plan: _Plan, groups: list[_Group], kept: list[Pair], untouched:
         seen: dict[str, int] = {}
         clash: set[int] = set()
         for n, r in enumerate(plan.rules):
-            if not r.add and r.pattern in seen:  # one pattern, two replacements: tell them apart
+            if r.pattern in seen:  # one pattern, two replacements: tell them apart
                 clash.update((n, seen[r.pattern]))
             seen.setdefault(r.pattern, n)
         bad, steals = (clash, []) if clash else _simulate(plan, kept, untouched)
@@ -546,8 +622,149 @@ def _fit_renames(plan: _Plan, groups: list[_Group], kept: list[Pair], untouched:
             continue
         for n in bad:
             for g in plan.rules[n].groups:
-                g.level = min(g.level + 1, 4)
+                g.deepen()
     raise AssertionError("renames did not converge")  # pragma: no cover
+
+
+_PART = "REMAPPART"  # stands for the part's name while a merge's pattern is drafted
+_CAP = r"(\d+)"
+
+
+def _regroup_steps(named: Sequence[Any], names: dict[str, str | None], others: Sequence[str],
+                   shapes: Any) -> list[tuple[str, Any, int, str]]:  # fmt: skip
+    """``split`` and ``merge`` steps for the regroups whose fused name gives the order of the
+    parts: one step per family (indices captured, as renames are) when its pattern catches no
+    other key, else one per regroup, its names written out. They run after the renames, on
+    the names the renames leave (``names``: each fused source key's)."""
+    families: dict[tuple[Any, ...], list[Any]] = defaultdict(list)
+    for r in named:
+        if any(names.get(k) is None for k in r.sources):
+            continue
+        skel = tuple(_skel(names[k] or k) for k in r.sources) + tuple(_skel(t) for t in r.targets)
+        families[(r.kind, r.dim, skel)].append(r)
+    out: list[tuple[str, Any, int, str]] = []
+    for (kind, dim, _), rs in families.items():
+        why = rs[0].detail.split(" in '")[0]
+        n = sum(len(r.targets) if kind == "split" else len(r.sources) for r in rs)
+        step = _regroup_step(kind, dim, rs, names, others, shapes, fold=True)
+        if step is not None:
+            out.append((kind, step, n, why))
+            continue
+        for r in rs:
+            one = _regroup_step(kind, dim, [r], names, others, shapes, fold=False)
+            if one is None:  # pragma: no cover - a literal pattern always fits
+                raise AssertionError(f"no {kind} step for {r}")
+            out.append((kind, one, len(r.targets) if kind == "split" else len(r.sources), why))
+    return _fold_leaves(out, others)
+
+
+_LEAF = re.compile(r"^(.*\\\.)([A-Za-z_]+)\$$")
+
+
+def _fold_leaves(steps: list[tuple[str, Any, int, str]], others: Sequence[str]) -> list[tuple[str, Any, int, str]]:
+    """Steps that differ only in the leaf (``qkv.weight``, ``qkv.bias``) as one, the leaf
+    captured: ``'^blocks\\.(\\d+)\\.attn\\.qkv\\.(bias|weight)$'``."""
+    from ..rules.patterns import compile_regex
+
+    buckets: dict[tuple[Any, ...], list[tuple[str, Any, int, str, str]]] = defaultdict(list)
+    out: list[tuple[str, Any, int, str]] = []
+    for kind, step, n, why in steps:
+        m = _LEAF.match(step["match"])
+        leaf = m.group(2) if m else ""
+        into = step["into"] if kind == "split" else [step["into"]]
+        if not m or not all(t.endswith("." + leaf) for t in into):
+            out.append((kind, step, n, why))
+            continue
+        rest = {k: v for k, v in step.items() if k not in ("match", "into")}
+        key = (kind, m.group(1), tuple(t[: -len(leaf)] for t in into), json.dumps(rest, sort_keys=True), why)
+        buckets[key].append((kind, step, n, why, leaf))
+    for (kind, head, into, _, why), members in buckets.items():
+        if len(members) == 1:
+            out.append(members[0][:4])
+            continue
+        leaves = sorted(m[4] for m in members)
+        pattern = f"{head}({'|'.join(leaves)})$"
+        group = compile_regex(pattern).groups
+        folded = {k: v for k, v in members[0][1].items()}
+        folded["match"] = pattern
+        ref = f"\\g<{group}>" if group > 9 else f"\\{group}"
+        folded["into"] = [t + ref for t in into] if kind == "split" else into[0] + ref
+        if kind == "merge":
+            folded["group"] = group - 1  # the part: the leaf's group now comes last
+        out.append((kind, folded, sum(m[2] for m in members), why))
+    return out
+
+
+def _skel(key: str) -> str:
+    return "".join("#" if idx else text for text, idx in index_tokens(key))
+
+
+def _regroup_step(kind: str, dim: int, rs: Sequence[Any], names: dict[str, str | None], others: Sequence[str],
+                  shapes: Any, *, fold: bool) -> dict[str, Any] | None:  # fmt: skip
+    """One split/merge step for the regroups ``rs`` (a family), or None when the folded
+    pattern would catch another key or needs index arithmetic the step has not."""
+    dummy = Pair("", "", "", "", (), ())
+    if kind == "split":
+        sources = [names[r.sources[0]] or r.sources[0] for r in rs]
+        patterns, templates = set(), []
+        for j in range(len(rs[0].targets)):
+            rows = [(src, r.targets[j], dummy) for src, r in zip(sources, rs)]
+            rendered = _render_rows(rows, fold)
+            if rendered is None:
+                return None
+            patterns.add(rendered[0])
+            templates.append(rendered[1])
+        if len(patterns) != 1:
+            return None
+        pattern = patterns.pop()
+        if _matches_any(pattern, [k for k in others if k not in set(sources)]):
+            return None
+        step: dict[str, Any] = {"match": pattern, "into": templates, "dim": dim}
+        sizes = [shapes[t].shape[dim] for t in rs[0].targets]
+        if len(set(sizes)) > 1:  # grouped-query q, k, v: unequal parts
+            step["sizes"] = sizes
+        return step
+    parts = [[names[k] or k for k in r.sources] for r in rs]
+    cut = [_middle(ps) for ps in parts]
+    if any(c is None for c in cut) or len({tuple(c[1]) for c in cut if c}) != 1:
+        return None
+    order = list(cut[0][1])  # type: ignore[index]
+    rows = [(pre + _PART + post, r.targets[0], dummy) for (pre, _, post), r in zip(cut, rs)]  # type: ignore[misc]
+    rendered = _render_rows(rows, fold)
+    if rendered is None or _PART not in rendered[0]:
+        return None
+    pattern, template = rendered
+    before, _, after = pattern.partition(_PART)
+    if _CAP in after:  # the part's group would shift the later ones: written out instead
+        return None
+    pattern = before + "(" + "|".join(escape(o) for o in order) + ")" + after
+    every = {k for ps in parts for k in ps}
+    if _matches_any(pattern, [k for k in others if k not in every]):
+        return None
+    return {"match": pattern, "into": template, "order": order, "dim": dim}  # the part is the last group
+
+
+def _render_rows(rows: list[tuple[str, str, Pair]], fold: bool) -> tuple[str, str] | None:
+    """(whole-name pattern, template) for rows that one rename would carry, without ``add``."""
+    if not fold:
+        (s, t, _), = rows[:1]
+        return "^" + escape(s) + "$", t
+    groups = _solve(rows)
+    if len(groups) != 1 or groups[0].level:
+        return None
+    g = groups[0]
+    pattern, template, add = _render(g, g.s_elems, g.t_elems, True, listed=False)
+    return (pattern, template) if not add else None
+
+
+def _middle(names: Sequence[str]) -> tuple[str, list[str], str] | None:
+    """The common head and tail of a merge's part names, and what differs (the parts)."""
+    head = os.path.commonprefix(list(names))
+    tail = os.path.commonprefix([n[len(head):][::-1] for n in names])[::-1]
+    mids = [n[len(head) : len(n) - len(tail)] for n in names]
+    if not all(mids) or len(set(mids)) != len(mids):
+        return None
+    return head, mids, tail
 
 
 def _comment(rule_pairs: Sequence[Pair]) -> str:
@@ -582,6 +799,12 @@ def draft_rules(alignment: Alignment, *, path: str | os.PathLike[str] | None = N
     fixable = [p for p in alignment.pairs if p.conflict is None or p.conflict.fix in _FIXES]
     unfixable = [p for p in alignment.pairs if p.conflict is not None and p.conflict.fix not in _FIXES]
     open_s, open_t = _undeclared(alignment, bool(fixable))
+    picks = _picked_layers(alignment, fixable)
+    if picks:
+        held = {k for pick in picks for k in (*pick.sources, *pick.targets)}
+        fixable = [p for p in fixable if p.source not in held]
+        open_s += [k for k in alignment.source if k in held and k not in set(open_s)]
+        open_t += [k for k in alignment.target if k in held and k not in set(open_t)]
     drop_set = {*alignment.source_only, *(p.source for p in unfixable)} - set(open_s)
     missing_set = {*alignment.target_only, *(p.target for p in unfixable)} - set(open_t)
     drop_keys = [k for k in alignment.source if k in drop_set]
@@ -601,10 +824,15 @@ def draft_rules(alignment: Alignment, *, path: str | os.PathLike[str] | None = N
     groups = _groups(rows)
     order_s = {k: i for i, k in enumerate(alignment.source)}
     groups.sort(key=lambda g: min(order_s[r[2].source] for r in g.rows))
-    _fit_renames(plan, groups, fixable, open_s)
+    named = [r for r in alignment.regroups if r.detail]
+    fused = [k for r in named for k in r.sources]
+    _fit_renames(plan, groups, fixable, [*open_s, *fused])
     names = _names_after(plan, open_s)
+    fused_names = _names_after(plan, fused)
+    others = [p.target for p in fixable] + [n for n in (*names.values(), *fused_names.values()) if n is not None]
+    plan.regroups = _regroup_steps(named, fused_names, others, alignment.target)
 
-    finals = [p.target for p in fixable] + [n for n in names.values() if n is not None]
+    finals = [p.target for p in fixable] + [n for n in names.values() if n is not None] + [t for r in named for t in r.targets]
     for fix in _FIXES:
         chosen = [p for p in fixable if p.conflict is not None and p.conflict.fix == fix]
         by_dims: dict[int, list[Pair]] = defaultdict(list)
@@ -637,10 +865,11 @@ def draft_rules(alignment: Alignment, *, path: str | os.PathLike[str] | None = N
     if missing:
         rules["expect"] = {"missing": [r for r, _ in missing]}
 
-    _check(rules, alignment, fixable, open_s, open_t, InternalError)
-    text = _yaml(alignment, plan, missing, rules, unfixable, path, _Open(open_s, open_t, names))
+    _check(rules, alignment, fixable, open_s, open_t, InternalError, named, [t for pick in picks for t in pick.targets])
+    text = _yaml(alignment, plan, missing, rules, unfixable, path, _Open(open_s, open_t, names, picks))
     renames = len(plan.rules) + (1 if plan.prefix else 0)
-    return DraftRules(rules, text, len(fixable), renames, tuple(drop_keys), tuple(missing_keys),
+    loaded = len(fixable) + sum(len(r.targets) for r in named)
+    return DraftRules(rules, text, loaded, renames, tuple(drop_keys), tuple(missing_keys),
                       len(alignment.choices), len(unfixable), tuple(open_s), tuple(open_t))  # fmt: skip
 
 
@@ -677,6 +906,100 @@ class _Open:
     sources: list[str]
     targets: list[str]
     names: dict[str, str | None]
+    picks: list[_Pick] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Pick:
+    """A family of blocks with more instances in the source than in the target, the rest of
+    each instance alike (a distillation student taking teacher layers): which instances
+    go is not in the names or shapes, so the draft writes choices, never a pick."""
+
+    family: str  # 'blocks.#'
+    pattern: str  # '^blocks\.(\d+)\.'
+    template: str  # 'blocks.\1.'
+    have: tuple[int, ...]  # the source's instances
+    want: int  # how many the target has
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+
+
+def _picked_layers(alignment: Alignment, kept: Sequence[Pair]) -> list[_Pick]:
+    """Families (``blocks.#``) where the pairs load some instances and the leftovers are
+    whole further instances of the same make-up: which the target takes (the first N? every
+    other?) nothing says; the pairs only matched names. See :class:`_Pick`."""
+    left = set(alignment.source_only)
+    fams: dict[tuple[str, ...], dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for key in alignment.source:
+        comps = key.split(".")
+        for j, c in enumerate(comps[:-1]):
+            if c.isdigit() and (c == "0" or c[0] != "0"):
+                fams[tuple(comps[:j])][int(c)].append(key)
+                break
+    by_source = {p.source: p for p in kept}
+    out = []
+    for head, inst in fams.items():
+        paired = {v: keys for v, keys in inst.items() if all(k in by_source for k in keys)}
+        rest = {v: keys for v, keys in inst.items() if all(k in left for k in keys)}
+        if not paired or not rest or len(paired) + len(rest) != len(inst) or len(paired) < 1:
+            continue
+        n = len(head) + 1
+
+        def make_up(keys: list[str]) -> list[tuple[str, tuple[int, ...]]]:
+            return sorted((".".join(k.split(".")[n:]), alignment.source[k].shape) for k in keys)
+
+        shapes = {tuple(make_up(keys)) for keys in inst.values()}
+        if len(shapes) != 1:
+            continue
+        rows = []
+        for v, keys in paired.items():
+            for k in keys:
+                t = by_source[k].target
+                rel = ".".join(k.split(".")[n:])
+                if not t.endswith("." + rel):
+                    break
+                rows.append((".".join([*head, str(v)]) + ".", t[: len(t) - len(rel)], by_source[k]))
+            else:
+                continue
+            break
+        else:
+            groups = _solve(list(dict.fromkeys((a, b, None) for a, b, _ in rows)))  # type: ignore[arg-type]
+            if len(groups) != 1 or any(e[0] == "ref" and e[2] for e in groups[0].t_elems):
+                continue
+            g = groups[0]
+            pattern, template, _ = _render(g, g.s_elems, g.t_elems, False, listed=False)
+            if len(paired) == 1 or "(" not in pattern:
+                head_text = escape(".".join(head)) + "\\." if head else ""
+                pattern, template = f"^{head_text}(\\d+)\\.", ""
+            sources = tuple(k for keys in inst.values() for k in keys)
+            targets = tuple(by_source[k].target for keys in paired.values() for k in keys)
+            out.append(_Pick(".".join([*head, "#"]), pattern, template, tuple(sorted(inst)), len(paired), sources, targets))
+    return out
+
+
+def _pick_lines(picks: Sequence[_Pick]) -> list[str]:
+    """Commented choices for each family of picked layers: a ``map`` per plausible pick (the
+    first N, the last N, evenly spaced), none of them written."""
+    out: list[str] = []
+    for pick in picks:
+        have, n = list(pick.have), pick.want
+        options: dict[str, list[int]] = {f"the first {n}": have[:n], f"the last {n}": have[-n:]}
+        if n > 1:
+            step = len(have) / n
+            options["evenly spaced, from the first"] = [have[int(i * step)] for i in range(n)]
+            options["evenly spaced, ending at the last"] = [have[len(have) - 1 - int((n - 1 - i) * step)] for i in range(n)]
+        out.append(f"  # LAYERS PICKED, not written: the source has {len(have)} '{pick.family}' blocks, the target {n}, each alike; "
+                   "which the target takes is not in names or shapes: uncomment ONE line (or write your own `map`/`select`)")
+        template = pick.template or "TARGET.\\1."
+        seen = set()
+        for why, keep in options.items():
+            if tuple(keep) in seen:
+                continue
+            seen.add(tuple(keep))
+            table = {v: i for i, v in enumerate(keep)}
+            rule = {"from": pick.pattern, "to": template, "map": {1: table}}
+            out.append(f"  # - rename: {_flow(rule)}  # {why}")
+    return out
 
 
 def _names_after(plan: _Plan, keys: Sequence[str]) -> dict[str, str | None]:
@@ -694,7 +1017,7 @@ def _names_after(plan: _Plan, keys: Sequence[str]) -> dict[str, str | None]:
 
 
 def _check(rules: dict[str, Any], alignment: Alignment, kept: list[Pair], open_s: Sequence[str], open_t: Sequence[str],
-           error: Any) -> None:  # fmt: skip
+           error: Any, named: Sequence[Any] = (), picked: Iterable[str] = ()) -> None:  # fmt: skip
     """Plan the draft on names and shapes: it must load every kept pair, as paired, and
     nothing else; with the undeclared keys declared, nothing may fail (so that without
     them, ``remap apply`` fails for them and them alone)."""
@@ -714,7 +1037,9 @@ def _check(rules: dict[str, Any], alignment: Alignment, kept: list[Pair], open_s
     got = {a.target: a.sources for a in plan.assignments}
     tied = set(alignment.tied)  # a source copy of a tied alias is checked equal, not loaded
     wrong = [p for p in kept if p.target not in tied and got.get(p.target) != (p.source,)]
-    stray = set(got) - {p.target for p in kept} - tied
+    joined = {t: r.sources for r in named for t in r.targets}  # a split's part comes from its one source; a merge from all, in order
+    wrong += [Pair(", ".join(s), t, "", "", (), ()) for t, s in joined.items() if got.get(t) != s]
+    stray = set(got) - {p.target for p in kept} - tied - set(joined) - set(picked)  # a picked layer's same name loads until a map says
     wrong += [Pair(", ".join(got[t]), t, "", "", (), ()) for t in sorted(stray)]
     if not plan.ok or wrong:
         details = [f.message for f in plan.failures][:5] + [f"{p.source} -> {p.target}: {got.get(p.target)}" for p in wrong[:5]]
@@ -764,7 +1089,7 @@ def _flow(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_flow(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k if isinstance(k, int) else _q(str(k))}: {_flow(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{k if isinstance(k, int) or _WORD.match(str(k)) else _q(str(k))}: {_flow(v)}" for k, v in value.items()) + "}"
     return json.dumps(value)
 
 
@@ -803,7 +1128,7 @@ def _yaml(alignment: Alignment, plan: _Plan, missing: list[tuple[str, tuple[str,
         lines += ["", "target:"] + [f"  {k}: {_flow(v)}" for k, v in rules["target"].items()]
     elif td.get("kind") == "checkpoint":
         lines += ["", "# target: the diff compared a checkpoint; give the model with --target module.path:callable"]
-    choices = _choice_lines(alignment, open_)
+    choices = _choice_lines(alignment, open_) + _pick_lines(open_.picks)
     undeclared = _undeclared_comments(alignment, open_) + _regroup_comments(alignment)
     conflicts = _conflict_comments(unfixable)
     if "rules" not in rules and choices:
@@ -819,15 +1144,11 @@ def _yaml(alignment: Alignment, plan: _Plan, missing: list[tuple[str, tuple[str,
             (kind, value), = plan.prefix.items()
             n = sum(1 for p in alignment.pairs if p.evidence == "prefix")
             lines += _aligned([(f"  - {kind}: {_q(value)}", f"# {n} key{'' if n == 1 else 's'}, prefix found in the names")])
-        mapping = [r for r in plan.rules if not r.add]
-        if mapping:
+        if plan.rules:
             lines.append("  - rename:")
-            lines += _aligned([(f"      {_q(r.pattern)}: {_q(r.template)}", _comment([p for _, _, p in r.rows])) for r in mapping])
-        long = [(f"  - rename: {_flow({'from': r.pattern, 'to': r.template, 'add': r.add})}", _comment([p for _, _, p in r.rows]))
-                for r in plan.rules if r.add]  # fmt: skip
-        lines += _aligned(long)
+            lines += _aligned([(f"      {_q(r.pattern)}: {_value(r)}", _comment([p for _, _, p in r.rows])) for r in plan.rules])
         ops = []
-        for kind, value, n, what in plan.ops:
+        for kind, value, n, what in (*plan.regroups, *plan.ops):
             ops.append((f"  - {kind}: {_flow(value)}", f"# {n} key{'' if n == 1 else 's'}, {what}"))
         lines += _aligned(ops)
         lines += [f"  # NOTE: {n}" for n in alignment.notes]
@@ -841,6 +1162,13 @@ def _yaml(alignment: Alignment, plan: _Plan, missing: list[tuple[str, tuple[str,
     # one element, one line: a key holding a newline or an escape must not end a comment and
     # write a rule of its own (the draft is a file people run), nor drive the reviewer's terminal
     return "\n".join(map(printable, lines)) + "\n"
+
+
+def _value(rule: _Rule) -> str:
+    """A rename's value: the replacement, or ``{to: …, add: {1: -1}}`` with index arithmetic."""
+    if not rule.add:
+        return _q(rule.template)
+    return "{to: " + _q(rule.template) + ", add: " + _flow(dict(rule.add)) + "}"
 
 
 def _choice_lines(alignment: Alignment, open_: _Open) -> list[str]:
@@ -875,6 +1203,10 @@ def _undeclared_comments(alignment: Alignment, open_: _Open) -> list[str]:
     chosen = {k for c in alignment.choices for k in (*c.sources, *c.targets)}
     held = [k for k in open_.targets if k in set(alignment.held) and k not in chosen]
     out = ["# UNDECLARED, so `remap apply` fails and lists them until you decide:"]
+    for pick in open_.picks:
+        out.append(f"#   the '{pick.family}' blocks: the target has {pick.want} of the source's {len(pick.have)}; "
+                   "choose which with a LAYERS PICKED line in rules")  # fmt: skip
+        chosen |= {*pick.sources, *pick.targets}
     if not alignment.pairs:
         out.append("#   nothing pairs on evidence, so nothing is declared: declaring every key would pass a load of nothing")
     elif chosen:

@@ -236,22 +236,37 @@ def _choices(a: Alignment, verbose: bool) -> list[Line]:
     return lines + _capped(body, verbose)
 
 
-def regroup_rows(a: Alignment) -> list[tuple[str, str, str]]:
-    """The merge/split candidates, one row per family: (sources, targets, what op)."""
+def regroup_rows(a: Alignment, *, named: bool = False) -> list[tuple[str, str, str]]:
+    """The merge/split candidates (``named``: the splits and merges whose fused name gives
+    the order of the parts, which ``--write`` writes), one row per family: (sources,
+    targets, what op)."""
     groups: dict[tuple[Any, ...], list[Any]] = {}
     for r in a.regroups:
-        groups.setdefault((r.kind, r.dim, tuple(_skeleton(k) for k in r.sources), tuple(_skeleton(k) for k in r.targets)), []).append(r)
+        if bool(r.detail) == named:
+            groups.setdefault((r.kind, r.dim, tuple(_skeleton(k) for k in r.sources), tuple(_skeleton(k) for k in r.targets)), []).append(r)
     return [(", ".join(fold(k for r in rs for k in r.sources)), ", ".join(fold(k for r in rs for k in r.targets)), rs[0].describe())
             for rs in groups.values()]  # fmt: skip
 
 
 def _regroups(a: Alignment, verbose: bool) -> list[Line]:
-    if not a.regroups:
-        return []
-    lines: list[Line] = [(), ((f"Merge or split candidates ({len(a.regroups)}): left unloaded; one key is several on the other side", "bold"),)]
-    body: list[Line] = [(("  ", ""), (f"{src} -> {tgt}", ""), (f": {op}", "yellow"), ("  [the order of the parts is yours to check]", "dim"))
-                        for src, tgt, op in regroup_rows(a)]  # fmt: skip
-    return lines + _capped(body, verbose)
+    lines: list[Line] = []
+    named = [r for r in a.regroups if r.detail]
+    if named:
+        lines += [(), ((f"Split or merged ({len(named)}): one key is several on the other side, its name lists the parts in order", "bold"),)]
+        details: dict[tuple[Any, ...], str] = {}
+        for r in named:  # one detail per family (grouped as regroup_rows groups), without the instance
+            key = (r.kind, r.dim, tuple(_skeleton(k) for k in r.sources), tuple(_skeleton(k) for k in r.targets))
+            details.setdefault(key, r.detail.split(" in '")[0])
+        body = [(("  ", ""), (f"{src} -> {tgt}", ""), (f": {op}", "green"), (f"  ({detail})", "dim"))
+                for (src, tgt, op), detail in zip(regroup_rows(a, named=True), details.values())]  # fmt: skip
+        lines += _capped(body, verbose)
+    rest = [r for r in a.regroups if not r.detail]
+    if rest:
+        lines += [(), ((f"Merge or split candidates ({len(rest)}): left unloaded; one key is several on the other side", "bold"),)]
+        body = [(("  ", ""), (f"{src} -> {tgt}", ""), (f": {op}", "yellow"), ("  [the order of the parts is yours to check]", "dim"))
+                for src, tgt, op in regroup_rows(a)]  # fmt: skip
+        lines += _capped(body, verbose)
+    return lines
 
 
 def _leftover(keys: Sequence[str], meta: Any, title: str, note: str, verbose: bool) -> list[Line]:
