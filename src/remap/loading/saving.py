@@ -27,14 +27,17 @@ from ..files import refuse_non_regular_target
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["atomic_path", "write_text_atomic", "save_state_dict", "save_tensors", "parse_size", "save_format", "check_savable",
-           "clean_stale_temporaries", "SAVE_FORMATS", "TEMPORARY_PATTERN"]  # fmt: skip
+__all__ = ["atomic_path", "write_text_atomic", "save_state_dict", "save_tensors", "save_dcp", "parse_size", "save_format",
+           "check_savable", "clean_stale_temporaries", "SAVE_FORMATS", "FOLDER_FORMATS", "TEMPORARY_PATTERN"]  # fmt: skip
 
 SAVE_FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch"}
+#: Saves that write a folder: a torch.distributed.checkpoint (``save_dcp``), also to an existing DCP folder of any name.
+FOLDER_FORMATS = {".dcp": "dcp"}
 
 
 def save_format(path: str | os.PathLike[str], *, what: str = "save") -> str:
-    """The format a save to ``path`` writes, from its suffix: ``safetensors`` or ``torch``.
+    """The format a save to ``path`` writes, from its suffix: ``safetensors``, ``torch``, or
+    ``dcp`` (a ``.dcp`` name or an existing DCP folder: a torch.distributed.checkpoint folder).
 
     Any other suffix is a UsageError naming the accepted ones (``what`` says where the
     path came from), raised before anything is loaded or written.
@@ -47,7 +50,7 @@ def save_format(path: str | os.PathLike[str], *, what: str = "save") -> str:
     remap.errors.UsageError: output.save: cannot save 'out.npz': unknown format '.npz'; expected a file name ending in .safetensors, .pt, .pth, .bin or .ckpt
     """
     suffix = Path(path).suffix
-    fmt = SAVE_FORMATS.get(suffix.lower())
+    fmt = SAVE_FORMATS.get(suffix.lower()) or FOLDER_FORMATS.get(suffix.lower()) or ("dcp" if _is_dcp_folder(Path(path)) else None)
     if fmt is None:
         accepted = ", ".join(list(SAVE_FORMATS)[:-1]) + f" or {list(SAVE_FORMATS)[-1]}"
         found = f"unknown format {suffix!r}" if suffix else "the name has no suffix"
@@ -349,6 +352,8 @@ def save_state_dict(module: torch.nn.Module, path: str | os.PathLike[str], *, ma
     from .freeze import plain_state_dict
 
     fmt = save_format(path)
+    if fmt == "dcp":
+        return save_dcp(module, path, max_shard_size=max_shard_size)
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     _check_targets(Path(path), sharded=limit is not None, what="save")
     state = plain_state_dict(module)
@@ -377,6 +382,11 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
     """
     fmt = save_format(path, what=what)
     final = Path(path)
+    if fmt == "dcp":
+        if shards is not None or nest:
+            raise UsageError(f"cannot save {str(path)!r}: a DCP checkpoint keeps neither shards nor nesting of another "
+                             "layout; give a .safetensors or .pt name", where=what)  # fmt: skip
+        return _write_dcp(tensors, final, what=what)
     _check_targets(final, sharded=shards is not None, what=what)
     if shards is None:
         full: Any = tensors
@@ -397,9 +407,151 @@ def check_savable(module: torch.nn.Module, path: str | os.PathLike[str], *, shar
     module's ``_extra_state``), which only a single torch.save file holds; a path that is
     a folder, a device node, a FIFO or a socket (never replaced), or a name too long."""
     fmt = save_format(path, what=what)
+    if fmt == "dcp":
+        _check_dcp_target(Path(path), sharded=sharded, what=what)
+        return
     _check_targets(Path(path), sharded=sharded, what=what)
     if fmt == "safetensors" or sharded:
         _check_tensors_only(module.state_dict(), path, fmt, sharded=sharded, what=what)
+
+
+# ---------------------------------------------------------------------------- DCP folders
+
+
+def save_dcp(module: torch.nn.Module, path: str | os.PathLike[str], *, max_shard_size: int | str | None = None,
+             what: str = "save") -> dict[str, Any]:  # fmt: skip
+    """Write ``module``'s state_dict as a torch.distributed.checkpoint folder (``.metadata`` +
+    ``*.distcp``) with ``torch.distributed.checkpoint.save`` on this process, replacing the
+    folder as a whole (see :func:`_write_dcp`). Non-tensor entries (``_extra_state``) are kept,
+    as DCP keeps them. ``dcp.load`` reads it back, on one process or resharded on many.
+
+    >>> import tempfile, torch
+    >>> out = save_dcp(torch.nn.Linear(2, 3), os.path.join(tempfile.mkdtemp(), "m.dcp"))
+    >>> out["format"], sorted(os.listdir(out["path"]))
+    ('dcp', ['.metadata', '__0_0.distcp'])
+    """
+    from .freeze import plain_state_dict
+
+    if max_shard_size is not None:
+        raise UsageError(f"cannot save {str(path)!r} with max_shard_size: a DCP checkpoint is a folder that DCP lays out "
+                         "itself; leave max_shard_size out", where=what)  # fmt: skip
+    import torch
+
+    state = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in plain_state_dict(module).items()}
+    return _write_dcp(state, Path(path), what=what)
+
+
+def _is_dcp_folder(path: Path) -> bool:
+    """An existing folder holding a DCP checkpoint's ``.metadata`` (a save there writes DCP)."""
+    try:
+        return path.is_dir() and (path / ".metadata").is_file()
+    except OSError:
+        return False
+
+
+def _check_dcp_target(final: Path, *, sharded: bool = False, what: str = "save") -> None:
+    """A UsageError unless ``final`` is missing, empty or a DCP folder (never a file, never a
+    folder holding anything else), with a name the file system takes."""
+    if sharded:
+        raise UsageError(f"cannot save {str(final)!r} with max_shard_size: a DCP checkpoint is a folder that DCP lays out "
+                         "itself; leave max_shard_size out", where=what)  # fmt: skip
+    limit = _name_max(final.parent)
+    if len(os.fsencode(final.name)) > limit:
+        raise UsageError(f"cannot write {str(final)!r}: its name is {len(os.fsencode(final.name))} bytes long, "
+                         f"and the file system takes names of at most {limit} bytes", where=what)  # fmt: skip
+    try:
+        if not os.path.lexists(final):
+            return
+        if final.is_symlink() or not final.is_dir():
+            raise UsageError(f"cannot save a DCP checkpoint to {str(final)!r}: it exists and is not a folder", where=what)
+        names = os.listdir(final)
+    except OSError as exc:
+        raise UsageError(f"cannot write {str(final)!r}: {exc.strerror or exc}", where=what) from None
+    if names and not _is_dcp_folder(final):
+        raise UsageError(f"cannot save a DCP checkpoint to {str(final)!r}: the folder holds other files and no .metadata; "
+                         "remap replaces only an empty folder or a DCP checkpoint", where=what)  # fmt: skip
+
+
+def _write_dcp(state: dict[str, Any], final: Path, *, what: str = "save") -> dict[str, Any]:
+    """``dcp.save`` into a hidden temporary folder beside ``final`` (files fsynced by DCP, the
+    folder here), then swapped in by one rename: ``renameat2(RENAME_EXCHANGE)`` where Linux
+    offers it, so that a reader sees the old folder or the new one, never a mix; elsewhere
+    the old folder is renamed aside first. The old folder is removed after the swap."""
+    import shutil
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    _check_dcp_target(final, what=what)
+    _make_folder(final)
+    with _folder_lock(final.parent):
+        clean_stale_temporaries(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name), suffix=".tmp", dir=final.parent))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is disabled ...: assuming ... a single process"
+            try:
+                dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=True)
+            except dcp.CheckpointException as exc:  # a BaseException: the rank's own error is inside
+                failures = list(exc.failures.values())
+                raise failures[0][0] if failures and isinstance(failures[0][0], Exception) else RuntimeError(str(exc)) from None
+        os.chmod(tmp, 0o777 & ~_umask())
+        _fsync_dir(tmp)
+        with _folder_lock(final.parent):
+            _check_dcp_target(final, what=what)
+            old = _swap_in(tmp, final)
+            _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"cannot write {str(final)!r}: {exc.strerror or exc}{'; the previous checkpoint is kept' if _is_dcp_folder(final) else ''}",
+                         where=what) from None  # fmt: skip
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"path": str(final), "format": "dcp"}
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _swap_in(tmp: Path, final: Path) -> Path | None:
+    """Put the folder ``tmp`` at ``final``; returns where the replaced folder now is (to remove), or None."""
+    if not os.path.lexists(final):
+        os.rename(tmp, final)
+        return None
+    if _exchange(tmp, final):
+        return tmp  # tmp now holds the old checkpoint
+    aside = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name), suffix=".tmp", dir=final.parent))
+    os.rename(final, aside / "old")
+    os.rename(tmp, final)
+    return aside
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False where unavailable."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: a file system or kernel without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _check_tensors_only(state: dict[str, Any], path: str | os.PathLike[str], fmt: str, *, sharded: bool, what: str = "save") -> None:

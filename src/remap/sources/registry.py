@@ -47,6 +47,7 @@ FORMATS: tuple[Format, ...] = (
     Format("keras", "remap.sources.keras_reader", "keras", "a Keras file (.keras, .weights.h5, .h5)"),
     Format("msgpack", "remap.sources.msgpack_reader", None, "a Flax msgpack file (.msgpack)"),
     Format("tf", "remap.sources.tf_bundle_reader", None, "a TensorFlow checkpoint (.index + .data-*)"),
+    Format("dcp", "remap.sources.dcp_reader", None, "a torch.distributed.checkpoint folder (.metadata + *.distcp)"),
 )
 
 
