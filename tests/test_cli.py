@@ -60,7 +60,7 @@ def test_misspelt_section_exit_2_with_line_column_and_suggestion(tmp_path, capsy
     assert (code, out) == (2, "")
     assert err == (
         f"remap: error: {rules}:4:1: unknown field 'expcet' (did you mean 'expect'?); "
-        "expected one of: version, source, target, rules, shapes, expect, freeze, output, verify, vars\n"
+        "expected one of: version, source, sources, target, rules, shapes, expect, freeze, output, verify, vars\n"
     )
 
 

@@ -196,7 +196,7 @@ def test_apply_json_exit_2_bad_rules_is_an_error_object_with_where(tmp_path, cap
     code, out, err = run(capsys, "apply", rules, "--source", ddp_ckpt, "--json")
     assert code == 2
     message = ("unknown field 'expcet' (did you mean 'expect'?); "
-               "expected one of: version, source, target, rules, shapes, expect, freeze, output, verify, vars")  # fmt: skip
+               "expected one of: version, source, sources, target, rules, shapes, expect, freeze, output, verify, vars")  # fmt: skip
     assert json.loads(out) == {
         "ok": False,
         "error": {"kind": "RulesError", "message": message, "exit_code": 2,

@@ -58,6 +58,8 @@ def test_every_config_has_a_scenario():
     tested |= {"tf-checkpoint-to-torch.yaml"}  # a TensorFlow-written checkpoint against its torch port: tests/test_tf_conversion.py
     tested |= {"pickled-model-renamed-class.yaml"}  # a whole-model pickle of a removed class: tests/test_pickled_model_conversion.py
     tested |= {"meta-llama-to-hf.yaml"}  # a Meta-style Llama against HF LlamaForCausalLM by logits: tests/rules/test_vars_and_heads.py
+    tested |= {"merge-lora.yaml"}  # a PEFT adapter merged into its base, against merge_and_unload: tests/test_peft_conversion.py
+    tested |= {"clip-two-towers.yaml"}  # two towers saved apart into one CLIPModel, by outputs: tests/test_several_sources_cli.py
     assert {p.name for p in CONFIGS.glob("*.yaml")} == tested
 
 

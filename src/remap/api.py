@@ -83,20 +83,24 @@ def _build(rules: Rules) -> tuple[Any, str | None]:
     if not _is_module(module):
         raise TargetError(f"{describe_call(spec.model, spec.args, spec.kwargs)} returned a {type(module).__name__}, "
                           "expected a torch.nn.Module", where="target.model (--target)")  # fmt: skip
-    if spec.dtype is not None and spec.device != "meta":
-        import torch
+    if (spec.dtype is not None or spec.keep_fp32) and spec.device != "meta":
+        from .loading.dtype_policy import cast_module
 
-        module = module.to(getattr(torch, spec.dtype))
+        module = cast_module(module, spec.dtype, spec.keep_fp32)
     return module, note
 
 
 def open_rules_source(source: Any, rules: Rules, *, key: str | None = None, trust_pickle: bool | None = None,
                       trust_links: bool | None = None) -> Source:
-    """Open ``source`` (path, state_dict, metadata mapping, Source), else the rules' ``source``."""
+    """Open ``source`` (path, state_dict, metadata mapping, Source), else the rules' ``source``.
+    Several named sources (the rules' ``sources``, or ``source`` a dict of name -> path or Source)
+    open as one :class:`~remap.sources.combined.CombinedSource`."""
     from .sources.readers import Source, open_source
 
     if isinstance(source, Source):
         return source
+    if rules.sources or _named_sources(source):
+        return _open_several(source, rules, key=key, trust_pickle=trust_pickle, trust_links=trust_links)
     spec = rules.source
     key = key if key is not None else spec.key
     trust = spec.trust_pickle if trust_pickle is None else trust_pickle
@@ -112,6 +116,63 @@ def open_rules_source(source: Any, rules: Rules, *, key: str | None = None, trus
                              "or pass a source to remap.load / remap.plan")  # fmt: skip
     links = spec.trust_links if trust_links is None else trust_links
     return open_source(source, key=key, trust_pickle=trust, base_dir=base_dir, trust_links=links)
+
+
+def _named_sources(source: Any) -> bool:
+    """Whether ``source`` is several named sources: a non-empty dict whose values are all
+    paths, Sources or modules (a state_dict's values are tensors, a checkpoint's dicts)."""
+    from .sources.readers import Source
+
+    if not isinstance(source, Mapping) or not source:
+        return False
+    return all(isinstance(v, (str, os.PathLike, Source)) or _is_module(v) for v in source.values())
+
+
+def _open_several(source: Any, rules: Rules, *, key: str | None, trust_pickle: bool | None, trust_links: bool | None) -> Source:
+    """The rules' ``sources``, each overridden by ``source``'s entry of its name (a path, Source or
+    module); without ``sources`` in the rules, ``source``'s entries alone. Errors name the source."""
+    from .errors import RemapError
+    from .sources.combined import check_source_name, open_several
+    from .sources.readers import Source, open_source
+    from .rules.parse import SourceSpec
+
+    given = dict(source) if isinstance(source, Mapping) else {}
+    if source is not None and not given:
+        raise UsageError(f"the rules name several sources ({', '.join(rules.sources)}): give them as a dict of name -> path "
+                         "(--source NAME=PATH), not one source")  # fmt: skip
+    if key is not None:
+        raise UsageError("key (--key) names one source's key; with several sources give each its `key` under `sources:` in the rules")
+    unknown = [n for n in given if rules.sources and n not in rules.sources]
+    if unknown:
+        raise UsageError(f"no source {unknown[0]!r} in the rules' sources ({', '.join(rules.sources)}); --source NAME=PATH "
+                         "overrides a source the rules name")  # fmt: skip
+    names = list(rules.sources) or list(given)
+
+    def opener(name: str, _: Any) -> Source:
+        spec = rules.sources.get(name, SourceSpec())
+        value, base_dir = given.get(name), None
+        if isinstance(value, Source):
+            return value
+        if value is None:
+            base_dir = rules.base_dir  # a path written in the rules is relative to the rules file
+            if spec.path is not None:
+                value = spec.path
+            elif spec.model is not None:
+                value = {"model": spec.model, "args": list(spec.args), "kwargs": dict(spec.kwargs)}
+            else:
+                raise UsageError(f"sources.{name}: no path (or model); give one in the rules or with --source {name}=PATH")
+        trust = spec.trust_pickle if trust_pickle is None else trust_pickle
+        links = spec.trust_links if trust_links is None else trust_links
+        try:
+            return open_source(value, key=spec.key, trust_pickle=trust, base_dir=base_dir, trust_links=links)
+        except RemapError as exc:  # the same error, saying which source
+            exc.message = f"source {name!r}: {exc.message}"
+            exc.args = (f"{exc.where}: {exc.message}" if exc.where else exc.message,)
+            raise
+
+    for name in names:
+        check_source_name(name, where="source names")
+    return open_several({n: None for n in names}, opener)
 
 
 def plan(
@@ -161,8 +222,9 @@ def _make(rules: Rules, target: Any, src: Source, *, built: bool) -> Plan:
     else:
         raise UsageError(f"target: expected a torch.nn.Module or a mapping of key -> shape, found {type(target).__name__}")
     rules = rules.bound_to(target)  # vars read from the target model's config
+    names = getattr(src, "names", None) if src.description.get("kind") == "several" else None
     return make_plan(rules, src.meta, meta, source_description=src.description, target_description=description,
-                     batchnorm_modules=bn, source_handle=src)  # fmt: skip
+                     batchnorm_modules=bn, source_handle=src, source_names=names)  # fmt: skip
 
 
 def load(
@@ -259,6 +321,8 @@ def load(
         p = _make(r, module, src, built=model is None)
         try:
             carried = None
+            if optimizer is not None and src.description.get("kind") == "several":
+                raise UsageError("optimizer state with several sources is not supported: load the optimizer state with one source")
             if optimizer is not None and p.ok:  # a failing plan is refused by apply, as without an optimizer
                 from .loading.optimizer import carry_optimizer
 
@@ -423,6 +487,10 @@ def export(
         from .files import refuse_non_regular_target
 
         refuse_non_regular_target(optimizer_save, error=UsageError, what="optimizer_save")
+    if r.sources or _named_sources(like):
+        raise UsageError(f"remap export writes one original's files; these rules read several sources "
+                         f"({', '.join(r.sources or like)}). Export each source with rules of its own (its steps, "
+                         "a `source:` of its own), or save the loaded model with --save")  # fmt: skip
     if like is None and r.source.path is None and r.source.model is None:
         raise UsageError("no original to export back to (--like, like=ORIGINAL): give one, or set source.path in the rules")
     original = open_rules_source(like, r, key=like_key, trust_pickle=trust_pickle, trust_links=trust_links)

@@ -96,7 +96,8 @@ def _parser() -> _Parser:
         ]),
     )  # fmt: skip
     a.add_argument("rules", metavar="RULES.yaml", help="the rules file (remap validate checks it alone)")
-    a.add_argument("--source", metavar="PATH", help="checkpoint file or folder, or hf://org/name[@revision] from the local Hugging Face cache (overrides source in the rules)")
+    a.add_argument("--source", metavar="PATH", action="append", help="checkpoint file or folder, or hf://org/name[@revision] from the local Hugging Face cache (overrides source in the rules); "
+                                                                     "NAME=PATH (repeatable) gives a named source of several (overrides that one of the rules' sources)")
     a.add_argument("--target", metavar="MODULE:CALLABLE", help=f"target {_FACTORY_HELP}; overrides target.model")
     a.add_argument("--target-args", metavar="JSON", help="positional arguments for the target factory, a JSON list "
                                                          "(replaces target.args), e.g. '[\"resnet18\"]'")  # fmt: skip
@@ -378,6 +379,7 @@ def _apply(args: argparse.Namespace, out: TextIO) -> int:
     if args.max_shard_size is not None:
         _check_size_flag(args.max_shard_size)
     rules = load_rules(args.rules)
+    source = _source_flags(args.source)
     changes: dict[str, Any] = {}  # the rules' device and dtype still apply
     if args.target:
         changes["model"] = args.target
@@ -390,15 +392,41 @@ def _apply(args: argparse.Namespace, out: TextIO) -> int:
     if args.explain:
         from .api import plan
 
-        p = plan(None, args.source, rules, key=args.key, trust_pickle=args.trust_pickle or None, trust_links=args.trust_links or None)
+        p = plan(None, source, rules, key=args.key, trust_pickle=args.trust_pickle or None, trust_links=args.trust_links or None)
         for key in args.explain:  # with --json, stdout is the report alone
             print(printable_lines(p.explain(key)), file=sys.stderr if args.json else out)
     with _progress(enabled=not args.quiet and not args.dry_run and sys.stderr.isatty()) as progress:
-        report = load(None, args.source, rules, dry_run=args.dry_run, key=args.key, trust_pickle=args.trust_pickle or None, trust_links=args.trust_links or None,
+        report = load(None, source, rules, dry_run=args.dry_run, key=args.key, trust_pickle=args.trust_pickle or None, trust_links=args.trust_links or None,
                       save=args.save, report=args.report, max_shard_size=args.max_shard_size, progress=progress,
                       verify=args.verify, mmap_weights=args.mmap_weights, rollback=not args.no_rollback)  # fmt: skip
     _render(report, out, args)
     return 0
+
+
+def _source_flags(values: list[str] | None) -> str | dict[str, str] | None:
+    """``--source PATH`` once, or ``--source NAME=PATH`` for each of several named sources (an
+    existing path that holds ``=`` stays a path).
+
+    >>> _source_flags(["vision=v.safetensors", "text=t.safetensors"])
+    {'vision': 'v.safetensors', 'text': 't.safetensors'}
+    """
+    import os
+
+    if not values:
+        return None
+    named: dict[str, str] = {}
+    plain: list[str] = []
+    for value in values:
+        found = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_\-]*)=(.+)", value, flags=re.DOTALL)
+        if found is None or os.path.exists(value):
+            plain.append(value)
+        elif found[1] in named:
+            raise UsageError(f"--source {found[1]}=... is given twice ({named[found[1]]!r} and {found[2]!r})")
+        else:
+            named[found[1]] = found[2]
+    if plain and (named or len(plain) > 1):
+        raise UsageError(f"--source {plain[-1]!r}: one source is --source PATH, given once; several are each --source NAME=PATH")
+    return plain[0] if plain else named
 
 
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".json", ".tar", ".pkl", ".h5", ".npz", ".onnx")

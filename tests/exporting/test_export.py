@@ -228,8 +228,15 @@ CASES: dict[str, Callable[[Path], Case]] = {
 }
 
 
+#: Shipped configs that export refuses, with the test that proves the refusal.
+REFUSED = {
+    "merge-lora.yaml": "tests/test_peft_conversion.py (a LoRA merge keeps no factors)",
+    "clip-two-towers.yaml": "tests/test_several_sources_cli.py (several sources: export each with its own rules)",
+}
+
+
 def test_every_shipped_config_has_an_export_case():
-    assert set(CASES) == {p.name for p in CONFIGS.glob("*.yaml")}
+    assert set(CASES) | set(REFUSED) == {p.name for p in CONFIGS.glob("*.yaml")} and not set(CASES) & set(REFUSED)
 
 
 def _read_back(path: Path, nest: str | None = None) -> dict[str, torch.Tensor]:

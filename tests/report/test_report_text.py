@@ -117,8 +117,15 @@ CASES = {
 }  # fmt: skip
 
 
+#: Shipped configs whose reports are pinned elsewhere, because a case here gives one --source.
+ELSEWHERE = {
+    "clip-two-towers.yaml": "tests/test_several_sources_cli.py (two sources)",
+    "merge-lora.yaml": "tests/test_peft_conversion.py (base and adapter beside an adapter_config.json)",
+}
+
+
 def test_every_shipped_config_has_a_case() -> None:
-    assert {c.config for c in CASES.values()} == {p.name for p in CONFIGS.glob("*.yaml")}
+    assert {c.config for c in CASES.values()} | set(ELSEWHERE) == {p.name for p in CONFIGS.glob("*.yaml")}
 
 
 def _run(tmp_path: Path, case: Case, *flags: str) -> tuple[int, str, dict[str, Any]]:

@@ -163,7 +163,7 @@ def test_unknown_fragment_lists_the_available_ones() -> None:
     ("version: 1\ninclude: {a: 1}\n", "r.yaml:2:10: include: expected a string or a list, found a mapping {'a': 1}"),
     ("version: 1\nincludes: [keras-layout]\n",
      "r.yaml:2:1: unknown field 'includes' (did you mean 'include'?); "
-     "expected one of: version, source, target, rules, shapes, expect, freeze, output, verify, vars"),
+     "expected one of: version, source, sources, target, rules, shapes, expect, freeze, output, verify, vars"),
 ])  # fmt: skip
 def test_include_errors(text: str, message: str) -> None:
     assert error(text) == message
@@ -174,7 +174,7 @@ def test_include_errors(text: str, message: str) -> None:
      "{path}:3:33: step 1 (transpose, from bad): field 'rank': expected an integer or a list, found a string 'x'"),
     ("rules:\n  - drop: '^a$'\n  - trasnpose: a\n",
      "{path}:3:5: step 2: unknown field 'trasnpose' (did you mean 'transpose'?); a step is one of: "
-     "strip_prefix, add_prefix, rename, drop, keep, transpose, reshape, slice, pad, cast, adapt, merge, split, permute_heads"),
+     "strip_prefix, add_prefix, rename, drop, keep, transpose, reshape, slice, pad, cast, adapt, merge, split, permute_heads, lora, dequant_blocks"),
     ("version: 1\nrules: []\nexpect: {missing: [a]}\n", "{path}:3:1: unknown field 'expect'; a fragment holds only: version, rules"),
     ("version: 2\nrules: []\n", "{path}:1:10: version: expected 1, found an integer 2"),
     ("version: 1\n", "{path}:1:1: missing required field 'rules'"),

@@ -38,8 +38,8 @@ def _error(rules: object, **kwargs: object) -> RulesError:
     return info.value
 
 
-STEP_NAMES = "strip_prefix, add_prefix, rename, drop, keep, transpose, reshape, slice, pad, cast, adapt, merge, split, permute_heads"
-TOP = "version, source, target, rules, shapes, expect, freeze, output, verify, vars"
+STEP_NAMES = "strip_prefix, add_prefix, rename, drop, keep, transpose, reshape, slice, pad, cast, adapt, merge, split, permute_heads, lora, dequant_blocks"
+TOP = "version, source, sources, target, rules, shapes, expect, freeze, output, verify, vars"
 
 # (YAML text, the whole message). Columns are 1-based and point at the offending key
 # (unknown fields, bad rename patterns) or value (everything else).
@@ -83,7 +83,7 @@ YAML_ERRORS = [
     ),
     pytest.param(
         "version: 1\ntarget:\n  model: m:f\n  kwrags: {}\n",
-        "rules.yaml:4:3: target: unknown field 'kwrags' (did you mean 'kwargs'?); expected one of: model, args, kwargs, device, dtype",
+        "rules.yaml:4:3: target: unknown field 'kwrags' (did you mean 'kwargs'?); expected one of: model, args, kwargs, device, dtype, keep_fp32",
         id="target-unknown",
     ),
     pytest.param(
@@ -782,6 +782,12 @@ GOOD_STEPS = [
         "permute_heads: {match: '\\.wk\\.weight$', heads: 8, to: half_split}",
         "permute_heads to half_split, heads 8 on '\\.wk\\.weight$'",
         id="permute-heads",
+    ),
+    pytest.param("lora: {match: '\\.q_proj\\.weight$', alpha: 16, rank: 8}", "lora merge (alpha 16, rank 8) on '\\.q_proj\\.weight$'", id="lora"),
+    pytest.param(
+        "dequant_blocks: {match: '\\.weight$', dtype: bfloat16}",
+        "dequant_blocks '\\.weight$' with scale '\\g<0>_scale_inv' (block 128x128, to bfloat16)",
+        id="dequant-blocks",
     ),
     pytest.param(
         "slice: {match: '^fc\\.(weight|bias)$', dim: 0, index: [0, 5, 9]}",

@@ -134,7 +134,7 @@ def run_export(rules: Rules, finetuned: Finetuned, like: Source, *, save: str | 
                         warnings=layout.notes if layout is not None else ())  # fmt: skip
     plan = make_plan(rules, like.meta, finetuned.meta, source_description=like.description,
                      target_description=finetuned.description, source_handle=like)  # fmt: skip
-    failures = tuple(f for f in plan.failures if f.kind not in IGNORED_FAILURES)
+    failures = tuple(f for f in plan.failures if f.kind not in IGNORED_FAILURES) + _refused(plan)
     left_out = _left_out_targets(plan)
     if failures:
         raise export_failed(base.replace(failures=failures, left_out=left_out))
@@ -159,6 +159,21 @@ def _export_optimizer(plan: Plan, rules: Rules, like: Source, optimizer: Finetun
     order, how = original_order(plan, rules, like)
     return export_state(plan, optimizer.state, optimizer.position, optimizer.hparams, order, how,
                         group_of=optimizer.group_of, optimizer=optimizer.optimizer)  # fmt: skip
+
+
+def _refused(plan: Plan) -> tuple[Failure, ...]:
+    """The export fails on an op whose inverse is ``refuse`` (a LoRA merge: the factors are gone), naming the keys it made."""
+    hits: dict[str, list[str]] = {}
+    for a in plan.assignments:
+        stack = [a.recipe] if a.recipe is not None else []
+        while stack:
+            node = stack.pop()
+            if not isinstance(node, str):
+                if node.op.inverse is not None and node.op.inverse.kind == "refuse":
+                    hits.setdefault(node.op.inverse["why"], []).append(f"{a.target!r}: {node.op.describe}")
+                    break
+                stack.extend(node.inputs)
+    return tuple(_failure(f"{len(keys)} target key(s) come from an op that no export can run backwards: {why}", keys) for why, keys in hits.items())
 
 
 def _left_out_targets(plan: Plan) -> tuple[LeftOutTarget, ...]:

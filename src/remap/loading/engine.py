@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import CheckError, InternalError, SourceError, TargetError, UsageError
+from .dtype_policy import AUTO, DtypePolicy, RangeFailure, precision_changes
 from .empty import REPLAYED, Rebuilt, hf_initialises, init_owners, initialise, rebuild_buffers
 from .freeze import apply_freeze
 from ..meta import dtype_name
@@ -88,11 +89,14 @@ def apply_plan(
     _check_same_target(plan, state)
     if not plan.ok:
         raise check_failed(plan.report.replace(dry_run=dry_run))
+    policy = DtypePolicy.of(dtype, plan.rules.target.keep_fp32)
+    on_meta = _is_meta(state)
+    precision, checks = precision_changes(plan, policy, state, on_meta)
+    planned = plan.report.replace(precision=precision, warnings=_cast_warnings(plan.report.warnings, policy, on_meta))
     if dry_run:
-        return plan.report
+        return planned
     if plan.source is None or plan.source.description.get("kind") == "metadata":
         raise UsageError("this plan was made from metadata only; make it from a source with tensors to apply it")
-    on_meta = _is_meta(state)
     if mmap_weights and not on_meta:
         raise UsageError("mmap_weights keeps the file's pages as the weights of a meta-device target; "
                          "this module already has its memory: build it under torch.device('meta')")  # fmt: skip
@@ -101,19 +105,24 @@ def apply_plan(
         raise UsageError(f"mmap_weights maps the file into CPU memory; it cannot load onto device {dev}")
     rebuilt = _preflight(plan, module, on_meta)
     _check_duplicates(plan, plan.source)
-    dt = getattr(torch, dtype_name(dtype)) if isinstance(dtype, str) else dtype
+    dt = None if policy.dtype in (None, AUTO) else getattr(torch, dtype_name(policy.dtype))
     undo = Rollback(module)
     try:
         stats = stream(plan, plan.source, module, assign=on_meta, device=dev, dtype=dt, state=state,
                        rollback=undo if rollback else None,
-                       batch_bytes=batch_bytes or BATCH_BYTES, progress=progress, mmap_weights=mmap_weights)  # fmt: skip
+                       batch_bytes=batch_bytes or BATCH_BYTES, progress=progress, mmap_weights=mmap_weights,
+                       policy=policy if policy.active else None, checks=checks)  # fmt: skip
         del state  # a meta target's entries are stale now
         initialised: dict[str, str] = {}
         if on_meta:
             _retie(plan, module)
-            stats.materialised, initialised = _materialise_rest(module, dev or torch.device("cpu"), dt, rebuilt)
+            stats.materialised, initialised = _materialise_rest(module, dev or torch.device("cpu"), dt, rebuilt, policy)
     except BaseException as exc:
         undo.restore()
+        if isinstance(exc, RangeFailure):
+            kept = "" if rollback or on_meta else "; the module may be partly loaded (rollback=False)"
+            failure = dataclasses.replace(exc.failure, message=exc.failure.message + kept)
+            raise check_failed(planned.replace(dry_run=False, failures=(failure,))) from None
         if isinstance(exc, SourceError):
             state_now = ("the module was restored as it was before the load" if rollback or on_meta else
                          "the module may be partly loaded (rollback=False)")  # fmt: skip
@@ -121,8 +130,8 @@ def apply_plan(
         raise
     del undo
     apply_freeze(module, plan.frozen, plan.rules.freeze.batchnorm, plan.batchnorm_modules)
-    report = _final_report(plan, module)
-    warnings = report.warnings
+    report = _final_report(plan, module).replace(precision=precision)
+    warnings = planned.warnings
     copied = len(plan.assignments) - stats.mmap_weights if mmap_weights else 0
     if copied:
         warnings = (*warnings, f"mmap_weights: {copied} tensor(s) were copied, not mapped: an op or a cast changes them, "
@@ -291,7 +300,7 @@ def _slot(module: torch.nn.Module, key: str) -> tuple[dict[str, Any], str]:
 
 
 def _materialise_rest(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None,
-                      rebuilt: Mapping[str, Rebuilt] | None = None) -> tuple[list[str], dict[str, str]]:
+                      rebuilt: Mapping[str, Rebuilt] | None = None, policy: DtypePolicy | None = None) -> tuple[list[str], dict[str, str]]:
     """Give every module still holding meta tensors real memory and its own initialisation
     (``reset_parameters``, then a Hugging Face model's ``_init_weights``), the buffers in
     ``rebuilt`` their value from the rebuild; returns the keys materialised and, for each, what
@@ -310,10 +319,12 @@ def _materialise_rest(module: torch.nn.Module, device: torch.device, dtype: torc
         inits = {n: list(getattr(t, "_remap_inits", ())) for n, t in own.items() if t is not None and n not in keep}
         unreplayed = {n for n, t in own.items() if t is not None and n not in keep and getattr(t, "_remap_version", t._version) != t._version}
         m.to_empty(device=device, recurse=False)
-        if dtype is not None:
+        if dtype is not None or (policy is not None and policy.keep_fp32):
             for n, t in own.items():
                 if t is not None and t.is_floating_point():
-                    getattr(m, n).data = getattr(m, n).data.to(dtype)
+                    kept = policy is not None and policy.kept_fp32(f"{name}.{n}" if name else n)
+                    if kept or dtype is not None:
+                        getattr(m, n).data = getattr(m, n).data.to(torch.float32 if kept else dtype)
         fresh = [n for n, t in own.items() if t is not None and n not in keep]
         prefix = f"{name}." if name else ""
         computed = {n: rebuilt[prefix + n] for n in fresh if prefix + n in rebuilt}
@@ -352,6 +363,14 @@ def _check_duplicates(plan: Plan, source: Source) -> None:
             )
     if failures:
         raise check_failed(plan.report.replace(failures=tuple(failures)))
+
+
+def _cast_warnings(warnings: tuple[str, ...], policy: DtypePolicy, on_meta: bool) -> tuple[str, ...]:
+    """The planner's warnings, less its "will be cast by load_state_dict" lines where a dtype
+    policy makes a meta-device target's tensors (the report's ``precision`` says what happens)."""
+    if not (on_meta and policy.active):
+        return warnings
+    return tuple(w for w in warnings if not (w.endswith(" by load_state_dict") and " will be cast from " in w))
 
 
 def _final_report(plan: Plan, module: torch.nn.Module) -> Report:

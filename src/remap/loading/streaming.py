@@ -56,6 +56,7 @@ from ..errors import InternalError, SourceError
 
 if TYPE_CHECKING:
     from ..planning.planner import Assignment, Plan
+    from .dtype_policy import DtypePolicy
     from ..sources.readers import Source, Span
     from ..rules.steps import Recipe
 
@@ -549,7 +550,8 @@ class _Route:
 
 
 def _route(a: Assignment, span: Span | None, plan: Plan, state: Mapping[str, Any], loader: _Loader, *, assign: bool,
-           device: torch.device | None, dtype: torch.dtype | None, mmap_weights: bool, can_pread: bool) -> _Route:  # fmt: skip
+           device: torch.device | None, dtype: torch.dtype | None, mmap_weights: bool, can_pread: bool,
+           policy: DtypePolicy | None = None) -> _Route:  # fmt: skip
     if span is None or a.recipe is not None or len(a.sources) != 1:
         return _Route("view")
     meta = plan.target_meta[a.target]
@@ -561,6 +563,8 @@ def _route(a: Assignment, span: Span | None, plan: Plan, state: Mapping[str, Any
         want = getattr(torch, meta.dtype)
         if dtype is not None and want.is_floating_point:
             want = dtype
+        if policy is not None:  # per key: keep_fp32, dtype auto
+            want = policy.want(a.target, meta.dtype, span.dtype)
         if span.dtype != str(want).removeprefix("torch."):
             return _Route("view")
         if mmap_weights:
@@ -636,7 +640,8 @@ class Rollback:
 
 def stream(plan: Plan, source: Source, module: torch.nn.Module, *, assign: bool, device: torch.device | None = None,
            dtype: torch.dtype | None = None, batch_bytes: int = BATCH_BYTES, progress: Progress | None = None,
-           state: Mapping[str, Any] | None = None, mmap_weights: bool = False, rollback: Rollback | None = None) -> LoadStats:  # fmt: skip
+           state: Mapping[str, Any] | None = None, mmap_weights: bool = False, rollback: Rollback | None = None,
+           policy: DtypePolicy | None = None, checks: Mapping[str, str] | None = None) -> LoadStats:  # fmt: skip
     """Load every assignment of ``plan`` into ``module``, one batch at a time.
 
     With ``assign`` (a meta-device target) every tensor is copied once into fresh memory on
@@ -646,7 +651,9 @@ def stream(plan: Plan, source: Source, module: torch.nn.Module, *, assign: bool,
     ``assign`` only) assigns views of a private copy-on-write mapping of the file instead of
     copies, wherever no op or cast changes the tensor: see ``remap.load``. ``rollback``,
     when given, is handed every allocated tensor before anything is written into it (the
-    caller restores it on failure).
+    caller restores it on failure). ``policy`` gives each key's dtype where the load makes the
+    tensor (a meta-device target); ``checks`` (target key -> dtype) are the narrowing casts whose
+    range :func:`~remap.loading.dtype_policy.check_range` checks before the tensor is written.
     """
     stats = LoadStats()
     start = time.perf_counter()
@@ -669,7 +676,7 @@ def stream(plan: Plan, source: Source, module: torch.nn.Module, *, assign: bool,
     # torch's swap_tensors mode replaces each parameter by its value: it gets the file's bytes as a view
     can_pread = hasattr(os, "preadv") and not torch.__future__.get_swap_module_params_on_conversion()
     routes = {a.target: _route(a, spans[a.sources[0]] if a.sources else None, plan, state or {}, loader, assign=assign,
-                               device=device, dtype=dtype, mmap_weights=mmap_weights, can_pread=can_pread)
+                               device=device, dtype=dtype, mmap_weights=mmap_weights, can_pread=can_pread, policy=policy)
               for a in ordered}  # fmt: skip
     kept = {k for a in ordered if routes[a.target].kind == "keep" for k in a.sources}
     check = getattr(source, "check_unchanged", None)
@@ -693,7 +700,8 @@ def stream(plan: Plan, source: Source, module: torch.nn.Module, *, assign: bool,
                 out = {}
                 for a in batch:
                     value = values.get(a.target)
-                    out[a.target] = value if value is not None else _place(reader.value(a), a, plan, assign, device, dtype)
+                    out[a.target] = value if value is not None else _place(_checked(reader.value(a), a, checks), a, plan, assign,
+                                                                           device, dtype, policy)  # fmt: skip
                 del values
                 loader.load(out)
                 del out
@@ -760,12 +768,24 @@ def _kept_values(batch: Sequence[Assignment], routes: Mapping[str, _Route], span
     return values
 
 
-def _place(value: torch.Tensor, a: Assignment, plan: Plan, assign: bool, device: torch.device | None, dtype: torch.dtype | None) -> torch.Tensor:
+def _checked(value: torch.Tensor, a: Assignment, checks: Mapping[str, str] | None) -> torch.Tensor:
+    """``value``, once a narrowing cast to its target dtype is known to keep it finite."""
+    if checks and a.target in checks:
+        from .dtype_policy import check_range
+
+        check_range(a.target, value, getattr(torch, checks[a.target]), a.sources)
+    return value
+
+
+def _place(value: torch.Tensor, a: Assignment, plan: Plan, assign: bool, device: torch.device | None, dtype: torch.dtype | None,
+           policy: DtypePolicy | None = None) -> torch.Tensor:  # fmt: skip
     if tuple(value.shape) != tuple(plan.target_meta[a.target].shape):
         raise InternalError(f"{a.target!r}: planned shape {list(a.meta.shape)}, got {list(value.shape)} after {list(a.ops)}")
     if not assign:
         return value
     want = dtype if dtype is not None and value.is_floating_point() else getattr(torch, plan.target_meta[a.target].dtype)
+    if policy is not None:
+        want = policy.want(a.target, plan.target_meta[a.target].dtype, str(value.dtype).removeprefix("torch."))
     out = torch.empty(value.shape, dtype=want, device=device or "cpu")
     out.copy_(value)
     return out

@@ -161,25 +161,28 @@ def make_plan(
     target_description: Mapping[str, Any] | None = None,
     batchnorm_modules: Mapping[str, str] | None = None,
     source_handle: Source | None = None,
+    source_names: Sequence[str] | None = None,
 ) -> Plan:
     """Plan ``rules`` from source metadata (key -> shape | (shape, dtype) | TensorMeta)
     onto target metadata (key -> the same, or TargetMeta). Pure: reads no tensor data.
 
     ``batchnorm_modules`` maps module names to class names, for ``freeze.batchnorm``.
     Everything a check needs is computed here; the per-key records, fates and
-    assignments are built when first read.
+    assignments are built when first read. ``source_names``: the source keys are several named
+    sources' joined keys (``vision:embeddings.weight``, :mod:`remap.planning.several_sources`).
     """
     with collector_paused(), pattern_budget():  # a pattern's time is bounded over all its keys, not key by key
-        return _make_plan(rules, source, target, source_description, target_description, batchnorm_modules, source_handle)
+        return _make_plan(rules, source, target, source_description, target_description, batchnorm_modules, source_handle,
+                          source_names)  # fmt: skip
 
 
 def _make_plan(rules: Rules, source: Mapping[str, Any], target: Mapping[str, Any], source_description: Mapping[str, Any] | None,
                target_description: Mapping[str, Any] | None, batchnorm_modules: Mapping[str, str] | None,
-               source_handle: Source | None) -> Plan:  # fmt: skip
+               source_handle: Source | None, source_names: Sequence[str] | None = None) -> Plan:  # fmt: skip
     src = source_meta(source)
     tgt = target if _all_target_meta(target) else target_meta(target)
     view = _TargetView(tgt)
-    steps, cols, failures = _run_steps(rules.steps, src, StepContext(tgt))
+    steps, cols, failures = _run_steps(rules.steps, src, StepContext(tgt), source_names)
     pairing = _pair(cols, tgt, rules, view)
     failures += pairing.failures
     saved, freeze_failures = _saved_frozen(rules, pairing, cols, source_handle, source_description)
@@ -202,7 +205,7 @@ def _make_plan(rules: Rules, source: Mapping[str, Any], target: Mapping[str, Any
         rules=rules.filename,
         steps=tuple(steps),
         targets=LazySequence(lambda: _target_records(tgt, pairing, cols, frozen, bn_prefixes, rules, fates)),
-        sources=LazySequence(lambda: _source_records(src, cols.fate_rows(pairing, fates), rules)),
+        sources=LazySequence(lambda: _source_records(src, cols.fate_rows(pairing, fates), rules, several=source_names is not None)),
         failures=tuple(_merge_hints(failures)),
         warnings=tuple(_warnings(rules, view, pairing, cols)),
         totals=totals,
@@ -217,9 +220,16 @@ def _all_target_meta(target: Mapping[str, Any]) -> bool:
     return isinstance(target, Mapping) and set(map(type, target.values())) <= {TargetMeta}
 
 
-def _run_steps(steps: Sequence[Step], src: dict[str, TensorMeta], ctx: StepContext) -> tuple[list[StepRecord], _Columns, list[Failure]]:
+def _run_steps(steps: Sequence[Step], src: dict[str, TensorMeta], ctx: StepContext,
+               source_names: Sequence[str] | None = None) -> tuple[list[StepRecord], _Columns, list[Failure]]:  # fmt: skip
     """Every step over the source keys: the leading name-only steps once per key shape
-    (:mod:`remap.planning.name_pass`), the rest item by item."""
+    (:mod:`remap.planning.name_pass`), the rest item by item; several named sources'
+    keys item by item (:mod:`remap.planning.several_sources`)."""
+    if source_names is not None or any(s.reads for s in steps):
+        from .several_sources import check_reads, run_steps_several
+
+        check_reads(steps, source_names)
+        return run_steps_several(steps, src, ctx, source_names)  # type: ignore[arg-type]
     records: list[StepRecord] = []
     leading = leading_name_steps(steps)
     names = run_name_steps(leading, src) if leading or not steps else None  # no step: the pass is the source as it is
@@ -798,14 +808,17 @@ class _StepLabels:
 
 
 @collector_paused_in
-def _source_records(src: Mapping[str, TensorMeta], fates: Mapping[str, _Fate], rules: Rules) -> list[SourceRecord]:
+def _source_records(src: Mapping[str, TensorMeta], fates: Mapping[str, _Fate], rules: Rules, *,
+                    several: bool = False) -> list[SourceRecord]:  # fmt: skip
+    """One record per source key; with ``several`` sources each names its source (``vision:...`` keys)."""
     kinds = {s.index: s.kind for s in rules.steps}
     declared = _matcher(rules.expect.unused)
     records = []
     for key, meta in src.items():
         f = fates.get(key) or _Fate((), UNUSED, None, key)
         records.append(SourceRecord(key, f.fate, meta.shape, meta.dtype, f.targets, f.final, f.step, kinds.get(f.step),
-                                    f.fate == UNUSED and declared(key, f.final), f.note))  # fmt: skip
+                                    f.fate == UNUSED and declared(key, f.final), f.note,
+                                    key.partition(":")[0] if several else None))  # fmt: skip
     return records
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "OptimizerSourceRecord",
     "OptimizerGroupRecord",
     "PassthroughRecord",
+    "PrecisionRecord",
 ]
 
 REPORT_SCHEMA_VERSION = 1
@@ -105,6 +106,7 @@ class SourceRecord:
     step_kind: str | None = None
     declared: bool = False
     note: str | None = None
+    source: str | None = None  # with several named sources (``sources:``): the one this key comes from
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,23 @@ FAILURE_KINDS = (
     "tied_conflict",  # two source tensors for one tied parameter differ
     "verify",  # the loaded target's outputs differ from the source model's
     "optimizer",  # the saved optimizer state does not fit the plan (a moment's shape, a name no source key has)
+    "precision",  # a narrowing cast at load time would turn a finite value infinite
 )
+
+
+@dataclass(frozen=True)
+class PrecisionRecord:
+    """Loaded keys whose tensors change dtype between the checkpoint and the module, one group
+    per (``source_dtype``, ``dtype``, ``by``): ``kind`` is widened (every value kept), narrowed
+    (a float cast that loses precision or range; range-checked where the load does it) or
+    converted; ``by`` says what chose the dtype: the rules' ``steps`` (cast, dequant_blocks),
+    ``keep_fp32``, the ``dtype`` asked for (target.dtype, dtype=) or the ``target``'s own tensor."""
+
+    source_dtype: str
+    dtype: str
+    kind: str
+    by: str
+    keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -335,6 +353,7 @@ class Report:
     stats: dict[str, Any] = field(default_factory=dict)
     verify: dict[str, Any] = field(default_factory=dict)
     optimizer: OptimizerReport | None = None  # set by a load given an optimizer
+    precision: tuple[PrecisionRecord, ...] = ()  # set by apply (and its dry run): dtype changes, grouped
 
     @property
     def ok(self) -> bool:
@@ -418,6 +437,8 @@ class Report:
             "stats": self.stats,
             "verify": self.verify,
             "optimizer": self.optimizer.to_dict() if self.optimizer is not None else {},
+            "precision": [{"source_dtype": p.source_dtype, "dtype": p.dtype, "kind": p.kind, "by": p.by, "count": len(p.keys),
+                           "keys": p.keys} for p in self.precision],
         })
 
     def to_json(self, *, indent: int | None = 2) -> str:

@@ -30,7 +30,7 @@ Colour lives only in :func:`print_report`; :func:`format_report` never emits ANS
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .grouping import KeyGroup, fold_keys, printable
@@ -208,6 +208,7 @@ def _document(report: Report, *, verbose: bool, width: int) -> list[Block]:
         _sources(report.sources, report.steps, report.totals, verbose, width),
         _freeze(report, verbose),
         _totals(report),
+        _precision(report, verbose, width),
         _verify(report, verbose, width),
         _optimizer(report.optimizer, verbose, width),
         _warnings(report.warnings),
@@ -265,6 +266,9 @@ def _describe_source(source: dict[str, Any]) -> str:
     >>> _describe_source({"kind": "file", "path": "a.pth", "format": "torch", "key": "model", "key_detected": True})
     'a.pth (torch, key "model", detected)'
     """
+    several = source.get("sources")
+    if source.get("kind") == "several" and isinstance(several, dict):
+        return ", ".join(f"{n}: {_describe_source(_mapping(d))}" for n, d in several.items())
     what = source.get("path") or _call(source, source.get("factory") or source.get("model")) or source.get("kind") or "source"
     details = [str(source["format"])] if source.get("format") else []
     if source.get("key"):
@@ -477,6 +481,8 @@ def _sources(
     duplicates of a tied parameter (checked equal, loaded once), ``unused`` the keys
     skipped for their shape; each such part is named on its line."""
     lines: list[Block] = [(("Source keys: ", TITLE), (str(totals.source_keys), TITLE))]
+    if any(r.source for r in records):
+        return lines + _by_source(records, steps, totals, verbose, width)
     used = sum(1 for r in records if r.fate == USED)
     duplicate = [r for r in records if r.fate == DUPLICATE]
     if used or duplicate:
@@ -496,6 +502,18 @@ def _sources(
         lines.extend(_capped(_target_texts(skipped), verbose, LIST_CAP, width))
     known = {USED, DROPPED, UNUSED, SKIPPED, DUPLICATE}
     lines.extend(_other_statuses([(r.key, r.fate) for r in records if r.fate not in known], verbose, width))
+    return lines
+
+
+def _by_source(records: Sequence[SourceRecord], steps: Sequence[StepRecord], totals: Totals, verbose: bool, width: int) -> list[Block]:
+    """Several named sources: each one's keys by fate under its name, keys as that source names them."""
+    groups: dict[str, list[SourceRecord]] = {}
+    for r in records:
+        groups.setdefault(r.source or "", []).append(replace(r, key=r.key.removeprefix(f"{r.source}:"), source=None))
+    lines: list[Block] = []
+    for name, group in groups.items():
+        lines.append(_indented(2, (f"from {name}: ", TITLE), (f"{len(group)} keys", "")))
+        lines.extend(((("  ", ""), *line) for line in _sources(group, steps, totals, verbose, width)[1:]))  # type: ignore[misc]
     return lines
 
 
@@ -599,6 +617,25 @@ def _totals(report: Report) -> list[Block]:
         _indented(2, ("source  ", MUTED), (source, "")),
         _indented(2, ("params  ", MUTED), (params, "")),
     ]
+
+
+_PRECISION_BY = {"steps": "by the rules' steps", "keep_fp32": "by target.keep_fp32", "dtype": "by the dtype asked for",
+                 "target": "by the target's own dtype"}  # fmt: skip
+
+
+def _precision(report: Report, verbose: bool, width: int) -> list[Block]:
+    """Every loaded key whose dtype changes between the checkpoint and the module, one line per
+    group (``142 keys  bfloat16 -> float32  widened, by the target's own dtype``), its keys folded."""
+    if not report.precision:
+        return []
+    total = sum(len(p.keys) for p in report.precision)
+    lines: list[Block] = [((f"Precision: {_plural(total, 'key')} change dtype", TITLE),)]
+    for p in report.precision:
+        style = DECLARED_STYLE if p.kind != "widened" else ""
+        note = f"{p.kind}, {_PRECISION_BY.get(p.by, p.by)}"
+        lines.append(_indented(2, (f"{_plural(len(p.keys), 'key'):>10}  {p.source_dtype} -> {p.dtype}", style), (f"  {note}", MUTED)))
+        lines.extend(_capped([g.text for g in fold_keys(p.keys)], verbose, QUIET_CAP, width, indent=6))
+    return lines
 
 
 def _verify(report: Report, verbose: bool = False, width: int = 100) -> list[Block]:

@@ -31,6 +31,8 @@ from ..errors import RulesError, describe_value
 from ..files import file_kind, read_text_capped
 from .patterns import PatternError, compile_regex
 from . import tensor_steps  # noqa: F401  (registers the tensor-op steps)
+from . import adapter_steps  # noqa: F401  (registers the adapter steps: lora)
+from . import quant_steps  # noqa: F401  (registers dequant_blocks)
 from .steps import DIM_NAME, STEPS, ConfigVar, Step, StepSpecError
 from .verify_spec import VERIFY_SCHEMA, VerifySpec
 from .yaml_source import Locations, check_scalar, load_yaml
@@ -53,10 +55,10 @@ __all__ = [
 
 MAX_RULES_BYTES = 4 * 2**20  # a rules file is a page or two; nothing longer is read
 
-SECTIONS = ("version", "source", "target", "rules", "shapes", "expect", "freeze", "output", "verify", "vars")
+SECTIONS = ("version", "source", "sources", "target", "rules", "shapes", "expect", "freeze", "output", "verify", "vars")
 INCLUDE = "include"  # top-level list of fragment names whose steps go in front of the file's own
 FRAGMENT_SECTIONS = ("version", "rules")
-STEP_OPTIONS = ("optional",)
+STEP_OPTIONS = ("optional", "from")  # from: the named source (`sources:`) a step reads
 BATCHNORM_MODES = ("keep", "eval", "frozen")
 SHAPE_MODES = ("error", "skip")
 
@@ -118,14 +120,16 @@ class TargetSpec:
     """The module to load into, built from ``model: "package.module:callable"``.
 
     ``device: meta`` builds it without memory: loading assigns each tensor once (on the
-    CPU) and initialises what no source feeds. ``dtype`` casts floating tensors.
+    CPU) and initialises what no source feeds. ``dtype`` casts floating tensors (``auto``: each keeps
+    the checkpoint's dtype); ``keep_fp32`` patterns name target keys that stay float32.
     """
 
     model: str | None = None
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     device: str | None = None
-    dtype: str | None = None
+    dtype: str | None = None  # a dtype name, or "auto": each loaded tensor keeps the checkpoint's (loading/dtype_policy.py)
+    keep_fp32: tuple[str, ...] = ()  # target keys that stay float32 whatever dtype says
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,7 @@ class Rules:
     base_dir: str | None = None
     includes: tuple[str, ...] = ()  # the fragments whose steps lead ``steps``, in order
     vars: Mapping[str, int | ConfigVar] = field(default_factory=dict)  # ``vars:``, name -> a number or the config entry to read
+    sources: Mapping[str, SourceSpec] = field(default_factory=dict)  # ``sources:``, name -> where (several sources in one plan)
 
     def bound_to(self, target: Any) -> Rules:
         """These rules with every ``vars`` entry read from the target model's config
@@ -258,7 +263,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         }
     ),
     "target": _obj({"model": {"type": "string", "minLength": 1}, "args": {"type": "array"}, "kwargs": {"type": "object"},
-                    "device": {"type": "string", "minLength": 1}, "dtype": {"enum": ["float32", "float16", "bfloat16", "float64"]}}),
+                    "device": {"type": "string", "minLength": 1}, "dtype": {"enum": ["float32", "float16", "bfloat16", "float64", "auto"]},
+                    "keep_fp32": PATTERNS}),
     "rules": {"type": "array", "items": {"type": "object"}},
     "shapes": {"type": ["string", "object"]},
     "expect": _obj({"missing": PATTERNS, "unused": PATTERNS, "min_loaded": {"type": "number", "minimum": 0, "maximum": 1}}),
@@ -270,6 +276,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
                     "max_shard_size": {"type": ["string", "integer"], "pattern": r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*$", "minimum": 1,
                                        "x-expected": "a size such as 5GB, 500MiB or a number of bytes"}}),
 }
+SOURCE_NAME = r"^[A-Za-z_][A-Za-z0-9_\-]*$"  # as remap.sources.combined.SOURCE_NAME
+SCHEMA["sources"] = {"type": "object", "minProperties": 1, "propertyNames": {"pattern": SOURCE_NAME, "x-expected": "a source name (a letter or _, then letters, digits, _ or -)"},
+                     "additionalProperties": _obj({k: v for k, v in SCHEMA["source"]["properties"].items() if k != "optimizer"})}
 SHAPES_OBJECT = _obj({"default": {"enum": list(SHAPE_MODES)}, "skip": PATTERNS})
 
 
@@ -408,7 +417,8 @@ def _source(d: dict[str, Any], ctx: _Context) -> SourceSpec:
 def _target(d: dict[str, Any], ctx: _Context) -> TargetSpec:
     if ("args" in d or "kwargs" in d) and "model" not in d:
         raise ctx.error("'args' and 'kwargs' need 'model'", ("target",))
-    return TargetSpec(d.get("model"), tuple(d.get("args", ())), dict(d.get("kwargs", {})), d.get("device"), d.get("dtype"))
+    return TargetSpec(d.get("model"), tuple(d.get("args", ())), dict(d.get("kwargs", {})), d.get("device"), d.get("dtype"),
+                      _patterns(d.get("keep_fp32")))
 
 
 def _shapes(value: Any, ctx: _Context) -> ShapePolicy:
@@ -517,6 +527,10 @@ def _step(item: dict[str, Any], n: int, ctx: _Context, offset: int = 0, origin: 
         raise ctx.error(
             f"expected true or false, found {describe_value(optional)}", (*path, "optional"), step=label, fields=("optional",)
         )
+    reads = item.get("from")
+    if reads is not None and (not isinstance(reads, str) or not regex.fullmatch(SOURCE_NAME, reads)):
+        raise ctx.error(f"expected the name of a source in `sources:`, found {describe_value(reads)}", (*path, "from"),
+                        step=label, fields=("from",))  # fmt: skip
     _check(item[kind], cls.schema, (*path, kind), ctx, step=label)
     where = ctx.locs.at((*path, kind), key=True) if ctx.locs.values else None  # a dict has no positions
     try:
@@ -524,6 +538,7 @@ def _step(item: dict[str, Any], n: int, ctx: _Context, offset: int = 0, origin: 
     except StepSpecError as exc:
         raise ctx.error(str(exc), (*path, kind, *exc.at), key=exc.key, step=label, fields=exc.path) from None
     step = _with_vars(step, variables or {}, path, kind, ctx, label)
+    step = replace(step, reads=reads) if reads is not None else step
     return replace(step, origin=origin) if origin else step
 
 
@@ -613,6 +628,8 @@ def _build(data: Any, ctx: _Context, filename: str | None, base_dir: str | None)
     includes, included = _includes(data[INCLUDE], ctx) if INCLUDE in data else ((), ())
     variables = _vars(data[VARS], ctx) if VARS in data else {}
     own = _steps(data.get("rules", []), ctx, len(included), variables=variables)
+    own = tuple(s.with_base_dir(base_dir) if hasattr(s, "with_base_dir") else s for s in own)  # files a step reads (lora's config)
+    _check_from(data, own, len(included), ctx)
     used = {name for step in own for name, _ in step.vars}
     idle = [name for name in variables if name not in used]
     if idle:
@@ -633,7 +650,27 @@ def _build(data: Any, ctx: _Context, filename: str | None, base_dir: str | None)
         base_dir=base_dir,
         includes=includes,
         vars=variables,
+        sources={n: _source(d, ctx) for n, d in data.get("sources", {}).items()},
     )
+
+
+def _check_from(data: dict[str, Any], steps: tuple[Step, ...], offset: int, ctx: _Context) -> None:
+    """``source`` and ``sources`` exclude each other; a step's ``from`` names one of ``sources``
+    (checked when planning where the sources come from the command line or the API)."""
+    if "source" in data and "sources" in data:
+        raise ctx.error("`source` and `sources` exclude each other: one source goes in `source`, several named ones in "
+                        "`sources: {name: {path: ...}}`", ("sources",), key=True)  # fmt: skip
+    names = list(data.get("sources", {}))
+    for step in steps:
+        if step.reads is None:
+            continue
+        at = ("rules", step.index - offset - 1, "from")
+        if "source" in data:
+            raise ctx.error(f"`from: {step.reads}` needs several named sources (`sources:`), but the rules give one `source`",
+                            at, step=step.label, fields=("from",))  # fmt: skip
+        if names and step.reads not in names:
+            raise ctx.error(f"no source {step.reads!r}{_did_you_mean(step.reads, names)}; the sources are: {', '.join(names)}",
+                            at, step=step.label, fields=("from",))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=64)

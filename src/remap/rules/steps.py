@@ -215,6 +215,8 @@ class Step:
     #: The ``vars:`` this step's size expressions name, as ``(name, value)`` pairs: an
     #: integer, or a :class:`ConfigVar` until :meth:`~remap.rules.parse.Rules.bound_to` reads it.
     vars: tuple[tuple[str, Any], ...] = field(default=(), kw_only=True)
+    #: ``from: NAME``: the step sees only the keys of that named source (several sources); None: every key.
+    reads: str | None = field(default=None, kw_only=True)
 
     kind: ClassVar[str] = ""
     schema: ClassVar[dict[str, Any]] = {}
