@@ -127,3 +127,18 @@ def test_record_needs_an_input(converted: Path, capsys: pytest.CaptureFixture[st
 def test_help_names_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "verify", "--help")
     assert code == 0 and "  1  the outputs differ, or the check is inconclusive\n" in out
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--input", "remap: error: --input: the JSON is nested deeper than it can be read; expected a shape such as 1,3,224,224 or "
+                    "JSON such as '{\"ids\": [1, 16], \"high\": 1000}'\n"),
+        ("--target-kwargs", "remap: error: --target-kwargs: expected a JSON object, e.g. '{\"num_classes\": 10}'; found JSON nested "
+                            "deeper than it can be read\n"),
+    ],
+)  # fmt: skip
+def test_json_flags_nested_past_the_reader_are_usage_errors(capsys: pytest.CaptureFixture[str], flag: str, message: str) -> None:
+    code, _, err = run(capsys, "verify", "--target", SMALL, flag, "[" * 50_000)
+    assert (code, err) == (2, message)

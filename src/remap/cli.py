@@ -457,6 +457,8 @@ def _json_flag(text: str | None, flag: str, kind: type, example: str) -> Any:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{flag}: expected {expected}, e.g. {example}; found {text!r}, which is not JSON ({exc})") from None
+    except RecursionError:
+        raise UsageError(f"{flag}: expected {expected}, e.g. {example}; found JSON nested deeper than it can be read") from None
     if not isinstance(value, kind):
         raise UsageError(f"{flag}: expected {expected}, e.g. {example}; found {text!r}, a JSON {type(value).__name__}")
     return value
@@ -703,6 +705,9 @@ def _input_flag(text: str | None) -> Any:
     if text.lstrip().startswith(("[", "{")):
         try:
             return json.loads(text)
+        except RecursionError:
+            raise UsageError(f"--input: the JSON is nested deeper than it can be read; expected a shape such as 1,3,224,224 or "
+                             "JSON such as '{\"ids\": [1, 16], \"high\": 1000}'") from None  # fmt: skip
         except json.JSONDecodeError as exc:
             raise UsageError(f"--input: {text!r} is not JSON ({exc}); expected a shape such as 1,3,224,224 or JSON such as "
                              "'{\"ids\": [1, 16], \"high\": 1000}'") from None  # fmt: skip

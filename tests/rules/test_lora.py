@@ -213,3 +213,14 @@ def test_a_missing_config_validates_like_a_missing_source_path_and_fails_the_pla
 def test_unknown_fields_are_rules_errors() -> None:
     with pytest.raises(RulesError, match="alpah"):
         _rules(alpah=8)
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("text", ["[" * 100_000, "{" * 1000, '"' + "x" * 10])
+def test_an_adapter_config_that_is_not_a_readable_json_object_is_a_rules_error(tmp_path: Path, text: str) -> None:
+    (tmp_path / "adapter_config.json").write_text(text)
+    path = tmp_path / "rules.yaml"
+    path.write_text(textwrap.dedent(RULES).lstrip())
+    with pytest.raises(RulesError) as info:
+        load_rules(path)
+    assert info.value.exit_code == 2 and str(tmp_path / "adapter_config.json") in str(info.value)

@@ -176,7 +176,10 @@ def _sharded(index: Path, save: Path, fmt: str) -> Layout:
 
 def _read_index(index: Path) -> dict[str, Any]:
     """The original's index (already read and checked once by the source reader)."""
-    data = json.loads(read_text_capped(index, limit=MAX_INDEX_BYTES, error=SourceError, what="a sharded checkpoint index"))
+    try:
+        data = json.loads(read_text_capped(index, limit=MAX_INDEX_BYTES, error=SourceError, what="a sharded checkpoint index"))
+    except (ValueError, RecursionError):  # changed since the source reader checked it
+        raise SourceError("not a sharded checkpoint index: it is no longer valid JSON", where=str(index)) from None
     if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
         raise SourceError("not a sharded checkpoint index: expected a JSON object with a `weight_map`", where=str(index))
     return data

@@ -789,7 +789,7 @@ def _read_claim(claim: Path) -> tuple[str, list[str]]:
     try:
         data = json.loads(read_text_capped(claim, limit=1 << 20, error=UsageError, what="a claim file"))
         index, names = str(data["index"]), [str(n) for n in data["shards"]]
-    except (OSError, ValueError, TypeError, KeyError, UsageError):
+    except (OSError, ValueError, TypeError, KeyError, RecursionError, UsageError):
         return "", []
     plain = [n for n in [index, *names] if n and "/" not in n and "\\" not in n and n not in (".", "..")]
     return (index if index in plain else ""), [n for n in names if n in plain]

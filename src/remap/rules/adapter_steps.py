@@ -162,6 +162,8 @@ def read_adapter_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RulesError(f"the adapter config is not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", where=str(path)) from None
+    except RecursionError:  # "[[[[...": nested deeper than Python's JSON reader goes
+        raise RulesError("the adapter config is nested deeper than JSON can be read here", where=str(path)) from None
     if not isinstance(data, dict):
         raise RulesError(f"expected a JSON object (PEFT's adapter_config.json), found {describe_value(data)}", where=str(path))
     kind = data.get("peft_type", "LORA")
