@@ -19,7 +19,7 @@ import remap
 from data.make_keras_reference import INPUT_NHWC, KERAS_FILE, REFERENCE, KerasPort
 from remap.errors import SourceError, UsageError
 from remap.rules.verify_spec import VerifySpec
-from remap.verifying.compare import _leaves
+from remap.verifying.compare import tensor_leaves
 from remap.verifying.reference import read_reference, verify_against_reference, write_reference
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ def test_round_trip_keeps_inputs_outputs_structure_and_settings(tmp_path: Path) 
     assert isinstance(ref.outputs["hidden_states"], tuple) and torch.equal(ref.outputs["hidden_states"][1], outputs["hidden_states"][1])
     assert ref.settings == {"seed": 3, "framework": "torch", "remap": remap.__version__}
     # the leaf paths compare() reports are the file's names: a verify.output selector finds the same tensors
-    assert [name for name, _ in _leaves(ref.outputs)] == [name for name, _ in _leaves(outputs)] == ["logits", "hidden_states[0]", "hidden_states[1]"]
+    assert [name for name, _ in tensor_leaves(ref.outputs)] == [name for name, _ in tensor_leaves(outputs)] == ["logits", "hidden_states[0]", "hidden_states[1]"]
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:

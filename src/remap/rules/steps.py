@@ -523,12 +523,18 @@ class NameStep(Step):
         raise NotImplementedError
 
     def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
+        return self.run_names(items, self.name_map)
+
+    def run_names(self, items: list[Item], name_map: Callable[[str], tuple[str | None, tuple[int, ...]]],
+                  more: Callable[[list[Item]], list[Failure]] = lambda items: []) -> StepResult:  # fmt: skip
+        """Rename (or drop, on None) every item by ``name_map``, counting each label's hits;
+        ``more`` adds failures of the step's own once every item was seen."""
         labels = self.labels()
         counts = [0] * len(labels)
         out, dropped, failures = [], [], []
         for item in items:
             try:
-                key, hits = self.name_map(item.key)
+                key, hits = name_map(item.key)
             except CaptureError as exc:
                 if hasattr(exc, "label_index"):
                     counts[exc.label_index] += 1
@@ -542,7 +548,7 @@ class NameStep(Step):
             else:
                 out.append(item.renamed(key, self.index))
         pairs = tuple(zip(labels, counts))
-        return StepResult(out, dropped, pairs, failures + self.unmatched(pairs, items))
+        return StepResult(out, dropped, pairs, failures + self.unmatched(pairs, items) + more(items))
 
 
 # --------------------------------------------------------------------------- prefixes
@@ -920,26 +926,8 @@ class MappedRename(_Renaming, Step):
     schema: ClassVar[dict[str, Any]] = Rename.schema
 
     def run(self, items: list[Item], ctx: StepContext | None = None) -> StepResult:
-        counts = [0] * len(self.rules)
         seen: list[tuple[int, Any, int]] = []
-        out, dropped, failures = [], [], []
-        for item in items:
-            try:
-                key, hits = self.map_key(item.key, seen)
-            except CaptureError as exc:
-                if hasattr(exc, "label_index"):
-                    counts[exc.label_index] += 1
-                failures.append(Failure("bad_capture", f"{self.label}: key {item.key!r}: {exc}", item.sources))
-                out.append(item)
-                continue
-            for n in hits:
-                counts[n] += 1
-            if key is None:
-                dropped.append(item)
-            else:
-                out.append(item.renamed(key, self.index))
-        pairs = tuple(zip(self.labels(), counts))
-        return StepResult(out, dropped, pairs, failures + self.unmatched(pairs, items) + self._unused_entries(seen, items))
+        return NameStep.run_names(self, items, lambda key: self.map_key(key, seen), lambda items: self._unused_entries(seen, items))  # type: ignore[arg-type]
 
     def _unused_entries(self, seen: list[tuple[int, Any, int]], items: list[Item]) -> list[Failure]:
         """A failure per map entry that no key used (unless optional), naming the indices found."""

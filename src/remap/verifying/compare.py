@@ -15,18 +15,25 @@ from typing import Any
 from ..errors import UsageError
 from ..report.grouping import fold_keys
 
-__all__ = ["compare", "describe_failure", "metric_failures"]
+__all__ = ["compare", "describe_failure", "tensor_leaves", "metric_failures"]
 
 
-def _leaves(value: Any, path: str = "") -> list[tuple[str, Any]]:
+def tensor_leaves(value: Any, path: str = "") -> list[tuple[str, Any]]:
+    """The tensors in an output (a tensor, tuples, lists, dicts, a ModelOutput), each with its
+    place (``logits``, ``[0]``, ``hidden_states[2]``); anything else (None, ints) is left out.
+
+    >>> import torch
+    >>> [p for p, _ in tensor_leaves({"logits": torch.ones(1), "past": (torch.ones(1), None)})]
+    ['logits', 'past[0]']
+    """
     import torch
 
     if isinstance(value, torch.Tensor):
         return [(path or "output", value)]
     if isinstance(value, Mapping):
-        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{path}.{k}" if path else str(k))]
+        return [leaf for k, v in value.items() for leaf in tensor_leaves(v, f"{path}.{k}" if path else str(k))]
     if isinstance(value, (tuple, list)):
-        return [leaf for n, v in enumerate(value) for leaf in _leaves(v, f"{path}[{n}]")]
+        return [leaf for n, v in enumerate(value) for leaf in tensor_leaves(v, f"{path}[{n}]")]
     return []
 
 
@@ -39,7 +46,7 @@ def compare(source_out: Any, target_out: Any, *, atol: float, rtol: float) -> di
     or the two are different ones, is a mismatch (``nonfinite_mismatched``, the first in
     ``first_mismatch``) and fails. The differences are over the positions finite on both sides.
     """
-    a, b = _leaves(source_out), _leaves(target_out)
+    a, b = tensor_leaves(source_out), tensor_leaves(target_out)
     if not a or len(a) != len(b):
         raise UsageError(f"verify: the outputs do not line up: the source gives {len(a)} tensor(s), the target {len(b)}; "
                          "choose one with verify.output")  # fmt: skip

@@ -61,6 +61,7 @@ from typing import Any
 from ..errors import RulesError, UsageError
 from ..report.grouping import fold_keys
 from ..rules.patterns import PatternError, compile_regex
+from .compare import tensor_leaves
 from .inputs import select_output
 
 __all__ = ["check_coverage", "describe_coverage", "MAX_PERTURBATIONS", "PERTURBATION"]
@@ -285,16 +286,7 @@ def _forward(model: Any, inputs: Inputs, output: Any) -> Any:
 
 
 def _leaves(value: Any) -> list[Any]:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [leaf for v in value.values() for leaf in _leaves(v)]
-    if isinstance(value, (tuple, list)):
-        return [leaf for v in value for leaf in _leaves(v)]
-    return []
-
+    return [t for _, t in tensor_leaves(value)]
 
 def _projection(leaves: list[Any]) -> Any:
     """A fixed seeded random projection of every differentiable output tensor, summed;

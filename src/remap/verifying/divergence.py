@@ -50,7 +50,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..report.records import LOADED, TIED
-from .compare import compare
+from .compare import compare, tensor_leaves
 
 __all__ = ["first_divergence", "describe_divergence", "pair_modules", "ModulePairing"]
 
@@ -210,20 +210,6 @@ class _Recording:
     finished: list[tuple[str, int]] = field(default_factory=list)
 
 
-def _leaves(value: Any, path: str = "") -> list[tuple[str, Any]]:
-    """The tensors in an output (tensor, tuple, list, dict, ModelOutput), with their places;
-    anything else (None, ints) is not compared."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return [(path or "output", value)]
-    if isinstance(value, Mapping):
-        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{path}.{k}" if path else str(k))]
-    if isinstance(value, (tuple, list)):
-        return [leaf for n, v in enumerate(value) for leaf in _leaves(v, f"{path}[{n}]")]
-    return []
-
-
 def _record(model: Any, names: Iterable[str], inputs: tuple[Sequence[Any], Mapping[str, Any]], side: str) -> _Recording:
     """Run ``model`` once (eval, no_grad) with a forward hook on each named module.
 
@@ -241,7 +227,7 @@ def _record(model: Any, names: Iterable[str], inputs: tuple[Sequence[Any], Mappi
         def hook(_module: Any, _args: Any, output: Any) -> None:
             calls = rec.outputs.setdefault(name, [])
             rec.finished.append((name, len(calls)))
-            calls.append([(p, t.detach().to("cpu", copy=True)) for p, t in _leaves(output)])
+            calls.append([(p, t.detach().to("cpu", copy=True)) for p, t in tensor_leaves(output)])
 
         return hook
 

@@ -39,7 +39,7 @@ from typing import Any
 from ..errors import UsageError
 from ..report.records import LOADED
 from ..rules.verify_spec import VerifySpec
-from .compare import compare
+from .compare import compare, tensor_leaves
 from .inputs import make_inputs, model_device, model_dtype, place_inputs, select_output
 from .reference import Reference
 from .metrics import compare_greedy, default_tolerances, greedy_decode, lower_precision, measure, thresholds_for
@@ -109,7 +109,7 @@ def _against_reference(spec: VerifySpec, ref: Reference, target: Any, *, records
         raise UsageError("verify.metrics.greedy decodes with both models, but a recorded reference holds one output, not a "
                          "model: leave greedy out when verifying against a reference")  # fmt: skip
     recorded = select_output(ref.outputs, spec.output[0], "recorded")
-    leaves = [t for t in _tensor_leaves(recorded) if t.is_floating_point()]
+    leaves = [t for _, t in tensor_leaves(recorded) if t.is_floating_point()]
     ref_dtype = leaves[0].dtype if leaves else model_dtype(target)
     precision = lower_precision(ref_dtype, model_dtype(target))
     atol, rtol, tol_why = default_tolerances(spec, precision)
@@ -138,18 +138,6 @@ def _against_reference(spec: VerifySpec, ref: Reference, target: Any, *, records
     )  # fmt: skip
     result["ok"] = result["outcome"] == AGREE
     return with_coverage(result, spec, target, (args, kwargs), records=records, loaded=loaded)
-
-
-def _tensor_leaves(value: Any) -> list[Any]:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensor_leaves(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensor_leaves(v)]
-    return []
 
 
 def with_coverage(result: dict[str, Any], spec: VerifySpec, target: Any, inputs: tuple[list[Any], dict[str, Any]], *,
