@@ -258,8 +258,8 @@ def test_validate_json(tmp_path, capsys):
     assert (code, err) == (0, "")
     assert json.loads(out) == {
         "ok": True, "rules": str(rules), "version": 1,
-        "steps": [{"index": 1, "kind": "strip_prefix", "summary": "strip_prefix 'module.', '_orig_mod.'", "optional": True},
-                  {"index": 2, "kind": "drop", "summary": "drop '^fc\\.'", "optional": False}],
+        "steps": [{"index": 1, "kind": "strip_prefix", "summary": "strip_prefix 'module.', '_orig_mod.'", "optional": True, "from": None},
+                  {"index": 2, "kind": "drop", "summary": "drop '^fc\\.'", "optional": False, "from": None}],
     }  # fmt: skip
     bad = write(tmp_path, "version: 1\nrules:\n  - rename: {from: '(', to: x}\n", "bad.yaml")
     code, out, _ = run(capsys, "validate", bad, "--json")

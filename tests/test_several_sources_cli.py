@@ -190,3 +190,10 @@ def test_a_missing_tower_names_its_source(towers, tmp_path, capsys):
     code = main(["apply", str(CONFIG), "--source", f"vision={towers['vision']}", "--source", f"text={tmp_path / 'nope'}",
                  "--target", "test_several_sources_cli:tiny_clip", "--dry-run"])  # fmt: skip
     assert code == 3 and "source 'text'" in capsys.readouterr().err
+
+
+def test_validate_shows_which_source_each_step_reads(capsys):
+    assert main(["validate", str(CONFIG)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:] == ["  1. keep '^vision_model\\.', '^visual_projection\\.' (from vision)",
+                         "  2. keep '^text_model\\.', '^text_projection\\.' (from text)"]  # fmt: skip

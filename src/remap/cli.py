@@ -527,13 +527,15 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
 
     rules = load_rules(args.rules)
     if args.json:
-        steps = [{"index": step.index, "kind": step.kind, "summary": step.summary(), "optional": step.optional} for step in rules.steps]
+        steps = [{"index": step.index, "kind": step.kind, "summary": step.summary(), "optional": step.optional, "from": step.reads}
+                 for step in rules.steps]  # fmt: skip
         _print_json({"ok": True, "rules": str(args.rules), "version": rules.version, "steps": steps}, out)
         return 0
     print(printable(f"{args.rules}: OK, version {rules.version}, {len(rules.steps)} step(s)"), file=out)
     for step in rules.steps:
         optional = " (optional)" if step.optional else ""
-        print(printable(f"  {step.index}. {step.summary()}{optional}"), file=out)
+        reads = f" (from {step.reads})" if step.reads else ""
+        print(printable(f"  {step.index}. {step.summary()}{reads}{optional}"), file=out)
     return 0
 
 
