@@ -160,7 +160,10 @@ def run(rank, out):
     w, b = torch.randn(5, 3, generator=g), torch.randn(7, generator=g)
     sd = {"w": distribute_tensor(w, mesh, [Shard(0)]), "b": distribute_tensor(b, mesh, [Shard(0)]), "s": torch.tensor(3)}
     dcp.save({"model": sd}, checkpoint_id=out)
+    dist.barrier()  # both ranks done before either tears gloo down
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown: gloo's threads can abort a rank there ("terminate called without an active exception")
 
 if __name__ == "__main__":
     mp.spawn(run, args=(os.path.abspath(sys.argv[1]),), nprocs=2)
