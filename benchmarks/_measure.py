@@ -219,3 +219,18 @@ def table(title: str, columns: list[str], rows: list[list[str]], notes: list[str
     for n in notes:
         print(n)
     sys.stdout.flush()
+
+
+def run_status(r: dict[str, Any]) -> str:
+    """A child run's verdict: ``n/a: …`` (it died), ``WRONG: …`` (its own check failed) or ``ok``.
+
+    >>> run_status({"problems": ["w differs"]}), run_status({})
+    ('WRONG: w differs', 'ok')
+    """
+    if "error" in r:
+        return "n/a: " + r["error"]
+    if r.get("problems"):
+        return "WRONG: " + "; ".join(r["problems"])
+    if r.get("remap_ok") is False:
+        return "WRONG: remap report not ok"
+    return "ok"

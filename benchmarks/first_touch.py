@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import ForeignCpu, RssSampler, Timer, gib, table, warm_file  # noqa: E402
+from _measure import ForeignCpu, RssSampler, Timer, run_status, gib, table, warm_file  # noqa: E402
 
 FULL = {"layers": 24, "hidden": 1024, "inter": 2816, "vocab": 32000}
 QUICK = {"layers": 4, "hidden": 256, "inter": 704, "vocab": 4000}
@@ -408,16 +408,6 @@ def run_variant(variant: str, folder: Path, quick: bool) -> dict[str, Any]:
     return {"variant": variant, "error": f"subprocess died: {tail[0][:300]}", "other_cores": other.cores}
 
 
-def _status(r: dict[str, Any]) -> str:
-    if "error" in r:
-        return "n/a: " + r["error"]
-    if r.get("problems"):
-        return "WRONG: " + "; ".join(r["problems"])
-    if r.get("remap_ok") is False:
-        return "WRONG: remap report not ok"
-    return "ok"
-
-
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Per variant: the median, min and max wall time, the median over rounds of its time
     over the reference's (``readinto``) in the same round, faults and memory (median run).
@@ -431,7 +421,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for v, rs in runs.items():
         timed = [r for r in rs if "seconds" in r]
-        statuses = {_status(r) for r in rs}
+        statuses = {run_status(r) for r in rs}
         entry: dict[str, Any] = {"status": "ok" if statuses == {"ok"} else "; ".join(sorted(statuses - {"ok"})),
                                  "all_seconds": [r.get("seconds") for r in rs]}  # fmt: skip
         if timed:
@@ -469,7 +459,7 @@ def run(quick: bool, repeats: int, tmpdir: str | None = None, progress: Callable
                 vm = r.get("vmstat", {})
                 progress(f"  first touch [{rep + 1}/{repeats}] {v:26} {t:>8}  minflt {r.get('minflt', '-'):>8}  "
                          f"thp {vm.get('thp_fault_alloc', '-')}/{vm.get('thp_fault_fallback', '-')} fell back, "
-                         f"{vm.get('compact_stall', '-')} stalls  others {r['other_cores']:.2f} cores  {_status(r)[:100]}")  # fmt: skip
+                         f"{vm.get('compact_stall', '-')} stalls  others {r['other_cores']:.2f} cores  {run_status(r)[:100]}")  # fmt: skip
         return {"config": cfg, "tensors": len(shapes(cfg)), "file_bytes": size, "repeats": repeats,
                 "runs": runs, "variants": summarise(runs)}  # fmt: skip
     finally:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import ForeignCpu, RssSampler, Timer, warm_file  # noqa: E402
+from _measure import ForeignCpu, RssSampler, Timer, run_status, warm_file  # noqa: E402
 
 FULL = {"layers": 32, "dim": 4096}
 QUICK = {"layers": 12, "dim": 1024}
@@ -299,23 +299,13 @@ def run_variant(variant: str, folder: Path, layers: int, dim: int, threads: int 
             "other_cores": other.cores}  # fmt: skip
 
 
-def _status(r: dict[str, Any]) -> str:
-    if "error" in r:
-        return "n/a: " + r["error"]
-    if r.get("problems"):
-        return "WRONG: " + "; ".join(r["problems"])
-    if r.get("remap_ok") is False:
-        return "WRONG: remap report not ok"
-    return "ok"
-
-
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Best (fastest) run per variant, with ratios to the fastest raw path and to the page-cache copy."""
     best: dict[str, dict[str, Any]] = {}
     for v, rs in runs.items():
         timed = [r for r in rs if "seconds" in r]
         pick = min(timed, key=lambda r: r["seconds"]) if timed else rs[0]
-        best[v] = {**pick, "status": _status(pick), "all_seconds": [r.get("seconds") for r in rs]}
+        best[v] = {**pick, "status": run_status(pick), "all_seconds": [r.get("seconds") for r in rs]}
     raw = [b for v, b in best.items() if VARIANTS[v][3] and b["status"] == "ok"]
     fastest_raw = min(raw, key=lambda r: r["seconds"]) if raw else None
     copy = best.get("page_cache_copy")
@@ -345,7 +335,7 @@ def _paired_ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
     fastest = []
     for n in range(rounds):
         raw = [rs[n]["seconds"] for v, rs in runs.items() if VARIANTS[v][3] and n < len(rs) and "seconds" in rs[n]
-               and _status(rs[n]) == "ok"]  # fmt: skip
+               and run_status(rs[n]) == "ok"]  # fmt: skip
         fastest.append(min(raw) if raw else None)
     out = {}
     for v, rs in runs.items():
@@ -376,7 +366,7 @@ def run(quick: bool, repeats: int, tmpdir: str | None = None, progress: Callable
                 t = f"{r['seconds']:.3f}s" if "seconds" in r else "-"
                 peak = f"+{r['peak']['rss'] / 2**30:.2f} GiB" if "peak" in r else ""
                 progress(f"  loading [{rep + 1}/{repeats}] {v:22} {t:>8} {peak:>12}  others {r['other_cores']:.2f} cores  "
-                         f"{_status(r)[:100]}")  # fmt: skip
+                         f"{run_status(r)[:100]}")  # fmt: skip
         summary = summarise(runs)
         return {"layers": layers, "dim": dim, "repeats": repeats, "threads": threads, "runs": runs, **summary}
     finally:
