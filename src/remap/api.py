@@ -107,15 +107,20 @@ def open_rules_source(source: Any, rules: Rules, *, key: str | None = None, trus
     base_dir = None  # a path given by the caller is relative to the working directory
     if source is None:
         base_dir = rules.base_dir  # a path written in the rules is relative to the rules file
-        if spec.path is not None:
-            source = spec.path
-        elif spec.model is not None:
-            source = {"model": spec.model, "args": list(spec.args), "kwargs": dict(spec.kwargs)}
-        else:
-            raise UsageError("no source: set source.path (or source.model) in the rules, give --source on the command line, "
-                             "or pass a source to remap.load / remap.plan")  # fmt: skip
+        source = _written_source(spec, "no source: set source.path (or source.model) in the rules, give --source on the "
+                                       "command line, or pass a source to remap.load / remap.plan")  # fmt: skip
     links = spec.trust_links if trust_links is None else trust_links
     return open_source(source, key=key, trust_pickle=trust, base_dir=base_dir, trust_links=links)
+
+
+def _written_source(spec: Any, missing: str) -> Any:
+    """What a source section of the rules names: its path, else its factory as a mapping; a
+    UsageError saying ``missing`` when it names neither."""
+    if spec.path is not None:
+        return spec.path
+    if spec.model is not None:
+        return {"model": spec.model, "args": list(spec.args), "kwargs": dict(spec.kwargs)}
+    raise UsageError(missing)
 
 
 def _named_sources(source: Any) -> bool:
@@ -155,12 +160,7 @@ def _open_several(source: Any, rules: Rules, *, key: str | None, trust_pickle: b
             return value
         if value is None:
             base_dir = rules.base_dir  # a path written in the rules is relative to the rules file
-            if spec.path is not None:
-                value = spec.path
-            elif spec.model is not None:
-                value = {"model": spec.model, "args": list(spec.args), "kwargs": dict(spec.kwargs)}
-            else:
-                raise UsageError(f"sources.{name}: no path (or model); give one in the rules or with --source {name}=PATH")
+            value = _written_source(spec, f"sources.{name}: no path (or model); give one in the rules or with --source {name}=PATH")
         trust = spec.trust_pickle if trust_pickle is None else trust_pickle
         links = spec.trust_links if trust_links is None else trust_links
         try:
