@@ -108,7 +108,7 @@ def test_an_unknown_save_suffix_fails_before_anything_is_loaded(tmp_path, name):
     found = f"unknown format {Path(name).suffix!r}" if Path(name).suffix else "the name has no suffix"
     assert str(info.value) == (
         f"save (--save): cannot save {str(tmp_path / name)!r}: {found}; "
-        "expected a file name ending in .safetensors, .pt, .pth, .bin or .ckpt"
+        "expected a file name ending in .safetensors, .pt, .pth, .bin or .ckpt, or a folder name ending in .dcp (torch.distributed.checkpoint)"
     )
     assert info.value.exit_code == 2 and list(tmp_path.iterdir()) == []
 
@@ -119,7 +119,7 @@ def test_an_unknown_save_suffix_on_the_command_line_and_in_the_rules(tmp_path, c
     assert main([*argv, "--save", str(tmp_path / "out.npz")]) == 2
     assert capsys.readouterr().err == (
         f"remap: error: save (--save): cannot save '{tmp_path / 'out.npz'}': unknown format '.npz'; "
-        "expected a file name ending in .safetensors, .pt, .pth, .bin or .ckpt\n"
+        "expected a file name ending in .safetensors, .pt, .pth, .bin or .ckpt, or a folder name ending in .dcp (torch.distributed.checkpoint)\n"
     )
     rules = yaml.safe_load(CONFIG.read_text())
     rules["output"] = {"save": "ft.npz"}
@@ -127,7 +127,7 @@ def test_an_unknown_save_suffix_on_the_command_line_and_in_the_rules(tmp_path, c
     assert main(["apply", str(tmp_path / "rules.yaml"), "--source", str(ckpt), "--target", "torchvision.models:resnet18"]) == 2
     assert capsys.readouterr().err == (
         f"remap: error: output.save: cannot save '{tmp_path / 'ft.npz'}': unknown format '.npz'; "
-        "expected a file name ending in .safetensors, .pt, .pth, .bin or .ckpt\n"
+        "expected a file name ending in .safetensors, .pt, .pth, .bin or .ckpt, or a folder name ending in .dcp (torch.distributed.checkpoint)\n"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet18.pth", "rules.yaml"]
 

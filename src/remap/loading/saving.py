@@ -47,14 +47,15 @@ def save_format(path: str | os.PathLike[str], *, what: str = "save") -> str:
     >>> save_format("out.npz", what="output.save")
     Traceback (most recent call last):
     ...
-    remap.errors.UsageError: output.save: cannot save 'out.npz': unknown format '.npz'; expected a file name ending in .safetensors, .pt, .pth, .bin or .ckpt
+    remap.errors.UsageError: output.save: cannot save 'out.npz': unknown format '.npz'; expected a file name ending in .safetensors, .pt, .pth, .bin or .ckpt, or a folder name ending in .dcp (torch.distributed.checkpoint)
     """
     suffix = Path(path).suffix
     fmt = SAVE_FORMATS.get(suffix.lower()) or FOLDER_FORMATS.get(suffix.lower()) or ("dcp" if _is_dcp_folder(Path(path)) else None)
     if fmt is None:
         accepted = ", ".join(list(SAVE_FORMATS)[:-1]) + f" or {list(SAVE_FORMATS)[-1]}"
         found = f"unknown format {suffix!r}" if suffix else "the name has no suffix"
-        raise UsageError(f"cannot save {str(path)!r}: {found}; expected a file name ending in {accepted}", where=what)
+        raise UsageError(f"cannot save {str(path)!r}: {found}; expected a file name ending in {accepted}, "
+                         "or a folder name ending in .dcp (torch.distributed.checkpoint)", where=what)  # fmt: skip
     return fmt
 
 
