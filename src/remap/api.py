@@ -617,6 +617,7 @@ def _record(rules: Rules, path: str | os.PathLike[str], source: Any, **opening: 
 
     from .verifying.inputs import make_inputs
     from .verifying.reference import output_leaves, write_reference
+    from .verifying.run import evaluating
 
     spec = rules.verify
     if spec is None or not (spec.inputs or getattr(spec, "input_file", None)):
@@ -629,15 +630,11 @@ def _record(rules: Rules, path: str | os.PathLike[str], source: Any, **opening: 
     finally:
         src.close()
     args, kwargs = make_inputs(spec, base_dir=rules.base_dir)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             out = model(*[a.clone() for a in args], **{k: v.clone() for k, v in kwargs.items()})
     except Exception as exc:  # the user's model raising on the declared input
         raise UsageError(f"verify --record: the source model failed on the verify input: {type(exc).__name__}: {exc}") from None
-    finally:
-        model.train(was_training)
     dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), None)
     settings = {"framework": f"torch {torch.__version__}", "model": rules.source.model, "weights": weights,
                 "seed": spec.seed, "input": dict(spec.raw).get("input"), "dtype": dtype}  # fmt: skip

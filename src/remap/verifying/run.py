@@ -44,7 +44,7 @@ from .inputs import make_inputs, model_device, model_dtype, place_inputs, select
 from .reference import Reference
 from .metrics import compare_greedy, default_tolerances, greedy_decode, lower_precision, measure, thresholds_for
 
-__all__ = ["run_verify", "with_coverage", "other_inputs"]
+__all__ = ["run_verify", "with_coverage", "other_inputs", "evaluating"]
 
 AGREE, DIFFER, INCONCLUSIVE = "agree", "differ", "inconclusive"
 
@@ -232,20 +232,36 @@ def _verdict_by(spec: VerifySpec, thresholds: Mapping[str, Any]) -> str:
     return "tolerances and metrics" if spec.atol_given or spec.rtol_given else "metrics"
 
 
+@contextlib.contextmanager
+def evaluating(model: Any) -> Iterator[Any]:
+    """``model`` in eval mode inside, its training flag put back afterwards (errors included).
+
+    >>> import torch
+    >>> net = torch.nn.Dropout().train()
+    >>> with evaluating(net):
+    ...     net.training
+    False
+    >>> net.training
+    True
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def _forward(model: Any, side: str, args: list[Any], kwargs: dict[str, Any], selector: Any) -> Any:
     """The model's selected output on its own copy of the inputs, in eval mode, without gradients."""
     import torch
 
     args, kwargs = place_inputs(args, kwargs, model)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             out = model(*args, **kwargs)
     except Exception as exc:  # the user's model raising on the declared input
         raise UsageError(f"verify: the {side} model failed on the verify input: {type(exc).__name__}: {exc}") from None
-    finally:
-        model.train(was_training)
     return select_output(out, selector, side)
 
 
@@ -254,12 +270,8 @@ def _greedy(spec: VerifySpec, source: Any, target: Any, args: list[Any], kwargs:
     name, ids = _token_ids(args, kwargs)
     decoded = []
     for n, (side, model) in enumerate((("source", source), ("target", target))):
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             decoded.append(greedy_decode(model, ids, want["tokens"], name=name, selector=spec.output[n], side=side))
-        finally:
-            model.train(was_training)
     match, first = compare_greedy(*decoded)
     return {"greedy_tokens": want["tokens"], "greedy_match": match, "greedy_first_mismatch": first}
 
