@@ -83,7 +83,7 @@ YAML_ERRORS = [
     ),
     pytest.param(
         "version: 1\ntarget:\n  model: m:f\n  kwrags: {}\n",
-        "rules.yaml:4:3: target: unknown field 'kwrags' (did you mean 'kwargs'?); expected one of: model, args, kwargs, device, dtype, keep_fp32",
+        "rules.yaml:4:3: target: unknown field 'kwrags' (did you mean 'kwargs'?); expected one of: model, args, kwargs, device, dtype, keep_fp32, shard",
         id="target-unknown",
     ),
     pytest.param(

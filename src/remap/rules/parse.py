@@ -30,6 +30,7 @@ import regex
 from ..errors import RulesError, describe_value
 from ..files import file_kind, read_text_capped
 from .patterns import PatternError, compile_regex
+from .shard_spec import SHARD_SCHEMA, ShardSpec, ShardSpecError
 from . import tensor_steps  # noqa: F401  (registers the tensor-op steps)
 from . import adapter_steps  # noqa: F401  (registers the adapter steps: lora)
 from . import quant_steps  # noqa: F401  (registers dequant_blocks)
@@ -121,7 +122,8 @@ class TargetSpec:
 
     ``device: meta`` builds it without memory: loading assigns each tensor once (on the
     CPU) and initialises what no source feeds. ``dtype`` casts floating tensors (``auto``: each keeps
-    the checkpoint's dtype); ``keep_fp32`` patterns name target keys that stay float32.
+    the checkpoint's dtype); ``keep_fp32`` patterns name target keys that stay float32. ``shard``
+    says how to shard the built module over a device mesh (:class:`~remap.rules.shard_spec.ShardSpec`).
     """
 
     model: str | None = None
@@ -130,6 +132,7 @@ class TargetSpec:
     device: str | None = None
     dtype: str | None = None  # a dtype name, or "auto": each loaded tensor keeps the checkpoint's (loading/dtype_policy.py)
     keep_fp32: tuple[str, ...] = ()  # target keys that stay float32 whatever dtype says
+    shard: ShardSpec | None = None  # target.shard: FSDP2 / tensor parallel over a device mesh (rules/shard_spec.py)
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     ),
     "target": _obj({"model": {"type": "string", "minLength": 1}, "args": {"type": "array"}, "kwargs": {"type": "object"},
                     "device": {"type": "string", "minLength": 1}, "dtype": {"enum": ["float32", "float16", "bfloat16", "float64", "auto"]},
-                    "keep_fp32": PATTERNS}),
+                    "keep_fp32": PATTERNS, "shard": SHARD_SCHEMA}),
     "rules": {"type": "array", "items": {"type": "object"}},
     "shapes": {"type": ["string", "object"]},
     "expect": _obj({"missing": PATTERNS, "unused": PATTERNS, "min_loaded": {"type": "number", "minimum": 0, "maximum": 1}}),
@@ -417,8 +420,12 @@ def _source(d: dict[str, Any], ctx: _Context) -> SourceSpec:
 def _target(d: dict[str, Any], ctx: _Context) -> TargetSpec:
     if ("args" in d or "kwargs" in d) and "model" not in d:
         raise ctx.error("'args' and 'kwargs' need 'model'", ("target",))
+    try:
+        shard = ShardSpec.parse(d["shard"]) if "shard" in d else None
+    except ShardSpecError as exc:
+        raise ctx.error(str(exc), ("target", "shard", *exc.at), key=exc.key, fields=("shard", *exc.field)) from None
     return TargetSpec(d.get("model"), tuple(d.get("args", ())), dict(d.get("kwargs", {})), d.get("device"), d.get("dtype"),
-                      _patterns(d.get("keep_fp32")))
+                      _patterns(d.get("keep_fp32")), shard)
 
 
 def _shapes(value: Any, ctx: _Context) -> ShapePolicy:
