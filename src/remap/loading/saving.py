@@ -100,7 +100,8 @@ def _alive(pid: int) -> bool:
 
 def _stale(entry: os.DirEntry[str]) -> re.Match[str] | None:
     """The name match of a temporary of a remap save on this host whose process is gone,
-    owned by this user and a plain file; None for anything else."""
+    owned by this user and a plain file (or a folder, not a link, for a ``.tmp``: a DCP
+    save's); None for anything else."""
     found = TEMPORARY_PATTERN.fullmatch(entry.name)
     if found is None or found["host"] != _HOST or _alive(int(found["pid"])):
         return None
@@ -108,7 +109,8 @@ def _stale(entry: os.DirEntry[str]) -> re.Match[str] | None:
         info = entry.stat(follow_symlinks=False)
     except OSError:
         return None
-    if not stat.S_ISREG(info.st_mode) or (hasattr(os, "geteuid") and info.st_uid != os.geteuid()):
+    folder = stat.S_ISDIR(info.st_mode) and found["kind"] == "tmp"
+    if not (stat.S_ISREG(info.st_mode) or folder) or (hasattr(os, "geteuid") and info.st_uid != os.geteuid()):
         return None
     return found
 
@@ -116,7 +118,8 @@ def _stale(entry: os.DirEntry[str]) -> re.Match[str] | None:
 def clean_stale_temporaries(folder: str | os.PathLike[str]) -> list[str]:
     """Remove what saves into ``folder`` that were killed left behind, and say so (a
     ``UserWarning`` naming the files): temporaries of remap's own (by name, see
-    :data:`TEMPORARY_PATTERN`) written on this host by a process that no longer runs, and
+    :data:`TEMPORARY_PATTERN`; files, and the hidden folders of DCP saves, with what they
+    hold) written on this host by a process that no longer runs, and
     the shards such a save had claimed but never published (those no index names).
     Files of running saves, of other hosts and users, and everything else are left alone.
     Returns the names removed. Called by every save, holding the folder's save lock.
@@ -132,7 +135,12 @@ def clean_stale_temporaries(folder: str | os.PathLike[str]) -> list[str]:
             continue
         if found["kind"] == "shards":
             removed += _release_claim(Path(entry.path))
-        _remove([Path(entry.path)])
+        if entry.is_dir(follow_symlinks=False):
+            import shutil
+
+            shutil.rmtree(entry.path, ignore_errors=True)  # a DCP save's temporary folder; rmtree follows no link
+        else:
+            _remove([Path(entry.path)])
         removed.append(entry.name)
     if removed:
         import warnings
@@ -703,8 +711,11 @@ def _safetensors_save(tensors: dict[str, torch.Tensor], tmp: Path, tied: dict[st
 
 
 def _write_sharded(shards: list[dict[str, torch.Tensor]], path: Path, fmt: str, tied: dict[str, str], *,
-                   metadata: list[dict[str, str] | None] | None = None, index_metadata: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+                   metadata: list[dict[str, str] | None] | None = None, index_metadata: dict[str, Any] | None = None,
+                   write: Callable[[int, Path], None] | None = None) -> dict[str, Any]:  # fmt: skip
     """Shards under names this save alone holds, then the index, then the previous set goes.
+    ``write(n, path)``, if given, writes shard ``n`` atomically itself (the sharded save of
+    a DTensor model streams it); ``shards`` then need only names, shapes and dtypes (meta tensors).
 
     The names are chosen and claimed (a ``.shards`` claim file) under the folder's save
     lock: the plain ``stem-00001-of-0000N`` names when no file and no running save has
@@ -725,7 +736,10 @@ def _write_sharded(shards: list[dict[str, torch.Tensor]], path: Path, fmt: str, 
     published = False
     try:
         for n, (name, shard) in enumerate(zip(names, shards)):
-            _write(shard, folder / name, fmt, tied, metadata=metadata[n] if metadata else None)
+            if write is not None:
+                write(n, folder / name)
+            else:
+                _write(shard, folder / name, fmt, tied, metadata=metadata[n] if metadata else None)
         weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
         total = sum(_nbytes(t) for shard in shards for t in shard.values())
         index = {
