@@ -110,6 +110,10 @@ class CombinedSource(Source):
         name, inner = self.origin(key)
         return self.sources[name].span(inner)
 
+    def _read_box(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor | None:
+        name, inner = self._origin[key]
+        return self.sources[name].read_box(inner, offset, shape)
+
     def read_checked(self, key: str) -> bool:
         name, inner = self.origin(key)
         return self.sources[name].read_checked(inner)

@@ -26,6 +26,10 @@ How it is read:
   never unpickles ``.metadata``). DCP reads each chunk with ``torch.load(weights_only=True)``
   and assembles the tensor, whatever the number of ranks that saved it.
   :meth:`_DcpReader.read_many` reads several keys in one ``dcp.load``.
+- A box of a tensor (``read_box``: the part one rank owns of a sharded target) is read by
+  ``dcp.load`` too, with a planner whose plan is DCP's own resharding of the saved chunks onto
+  that one box (``create_read_items_for_chunk_list``): only the chunks that overlap the box are
+  read, each narrowed into a box-shaped tensor.
 - Non-tensor values are never read (DCP's planner would ``torch.load`` them with
   ``weights_only=False``); they are listed in ``entries``.
 
@@ -566,19 +570,42 @@ class _DcpReader(_Reader):
         import torch
 
         keys = list(keys)
+        sdm = self.metadata.state_dict_metadata
+        targets = {self._fqn[k]: torch.empty(tuple(sdm[self._fqn[k]].size), dtype=sdm[self._fqn[k]].properties.dtype) for k in keys}
+        self._load(keys, targets, None)
+        return {k: targets[self._fqn[k]] for k in keys}
+
+    def read_box(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        """The box ``[offset[d] : offset[d] + shape[d]]`` of tensor ``key`` (global coordinates),
+        in the checkpoint's dtype, contiguous; only the saved chunks that overlap it are read.
+
+        ``dcp.load`` does the reading: its plan is DCP's resharding of the saved chunks onto the
+        one chunk ``(offset, shape)`` (:func:`_box_planner`). An empty box reads nothing; a box
+        that does not lie inside the tensor is a SourceError naming the key, the box and the shape.
+        """
+        import torch
+
+        fqn = self._fqn[key]
+        item = self.metadata.state_dict_metadata[fqn]
+        offset, shape = _check_box(key, offset, shape, tuple(item.size), str(self.path))
+        target = torch.empty(shape, dtype=item.properties.dtype)
+        if target.numel():
+            self._load([key], {fqn: target}, _box_planner(fqn, offset, shape))
+        return target
+
+    def _load(self, keys: list[str], targets: dict[str, torch.Tensor], planner: Any) -> None:
+        """``dcp.load`` of ``targets`` (DCP key -> tensor) through the storage reader and ``planner``
+        (None: DCP's default); a failure is a SourceError naming ``keys`` and their files."""
         if self._storage is None:
             self._check_unchanged()
             self._storage = _storage_reader(self.folder, self.metadata)
-        sdm = self.metadata.state_dict_metadata
-        targets = {self._fqn[k]: torch.empty(tuple(sdm[self._fqn[k]].size), dtype=sdm[self._fqn[k]].properties.dtype) for k in keys}
         dcp = _torch_dcp(self.path)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "torch.distributed is disabled ...: assuming ... a single process"
-                dcp.load(targets, storage_reader=self._storage, no_dist=True)
+                dcp.load(targets, storage_reader=self._storage, planner=planner, no_dist=True)
         except (Exception, dcp.CheckpointException) as exc:  # noqa: BLE001 - torch.load on corrupt bytes raises many types
             raise self._fail_many(keys, _unwrap(exc)) from None
-        return {k: targets[self._fqn[k]] for k in keys}
 
     def _fail_many(self, keys: list[str], exc: BaseException) -> SourceError:
         files = self._files_of(keys)
@@ -617,6 +644,51 @@ def _unwrap(exc: BaseException) -> BaseException:
         if isinstance(first, tuple) and first and isinstance(first[0], BaseException):
             return first[0]
     return exc
+
+
+def _check_box(key: str, offset: Any, shape: Any, size: tuple[int, ...], where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(offset, shape)`` as tuples of ints when the box lies inside a tensor of ``size``, else a SourceError.
+
+    >>> _check_box("w", [1, 0], [2, 3], (4, 3), "ckpt/.metadata")
+    ((1, 0), (2, 3))
+    """
+    def dims(value: Any) -> tuple[int, ...] | None:
+        if not isinstance(value, (tuple, list)) or not all(_count(d) for d in value):
+            return None
+        return tuple(int(d) for d in value)
+
+    o, s = dims(offset), dims(shape)
+    if o is None or s is None or len(o) != len(size) or len(s) != len(size) or any(a + b > d for a, b, d in zip(o, s, size)):
+        raise SourceError(f"cannot read the box at offset {_safe_repr(offset)} of shape {_safe_repr(shape)} of tensor {key!r}: "
+                          f"it does not lie inside the tensor, whose shape is {list(size)}", where=where)  # fmt: skip
+    return o, s
+
+
+def _box_planner(fqn: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> Any:
+    """A ``DefaultLoadPlanner`` whose state dict is ``{fqn: box-shaped tensor}`` and whose plan
+    reads the box ``(offset, shape)`` of ``fqn``: DCP's own read items of the saved chunks that
+    overlap it (``create_read_items_for_chunk_list``), each narrowed into the box tensor.
+    ``planner.items`` holds the plan once made."""
+    import torch
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class _BoxPlanner(DefaultLoadPlanner):
+        def __init__(self) -> None:
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self.items: list[Any] = []
+
+        def create_local_plan(self) -> Any:
+            box = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=torch.Size(shape))
+            self.items = create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [box])
+            return LoadPlan(self.items)
+
+        def lookup_tensor(self, index: Any) -> Any:
+            return self.state_dict[index.fqn]  # the box itself; each read item's dest_offsets are relative to it
+
+    return _BoxPlanner()
 
 
 def _storage_reader(folder: Path, metadata: Any) -> Any:

@@ -420,11 +420,7 @@ class Source:
 
     def read(self, key: str) -> torch.Tensor:
         """Materialise the tensor ``key`` on the CPU."""
-        if key not in self.meta:
-            raise SourceError(
-                f"no tensor {key!r} in this source ({len(self.meta)} tensors){_did_you_mean(key, self.meta)}",
-                where=self._where,
-            )
+        self._check_key(key)
         return self._read(key)
 
     def _read(self, key: str) -> torch.Tensor:
@@ -433,6 +429,26 @@ class Source:
     def span(self, key: str) -> Span | None:
         """Where ``key``'s bytes sit in a file, when they can be mapped without a copy."""
         return None
+
+    def read_box(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The box ``[offset[d] : offset[d] + shape[d]]`` of tensor ``key``, read without the rest
+        of it, in the source's dtype; None when this source cannot (the caller reads it whole).
+
+        >>> open_source({"w": ([4, 2], "float32")}).read_box("w", (1, 0), (2, 2)) is None
+        True
+        """
+        self._check_key(key)
+        return self._read_box(key, offset, shape)
+
+    def _read_box(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor | None:
+        return None
+
+    def _check_key(self, key: str) -> None:
+        if key not in self.meta:
+            raise SourceError(
+                f"no tensor {key!r} in this source ({len(self.meta)} tensors){_did_you_mean(key, self.meta)}",
+                where=self._where,
+            )
 
     def check_unchanged(self) -> None:
         """SourceError when a file changed on disk since its metadata was read."""
@@ -576,12 +592,21 @@ class _FileSource(Source):
         return None if not flags or None in flags else {k: v for f in flags for k, v in f.items() if k in self.meta}
 
     def _read(self, key: str) -> torch.Tensor:
+        return self._activate(key).read(key)
+
+    def _read_box(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor | None:
+        if getattr(self._owner[key], "read_box", None) is None:
+            return None
+        return self._activate(key).read_box(key, offset, shape)  # type: ignore[attr-defined]
+
+    def _activate(self, key: str) -> _Reader:
+        """The reader of ``key``, now the one holding open data (the one before released)."""
         reader = self._owner[key]
         if reader is not self._active:
             if self._active is not None:
                 self._active.release()
             self._active = reader
-        return reader.read(key)
+        return reader
 
     def close(self) -> None:
         if self._active is not None:
