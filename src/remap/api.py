@@ -87,6 +87,10 @@ def _build(rules: Rules) -> tuple[Any, str | None]:
         from .loading.dtype_policy import cast_module
 
         module = cast_module(module, spec.dtype, spec.keep_fp32)
+    if spec.shard is not None:  # FSDP2 / tensor parallel over the ranks of the process group (torchrun)
+        from .loading.sharding import shard_module
+
+        module = shard_module(module, spec.shard)
     return module, note
 
 
@@ -316,6 +320,12 @@ def load(
         from .loading.saving import check_savable
 
         check_savable(module, save_path, sharded=(max_shard_size or r.output.max_shard_size) is not None, what=save_what)
+    from .loading.sharded_saving import holds_dtensors
+
+    sharded = _is_module(module) and holds_dtensors(module)
+    if sharded and (verify or optimizer is not None):
+        raise UsageError(f"{'verify' if verify else 'optimizer state'} with a sharded (DTensor) target is not supported yet: "
+                         "save the loaded model (output.save) and run it on one process")  # fmt: skip
     src = open_rules_source(source, r, key=key, trust_pickle=trust_pickle, trust_links=trust_links)
     try:
         p = _make(r, module, src, built=model is None)
@@ -344,9 +354,14 @@ def load(
     finally:
         src.close()
     if save_path and not dry_run:
-        from .loading.saving import save_state_dict
+        if sharded:  # every rank writes its part (DCP), or rank 0 streams one gathered tensor at a time
+            from .loading.sharded_saving import save_sharded
 
-        saved = save_state_dict(module, save_path, max_shard_size=max_shard_size or r.output.max_shard_size)
+            saved = save_sharded(module, save_path, max_shard_size=max_shard_size or r.output.max_shard_size)
+        else:
+            from .loading.saving import save_state_dict
+
+            saved = save_state_dict(module, save_path, max_shard_size=max_shard_size or r.output.max_shard_size)
         result = result.replace(target={**result.target, "saved": saved})
     if report_path:
         _write_report(result, report_path)
@@ -423,8 +438,11 @@ def _output(given: str | os.PathLike[str] | None, from_rules: str | None, rules:
 
 
 def _write_report(report: Report, path: Path) -> None:
+    from .loading.process_group import speaks
     from .loading.saving import write_text_atomic
 
+    if not speaks():  # a sharded load: every rank holds the same report, rank 0 writes it
+        return
     write_text_atomic(path, report.to_json() + "\n")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -222,19 +223,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, err = sys.stdout, sys.stderr
     as_json = "--json" in argv
     args: argparse.Namespace | None = None
-    with _clean_warnings(err, trusted="--trust-pickle" in argv):
+    with _clean_warnings(err, trusted="--trust-pickle" in argv), _ranks(argv) as quiet:
+        if quiet:  # torchrun: rank 0 prints what every rank agreed on; the others only their own errors
+            out = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the command
         try:
             args = _parse(argv)
             return _COMMANDS[args.command](args, out)
         except SystemExit as exc:  # --help and --version
             return int(exc.code or 0)
         except CheckError as exc:
+            if quiet and getattr(exc, "agreed", False):
+                return exc.exit_code
             _render(exc.report, out, args)
             if getattr(args, "quiet", False) and not as_json:
                 _print_failures(exc.report, err)
             print(f"remap: {printable(exc.message.split(chr(10))[0])}", file=err)
             return exc.exit_code
         except RemapError as exc:
+            if quiet and getattr(exc, "agreed", False):
+                return exc.exit_code  # every rank raised it: rank 0 says it once
             message = _cli_message(exc.message, args)
             print(printable_lines(f"remap: error: {exc.where + ': ' if exc.where else ''}{message}"), file=err)
             if as_json:
@@ -246,8 +253,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _print_json({"ok": False, "error": {"kind": "Interrupted", "message": "interrupted", "exit_code": 130, "where": None}}, out)
             return 130
         except BrokenPipeError:  # `remap inspect x | head`: the reader left, which is fine
-            import os
-
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         except Exception as exc:  # a bug: say so, with the traceback that a bug report needs
@@ -260,6 +265,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 message = f"{type(exc).__name__}: {exc}; {bug}"
                 _print_json({"ok": False, "error": {"kind": "InternalError", "message": message, "exit_code": 4, "where": None}}, out)
             return 4
+
+
+@contextlib.contextmanager
+def _ranks(argv: Sequence[str]) -> Iterator[bool]:
+    """Under torchrun, ``apply`` runs in a process group of all the ranks (see
+    :mod:`remap.loading.process_group`); yields whether this rank stays quiet (not rank 0)."""
+    global HARD_EXIT
+    if not argv or argv[0] != "apply":
+        yield False
+        return
+    from .loading.process_group import speaks, torchrun_group
+
+    with torchrun_group() as joined:
+        HARD_EXIT = HARD_EXIT or joined
+        yield joined and not speaks()
+
+
+#: Set once this process has joined and left a gloo group: ``python -m remap`` then exits with
+#: ``os._exit`` after flushing, since gloo's threads can abort interpreter teardown.
+HARD_EXIT = False
 
 
 # ---------------------------------------------------------------------------- the CLI boundary

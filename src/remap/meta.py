@@ -243,6 +243,10 @@ def _identity(tensor: torch.Tensor) -> tuple[Shape, tuple[int, int, Shape, Shape
     ``untyped_storage().data_ptr()`` gives, without building a storage object per tensor).
     """
     shape = tuple(tensor.shape)
+    local = getattr(tensor, "_local_tensor", None) if tensor.__class__ not in (_PLAIN or _plain_classes()) else None
+    if local is not None:  # a DTensor (FSDP2, tensor parallel): global shape, its memory is this rank's shard
+        _, ident, extent = _identity(local)
+        return shape, (*ident[:2], shape, ident[3]), extent
     if tensor.is_meta:
         return shape, (id(tensor), tensor.storage_offset(), shape, tuple(tensor.stride())), None
     if not tensor.numel():
@@ -251,6 +255,27 @@ def _identity(tensor: torch.Tensor) -> tuple[Shape, tuple[int, int, Shape, Shape
     ptr = tensor.data_ptr() - offset * size
     last = offset + (sum((d - 1) * abs(st) for d, st in zip(shape, stride)) if len(shape) != 1 else (shape[0] - 1) * abs(stride[0]))
     return shape, (ptr, offset, shape, stride), (ptr, offset * size, (last + 1) * size)
+
+
+def _plain_classes() -> frozenset[type]:
+    """The tensor classes that are never DTensors (found once: torch is imported lazily here)."""
+    import torch
+
+    _PLAIN.update({torch.Tensor, torch.nn.Parameter, *([torch.nn.Buffer] if hasattr(torch.nn, "Buffer") else [])})
+    return frozenset(_PLAIN)
+
+
+_PLAIN: set[type] = set()
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP2, tensor parallel), without importing torch.distributed.
+
+    >>> import torch
+    >>> is_dtensor(torch.zeros(1)), is_dtensor(None)
+    (False, False)
+    """
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "placements") and hasattr(tensor, "_local_tensor")
 
 
 def _require_dense(key: str, tensor: torch.Tensor) -> None:

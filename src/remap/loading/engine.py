@@ -36,7 +36,7 @@ from ..errors import CheckError, InternalError, SourceError, TargetError, UsageE
 from .dtype_policy import AUTO, DtypePolicy, RangeFailure, precision_changes
 from .empty import REPLAYED, Rebuilt, hf_initialises, init_owners, initialise, rebuild_buffers
 from .freeze import apply_freeze
-from ..meta import dtype_name
+from ..meta import dtype_name, is_dtensor
 from ..report.records import Failure, Report, TargetRecord
 from ..planning.planner import totals_of
 from .streaming import BATCH_BYTES, Progress, Rollback, read_tensor, stream
@@ -86,6 +86,11 @@ def apply_plan(
     loaded (the error says so). A meta-device target is always put back (it costs nothing).
     """
     state = module.state_dict(keep_vars=True)  # walked once: the checks and the stream share it
+    if any(map(is_dtensor, state.values())):  # FSDP2 / tensor parallel: every rank loads its part, in step with the others
+        from .sharded import apply_sharded
+
+        return apply_sharded(plan, module, state, dry_run=dry_run, device=_device(device), dtype=dtype,
+                             rollback=rollback, mmap_weights=mmap_weights)  # fmt: skip
     _check_same_target(plan, state)
     if not plan.ok:
         raise check_failed(plan.report.replace(dry_run=dry_run))

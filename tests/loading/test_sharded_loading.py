@@ -1,0 +1,175 @@
+"""Loading rules into sharded (DTensor) targets on 2 and 4 gloo ranks (issue 19, items 1, 2, 4, 5).
+
+Each case (tests/loading/sharded_cases.py) loads a checkpoint in another layout (``module.``
+prefix, fused qkv split by the rules, transposed head) into a model sharded with FSDP2, tensor
+parallel or both, and returns the full tensors gathered with ``full_tensor()``; they must equal
+the checkpoint's own tensors (and a one-process ``remap.load`` of the same rules). Reads are
+counted twice: by remap (``stats.ranks``) and by the kernel (``rchar`` of /proc/self/io).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loading.sharded_cases import RULES, Net, checkpoint, reference
+from ranks import RankFailed, run_ranks
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+
+
+def ok(results: list) -> list:
+    for r in results:
+        if isinstance(r, RankFailed):
+            raise AssertionError(r.traceback)
+    return results
+
+
+def expect_equal(result: dict) -> None:
+    ref = reference().state_dict()
+    assert result["ok"]
+    assert set(result["full"]) == set(ref)
+    different = [k for k in ref if not torch.equal(result["full"][k], ref[k])]
+    assert different == []
+    assert all(torch.equal(result["full"][k], result["single"][k]) for k in ref)
+    torch.testing.assert_close(result["forward"], result["want"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    variants = [["load_equal", "fsdp", "safetensors", False], ["load_equal", "tp", "pth", False],
+                ["load_equal", "fsdp", "pth", True], ["bytes_per_rank"], ["one_rank_fails", "check"],
+                ["one_rank_fails", "read"]]  # fmt: skip
+    return ok(run_ranks("loading.sharded_cases:many", 2, tmp_path_factory.mktemp("two"), args=(variants,), timeout=300))
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    variants = [["load_equal", "2d", "safetensors", True], ["load_equal", "fsdp", "safetensors", False], ["bytes_per_rank"]]
+    return ok(run_ranks("loading.sharded_cases:many", 4, tmp_path_factory.mktemp("four"), args=(variants,), timeout=300))
+
+
+@pytest.mark.parametrize("case", [0, 1, 2], ids=["fsdp2", "tensor-parallel-pth", "fsdp2-built-on-meta"])
+def test_two_ranks_load_equal_to_the_checkpoint(two, case):
+    for rank in two:
+        expect_equal(rank[case])
+
+
+@pytest.mark.parametrize("case", [0, 1], ids=["2d-mesh-on-meta", "fsdp2"])
+def test_four_ranks_load_equal_to_the_checkpoint(four, case):
+    for rank in four:
+        expect_equal(rank[case])
+
+
+def test_each_rank_reads_its_part_and_the_report_has_every_rank(two, four):
+    for results, world, case in ((two, 2, 3), (four, 4, 2)):
+        for rank, r in enumerate(results):
+            got = r[case]
+            assert got["equal"]
+            share = got["file"] / world
+            assert got["rchar"] <= 1.1 * share, (world, rank, got["rchar"], share)  # what the kernel saw
+            assert got["stats"]["ranks"][rank]["bytes_read"] <= 1.1 * share
+            assert [s["rank"] for s in got["stats"]["ranks"]] == list(range(world))
+    two_fsdp = two[0][0]
+    assert two_fsdp["target"]["sharded"]["world_size"] == 2
+    assert two_fsdp["stats"]["ranks"][0]["box_reads"] > 0
+
+
+def test_a_failed_check_on_one_rank_stops_every_rank_before_any_write(two):
+    for rank in two:
+        kind, message = rank[4]["error"]
+        assert kind == "CheckError" and message.startswith("the ranks planned differently (rank 0: ")
+        assert message.endswith("every rank must load the same rules, source and target (a file that differs between "
+                                "nodes, a model built differently); no rank wrote anything")  # fmt: skip
+        assert rank[4]["untouched"]
+
+
+def test_a_read_failing_on_one_rank_puts_every_rank_back(two):
+    path = None
+    for rank in two:
+        kind, message = rank[5]["error"]
+        path = message.split("(", 1)[1].split(")", 1)[0]
+        assert kind == "SourceError"
+        assert message == f"disk on fire ({path})\n(on rank 1 of 2; every rank put its module back as it was)"
+        assert rank[5]["untouched"]
+
+
+def test_dcp_saved_on_four_ranks_loads_on_two_and_on_one(tmp_path):
+    folder = str(tmp_path / "ck.dcp")
+    ok(run_ranks("loading.sharded_cases:dcp_save_four", 4, tmp_path / "save", args=(folder,), timeout=240))
+    ref = reference().state_dict()
+    for r in ok(run_ranks("loading.sharded_cases:dcp_resharded", 2, tmp_path / "load", args=(folder,), timeout=240)):
+        assert [k for k in ref if not torch.equal(ref[k], r["full"][k])] == []
+        assert r["stats"]["ranks"][0]["box_reads"] > 0  # only the chunks that overlap this rank's part
+    import remap
+
+    single = Net()
+    remap.load(single, folder, rules={"version": 1, "source": {"key": "model"}, "rules": []})
+    assert all(torch.equal(v, ref[k]) for k, v in single.state_dict().items())
+
+
+# ---------------------------------------------------------------------------- torchrun -m remap apply
+
+RULES_YAML = """\
+version: 1
+source: {path: ck.safetensors}
+target:
+  model: loading.sharded_cases:Net
+  shard: {fsdp: ['blocks\\.\\d+', '']}
+rules:
+  - strip_prefix: module.
+  - split: {match: '^(.*)\\.qkv\\.weight$', into: ['\\1.q.weight', '\\1.k.weight', '\\1.v.weight'], dim: 0}
+  - transpose: '^head\\.weight$'
+output: {report: report.json, save: %s}
+"""
+
+
+def torchrun(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    assert torchrun, "torchrun is installed with torch"
+    here = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), *sys.path]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "remap", "apply", "rules.yaml", *args],
+                          cwd=folder, env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+
+
+@pytest.mark.parametrize("save", ["out.safetensors", "out.dcp"])
+def test_torchrun_applies_the_rules_file_each_rank_its_part(tmp_path, save):
+    from safetensors.torch import save_file
+
+    save_file(checkpoint(reference()), str(tmp_path / "ck.safetensors"))
+    (tmp_path / "rules.yaml").write_text(RULES_YAML % save)
+    done = torchrun(tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("OK: loaded as declared") == 1  # printed once, by rank 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["rank"] for r in report["stats"]["ranks"]] == [0, 1]
+    assert report["target"]["sharded"]["world_size"] == 2
+    import remap
+    from remap.sources.readers import open_source
+
+    ref = reference().state_dict()
+    with open_source(tmp_path / save) as src:
+        assert set(src.meta) == set(ref)
+        assert all(torch.equal(src.read(k), v) for k, v in ref.items())
+
+
+def test_torchrun_failure_is_said_once_with_the_same_exit_code(tmp_path):
+    from safetensors.torch import save_file
+
+    bad = checkpoint(reference())
+    bad["module.blocks.1.up.weight"] = torch.zeros(3, 3)
+    save_file(bad, str(tmp_path / "ck.safetensors"))
+    (tmp_path / "rules.yaml").write_text(RULES_YAML % "out.safetensors")
+    done = torchrun(tmp_path)
+    assert done.returncode != 0
+    assert "blocks.1.up.weight" in done.stdout
+    assert done.stderr.count("remap: ") == 1, done.stderr[-3000:]
+    assert not (tmp_path / "out.safetensors").exists()
