@@ -1,6 +1,6 @@
 """remap benchmarks: one command, every measurement side by side, a table of ratios, JSON.
 
-    python benchmarks/run.py [--quick] [--out results.json] [--only planning|loading|startup|scale|formats|build_load|many_keys] [--repeats N]
+    python benchmarks/run.py [--quick] [--out results.json] [--only planning|loading|startup|scale|formats|build_load|many_keys|first_touch|distributed] [--repeats N]
     python benchmarks/run.py --show results.json      # the tables of an earlier run
 
 * planning throughput (``planning.py``): remap's planner against the rule-by-rule loop
@@ -29,6 +29,10 @@
   fastest peer; ``--only many_keys`` runs the last part alone.
 * first touch (``first_touch.py``, only with ``--only first_touch``; results in ``results_first_touch.json``):
   filling a meta target's fresh memory from a 1.36 GB file of 218 tensors, route by route (faults, pre-faulting, huge pages).
+* distributed (``distributed.py``, only with ``--only distributed``; results in ``results_distributed.json``):
+  a 1.97 GB checkpoint (``--quick``: 50 MB) into a 2-rank FSDP2 Llama-shaped model on gloo/CPU: remap.load
+  against set_model_state_dict(broadcast_from_rank0) and dcp.load(HuggingFaceStorageReader); per-rank bytes
+  read, peak memory above the shard, wall time, and issue 19's targets met or missed.
 
 ``--quick`` runs small sizes (300 and 3,000 keys; a 50 MB checkpoint; one repeat) to
 smoke-test the harness. Timings are never asserted; every case checks its own result
@@ -47,6 +51,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_load  # noqa: E402
+import distributed  # noqa: E402
 import first_touch  # noqa: E402
 import formats  # noqa: E402
 import loading  # noqa: E402
@@ -143,6 +148,8 @@ def show(out: dict[str, Any]) -> None:
         many_keys.many_keys_table(out["many_keys"])
     if "first_touch" in out:
         first_touch.first_touch_table(out["first_touch"])
+    if "distributed" in out:
+        distributed.distributed_table(out["distributed"])
     start, end = out.get("machine", {}).get("remap_commit"), out.get("remap_commit_at_end")
     if start != end:
         print(f"\nWARNING: remap's source changed during the run ({start} -> {end}): the results may mix versions.")
@@ -160,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke test of the harness")
     ap.add_argument("--out", type=Path, help="where to write the JSON results (default: benchmarks/results.json; "
                     "with --only formats, benchmarks/results_formats.json)")  # fmt: skip
-    ap.add_argument("--only", choices=["planning", "loading", "startup", "scale", "formats", "build_load", "many_keys", "first_touch"],
+    ap.add_argument("--only", choices=["planning", "loading", "startup", "scale", "formats", "build_load", "many_keys", "first_touch",
+                                       "distributed"],
                     help="run one part only (scale and formats run only when named here)")
     ap.add_argument("--repeats", type=int, help="loading runs per variant (default 5; --quick 1)")
     ap.add_argument("--variants", help="loading variants to run, comma-separated (default: all): "
@@ -180,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     repeats = a.repeats or (1 if a.quick else 5)
     named = {"formats": "results_formats.json", "build_load": "results_build_load.json", "many_keys": "results_many_keys.json",
-             "first_touch": "results_first_touch.json"}
+             "first_touch": "results_first_touch.json", "distributed": "results_distributed.json"}
     a.out = a.out or Path(__file__).resolve().parent / named.get(a.only or "", "results.json")
 
     command = shlex.join([Path(sys.executable).name, *sys.argv])
@@ -194,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     out: dict[str, Any] = {"command": command, "quick": a.quick, "machine": info, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     t0 = time.perf_counter()
-    for part in ("planning", "loading", "startup", "scale", "formats", "build_load", "many_keys", "first_touch"):
-        if a.only != part and (a.only is not None or part in ("scale", "formats", "build_load", "many_keys", "first_touch")):
+    for part in ("planning", "loading", "startup", "scale", "formats", "build_load", "many_keys", "first_touch", "distributed"):
+        if a.only != part and (a.only is not None or part in ("scale", "formats", "build_load", "many_keys", "first_touch",
+                                                             "distributed")):
             continue
         print(f"\n{part} ...", flush=True)
         with ForeignCpu() as other:
@@ -209,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                 out[part] = build_load.run(a.quick, a.repeats or 1, a.tmpdir, progress=lambda s: print(s, flush=True))
             elif part == "first_touch":
                 out[part] = first_touch.run(a.quick, a.repeats or (1 if a.quick else 5), a.tmpdir,
+                                            progress=lambda s: print(s, flush=True))  # fmt: skip
+            elif part == "distributed":
+                out[part] = distributed.run(a.quick, a.repeats or (1 if a.quick else 3), a.tmpdir,
                                             progress=lambda s: print(s, flush=True))  # fmt: skip
             elif part == "many_keys":
                 out[part] = many_keys.run(a.quick, a.repeats or (1 if a.quick else 3), a.tmpdir,
@@ -233,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     failed += [b for b in out.get("loading", {}).get("variants", {}).values() if b["status"].startswith("WRONG")]
     failed += [r for r in out.get("scale", {}).get("cases", {}).values() if "ok" != r["remap"]["check"] or "ok" != r["floor"]["check"]]
     failed += [r for r in out.get("formats", {}).get("formats", {}).values() if r["status"].startswith("WRONG")]
-    failed += build_load.failures(out.get("build_load", {})) + many_keys.failures(out.get("many_keys", {"variants": {}}))
+    failed += build_load.failures(out.get("build_load", {})) + distributed.failures(out.get("distributed", {})) + many_keys.failures(out.get("many_keys", {"variants": {}}))
     failed += [r for r in out.get("first_touch", {}).get("variants", {}).values() if r["status"].startswith("WRONG")]
     return 1 if failed else 0
 
