@@ -3,8 +3,10 @@
 Before ``torch.load`` sees a file, its pickle is read through once with stand-ins for
 every global (:class:`_ScanUnpickler`), which imports and calls nothing the file names:
 the archive's records and each storage's size are checked against the file, and tensors
-that have no data or are not dense are found by name. Metadata then comes from
-``torch.load(weights_only=True)`` on the meta device, with :data:`PICKLE_ALLOW_LIST`
+that have no data or are not dense are found by name. Metadata then comes from the scan
+itself when the pickle is a plain one (:func:`_meta_from_scan`: only ordered dicts, tensors,
+parameters and typed storages, which torch's weights_only unpickler would build the same way),
+else from ``torch.load(weights_only=True)`` on the meta device, with :data:`PICKLE_ALLOW_LIST`
 allowed on top of torch's own list; data from a memory-mapped load on the first read.
 A TorchScript archive is told apart here (:func:`_zip_kind`) and read by
 :mod:`remap.sources.torchscript_reader`, or with ``torch.jit.load`` when trusted
@@ -17,16 +19,19 @@ A TorchScript archive is told apart here (:func:`_zip_kind`) and read by
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import io
 import math
 import pickle
 import re
+import struct
 import sys
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import SourceError
 from .readers import (
@@ -196,6 +201,9 @@ class _Named:
     args: tuple[Any, ...] = ()
     state: Any = None
     items: Any = None
+    builds = 0  # how many BUILD opcodes filled it
+    listy = False  # appended to, as a list is
+    via_call = False  # made by calling another stand-in, not its global
 
     def __new__(cls, *args: Any, **kwargs: Any) -> _Named:
         return object.__new__(cls)
@@ -205,9 +213,12 @@ class _Named:
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
+        self.builds += 1
 
     def __call__(self, *args: Any, **kwargs: Any) -> _Named:  # e.g. a method fetched with getattr
-        return type(self)(*args)
+        made = type(self)(*args)
+        made.via_call = True
+        return made
 
     def __setitem__(self, key: Any, value: Any) -> None:
         if self.items is None:
@@ -218,10 +229,21 @@ class _Named:
         self.extend([value])
 
     def extend(self, values: Any) -> None:
+        self.listy = True
         if self.items is None:
             self.items = {}
         for value in values:
             self.items[len(self.items)] = value
+
+
+class _Stored(_Named):
+    """What a persistent id (a storage) stands for during the scan; ``pid`` is the id."""
+
+    pid: Any = None
+
+
+class _Reframed(Exception):
+    """Raised by :meth:`_ScanUnpickler.load_frame`: from here on reads go through pickle's unframer."""
 
 
 class _ScanUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
@@ -229,8 +251,10 @@ class _ScanUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
 
     The pure-Python unpickler, whose memo is a dict: CPython's C unpickler zero-fills a memo
     list as long as the largest LONG_BINPUT index, so one flipped bit in a pickle of a few
-    KB asked for up to 32 GB. It costs about 2.5x the C one's time (2.1 s against 0.9 s for
-    a 100,000-tensor state_dict, whose torch.load then takes 5.2 s).
+    KB asked for up to 32 GB. Its loop reads straight from the (buffered) file, one C call
+    per opcode, until a FRAME opcode (protocol 4+; torch.save writes 2) asks for pickle's
+    unframer. ``exotic`` is set by any opcode that torch's weights_only unpickler does not
+    read as this one does (:data:`_PLAIN_OPCODES`): such a pickle is left to ``torch.load``.
     """
 
     def __init__(self, file: Any) -> None:
@@ -238,16 +262,49 @@ class _ScanUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         self.storages: list[Any] = []
         self.calls: list[_Named] = []
         self._types: dict[str, type[_Named]] = {}
+        self.exotic = False
+
+    def load(self) -> Any:
+        """pickle's own load loop (``pickle._Unpickler.load``) with ``read`` bound to the file's."""
+        self._unframer = pickle._Unframer(self._file_read, self._file_readline)  # type: ignore[attr-defined]
+        self.read, self.readline, self.readinto = self._file_read, self._file_readline, self._unframer.readinto
+        self.metastack, self.stack = [], []
+        self.append = self.stack.append
+        self.proto = 0
+        dispatch = self.dispatch
+        while True:
+            read = self.read
+            try:
+                while True:
+                    key = read(1)
+                    if not key:
+                        raise EOFError
+                    dispatch[key[0]](self)
+            except _Reframed:
+                continue
+            except pickle._Stop as stop:  # type: ignore[attr-defined]
+                return stop.value
+
+    def load_frame(self) -> None:
+        """A FRAME opcode: switch to pickle's unframer (once), then read the frame."""
+        if self.read is self._unframer.read:
+            pickle._Unpickler.load_frame(self)  # type: ignore[attr-defined]
+            return
+        self.read, self.readline = self._unframer.read, self._unframer.readline
+        pickle._Unpickler.load_frame(self)  # type: ignore[attr-defined]
+        raise _Reframed
 
     def find_class(self, module: str, name: str) -> Any:
         full = f"{module}.{name}"
         if full not in self._types:
             scan = self
 
+            calls = self.calls
+
             class Stand(_Named):
                 def __init__(self, *args: Any, **kwargs: Any) -> None:
-                    super().__init__(*args, **kwargs)
-                    scan.calls.append(self)
+                    self.args = args  # _Named.__init__, inlined: one call fewer per tensor
+                    calls.append(self)
 
             Stand.name = full
             self._types[full] = Stand
@@ -257,13 +314,68 @@ class _ScanUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module" and isinstance(pid[1], type):
             return pid[1]  # a legacy file names a pickled module's class so: ('module', cls, source file, source)
         self.storages.append(pid)
-        return _Named()
+        stored = _Stored()
+        stored.pid = pid
+        return stored
+
+
+#: The opcodes that torch's weights_only unpickler (torch/_weights_only_unpickler.py) reads as
+#: pickle's own does; SETITEM(S) only into a dict or a stand-in (torch: a dict or OrderedDict).
+_PLAIN_OPCODES = frozenset(op[0] for op in (
+    pickle.PROTO, pickle.STOP, pickle.GLOBAL, pickle.REDUCE, pickle.BUILD, pickle.MARK, pickle.BINPERSID,
+    pickle.APPEND, pickle.APPENDS, pickle.SETITEM, pickle.SETITEMS, pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2,
+    pickle.TUPLE3, pickle.EMPTY_TUPLE, pickle.EMPTY_LIST, pickle.EMPTY_DICT, pickle.EMPTY_SET, pickle.NONE,
+    pickle.NEWFALSE, pickle.NEWTRUE, pickle.BININT, pickle.BININT1, pickle.BININT2, pickle.LONG1, pickle.BINFLOAT,
+    pickle.BINUNICODE, pickle.BINGET, pickle.LONG_BINGET, pickle.BINPUT, pickle.LONG_BINPUT,
+))  # fmt: skip
+
+
+def _exotic(handler: Callable[[Any], None]) -> Callable[[Any], None]:
+    def handle(scan: _ScanUnpickler) -> None:
+        scan.exotic = True
+        handler(scan)
+
+    return handle
+
+
+def _into_dict(handler: Callable[[Any], None]) -> Callable[[Any], None]:
+    def handle(scan: _ScanUnpickler) -> None:
+        handler(scan)
+        target = scan.stack[-1]
+        if type(target) is not dict and not isinstance(target, _Named):
+            scan.exotic = True  # e.g. a list: pickle assigns its items, torch refuses
+
+    return handle
+
+
+_ScanUnpickler.dispatch = {
+    op: handler if op in _PLAIN_OPCODES else _exotic(handler) for op, handler in pickle._Unpickler.dispatch.items()  # type: ignore[attr-defined]
+}
+_ScanUnpickler.dispatch[pickle.FRAME[0]] = _exotic(_ScanUnpickler.load_frame)
+for _op in (pickle.SETITEM, pickle.SETITEMS):
+    _ScanUnpickler.dispatch[_op[0]] = _into_dict(pickle._Unpickler.dispatch[_op[0]])  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic collector off while a pickle's objects are made: they all stay referenced
+    (memo, stack), so each collection walks a growing tree for nothing (0.8 s of 2 s for 100,000 tensors)."""
+    import gc
+
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _scan_pickle(data: Any) -> _ScanUnpickler:
     """Read one pickle from the file object ``data`` with stand-ins for every global."""
     scan = _ScanUnpickler(data)
-    scan.result = scan.load()  # type: ignore[attr-defined]
+    with _gc_paused():
+        scan.result = scan.load()  # type: ignore[attr-defined]
     return scan
 
 
@@ -389,11 +501,17 @@ def _check_zip_records(z: zipfile.ZipFile, prefix: str) -> None:
 
 def _check_zip_storages(scan: _ScanUnpickler, sizes: Mapping[str, int], prefix: str) -> None:
     """Every storage the pickle names has its record, and fits in it."""
+    itemsizes: dict[type, int | None] = {}  # per storage class: a 100,000-tensor file names a few
     for pid in scan.storages:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
             raise SourceError(f"corrupt checkpoint: data.pkl names a persistent object {_safe_repr(pid)}, expected a storage")
         _, kind, key, _location, numel = pid
-        itemsize = _storage_itemsize(kind)
+        if isinstance(kind, type):
+            if kind not in itemsizes:
+                itemsizes[kind] = _storage_itemsize(kind)
+            itemsize = itemsizes[kind]
+        else:
+            itemsize = _storage_itemsize(kind)
         if itemsize is None:
             raise SourceError(f"corrupt checkpoint: data.pkl names a storage of unknown type {getattr(kind, 'name', _safe_repr(kind))!r}")
         if not (isinstance(key, str) and _is_int(numel) and numel >= 0):
@@ -408,8 +526,17 @@ def _check_zip_storages(scan: _ScanUnpickler, sizes: Mapping[str, int], prefix: 
             )
 
 
-def _prescan_zip(path: Path) -> dict[tuple[Any, ...], str]:
-    """Check a torch zip archive before torch.load sees it; the tensors that have no data or are not dense."""
+class _ZipScan(NamedTuple):
+    """What :func:`_prescan_zip` learnt of a torch zip archive."""
+
+    found: dict[tuple[Any, ...], str]  # path -> rebuild function of tensors without data or not dense
+    scan: _ScanUnpickler  # data.pkl read with stand-ins
+    prefix: str  # the archive's folder ("archive" in "archive/data.pkl")
+    layout: _ZipLayout  # where each record's data sits
+
+
+def _prescan_zip(path: Path) -> _ZipScan:
+    """Check a torch zip archive before torch.load sees it: its records, its pickle, its storages."""
     try:
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
@@ -419,13 +546,14 @@ def _prescan_zip(path: Path) -> dict[tuple[Any, ...], str]:
             if f"{prefix}/data.pkl" not in sizes:
                 raise SourceError(f"corrupt checkpoint: no record {prefix}/data.pkl")
             with z.open(f"{prefix}/data.pkl") as f:
-                scan = _scan_pickle(f)
+                scan = _scan_pickle(io.BufferedReader(f, 1 << 16))  # a C read per opcode, not zipfile's Python one
+            layout = _layout_or_error(z, path)
     except SourceError as exc:
         raise SourceError(exc.message, where=str(path)) from None
     except Exception as exc:  # noqa: BLE001 - zipfile and pickle on hostile bytes raise many types
         raise SourceError(f"corrupt checkpoint: data.pkl cannot be read: {_pickle_problem(exc)}", where=str(path)) from None
     _check_storages_named(scan, sizes, prefix, path)
-    return _scanned(scan, str(path))
+    return _ZipScan(_scanned(scan, str(path)), scan, prefix, layout)
 
 
 def _check_storages_named(scan: _ScanUnpickler, sizes: Mapping[str, int], prefix: str, path: Path) -> None:
@@ -437,9 +565,283 @@ def _check_storages_named(scan: _ScanUnpickler, sizes: Mapping[str, int], prefix
 
 def _scanned(scan: _ScanUnpickler, where: str) -> dict[tuple[Any, ...], str]:
     _check_arrays(scan, where)
-    found = _flagged(scan.result)  # type: ignore[attr-defined]
+    flaggable = any(n in _NO_DATA or n in _UNREADABLE or n in _NOT_DENSE for n in scan._types)
+    found = _flagged(scan.result) if flaggable else {}  # type: ignore[attr-defined]
     _refuse_unreadable(found, where)
     return found
+
+
+# ---------------------------------------------------------------------------- metadata from the scan
+
+_ORDERED_DICT, _TENSOR_V2, _PARAMETER = "collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter"
+#: The typed storages torch.save names (torch's weights_only list allows each; ``torch.XStorage.dtype``).
+_PLAIN_STORAGES = frozenset(f"torch.{kind}Storage" for kind in (
+    "Bool", "Byte", "Char", "Short", "Int", "Long", "Half", "BFloat16", "Float", "Double", "ComplexFloat", "ComplexDouble",
+))  # fmt: skip
+#: The globals a plain state_dict's pickle names; :func:`_meta_from_scan` builds what they make
+#: as torch's weights_only unpickler would. A pickle that names any other is left to torch.load.
+_PLAIN_GLOBALS = frozenset({_ORDERED_DICT, _TENSOR_V2, _PARAMETER, *_PLAIN_STORAGES})
+_LEAVES = frozenset({str, int, float, bool, type(None), set})  # a set is an empty one: ADDITEMS is exotic
+
+
+class _NotPlain(Exception):
+    """The scanned pickle holds something :class:`_MetaBuilder` does not model: torch.load reads it instead."""
+
+
+class _BadTensor(Exception):
+    """A tensor whose shape, strides or offset no storage can hold: a corrupt file."""
+
+    def __init__(self, call: _Named, problem: str) -> None:
+        super().__init__(problem)
+        self.call, self.problem = call, problem
+
+
+def _meta_from_scan(scan: _ScanUnpickler, data: Mapping[str, int], prefix: str, where: str) -> Any | None:
+    """What ``torch.load(weights_only=True, map_location="meta")`` returns for this pickle, built from
+    the scan's stand-ins; None when the pickle is not plain enough to be sure (then torch.load reads it).
+
+    Plain: this machine is little-endian (the prescan refused another byte order), every opcode is
+    one torch's weights_only unpickler reads the same way, and every global is in
+    :data:`_PLAIN_GLOBALS`. Tensors sit on meta storages, one per persistent id as torch's meta
+    load makes them, whose ``_checkpoint_offset`` is where the record's data starts (``data``:
+    record name -> offset). A tensor that its storage cannot hold is a SourceError naming it.
+
+    >>> _meta_from_scan(_scan_pickle(io.BytesIO(pickle.dumps({"epoch": (1, [2.5])}, protocol=2))), {}, "a", "f")
+    {'epoch': (1, [2.5])}
+    """
+    if sys.byteorder != "little" or scan.exotic or not scan._types.keys() <= _PLAIN_GLOBALS:
+        return None
+    try:
+        with _gc_paused():
+            return _MetaBuilder(data, prefix).build(scan.result)  # type: ignore[attr-defined]
+    except _NotPlain:
+        return None
+    except _BadTensor as bad:
+        at = _path_to(scan.result, bad.call)  # type: ignore[attr-defined]
+        raise SourceError(f"corrupt checkpoint: the tensor at {at!r} {bad.problem}", where=where) from None
+    except Exception:  # noqa: BLE001 - torch refused a tensor (e.g. an integer one that requires grad): its own load says why
+        return None
+
+
+def _hookless(value: Any) -> bool:
+    """``value`` is the empty ``OrderedDict()`` torch.save writes for a tensor's backward hooks."""
+    return (isinstance(value, _Named) and type(value).name == _ORDERED_DICT and value.args == ()
+            and value.items is None and not value.builds and not value.via_call)  # fmt: skip
+
+
+def _plain_key(key: Any) -> bool:
+    """A dict key that needs no converting: a scalar, or a tuple of them."""
+    return type(key) in _LEAVES or (type(key) is tuple and all(type(k) in _LEAVES for k in key))
+
+
+class _MetaBuilder:
+    """Turns a scanned tree into torch.load's meta objects, without recursion (checkpoints nest
+    10,000 deep) and keeping identity: one stand-in or tuple, one converted object. dicts and lists
+    are the scan's own, updated in place; tuples are rebuilt only when an item changed."""
+
+    def __init__(self, data: Mapping[str, int], prefix: str) -> None:
+        self.data, self.prefix = data, prefix
+        self.done: dict[int, Any] = {}  # id of a stand-in or tuple -> what torch.load makes of it
+        self.storages: dict[int, tuple[Any, Any, int]] = {}  # id of a _Stored -> (meta storage, dtype, elements)
+        self.dtypes: dict[type, Any] = {}
+
+    def build(self, root: Any) -> Any:
+        done, seen, pending = self.done, set(), set()
+        dicts: list[dict[Any, Any]] = []
+        lists: list[list[Any]] = []
+        ordered: list[_Named] = []
+        stack: list[tuple[Any, bool]] = [(root, False)]
+        while stack:
+            value, leaving = stack.pop()
+            if leaving:
+                self._leave_tuple(value, pending)
+                continue
+            kind = type(value)
+            if kind in _LEAVES or id(value) in seen or id(value) in done:
+                continue
+            seen.add(id(value))
+            if kind is dict:
+                if not all(map(_plain_key, value)):
+                    raise _NotPlain
+                dicts.append(value)
+                stack += [(v, False) for v in value.values()]
+            elif kind is list:
+                lists.append(value)
+                stack += [(v, False) for v in value]
+            elif kind is tuple:
+                pending.add(id(value))
+                stack.append((value, True))
+                stack += [(v, False) for v in value]
+            elif isinstance(value, _Named) and kind is not _Stored:  # a storage outside a rebuild call is not plain
+                if kind.name == _TENSOR_V2:
+                    self._tensor(value)
+                elif kind.name == _PARAMETER:
+                    done[id(value)] = self._parameter(value)
+                else:
+                    stack += self._ordered_dict(value)
+                    ordered.append(value)
+            else:
+                raise _NotPlain  # a class itself (a global that was not called), a pickled module's class...
+        self._fill(dicts, lists, ordered)
+        return done.get(id(root), root)
+
+    def _leave_tuple(self, value: tuple[Any, ...], pending: set[int]) -> None:
+        pending.discard(id(value))
+        if any(id(v) in pending for v in value):
+            raise _NotPlain  # a tuple in a cycle with one of its own items: not worth modelling
+        done = self.done
+        if any(id(v) in done for v in value):
+            done[id(value)] = tuple(done.get(id(v), v) for v in value)
+
+    def _ordered_dict(self, value: _Named) -> list[tuple[Any, bool]]:
+        """An empty OrderedDict for the stand-in; the items to convert before :meth:`_fill` fills it."""
+        if type(value).name != _ORDERED_DICT or value.args != () or value.via_call or value.listy or value.builds > 1:
+            raise _NotPlain  # OrderedDict(pairs), appended to, called, built twice...
+        state = value.state if value.builds else {}
+        items = value.items or {}
+        if type(state) is not dict or not all(map(_plain_key, state)) or not all(map(_plain_key, items)):
+            raise _NotPlain
+        self.done[id(value)] = collections.OrderedDict()
+        return [(v, False) for v in (*items.values(), *state.values())]
+
+    def _fill(self, dicts: list[dict[Any, Any]], lists: list[list[Any]], ordered: list[_Named]) -> None:
+        done = self.done
+        for d in dicts:
+            for k, v in d.items():  # values only: the dict keeps its size
+                if id(v) in done:
+                    d[k] = done[id(v)]
+        for items in lists:
+            for i, v in enumerate(items):
+                if id(v) in done:
+                    items[i] = done[id(v)]
+        for value in ordered:
+            made = done[id(value)]
+            if value.items:
+                made.update((k, done.get(id(v), v)) for k, v in value.items.items())
+            if value.builds:  # torch: inst.__dict__.update(state), e.g. a state_dict's _metadata
+                made.__dict__.update((k, done.get(id(v), v)) for k, v in value.state.items())
+
+    def _tensor(self, call: _Named) -> Any:
+        """``_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])`` on meta."""
+        made = self.done.get(id(call))
+        if made is not None:
+            return made
+        args = call.args
+        if call.items is not None or call.builds or call.via_call or call.listy or len(args) not in (6, 7):
+            raise _NotPlain
+        stored, offset, size, stride, requires_grad, hooks = args[:6]
+        if len(args) == 7 and not (args[6] is None or args[6] == {}):
+            raise _NotPlain  # tensor metadata (torch._utils.set_tensor_metadata)
+        if type(requires_grad) is not bool or not _hookless(hooks) or type(size) is not tuple or type(stride) is not tuple:
+            raise _NotPlain
+        storage, dtype, capacity = self._storage(stored)
+        if _fits(offset, size, stride) > capacity:  # infinity when malformed
+            raise _BadTensor(call, _layout_problem(offset, size, stride, capacity) or "does not fit its storage")
+        made = torch.empty((0,), dtype=dtype, device="meta").set_(storage, offset, size, stride)
+        if requires_grad:
+            made.requires_grad = True
+        self.done[id(call)] = made
+        return made
+
+    def _parameter(self, call: _Named) -> Any:
+        """``_rebuild_parameter(data, requires_grad, hooks)``: ``nn.Parameter(data, requires_grad)``."""
+        args = call.args
+        if call.items is not None or call.builds or call.via_call or call.listy or len(args) != 3:
+            raise _NotPlain
+        data, requires_grad, hooks = args
+        if not (isinstance(data, _Named) and type(data).name == _TENSOR_V2) or type(requires_grad) is not bool or not _hookless(hooks):
+            raise _NotPlain
+        return torch.nn.Parameter(self._tensor(data), requires_grad)
+
+    def _storage(self, stored: Any) -> tuple[Any, Any, int]:
+        """(meta storage, dtype, elements) of one persistent id (checked by :func:`_check_zip_storages`)."""
+        if type(stored) is not _Stored or stored.items is not None or stored.builds or stored.via_call:
+            raise _NotPlain
+        made = self.storages.get(id(stored))
+        if made is None:
+            _, kind, key, _location, numel = stored.pid
+            offset = self.data.get(self.prefix + "/data/" + key)
+            if offset is None:
+                raise _NotPlain
+            dtype = self._dtype(kind)
+            storage = torch.UntypedStorage(numel * dtype.itemsize, device="meta")
+            storage._checkpoint_offset = offset
+            made = self.storages[id(stored)] = (storage, dtype, numel)
+        return made
+
+    def _dtype(self, kind: Any) -> Any:
+        dtype = self.dtypes.get(kind) if isinstance(kind, type) else None
+        if dtype is None:
+            if not (isinstance(kind, type) and issubclass(kind, _Named) and kind.name in _PLAIN_STORAGES):
+                raise _NotPlain
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TypedStorage is deprecated
+                dtype = self.dtypes[kind] = getattr(torch, kind.name.rpartition(".")[2]).dtype
+        return dtype
+
+
+def _fits(offset: Any, size: Any, stride: Any) -> float:
+    """The storage elements a tensor reaches (0 when it has none); infinity when its layout is malformed.
+
+    >>> _fits(2, (4, 4), (4, 1)), _fits(0, (0, 4), (4, 1)), _fits(0, (-1,), (1,))
+    (18, 0, inf)
+    """
+    if type(offset) is not int or type(size) is not tuple or type(stride) is not tuple or len(size) != len(stride) or offset < 0:
+        return math.inf
+    end = offset + 1
+    for d, s in zip(size, stride):
+        if type(d) is not int or type(s) is not int or d < 0 or s < 0:
+            return math.inf
+        if d == 0:
+            end = 0
+        elif end:
+            end += (d - 1) * s
+    return end
+
+
+def _layout_problem(offset: Any, size: Any, stride: Any, capacity: int) -> str | None:
+    """What is wrong with a tensor of ``size`` and ``stride`` at ``offset`` in a storage of
+    ``capacity`` elements, None if it fits.
+
+    >>> _layout_problem(0, (4, 4), (4, 1), 16), _layout_problem(1, (4, 4), (4, 1), 16)
+    (None, 'of shape (4, 4) with strides (4, 1) at storage offset 1 reaches element 17 of its storage, which holds 16')
+    """
+    if not (type(size) is tuple and all(_is_int(d) and d >= 0 for d in size)):
+        return f"has shape {_safe_repr(size)}, expected a tuple of non-negative integers"
+    if not (type(stride) is tuple and len(stride) == len(size) and all(_is_int(d) and d >= 0 for d in stride)):
+        return f"of shape {_safe_repr(size)} has strides {_safe_repr(stride)}, expected one non-negative integer per dimension"
+    if not (_is_int(offset) and offset >= 0):
+        return f"has storage offset {_safe_repr(offset)}, expected a non-negative integer"
+    if 0 in size:
+        return None
+    end = offset + 1 + sum((d - 1) * s for d, s in zip(size, stride))
+    if end > capacity:
+        return (f"of shape {_safe_repr(size)} with strides {_safe_repr(stride)} at storage offset {offset} "
+                f"reaches element {end} of its storage, which holds {capacity}")  # fmt: skip
+    return None
+
+
+def _path_to(root: Any, target: Any) -> str:
+    """The dotted path of ``target`` in the scanned tree (dict keys, list indexes), "?" if not found."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), root)]
+    seen: set[int] = set()
+    while stack:
+        path, value = stack.pop()
+        if value is target:
+            return _dotted(path) or "(the whole file)"
+        if id(value) in seen or type(value) in _LEAVES:
+            continue
+        seen.add(id(value))
+        if isinstance(value, _Named):
+            stack += [(path, a) for a in value.args]
+            stack += [((*path, k), v) for k, v in (value.items or {}).items()]
+            if isinstance(value.state, dict):
+                stack += [((*path, k), v) for k, v in value.state.items()]
+        elif isinstance(value, dict):
+            stack += [((*path, k), v) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            stack += [((*path, i), v) for i, v in enumerate(value)]
+    return "?"
 
 
 def _prescan_legacy(path: Path) -> dict[tuple[Any, ...], str]:
@@ -510,21 +912,22 @@ class _TorchReader(_Reader):
         self._stamp = _stamp(path)
         self._weights_only = True
         self.notes: list[str] = []
-        found = _prescan_zip(path) if fmt == "torch-zip" else _prescan_legacy(path)
-        try:
-            obj = _torch_load(path, meta=True, weights_only=True, mmap=False)
-        except _PickleRefused:
-            if not trust_pickle:
-                raise
-            warnings.warn(
-                f"{path}: loaded with torch.load(weights_only=False) because trust_pickle is set; "
-                "unpickling runs code from the file",
-                UserWarning,
-                stacklevel=5,
-            )
-            self._weights_only = False
-            self.notes.append("trusted pickle: loaded with weights_only=False")
-            obj = _torch_load(path, meta=True, weights_only=False, mmap=False)
+        with _gc_paused():  # all that is made here stays referenced (see _gc_paused)
+            self._open(key, trust_pickle)
+        self._tensors: Mapping[Any, Any] | None = None
+
+    def _open(self, key: str | None, trust_pickle: bool) -> None:
+        """``meta``, ``parts``, ``detected``, ``entries``: from the scan when it is plain, else from torch.load."""
+        path, fmt, obj = self.path, self.format, None
+        if fmt == "torch-zip":
+            zipped = _prescan_zip(path)
+            found, self._records = zipped.found, (zipped.layout.foreign, zipped.layout.records)
+            obj = _meta_from_scan(zipped.scan, zipped.layout.data, zipped.prefix, str(path))
+            del zipped  # the scanned tree, before torch.load builds its own
+        else:
+            found = _prescan_legacy(path)
+        if obj is None:
+            obj = self._load_meta(trust_pickle)
         try:
             weights, self.parts, self.detected = _locate(obj, key)
         except SourceError as exc:
@@ -540,7 +943,23 @@ class _TorchReader(_Reader):
             self.notes.append(
                 "legacy torch.save format cannot be memory-mapped: the whole file is loaded on the first read"
             )
-        self._tensors: Mapping[Any, Any] | None = None
+
+    def _load_meta(self, trust_pickle: bool) -> Any:
+        """The checkpoint through ``torch.load`` on the meta device (weights_only unless trusted)."""
+        try:
+            return _torch_load(self.path, meta=True, weights_only=True, mmap=False)
+        except _PickleRefused:
+            if not trust_pickle:
+                raise
+            warnings.warn(
+                f"{self.path}: loaded with torch.load(weights_only=False) because trust_pickle is set; "
+                "unpickling runs code from the file",
+                UserWarning,
+                stacklevel=7,  # the caller of open_source
+            )
+            self._weights_only = False
+            self.notes.append("trusted pickle: loaded with weights_only=False")
+            return _torch_load(self.path, meta=True, weights_only=False, mmap=False)
 
     def read(self, key: str) -> torch.Tensor:
         if self._tensors is None:
@@ -636,21 +1055,47 @@ class _TorchScriptReader(_Reader):
         """The tensors were read at open: nothing to release."""
 
 
-def _zip_table(path: Path) -> tuple[bool, dict[int, tuple[int, bool]]]:
-    """Whether a torch zip archive's byte order differs from ours, and where each record's data sits."""
+class _ZipLayout(NamedTuple):
+    """Where a torch zip archive's records sit, from one pass over their local headers."""
+
+    foreign: bool  # its byte order differs from this machine's
+    records: dict[int, tuple[int, bool]]  # data offset -> (size, stored uncompressed)
+    data: dict[str, int]  # record name -> data offset
+
+
+def _zip_layout(z: zipfile.ZipFile, path: Path) -> _ZipLayout:
+    """The layout of the archive ``z`` opened from ``path`` (each local header read once)."""
+    import mmap
+
     records: dict[int, tuple[int, bool]] = {}
+    data: dict[str, int] = {}
     foreign = False
-    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+    local = struct.Struct("<4s22xHH").unpack_from  # signature, name and extra field lengths
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:  # 30 bytes a record, no syscall each
         for info in z.infolist():
-            f.seek(info.header_offset)
-            local = f.read(30)
-            if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                raise zipfile.BadZipFile(f"no local header for {info.filename!r} at byte {info.header_offset}")
-            start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+            at = info.header_offset
+            if not 0 <= at <= len(m) - 30 or (head := local(m, at))[0] != b"PK\x03\x04":
+                raise zipfile.BadZipFile(f"no local header for {info.filename!r} at byte {at}")
+            start = at + 30 + head[1] + head[2]
             records[start] = (info.file_size, info.compress_type == zipfile.ZIP_STORED)
+            data[info.filename] = start
             if info.filename.endswith("/byteorder"):
                 foreign = z.read(info).decode() != sys.byteorder
-    return foreign, records
+    return _ZipLayout(foreign, records, data)
+
+
+def _layout_or_error(z: zipfile.ZipFile, path: Path) -> _ZipLayout:
+    try:
+        return _zip_layout(z, path)
+    except Exception as exc:  # noqa: BLE001 - zipfile on corrupt bytes raises many types
+        raise SourceError(f"corrupt zip archive: {_first_line(exc)}", where=str(path)) from None
+
+
+def _zip_table(path: Path) -> tuple[bool, dict[int, tuple[int, bool]]]:
+    """Whether a torch zip archive's byte order differs from ours, and where each record's data sits."""
+    with zipfile.ZipFile(path) as z:
+        layout = _zip_layout(z, path)
+    return layout.foreign, layout.records
 
 
 def _zip_kind(path: Path) -> str:
