@@ -48,23 +48,34 @@ if TYPE_CHECKING:
     from ..rules.steps import Recipe
     from ..sources.readers import Source, Span
 
-__all__ = ["agreed", "apply_sharded", "plan_digest"]
+__all__ = ["agreed", "apply_sharded", "plan_lines"]
 
 
-def plan_digest(plan: Plan) -> str:
-    """A digest of everything a rank's load depends on: each assignment's target, sources, ops,
-    shape and dtype, the source tensors' shapes and dtypes, and the failures. Equal on every
-    rank that planned the same rules, source and target."""
-    h = hashlib.sha256()
+def plan_lines(plan: Plan) -> list[str]:
+    """One line per assignment: what a rank's load depends on (target, shape, dtype, source keys
+    with theirs, ops), then the plan's failures. Equal on every rank that planned the same rules,
+    source and target; the first line that differs is what a mismatch error shows.
+
+    >>> from remap import plan
+    >>> plan_lines(plan({"fc.w": (2, 3)}, {"module.fc.w": (2, 3)}, {"version": 1, "rules": [{"strip_prefix": "module."}]}))
+    ['fc.w [2, 3] float32 <- module.fc.w [2, 3] float32']
+    """
+    lines = []
     for a in plan.assignments:
         m = plan.target_meta[a.target]
-        h.update(repr((a.target, tuple(a.sources), tuple(a.ops), tuple(m.shape), m.dtype)).encode())
-        for k in a.sources:
-            s = plan.source_meta[k]
-            h.update(repr((k, tuple(s.shape), s.dtype)).encode())
-    for f in plan.report.failures:
-        h.update(repr((f.kind, f.message)).encode())
-    return h.hexdigest()
+        fed = ", ".join(f"{k} {list(plan.source_meta[k].shape)} {plan.source_meta[k].dtype}" for k in a.sources)
+        ops = f" [{'; '.join(a.ops)}]" if a.ops else ""
+        lines.append(f"{a.target} {list(m.shape)} {m.dtype} <- {fed}{ops}")
+    lines += [f"failure ({f.kind}): {f.message}" for f in plan.report.failures]
+    return lines
+
+
+def _digest(lines: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+#: Lines per digest of a part of the plan: ranks whose plans differ exchange these first, then the lines of the first part that differs.
+CHUNK = 256
 
 
 # ---------------------------------------------------------------------------- agreeing across ranks
@@ -79,6 +90,8 @@ class _Outcome:
     error: str | None = None  # the class name in remap.errors
     message: str | None = None
     report: Any = None  # a CheckError's report
+    chunks: tuple[str, ...] = ()  # digests of the plan's lines, CHUNK at a time
+    failures: tuple[str, ...] = ()  # this rank's plan's failures (its checks)
 
 
 def _gather(outcome: _Outcome) -> list[_Outcome]:
@@ -91,7 +104,7 @@ def _gather(outcome: _Outcome) -> list[_Outcome]:
 
 def _outcome_of(exc: BaseException | None, rank: int, digest: str | None = None) -> _Outcome:
     if exc is None:
-        return _Outcome(rank, digest)
+        return _Outcome(rank, digest)  # the first gather adds the plan's parts and failures
     if isinstance(exc, RemapError):
         report = exc.report if isinstance(exc, CheckError) else None
         where = f" ({exc.where})" if exc.where and exc.where not in exc.message else ""
@@ -99,15 +112,39 @@ def _outcome_of(exc: BaseException | None, rank: int, digest: str | None = None)
     return _Outcome(rank, digest, "InternalError", f"{type(exc).__name__}: {exc}")
 
 
-def _check_digests(everyone: Sequence[_Outcome], plan: Plan) -> None:
-    digests = {o.digest for o in everyone}
-    if len(digests) > 1:
-        seen = ", ".join(f"rank {o.rank}: {str(o.digest)[:12]}" for o in everyone)
-        raise agreed(CheckError(
-            f"the ranks planned differently ({seen}): every rank must load the same rules, source and target "
-            "(a file that differs between nodes, a model built differently); no rank wrote anything",
-            report=plan.report,
-        ))
+def _check_digests(everyone: Sequence[_Outcome], plan: Plan, lines: Sequence[str]) -> None:
+    """Raise on every rank, naming what differs, when the ranks' plans are not the same."""
+    if len({o.digest for o in everyone}) == 1:
+        return
+    world = len(everyone)
+    parts = [f"rank {o.rank}'s plan failed its checks: {o.failures[0]}"
+             + (f" (and {len(o.failures) - 1} more)" if len(o.failures) > 1 else "") for o in everyone if o.failures]  # fmt: skip
+    other = next(o for o in everyone if o.digest != everyone[0].digest)
+    parts.append(_first_difference(everyone[0], other, lines))
+    raise agreed(CheckError(
+        f"the ranks planned differently ({world} ranks; every rank must load the same rules, source and target: "
+        "a file that differs between nodes, a model built differently); no rank wrote anything:\n"
+        + "\n".join("- " + p.replace("\n", "\n  ") for p in parts),
+        report=plan.report,
+    ))
+
+
+def _first_difference(first: _Outcome, other: _Outcome, lines: Sequence[str]) -> str:
+    """The first plan line where rank ``other`` differs from rank ``first`` (one more gather of one part's lines)."""
+    k = next((i for i, (a, b) in enumerate(zip(first.chunks, other.chunks)) if a != b), min(len(first.chunks), len(other.chunks)))
+    part = _gather_lines(list(lines[k * CHUNK:(k + 1) * CHUNK]))
+    mine, theirs = part[first.rank], part[other.rank]
+    i = next((j for j, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+    said = lambda side: f"`{side[i]}`" if i < len(side) else "nothing more"  # noqa: E731
+    return f"first difference: rank {first.rank} has {said(mine)}, rank {other.rank} has {said(theirs)}"
+
+
+def _gather_lines(lines: list[str]) -> list[list[str]]:
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, lines)
+    return everyone
 
 
 # ---------------------------------------------------------------------------- each rank's part
@@ -356,23 +393,27 @@ def apply_sharded(plan: Plan, module: torch.nn.Module, state: Mapping[str, Any],
         raise UsageError("mmap_weights maps a file as a meta-device target's weights; a sharded (DTensor) target "
                          "holds its own shard: leave mmap_weights out")  # fmt: skip
     rank = dist.get_rank()
-    digest, failure = None, None
+    digest, failure, lines = None, None, []
     policy = DtypePolicy.of(dtype, plan.rules.target.keep_fp32)
     on_meta = any(t.device.type == "meta" for t in state.values() if isinstance(t, torch.Tensor))
     precision: Any = ()
     checks: Mapping[str, str] = {}
     try:
         _check_same_target(plan, state)
-        digest = plan_digest(plan)
+        lines = plan_lines(plan)
+        digest = _digest(lines)
         if policy.active and (policy.dtype not in (None, AUTO) or policy.keep_fp32):
             raise UsageError("target.dtype / keep_fp32 / dtype= with a sharded (DTensor) target: shard the model in the dtype "
                              "it should have (the load casts to each shard's own dtype)")  # fmt: skip
         precision, checks = precision_changes(plan, policy, state, on_meta)
     except Exception as exc:  # noqa: BLE001 - every rank must hear of it
         failure = exc
-    everyone = _gather(_outcome_of(failure, rank, digest))
+    mine = _outcome_of(failure, rank, digest)
+    mine.chunks = tuple(_digest(lines[i:i + CHUNK]) for i in range(0, len(lines), CHUNK))
+    mine.failures = tuple(f.message for f in plan.report.failures)
+    everyone = _gather(mine)
     _raise_gathered(everyone, rank)
-    _check_digests(everyone, plan)
+    _check_digests(everyone, plan, lines)
     if not plan.ok:  # the same plan on every rank (digests agree): the same failures
         raise agreed(check_failed(plan.report.replace(dry_run=dry_run)))
     planned = plan.report.replace(precision=precision)

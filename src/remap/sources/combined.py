@@ -106,6 +106,16 @@ class CombinedSource(Source):
         name, inner = self._origin[key]
         return self.sources[name].read(inner)
 
+    def _read_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        by_source: dict[str, dict[str, str]] = {}
+        for key in keys:
+            name, inner = self._origin[key]
+            by_source.setdefault(name, {})[inner] = key
+        out = {}
+        for name, inners in by_source.items():
+            out.update({inners[k]: t for k, t in self.sources[name].read_many(list(inners)).items()})
+        return {k: out[k] for k in keys}
+
     def span(self, key: str) -> Span | None:
         name, inner = self.origin(key)
         return self.sources[name].span(inner)

@@ -426,6 +426,22 @@ class Source:
     def _read(self, key: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def read_many(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Several tensors at once: key -> tensor, in one pass where the format allows it (a DCP
+        folder reads them in one ``dcp.load``), else one :meth:`read` after another.
+
+        >>> import torch
+        >>> sorted(open_source({"a": torch.zeros(1), "b": torch.ones(2)}).read_many(["b", "a"]))
+        ['a', 'b']
+        """
+        keys = list(dict.fromkeys(keys))
+        for key in keys:
+            self._check_key(key)
+        return self._read_many(keys)
+
+    def _read_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        return {k: self._read(k) for k in keys}
+
     def span(self, key: str) -> Span | None:
         """Where ``key``'s bytes sit in a file, when they can be mapped without a copy."""
         return None
@@ -598,6 +614,18 @@ class _FileSource(Source):
         if getattr(self._owner[key], "read_box", None) is None:
             return None
         return self._activate(key).read_box(key, offset, shape)  # type: ignore[attr-defined]
+
+    def _read_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Keys grouped by the file holding them, each group in one pass where its reader has ``read_many``."""
+        groups: dict[int, list[str]] = {}
+        for key in keys:
+            groups.setdefault(id(self._owner[key]), []).append(key)
+        out: dict[str, torch.Tensor] = {}
+        for group in groups.values():
+            reader = self._activate(group[0])
+            many = getattr(reader, "read_many", None)
+            out.update(many(group) if many is not None else {k: reader.read(k) for k in group})
+        return {k: out[k] for k in keys}
 
     def _activate(self, key: str) -> _Reader:
         """The reader of ``key``, now the one holding open data (the one before released)."""
