@@ -181,9 +181,10 @@ def bytes_per_rank(rank: int, world: int, workdir: Path) -> dict[str, Any]:
     return {"rchar": read, "stats": report.stats, "file": os.path.getsize(path), "equal": equal}
 
 
-def one_rank_fails(rank: int, world: int, workdir: Path, when: str) -> dict[str, Any]:
+def one_rank_fails(rank: int, world: int, workdir: Path, when: str, on_meta: bool = False) -> dict[str, Any]:
     """Rank 1 fails (its checkpoint has a wrong shape: a failed check; or its reads fail half-way):
-    every rank raises and every rank's module is as it was."""
+    every rank raises and every rank's module is as it was (built on meta: still on meta, its
+    real buffers the very objects they were)."""
     import remap
     from remap.loading import sharded
 
@@ -197,8 +198,14 @@ def one_rank_fails(rank: int, world: int, workdir: Path, when: str) -> dict[str,
         save_file(bad, str(workdir / "bad.safetensors"))
         path = str(workdir / "bad.safetensors")
     torch.manual_seed(5)
-    target = shard(Net(), "fsdp", world)
+    if on_meta:
+        with remap.empty_weights():  # parameters on meta, buffers real
+            target = shard(Net(), "fsdp", world)
+    else:
+        target = shard(Net(), "fsdp", world)
+    buffers = {n: b for n, b in target.named_buffers()}
     before = {k: v._local_tensor.clone() if hasattr(v, "_local_tensor") else v.clone() for k, v in target.state_dict().items()}
+    real_read_box = sharded._read_box
     if when == "read" and rank == 1:
         real, calls = sharded._read_box, []
 
@@ -214,8 +221,13 @@ def one_rank_fails(rank: int, world: int, workdir: Path, when: str) -> dict[str,
         error = None
     except remap.errors.RemapError as exc:
         error = (type(exc).__name__, str(exc))
+    finally:
+        sharded._read_box = real_read_box
     after = {k: v._local_tensor if hasattr(v, "_local_tensor") else v for k, v in target.state_dict().items()}
-    return {"error": error, "untouched": all(torch.equal(before[k], after[k]) for k in before)}
+    same = all(before[k].device == after[k].device and (before[k].is_meta or torch.equal(before[k], after[k])) for k in before)
+    same_buffers = all(b is buffers[n] for n, b in target.named_buffers())
+    return {"error": error, "untouched": same and same_buffers,
+            "devices": sorted({v.device.type for v in after.values()})}  # fmt: skip
 
 
 def dcp_resharded(rank: int, world: int, workdir: Path, folder: str) -> dict[str, Any]:
@@ -241,9 +253,23 @@ def fsdp_net() -> nn.Module:
     return shard(Net(), "fsdp", dist.get_world_size())
 
 
+def in_bfloat16(rank: int, world: int, workdir: Path) -> dict[str, Any]:
+    """A bfloat16 model built on meta and sharded, loaded from the float32 checkpoint with dtype=bfloat16."""
+    import remap
+
+    ref = reference()
+    path = write(workdir, "ck.safetensors", checkpoint(ref))
+    with torch.device("meta"):
+        target = Net().to(torch.bfloat16)
+    target = shard(target, "fsdp", world)
+    report = remap.load(target, path, rules=RULES, dtype="bfloat16")
+    return {"full": full(target), "ref": {k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()},
+            "precision": [(p.source_dtype, p.dtype, p.kind, len(p.keys)) for p in report.precision]}  # fmt: skip
+
+
 def many(rank: int, world: int, workdir: Path, variants: list[list[Any]]) -> list[Any]:
     """Several cases in one spawn (each spawn costs seconds): ``[[case name, *args], ...]``."""
-    cases = {"load_equal": load_equal, "bytes_per_rank": bytes_per_rank, "one_rank_fails": one_rank_fails}
+    cases = {"load_equal": load_equal, "bytes_per_rank": bytes_per_rank, "one_rank_fails": one_rank_fails, "in_bfloat16": in_bfloat16}
     out = []
     for n, (name, *args) in enumerate(variants):
         folder = workdir / f"case{n}"

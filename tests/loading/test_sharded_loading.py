@@ -46,7 +46,7 @@ def expect_equal(result: dict) -> None:
 def two(tmp_path_factory):
     variants = [["load_equal", "fsdp", "safetensors", False], ["load_equal", "tp", "pth", False],
                 ["load_equal", "fsdp", "pth", True], ["bytes_per_rank"], ["one_rank_fails", "check"],
-                ["one_rank_fails", "read"]]  # fmt: skip
+                ["one_rank_fails", "read"], ["in_bfloat16"], ["one_rank_fails", "read", True]]  # fmt: skip
     return ok(run_ranks("loading.sharded_cases:many", 2, tmp_path_factory.mktemp("two"), args=(variants,), timeout=300))
 
 
@@ -106,6 +106,20 @@ def test_a_read_failing_on_one_rank_puts_every_rank_back(two):
         assert kind == "SourceError"
         assert message == f"disk on fire ({path})\n(on rank 1 of 2; every rank put its module back as it was)"
         assert rank[5]["untouched"]
+
+
+def test_a_read_failing_on_one_rank_puts_a_target_built_on_meta_back_on_meta(two):
+    for rank in two:
+        kind, message = rank[7]["error"]
+        assert kind == "SourceError" and message.endswith("(on rank 1 of 2; every rank put its module back as it was)")
+        assert rank[7]["untouched"] and rank[7]["devices"] == ["cpu", "meta"]  # the buffers real, the parameters meta
+
+
+def test_a_bfloat16_sharded_target_loads_the_float32_checkpoint_cast_and_says_so(two):
+    for rank in two:
+        got = rank[6]
+        assert all(torch.equal(got["full"][k], v) for k, v in got["ref"].items())
+        assert got["precision"] == [("float32", "bfloat16", "narrowed", 26)]
 
 
 def test_dcp_saved_on_four_ranks_loads_on_two_and_on_one(tmp_path):

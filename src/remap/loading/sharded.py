@@ -36,7 +36,7 @@ import torch
 from .. import errors
 from ..errors import CheckError, RemapError, SourceError, UsageError
 from ..meta import is_dtensor
-from .dtype_policy import AUTO, DtypePolicy, precision_changes
+from .dtype_policy import DtypePolicy, precision_changes
 from .empty import initialise, init_owners
 from .engine import _check_same_target, _dry_op, _final_report, _meta_gaps, check_failed
 from .freeze import apply_freeze
@@ -343,17 +343,27 @@ def _load_one(a: Assignment, t: torch.Tensor, values: _Values, stats: _RankStats
 # ---------------------------------------------------------------------------- meta-device targets
 
 
-def _allocate(module: torch.nn.Module, device: torch.device) -> None:
-    """Give every module holding meta tensors real memory on ``device`` (its real tensors kept)."""
+def _allocate(module: torch.nn.Module, device: torch.device, touched: list[torch.nn.Module]) -> None:
+    """Give every module holding meta tensors real memory on ``device`` (its real tensors kept),
+    each module appended to ``touched`` before it changes (:func:`_deallocate` undoes it)."""
     for m in module.modules():
         own = dict([*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)])
         if not any(t is not None and t.device.type == "meta" for t in own.values()):
             continue
         keep = {n: t.detach().clone() for n, t in own.items() if t is not None and t.device.type != "meta"}
+        touched.append(m)
         m.to_empty(device=device, recurse=False)
         with torch.no_grad():
             for n, t in keep.items():
                 getattr(m, n).copy_(t)
+
+
+def _deallocate(touched: list[torch.nn.Module]) -> None:
+    """Put the modules :func:`_allocate` gave memory back on meta. FSDP2 keeps a DTensor
+    parameter's object and swaps what it holds, so its old value cannot be put back by
+    reference; the buffers that were real get their own objects back from the rollback."""
+    for m in reversed(touched):
+        m.to_empty(device="meta", recurse=False)
 
 
 def _initialise_rest(plan: Plan, module: torch.nn.Module, loaded: set[str]) -> list[str]:
@@ -402,10 +412,9 @@ def apply_sharded(plan: Plan, module: torch.nn.Module, state: Mapping[str, Any],
         _check_same_target(plan, state)
         lines = plan_lines(plan)
         digest = _digest(lines)
-        if policy.active and (policy.dtype not in (None, AUTO) or policy.keep_fp32):
-            raise UsageError("target.dtype / keep_fp32 / dtype= with a sharded (DTensor) target: shard the model in the dtype "
-                             "it should have (the load casts to each shard's own dtype)")  # fmt: skip
-        precision, checks = precision_changes(plan, policy, state, on_meta)
+        # Each shard keeps the dtype it has (a target remap builds is cast by target.dtype before it is
+        # sharded): the load casts into it, as into any allocated target, range-checked where it narrows.
+        precision, checks = precision_changes(plan, policy, state, False)
     except Exception as exc:  # noqa: BLE001 - every rank must hear of it
         failure = exc
     mine = _outcome_of(failure, rank, digest)
@@ -438,13 +447,15 @@ def apply_sharded(plan: Plan, module: torch.nn.Module, state: Mapping[str, Any],
     undo = Rollback(module)
     failure = None
     loaded: set[str] = set()
+    touched: list[torch.nn.Module] = []
     try:
+        real = [a.target for a in plan.assignments if state[a.target].device.type != "meta"]  # written in place
         if on_meta:
-            _allocate(module, device or _shard_device(state))
+            _allocate(module, device or _shard_device(state), touched)
             state = module.state_dict(keep_vars=True)
-        elif rollback:
-            for a in plan.assignments:
-                t = state[a.target]
+        if rollback or on_meta:  # a meta-built target's real buffers too: they are the module's own
+            for key in real:
+                t = state[key]
                 undo.keep(t._local_tensor if is_dtensor(t) else t)
         check = getattr(plan.source, "check_unchanged", None)
         if check is not None:
@@ -460,6 +471,7 @@ def apply_sharded(plan: Plan, module: torch.nn.Module, state: Mapping[str, Any],
     stats.seconds = time.perf_counter() - start
     everyone = _gather(_outcome_of(failure, rank))
     if any(o.error for o in everyone):
+        _deallocate(touched)
         undo.restore()
         if isinstance(failure, KeyboardInterrupt):
             raise failure

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from ..errors import InternalError, SourceError
+from ..meta import is_dtensor
 
 if TYPE_CHECKING:
     from ..planning.planner import Assignment, Plan
@@ -612,7 +613,7 @@ class Rollback:
     def __init__(self, module: nn.Module) -> None:
         self._slots = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
         self._data = [(t, t.data) for _, params, buffers in self._slots for t in (*params.values(), *buffers.values())
-                      if isinstance(t, torch.Tensor)]  # fmt: skip
+                      if isinstance(t, torch.Tensor) and not is_dtensor(t)]  # fmt: skip  (a DTensor's shard is put back by its loader)
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._seen: set[tuple[int, int]] = set()
         self.bytes = 0
