@@ -114,6 +114,27 @@ def test_overflow_into_an_allocated_float16_module_leaves_it_as_it_was(tmp_path:
     assert snapshot(model) == before
 
 
+@pytest.mark.parametrize("meta", [False, True], ids=["allocated", "meta"])
+def test_an_overflowing_cast_step_fails_naming_the_key_and_puts_the_module_back(tmp_path: Path, meta: bool) -> None:
+    """An explicit ``cast`` step in the rules is range-checked as the load's own casts are
+    (a float32 module: the step's float16 value would load as inf)."""
+    model = meta_block() if meta else Block()
+    before = snapshot(model) if not meta else None
+    path = write(tmp_path / "c.safetensors", overflowing(torch.float32))
+    rules = {"version": 1, "rules": [{"cast": {"match": r"^fc2\.", "dtype": "float16"}}]}
+    with pytest.raises(CheckError) as info:
+        remap.load(model, path, rules=rules, batch_bytes=64)
+    [failure] = info.value.report.failures
+    assert failure.kind == "precision"
+    assert failure.message == ("'fc2.weight': the rules' cast step float32 -> float16 overflows: its largest value is 131072 "
+                               "(at index 19), and float16 holds at most 65504; 1 value(s) would become inf. Cast to a "
+                               "wider dtype, or scale it in the rules")  # fmt: skip
+    if meta:
+        assert all(t.device.type == "meta" for t in model.state_dict().values())
+    else:
+        assert snapshot(model) == before
+
+
 def test_values_in_range_narrow_without_failure_and_are_reported() -> None:
     src = state(torch.float32, seed=2)
     model = Block().half()

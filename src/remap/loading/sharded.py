@@ -36,11 +36,12 @@ import torch
 from .. import errors
 from ..errors import CheckError, RemapError, SourceError, UsageError
 from ..meta import is_dtensor
-from .dtype_policy import DtypePolicy, precision_changes
+from .dtype_policy import DtypePolicy, RangeFailure, precision_changes
 from .empty import initialise, init_owners
 from .engine import _check_same_target, _dry_op, _final_report, _meta_gaps, check_failed
 from .freeze import apply_freeze
-from .streaming import ITEMSIZE, Rollback, _check_span, _pread_into, _writable_bytes, read_tensor
+from ..rules.ops import CastOverflow
+from .streaming import ITEMSIZE, Rollback, _check_span, _pread_into, _writable_bytes, cast_failure, read_tensor
 
 if TYPE_CHECKING:
     from ..planning.planner import Assignment, Plan
@@ -326,7 +327,10 @@ def _load_one(a: Assignment, t: torch.Tensor, values: _Values, stats: _RankStats
     if box is not None and a.recipe is None and len(a.sources) == 1:
         part = _own_part(values, a.sources[0], t, box, stats, dest.detach() if a.target not in checks else None)
     if part is None:
-        value = values.read(a.sources[0]) if a.recipe is None else values.evaluate(a.recipe, {})
+        try:
+            value = values.read(a.sources[0]) if a.recipe is None else values.evaluate(a.recipe, {})
+        except CastOverflow as exc:
+            raise cast_failure(a, exc) from None
         if tuple(value.shape) != tuple(t.shape):
             raise errors.InternalError(f"{a.target!r}: planned shape {list(t.shape)}, got {list(value.shape)} after {list(a.ops)}")
         part = _local_part(value, t, box) if sharded else value
@@ -467,7 +471,7 @@ def apply_sharded(plan: Plan, module: torch.nn.Module, state: Mapping[str, Any],
         if on_meta:
             stats.materialised = _initialise_rest(plan, module, loaded)
     except BaseException as exc:  # noqa: BLE001 - every rank must hear of it, then put back
-        failure = exc
+        failure = check_failed(planned.replace(dry_run=False, failures=(exc.failure,))) if isinstance(exc, RangeFailure) else exc
     stats.seconds = time.perf_counter() - start
     everyone = _gather(_outcome_of(failure, rank))
     if any(o.error for o in everyone):

@@ -54,6 +54,9 @@ from torch import nn
 
 from ..errors import InternalError, SourceError
 from ..meta import is_dtensor
+from ..rules.ops import CastOverflow
+from ..report.records import Failure
+from .dtype_policy import RangeFailure
 
 if TYPE_CHECKING:
     from ..planning.planner import Assignment, Plan
@@ -710,7 +713,7 @@ def stream(plan: Plan, source: Source, module: torch.nn.Module, *, assign: bool,
                 out = {}
                 for a in batch:
                     value = values.get(a.target)
-                    out[a.target] = value if value is not None else _place(_checked(reader.value(a), a, checks), a, plan, assign,
+                    out[a.target] = value if value is not None else _place(_checked(_value(reader, a), a, checks), a, plan, assign,
                                                                            device, dtype, policy)  # fmt: skip
                 del values
                 loader.load(out)
@@ -776,6 +779,20 @@ def _kept_values(batch: Sequence[Assignment], routes: Mapping[str, _Route], span
         reader.count(a.sources[0])
         stats.mmap_weights += 1
     return values
+
+
+def _value(reader: _Reader, a: Assignment) -> torch.Tensor:
+    """``a``'s value; a ``cast`` step that overflows is a precision failure naming the key."""
+    try:
+        return reader.value(a)
+    except CastOverflow as exc:
+        raise cast_failure(a, exc) from None
+
+
+def cast_failure(a: Assignment, exc: CastOverflow) -> RangeFailure:
+    """The precision failure of a ``cast`` step of ``a`` that overflowed."""
+    return RangeFailure(Failure("precision", f"{a.target!r}: the rules' cast step {exc}. Cast to a wider dtype, "
+                                             "or scale it in the rules", tuple(dict.fromkeys((a.target, *a.sources)))))  # fmt: skip
 
 
 def _checked(value: torch.Tensor, a: Assignment, checks: Mapping[str, str] | None) -> torch.Tensor:

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "CastOverflow",
+    "cast",
     "OpError",
     "SizeValueError",
     "MAX_SIZE",
@@ -456,3 +458,36 @@ def permute_heads(t: torch.Tensor, heads: int, to: str, dim: int = 0) -> torch.T
     grouped = (heads, half, 2, *rest) if to == "half_split" else (heads, 2, half, *rest)
     y = x.reshape(grouped).transpose(1, 2).reshape(x.shape)
     return (y.movedim(0, d) if d else y).contiguous()
+
+
+class CastOverflow(ValueError):
+    """A ``cast`` step met a finite value its dtype cannot hold (it would become inf)."""
+
+
+def cast(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``t`` in ``dtype``; :class:`CastOverflow` when a narrowing float cast turns a finite value
+    infinite (the loader names the key and puts the module back).
+
+    >>> import torch
+    >>> cast(torch.tensor([1.0, 2.0]), "float16").dtype
+    torch.float16
+    >>> cast(torch.tensor([1.0, 7e4]), "float16")
+    Traceback (most recent call last):
+    ...
+    remap.rules.ops.CastOverflow: float32 -> float16 overflows: its largest value is 70000 (at index 1), and float16 holds at most 65504; 1 value(s) would become inf
+    """
+    import torch
+
+    out = t.to(getattr(torch, dtype))
+    if t.is_meta or not t.numel() or not (t.is_floating_point() and out.is_floating_point()):
+        return out
+    if torch.finfo(out.dtype).max >= torch.finfo(t.dtype).max:
+        return out  # not narrowing the range
+    bad = torch.isinf(out) & torch.isfinite(t)
+    if bool(bad.any()):
+        where = int(torch.nonzero(bad.reshape(-1))[0])
+        src = str(t.dtype).removeprefix("torch.")
+        raise CastOverflow(f"{src} -> {dtype} overflows: its largest value is {float(t[bad].abs().max()):g} (at index {where}), "
+                           f"and {dtype} holds at most {torch.finfo(out.dtype).max:g}; {int(bad.sum())} value(s) would become inf")  # fmt: skip
+    return out
+

@@ -438,9 +438,7 @@ class Cast(_TensorStep):
 
 
 def _cast(t: Any, dtype: str) -> Any:
-    import torch
-
-    return t.to(getattr(torch, dtype))
+    return ops.cast(t, dtype)
 
 
 ADAPT_OPS = ("in_channels", "interpolate")

@@ -440,7 +440,7 @@ class Source:
         return self._read_many(keys)
 
     def _read_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        return {k: self._read(k) for k in keys}
+        return {k: self.read(k) for k in keys}  # through read: a subclass may override it
 
     def span(self, key: str) -> Span | None:
         """Where ``key``'s bytes sit in a file, when they can be mapped without a copy."""
