@@ -267,9 +267,26 @@ def in_bfloat16(rank: int, world: int, workdir: Path) -> dict[str, Any]:
             "precision": [(p.source_dtype, p.dtype, p.kind, len(p.keys)) for p in report.precision]}  # fmt: skip
 
 
+def with_a_key_missing(rank: int, world: int, workdir: Path) -> dict[str, Any]:
+    """A meta-built target whose ``head.weight`` no source feeds (declared missing): initialised by its module."""
+    import remap
+
+    ck = checkpoint(reference())
+    del ck["module.head.weight"]
+    path = write(workdir, "ck.safetensors", ck)
+    rules = {**RULES, "rules": RULES["rules"][:2], "expect": {"missing": ["head.weight"]}}
+    with remap.empty_weights():
+        target = shard(Net(), "fsdp", world)
+    report = remap.load(target, path, rules=rules)
+    got = full(target)
+    return {"ok": report.ok, "materialised": report.stats["materialised"], "warnings": report.warnings,
+            "head_std": float(got["head.weight"].std()), "others_equal": all(torch.equal(got[k], v) for k, v in reference().state_dict().items() if k != "head.weight")}  # fmt: skip
+
+
 def many(rank: int, world: int, workdir: Path, variants: list[list[Any]]) -> list[Any]:
     """Several cases in one spawn (each spawn costs seconds): ``[[case name, *args], ...]``."""
-    cases = {"load_equal": load_equal, "bytes_per_rank": bytes_per_rank, "one_rank_fails": one_rank_fails, "in_bfloat16": in_bfloat16}
+    cases = {"load_equal": load_equal, "bytes_per_rank": bytes_per_rank, "one_rank_fails": one_rank_fails, "in_bfloat16": in_bfloat16,
+             "with_a_key_missing": with_a_key_missing}
     out = []
     for n, (name, *args) in enumerate(variants):
         folder = workdir / f"case{n}"

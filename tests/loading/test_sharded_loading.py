@@ -46,7 +46,8 @@ def expect_equal(result: dict) -> None:
 def two(tmp_path_factory):
     variants = [["load_equal", "fsdp", "safetensors", False], ["load_equal", "tp", "pth", False],
                 ["load_equal", "fsdp", "pth", True], ["bytes_per_rank"], ["one_rank_fails", "check"],
-                ["one_rank_fails", "read"], ["in_bfloat16"], ["one_rank_fails", "read", True]]  # fmt: skip
+                ["one_rank_fails", "read"], ["in_bfloat16"], ["one_rank_fails", "read", True],
+                ["with_a_key_missing"]]  # fmt: skip
     return ok(run_ranks("loading.sharded_cases:many", 2, tmp_path_factory.mktemp("two"), args=(variants,), timeout=300))
 
 
@@ -120,6 +121,15 @@ def test_a_bfloat16_sharded_target_loads_the_float32_checkpoint_cast_and_says_so
         got = rank[6]
         assert all(torch.equal(got["full"][k], v) for k, v in got["ref"].items())
         assert got["precision"] == [("float32", "bfloat16", "narrowed", 26)]
+
+
+def test_a_key_no_source_feeds_is_initialised_by_its_module_and_reported(two):
+    for rank in two:
+        got = rank[8]
+        assert got["ok"] and got["materialised"] == ["head.weight"] and got["others_equal"]
+        assert got["warnings"] == ("1 tensor(s) not in the checkpoint were initialised on the meta-device target by their "
+                                   "modules' initialisers: head.weight",)  # fmt: skip
+        assert 0.1 < got["head_std"] < 0.4  # Linear.reset_parameters: uniform(-1/sqrt(8), 1/sqrt(8)), std 0.20
 
 
 def test_dcp_saved_on_four_ranks_loads_on_two_and_on_one(tmp_path):
