@@ -243,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if quiet and getattr(exc, "agreed", False):
                 return exc.exit_code  # every rank raised it: rank 0 says it once
             message = _cli_message(exc.message, args)
-            print(printable_lines(f"remap: error: {exc.where + ': ' if exc.where else ''}{message}"), file=err)
+            who = f"remap [rank {_rank_of_world()}]" if quiet else "remap"  # raised here before the ranks could agree
+            print(printable_lines(f"{who}: error: {exc.where + ': ' if exc.where else ''}{message}"), file=err)
             if as_json:
                 _print_json(error_object(exc, message), out)
             return exc.exit_code
@@ -280,6 +281,13 @@ def _ranks(argv: Sequence[str]) -> Iterator[bool]:
     with torchrun_group() as joined:
         HARD_EXIT = HARD_EXIT or joined
         yield joined and not speaks()
+
+
+def _rank_of_world() -> str:
+    """``1 of 4``: this rank in the default process group."""
+    import torch.distributed as dist
+
+    return f"{dist.get_rank()} of {dist.get_world_size()}"
 
 
 #: Set once this process has joined and left a gloo group: ``python -m remap`` then exits with

@@ -204,3 +204,16 @@ def test_torchrun_failure_is_said_once_with_the_same_exit_code(tmp_path):
     assert "blocks.1.up.weight" in done.stdout
     assert done.stderr.count("remap: ") == 1, done.stderr[-3000:]
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_torchrun_an_error_before_the_ranks_agree_is_said_by_each_rank_named(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(checkpoint(reference()), str(tmp_path / "ck.safetensors"))
+    (tmp_path / "rules.yaml").write_text((RULES_YAML % "out.safetensors").replace("['blocks\\.\\d+', '']", "[nope]"))
+    done = torchrun(tmp_path)
+    assert done.returncode != 0
+    said = sorted(line for line in done.stderr.splitlines() if line.startswith(("remap:", "remap [")))  # not torchrun's "remap FAILED"
+    error = ("error: target.shard: fsdp: the module pattern 'nope' matches no module of the target (Net); its modules: "
+             "embed, blocks, blocks.0, blocks.0.norm, blocks.0.q and 14 more")  # fmt: skip
+    assert said == [f"remap [rank 1 of 2]: {error}", f"remap: {error}"]
