@@ -323,9 +323,9 @@ def load(
     from .loading.sharded_saving import holds_dtensors
 
     sharded = _is_module(module) and holds_dtensors(module)
-    if sharded and (verify or optimizer is not None):
-        raise UsageError(f"{'verify' if verify else 'optimizer state'} with a sharded (DTensor) target is not supported yet: "
-                         "save the loaded model (output.save) and run it on one process")  # fmt: skip
+    if sharded and verify:
+        raise UsageError("verify with a sharded (DTensor) target is not supported yet: save the loaded model "
+                         "(output.save) and run `remap verify` on one process")  # fmt: skip
     src = open_rules_source(source, r, key=key, trust_pickle=trust_pickle, trust_links=trust_links)
     try:
         p = _make(r, module, src, built=model is None)
@@ -333,11 +333,9 @@ def load(
             carried = None
             if optimizer is not None and src.description.get("kind") == "several":
                 raise UsageError("optimizer state with several sources is not supported: load the optimizer state with one source")
-            if optimizer is not None and p.ok:  # a failing plan is refused by apply, as without an optimizer
-                from .loading.optimizer import carry_optimizer
-
-                carried = carry_optimizer(p, module, optimizer, r, src, source=source, optimizer_state=optimizer_state,
-                                          hparams=optimizer_hparams, scheduler=scheduler, trust_pickle=trust_pickle)  # fmt: skip
+            if optimizer is not None and (p.ok or sharded):  # a failing plan is refused by apply, as without an optimizer
+                carried = _carried(p, module, optimizer, r, src, sharded, source=source, optimizer_state=optimizer_state,
+                                   hparams=optimizer_hparams, scheduler=scheduler, trust_pickle=trust_pickle)  # fmt: skip
             with carried.committed() if carried is not None and not dry_run else contextlib.nullcontext():
                 result = p.apply(module, dry_run=dry_run, device=device, dtype=dtype or r.target.dtype,
                                  batch_bytes=batch_bytes, progress=progress, mmap_weights=mmap_weights, rollback=rollback)  # fmt: skip
@@ -366,6 +364,24 @@ def load(
     if report_path:
         _write_report(result, report_path)
     return result
+
+
+def _carried(p: Plan, module: Any, optimizer: Any, rules: Rules, src: Source, sharded: bool, **options: Any) -> Any:
+    """The optimizer state to load with the module, checked. A sharded target's ranks each check
+    their own and agree (every rank takes part, also where its plan failed) before any writes."""
+    from .loading.optimizer import carry_optimizer
+
+    if not sharded:
+        return carry_optimizer(p, module, optimizer, rules, src, **options)
+    from .loading.sharded import agree
+
+    carried, failure = None, None
+    try:
+        carried = carry_optimizer(p, module, optimizer, rules, src, **options) if p.ok else None
+    except Exception as exc:  # noqa: BLE001 - every rank must hear of it
+        failure = exc
+    agree(failure)
+    return carried
 
 
 def _verify(rules: Rules, src: Source, target: Any, report: Report) -> Report:

@@ -283,10 +283,52 @@ def with_a_key_missing(rank: int, world: int, workdir: Path) -> dict[str, Any]:
             "head_std": float(got["head.weight"].std()), "others_equal": all(torch.equal(got[k], v) for k, v in reference().state_dict().items() if k != "head.weight")}  # fmt: skip
 
 
+class Wrapped(nn.Module):
+    """A DDP-style wrapper: its parameter names are the checkpoint's (``module.`` prefix)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = reference()
+
+
+def with_optimizer_state(rank: int, world: int, workdir: Path) -> dict[str, Any]:
+    """AdamW state saved by a run of the wrapped model (one step), loaded through the rules into an
+    FSDP2 target's AdamW: each parameter's moments gathered, and a one-process load's for reference."""
+    import remap
+
+    old = Wrapped()
+    opt = torch.optim.AdamW(old.named_parameters(), lr=0.1)
+    out = old.module(torch.arange(12).reshape(2, 6) % 16)
+    out.square().mean().backward()
+    opt.step()
+    path = workdir / "run.pth"
+    if rank == 0:
+        torch.save({"model": old.state_dict(), "optimizer": opt.state_dict()}, path)
+    dist.barrier()
+    rules = {"version": 1, "source": {"key": "model"}, "rules": [{"strip_prefix": "module."}]}
+    single = Net()
+    single_opt = torch.optim.AdamW(single.named_parameters(), lr=0.1)
+    remap.load(single, str(path), rules=rules, optimizer=single_opt)
+    want = {n: {k: v.clone() for k, v in single_opt.state[p].items()} for n, p in single.named_parameters()}
+    target = shard(Net(), "fsdp", world)
+    target_opt = torch.optim.AdamW(target.named_parameters(), lr=0.1)
+    report = remap.load(target, str(path), rules=rules, optimizer=target_opt)
+    got = {n: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in target_opt.state[p].items()}
+           for n, p in target.named_parameters()}  # fmt: skip
+    placed = all(type(target_opt.state[p]["exp_avg"]).__name__ == "DTensor" for _, p in target.named_parameters())
+    ids = torch.arange(12).reshape(2, 6) % 16
+    for model, optimizer in ((single, single_opt), (target, target_opt)):  # the next training step, from the loaded state
+        model(ids).square().mean().backward()
+        optimizer.step()
+    stepped = {k: float((v - single.state_dict()[k]).abs().max()) for k, v in full(target).items()}
+    return {"want": want, "got": got, "placed": placed, "stepped": stepped,
+            "loaded": sorted({t.status for t in report.optimizer.targets})}  # fmt: skip
+
+
 def many(rank: int, world: int, workdir: Path, variants: list[list[Any]]) -> list[Any]:
     """Several cases in one spawn (each spawn costs seconds): ``[[case name, *args], ...]``."""
     cases = {"load_equal": load_equal, "bytes_per_rank": bytes_per_rank, "one_rank_fails": one_rank_fails, "in_bfloat16": in_bfloat16,
-             "with_a_key_missing": with_a_key_missing}
+             "with_a_key_missing": with_a_key_missing, "with_optimizer_state": with_optimizer_state}
     out = []
     for n, (name, *args) in enumerate(variants):
         folder = workdir / f"case{n}"

@@ -47,7 +47,7 @@ def two(tmp_path_factory):
     variants = [["load_equal", "fsdp", "safetensors", False], ["load_equal", "tp", "pth", False],
                 ["load_equal", "fsdp", "pth", True], ["bytes_per_rank"], ["one_rank_fails", "check"],
                 ["one_rank_fails", "read"], ["in_bfloat16"], ["one_rank_fails", "read", True],
-                ["with_a_key_missing"]]  # fmt: skip
+                ["with_a_key_missing"], ["with_optimizer_state"]]  # fmt: skip
     return ok(run_ranks("loading.sharded_cases:many", 2, tmp_path_factory.mktemp("two"), args=(variants,), timeout=300))
 
 
@@ -130,6 +130,20 @@ def test_a_key_no_source_feeds_is_initialised_by_its_module_and_reported(two):
         assert got["warnings"] == ("1 tensor(s) not in the checkpoint were initialised on the meta-device target by their "
                                    "modules' initialisers: head.weight",)  # fmt: skip
         assert 0.1 < got["head_std"] < 0.4  # Linear.reset_parameters: uniform(-1/sqrt(8), 1/sqrt(8)), std 0.20
+
+
+def test_optimizer_state_follows_the_weights_into_a_sharded_optimizer(two):
+    """AdamW's saved moments land in an FSDP2 model's AdamW as DTensors placed like their
+    parameters, equal (gathered) to a one-process load's; the next step gives the same weights."""
+    for rank in two:
+        got = rank[9]
+        assert got["loaded"] == ["loaded"] and got["placed"]
+        assert set(got["got"]) == set(got["want"]) and len(got["want"]) == 24
+        for name, state in got["want"].items():
+            assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
+            assert all(torch.equal(got["got"][name][k], v) for k, v in state.items()), name
+        assert any(bool(v.abs().sum()) for s in got["want"].values() for v in (s["exp_avg"],))  # a real, stepped state
+        assert max(got["stepped"].values()) <= 1e-6
 
 
 def test_dcp_saved_on_four_ranks_loads_on_two_and_on_one(tmp_path):

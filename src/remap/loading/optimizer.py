@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import CheckError, InternalError, SourceError, UsageError
+from ..meta import is_dtensor
 from ..report.records import (
     DROPPED,
     DUPLICATE,
@@ -517,6 +518,8 @@ class _Mapper:
                 name = ident[id(p)]
                 rec, value, used = self._one(name, g, tuple(p.shape))
                 records.append(rec)
+                if value and is_dtensor(p):  # FSDP2 / tensor parallel: each rank keeps its part, placed like the parameter
+                    value = _placed_like(value, p)
                 if value:
                     state[position] = value
                     groups_of[g].update(e.group for e in used)
@@ -622,6 +625,20 @@ class _Mapper:
                 targets = tuple(rec.targets) if rec is not None else ()
                 out.append(OptimizerSourceRecord(e.name, _index(e.index), OPT_DISCARDED, e.group, targets, keys, _discard_reason(rec)))
         return out
+
+
+def _placed_like(state: dict[str, Any], param: torch.Tensor) -> dict[str, Any]:
+    """A DTensor parameter's new state: each tensor of the parameter's shape split the way the
+    parameter is (``distribute_tensor(..., src_data_rank=None)``: this rank keeps its part, no
+    communication); scalars (``step``) as they are.
+
+    Every rank computed the same whole state from the saved one, so the parts fit together."""
+    from torch.distributed.tensor import distribute_tensor
+
+    local = param._local_tensor  # type: ignore[attr-defined]
+    return {k: distribute_tensor(v.to(local.device), param.device_mesh, param.placements, src_data_rank=None)  # type: ignore[attr-defined]
+            if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(param.shape) and v.dim() else v
+            for k, v in state.items()}  # fmt: skip
 
 
 def _own(value: torch.Tensor, saved: Any) -> torch.Tensor:

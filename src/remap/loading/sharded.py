@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from ..rules.steps import Recipe
     from ..sources.readers import Source, Span
 
-__all__ = ["agreed", "apply_sharded", "plan_lines"]
+__all__ = ["agree", "agreed", "apply_sharded", "plan_lines"]
 
 
 def plan_lines(plan: Plan) -> list[str]:
@@ -494,6 +494,15 @@ def apply_sharded(plan: Plan, module: torch.nn.Module, state: Mapping[str, Any],
         warnings = (*warnings, f"{len(stats.materialised)} tensor(s) not in the checkpoint were initialised on the meta-device "
                                f"target by their modules' initialisers: {', '.join(stats.materialised[:8])}")  # fmt: skip
     return report.replace(target=target, stats=total, warnings=warnings)
+
+
+def agree(failure: BaseException | None) -> None:
+    """Every rank's outcome of a step that runs on each rank alone (checking the optimizer state):
+    the same error on every rank when any rank failed, nothing written anywhere. Every rank of the
+    default process group must call it, failed or not."""
+    import torch.distributed as dist
+
+    _raise_gathered(_gather(_outcome_of(failure, dist.get_rank())), dist.get_rank())
 
 
 def _raise_gathered(everyone: Sequence[_Outcome], rank: int, *, written: bool = False) -> None:
