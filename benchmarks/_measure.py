@@ -234,3 +234,18 @@ def run_status(r: dict[str, Any]) -> str:
     if r.get("remap_ok") is False:
         return "WRONG: remap report not ok"
     return "ok"
+
+
+def finish(result: dict[str, Any], show: Any, failures: Any, *, started: float, out: Path | None = None) -> int:
+    """The end of a harness's ``main``: the table, the JSON (when ``out``), the time taken, and
+    exit 1 when any case failed its own check (``failures(result)`` lists them)."""
+    import json
+
+    show(result)
+    if out:
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\n{time.perf_counter() - started:.0f} s")
+    bad = failures(result)
+    for b in bad:
+        print(f"FAILED: {b}")
+    return 1 if bad else 0

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import ForeignCpu, RssSampler, Timer, gib, table, warm_file  # noqa: E402
+from _measure import finish, ForeignCpu, RssSampler, Timer, gib, table, warm_file  # noqa: E402
 
 MODELS = ("bert", "llama", "vit")
 SIZES: dict[str, dict[str, Any]] = {
@@ -540,14 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     models = a.models.split(",") if a.models else None
     result = run(a.quick, a.repeats, a.tmpdir, models=models, only=a.variants.split(",") if a.variants else None,
                  many_keys=not a.no_many_keys)  # fmt: skip
-    build_load_table(result)
-    if a.out:
-        a.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\n{time.perf_counter() - t0:.0f} s")
-    bad = failures(result)
-    for b in bad:
-        print(f"FAILED: {b}")
-    return 1 if bad else 0
+    return finish(result, build_load_table, failures, started=t0, out=a.out)
 
 
 if __name__ == "__main__":

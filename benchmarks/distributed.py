@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import ForeignCpu, RssSampler, Timer, gib, table, warm_file  # noqa: E402
+from _measure import finish, ForeignCpu, RssSampler, Timer, gib, table, warm_file  # noqa: E402
 
 SIZES = {
     "full": {"dim": 2048, "kv": 512, "mlp": 5632, "vocab": 32000, "layers": 8},  # 492M parameters, 1.97 GB
@@ -546,14 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown variants: {', '.join(sorted(unknown))}")
     t0 = time.perf_counter()
     result = run(a.quick, a.repeats or (1 if a.quick else 3), a.tmpdir, only=only)
-    distributed_table(result)
-    if a.out:
-        a.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\n{time.perf_counter() - t0:.0f} s")
-    bad = failures(result)
-    for b in bad:
-        print(f"FAILED: {b}")
-    return 1 if bad else 0
+    return finish(result, distributed_table, failures, started=t0, out=a.out)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import ForeignCpu, RssSampler, Timer, gib, table, warm_file  # noqa: E402
+from _measure import finish, ForeignCpu, RssSampler, Timer, gib, table, warm_file  # noqa: E402
 from build_load import RESULT, STRIP, spawn, summary  # noqa: E402
 
 KEYS = {"full": 100_000, "quick": 2_000}
@@ -218,12 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     result = run(a.quick, a.repeats, a.tmpdir, keys=a.keys)
-    many_keys_table(result)
-    print(f"\n{time.perf_counter() - t0:.0f} s")
-    bad = failures(result)
-    for b in bad:
-        print(f"FAILED: {b}")
-    return 1 if bad else 0
+    return finish(result, many_keys_table, failures, started=t0)
 
 
 if __name__ == "__main__":
