@@ -106,6 +106,8 @@ def _gather(outcome: _Outcome) -> list[_Outcome]:
 def _outcome_of(exc: BaseException | None, rank: int, digest: str | None = None) -> _Outcome:
     if exc is None:
         return _Outcome(rank, digest)  # the first gather adds the plan's parts and failures
+    if isinstance(exc, KeyboardInterrupt):
+        return _Outcome(rank, digest, "KeyboardInterrupt", "interrupted")
     if isinstance(exc, RemapError):
         report = exc.report if isinstance(exc, CheckError) else None
         where = f" ({exc.where})" if exc.where and exc.where not in exc.message else ""
@@ -406,10 +408,27 @@ def apply_sharded(plan: Plan, module: torch.nn.Module, state: Mapping[str, Any],
     if mmap_weights:
         raise UsageError("mmap_weights maps a file as a meta-device target's weights; a sharded (DTensor) target "
                          "holds its own shard: leave mmap_weights out")  # fmt: skip
+    on_meta = any(t.device.type == "meta" for t in state.values() if isinstance(t, torch.Tensor))
+    precision, checks = _agree_on_plan(plan, state, DtypePolicy.of(dtype, plan.rules.target.keep_fp32), dry_run)
+    planned = plan.report.replace(precision=precision)
+    if dry_run:
+        return planned
+    if plan.source is None or plan.source.description.get("kind") == "metadata":
+        raise UsageError("this plan was made from metadata only; make it from a source with tensors to apply it")
+    _agree_on_preflight(plan, module, on_meta)
+    stats = _load_all(plan, module, state, planned, checks, on_meta=on_meta, rollback=rollback,
+                      device=device or _shard_device(state))  # fmt: skip
+    apply_freeze(module, plan.frozen, plan.rules.freeze.batchnorm, plan.batchnorm_modules)
+    return _sharded_report(plan, module, stats, precision, planned.warnings, on_meta)
+
+
+def _agree_on_plan(plan: Plan, state: Mapping[str, Any], policy: DtypePolicy, dry_run: bool) -> tuple[Any, Mapping[str, str]]:
+    """Step 1, on every rank: the target is the planned one, the plans are the same (digests), the
+    plan passed its checks; returns the precision records and the narrowing casts to check."""
+    import torch.distributed as dist
+
     rank = dist.get_rank()
     digest, failure, lines = None, None, []
-    policy = DtypePolicy.of(dtype, plan.rules.target.keep_fp32)
-    on_meta = any(t.device.type == "meta" for t in state.values() if isinstance(t, torch.Tensor))
     precision: Any = ()
     checks: Mapping[str, str] = {}
     try:
@@ -429,14 +448,14 @@ def apply_sharded(plan: Plan, module: torch.nn.Module, state: Mapping[str, Any],
     _check_digests(everyone, plan, lines)
     if not plan.ok:  # the same plan on every rank (digests agree): the same failures
         raise agreed(check_failed(plan.report.replace(dry_run=dry_run)))
-    planned = plan.report.replace(precision=precision)
-    if dry_run:
-        return planned
-    if plan.source is None or plan.source.description.get("kind") == "metadata":
-        raise UsageError("this plan was made from metadata only; make it from a source with tensors to apply it")
+    return precision, checks
 
+
+def _agree_on_preflight(plan: Plan, module: torch.nn.Module, on_meta: bool) -> None:
+    """Step 2: the checks that need the ops' kernels (run on meta tensors) or the module (a
+    meta-built target must be completable), agreed by every rank."""
     failure = None
-    try:  # checks that need the ops' kernels or the module
+    try:
         failures = [f for a in plan.assignments if a.recipe is not None for f in _dry_op(a, plan)]
         if on_meta:
             failures += _meta_gaps(plan, module)[0]
@@ -444,18 +463,24 @@ def apply_sharded(plan: Plan, module: torch.nn.Module, state: Mapping[str, Any],
             raise check_failed(plan.report.replace(dry_run=False, failures=tuple(failures)))
     except Exception as exc:  # noqa: BLE001
         failure = exc
-    _raise_gathered(_gather(_outcome_of(failure, rank)), rank)
+    agree(failure)
 
-    stats = _RankStats(rank)
+
+def _load_all(plan: Plan, module: torch.nn.Module, state: Mapping[str, Any], planned: Report, checks: Mapping[str, str], *,
+              on_meta: bool, rollback: bool, device: torch.device) -> _RankStats:  # fmt: skip
+    """Step 3: this rank's part of every tensor, then every rank's outcome; on any rank's failure
+    every rank puts its module back and raises the same error."""
+    import torch.distributed as dist
+
+    stats = _RankStats(dist.get_rank())
     start = time.perf_counter()
     undo = Rollback(module)
-    failure = None
-    loaded: set[str] = set()
+    failure: BaseException | None = None
     touched: list[torch.nn.Module] = []
     try:
         real = [a.target for a in plan.assignments if state[a.target].device.type != "meta"]  # written in place
         if on_meta:
-            _allocate(module, device or _shard_device(state), touched)
+            _allocate(module, device, touched)
             state = module.state_dict(keep_vars=True)
         if rollback or on_meta:  # a meta-built target's real buffers too: they are the module's own
             for key in real:
@@ -464,7 +489,7 @@ def apply_sharded(plan: Plan, module: torch.nn.Module, state: Mapping[str, Any],
         check = getattr(plan.source, "check_unchanged", None)
         if check is not None:
             check()
-        values = _Values(plan.source, stats)
+        values, loaded = _Values(plan.source, stats), set()
         for a in _file_order(plan):
             _load_one(a, state[a.target], values, stats, checks)
             loaded.add(a.target)
@@ -473,23 +498,27 @@ def apply_sharded(plan: Plan, module: torch.nn.Module, state: Mapping[str, Any],
     except BaseException as exc:  # noqa: BLE001 - every rank must hear of it, then put back
         failure = check_failed(planned.replace(dry_run=False, failures=(exc.failure,))) if isinstance(exc, RangeFailure) else exc
     stats.seconds = time.perf_counter() - start
-    everyone = _gather(_outcome_of(failure, rank))
+    everyone = _gather(_outcome_of(failure, stats.rank))
     if any(o.error for o in everyone):
         _deallocate(touched)
         undo.restore()
-        if isinstance(failure, KeyboardInterrupt):
-            raise failure
-        _raise_gathered(everyone, rank, written=True)
-    del undo
-    apply_freeze(module, plan.frozen, plan.rules.freeze.batchnorm, plan.batchnorm_modules)
+        _raise_gathered(everyone, stats.rank, written=True)
+    return stats
+
+
+def _sharded_report(plan: Plan, module: torch.nn.Module, stats: _RankStats, precision: Any, warnings: tuple[str, ...],
+                    on_meta: bool) -> Report:  # fmt: skip
+    """Step 4: the report, with every rank's stats (gathered) and how the target is sharded."""
+    import torch.distributed as dist
+
     ranks = [s.as_dict() for s in _gather_stats(stats)]
     report = _final_report(plan, module).replace(precision=precision)
     total = {"bytes_read": stats.bytes, "tensors": stats.tensors, "batches": 1, "load_calls": 0,
              "seconds": round(stats.seconds, 6), "bytes_per_second": stats.bytes / stats.seconds if stats.seconds else None,
              "zero_copy_tensors": 0, "direct_tensors": stats.boxes, "mmap_weights_tensors": 0,
              "materialised": list(stats.materialised), "ranks": ranks}  # fmt: skip
+    state = module.state_dict(keep_vars=True)
     target = {**report.target, "meta": on_meta, "sharded": _describe_sharding(state, dist.get_world_size())}
-    warnings = planned.warnings
     if stats.materialised:
         warnings = (*warnings, f"{len(stats.materialised)} tensor(s) not in the checkpoint were initialised on the meta-device "
                                f"target by their modules' initialisers: {', '.join(stats.materialised[:8])}")  # fmt: skip
@@ -521,6 +550,8 @@ def _agree_from(everyone: Sequence[_Outcome], mine: _Outcome, *, written: bool) 
     else:
         message = f"{len(failed)} of {world} ranks failed; {after}:\n" + "\n".join(f"rank {o.rank}: {o.message}" for o in failed)
     first = mine if mine.error is not None else failed[0]
+    if first.error == "KeyboardInterrupt":  # Ctrl-C on a rank: every rank stops as interrupted (exit 130)
+        raise KeyboardInterrupt
     cls = getattr(errors, first.error or "", None)
     if first.error in ("CheckError", "VerifyError") and first.report is not None:
         raise agreed(CheckError(message, report=first.report))
