@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InternalError, RemapError, UsageError
 from ..meta import is_dtensor
+from .sharded import agreed
 from .saving import (
     _check_dcp_target,
     _check_targets,
@@ -172,14 +173,14 @@ def _agree(error: BaseException | None, final: Path, *, what: str, kept: str | C
     if not failed:
         return [p for _, p in every]
     if len(failed) == len(every) and len({o for _, o in failed}) == 1 and isinstance(error, RemapError):
-        raise error
+        raise agreed(error)  # every rank met the same: the command line says it once (rank 0)
     rank, (message, _) = failed[0]
     others = [r for r, _ in failed[1:]]
     also = f" (and on rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))})" if others else ""
     kept_text = kept() if callable(kept) else kept
     said = message.endswith(("is kept", "nothing was written"))  # the rank's own message says it already
-    raise UsageError(f"cannot save {str(final)!r} from {len(every)} ranks: rank {rank} failed{also}: {message}"
-                     f"{'' if said else f'; {kept_text}'}", where=what) from error  # fmt: skip
+    raise agreed(UsageError(f"cannot save {str(final)!r} from {len(every)} ranks: rank {rank} failed{also}: {message}"
+                            f"{'' if said else f'; {kept_text}'}", where=what)) from error  # fmt: skip
 
 
 @dataclass(frozen=True)
