@@ -325,10 +325,34 @@ def with_optimizer_state(rank: int, world: int, workdir: Path) -> dict[str, Any]
             "loaded": sorted({t.status for t in report.optimizer.targets})}  # fmt: skip
 
 
+def truncated_after_planning(rank: int, world: int, workdir: Path) -> dict[str, Any]:
+    """The checkpoint cut in half between planning and applying (by rank 0; every rank reads it)."""
+    import remap
+
+    path = write(workdir, "ck.safetensors", checkpoint(reference()))
+    torch.manual_seed(3)
+    target = shard(Net(), "fsdp", world)
+    before = {k: getattr(v, "_local_tensor", v).clone() for k, v in target.state_dict().items()}
+    plan = remap.plan(target, path, RULES)
+    dist.barrier()
+    if rank == 0:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    dist.barrier()
+    try:
+        plan.apply(target)
+        error = None
+    except remap.errors.RemapError as exc:
+        error = (type(exc).__name__, str(exc), exc.exit_code)
+    after = {k: getattr(v, "_local_tensor", v) for k, v in target.state_dict().items()}
+    return {"error": error, "untouched": all(torch.equal(before[k], after[k]) for k in before)}
+
+
 def many(rank: int, world: int, workdir: Path, variants: list[list[Any]]) -> list[Any]:
     """Several cases in one spawn (each spawn costs seconds): ``[[case name, *args], ...]``."""
     cases = {"load_equal": load_equal, "bytes_per_rank": bytes_per_rank, "one_rank_fails": one_rank_fails, "in_bfloat16": in_bfloat16,
-             "with_a_key_missing": with_a_key_missing, "with_optimizer_state": with_optimizer_state}
+             "with_a_key_missing": with_a_key_missing, "with_optimizer_state": with_optimizer_state,
+             "truncated_after_planning": truncated_after_planning}
     out = []
     for n, (name, *args) in enumerate(variants):
         folder = workdir / f"case{n}"

@@ -47,7 +47,7 @@ def two(tmp_path_factory):
     variants = [["load_equal", "fsdp", "safetensors", False], ["load_equal", "tp", "pth", False],
                 ["load_equal", "fsdp", "pth", True], ["bytes_per_rank"], ["one_rank_fails", "check"],
                 ["one_rank_fails", "read"], ["in_bfloat16"], ["one_rank_fails", "read", True],
-                ["with_a_key_missing"], ["with_optimizer_state"]]  # fmt: skip
+                ["with_a_key_missing"], ["with_optimizer_state"], ["truncated_after_planning"]]  # fmt: skip
     return ok(run_ranks("loading.sharded_cases:many", 2, tmp_path_factory.mktemp("two"), args=(variants,), timeout=300))
 
 
@@ -144,6 +144,17 @@ def test_optimizer_state_follows_the_weights_into_a_sharded_optimizer(two):
             assert all(torch.equal(got["got"][name][k], v) for k, v in state.items()), name
         assert any(bool(v.abs().sum()) for s in got["want"].values() for v in (s["exp_avg"],))  # a real, stepped state
         assert max(got["stepped"].values()) <= 1e-6
+
+
+@pytest.mark.hostile
+def test_a_checkpoint_cut_after_planning_is_an_error_on_every_rank_with_every_module_untouched(two):
+    for rank in two:
+        kind, message, code = rank[10]["error"]
+        path = message.split("plan again (", 1)[1].split(")", 1)[0]
+        assert (kind, code) == ("SourceError", 3)
+        assert message == (f"the file changed on disk since its metadata was read; plan again ({path})\n"
+                           "(on every rank of 2; every rank put its module back as it was)")  # fmt: skip
+        assert rank[10]["untouched"]
 
 
 def test_dcp_saved_on_four_ranks_loads_on_two_and_on_one(tmp_path):

@@ -547,6 +547,8 @@ def _agree_from(everyone: Sequence[_Outcome], mine: _Outcome, *, written: bool) 
     after = "every rank put its module back as it was" if written else "no rank wrote anything"
     if len(failed) == 1:
         message = f"{failed[0].message}\n(on rank {failed[0].rank} of {world}; {after})"
+    elif len(failed) == world and len({o.message for o in failed}) == 1:
+        message = f"{failed[0].message}\n(on every rank of {world}; {after})"
     else:
         message = f"{len(failed)} of {world} ranks failed; {after}:\n" + "\n".join(f"rank {o.rank}: {o.message}" for o in failed)
     first = mine if mine.error is not None else failed[0]
