@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def two(tmp_path_factory):
     variants = [["load_equal", "fsdp", "safetensors", False], ["load_equal", "tp", "pth", False],
                 ["load_equal", "fsdp", "pth", True], ["bytes_per_rank"], ["one_rank_fails", "check"],
                 ["one_rank_fails", "read"], ["in_bfloat16"], ["one_rank_fails", "read", True],
-                ["with_a_key_missing"], ["with_optimizer_state"], ["truncated_after_planning"]]  # fmt: skip
+                ["with_a_key_missing"], ["with_optimizer_state"], ["truncated_after_planning"],
+                ["other_weights_on_one_rank"]]  # fmt: skip
     return ok(run_ranks("loading.sharded_cases:many", 2, tmp_path_factory.mktemp("two"), args=(variants,), timeout=300))
 
 
@@ -155,6 +157,17 @@ def test_a_checkpoint_cut_after_planning_is_an_error_on_every_rank_with_every_mo
         assert message == (f"the file changed on disk since its metadata was read; plan again ({path})\n"
                            "(on every rank of 2; every rank put its module back as it was)")  # fmt: skip
         assert rank[10]["untouched"]
+
+
+def test_ranks_reading_different_checkpoints_of_the_same_shapes_are_stopped(two):
+    """Two fine-tunes with the same names and shapes would plan alike: the files' fingerprints differ."""
+    for rank in two:
+        kind, message = rank[11]["error"]
+        head, first = message.split("\n")
+        assert kind == "CheckError" and head.startswith("the ranks planned differently (2 ranks;")
+        assert re.fullmatch(r"- first difference: rank 0 has `file of (\d+) bytes, sampled tensors [0-9a-f]{24}`, "
+                            r"rank 1 has `file of \1 bytes, sampled tensors [0-9a-f]{24}`", first), first
+        assert rank[11]["untouched"]
 
 
 def test_dcp_saved_on_four_ranks_loads_on_two_and_on_one(tmp_path):

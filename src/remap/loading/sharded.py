@@ -68,7 +68,42 @@ def plan_lines(plan: Plan) -> list[str]:
         ops = f" [{'; '.join(a.ops)}]" if a.ops else ""
         lines.append(f"{a.target} {list(m.shape)} {m.dtype} <- {fed}{ops}")
     lines += [f"failure ({f.kind}): {f.message}" for f in plan.report.failures]
-    return lines
+    return lines + _file_lines(plan)
+
+
+#: The fingerprint of a checkpoint file (see :func:`_file_lines`): this many bytes from the start of
+#: each of up to ``FINGERPRINT_SAMPLES`` of its tensors, spread over the file.
+FINGERPRINT_BYTES, FINGERPRINT_SAMPLES = 1024, 8
+
+
+def _file_lines(plan: Plan) -> list[str]:
+    """One line per checkpoint file the plan reads: its size and a hash of the first KiB of up to 8
+    of its tensors, spread over it. Two nodes holding different checkpoints with the same names and
+    shapes (two fine-tunes) would otherwise plan alike and load a model mixed from both. A sample,
+    not a hash of every byte: checkpoints that differ only in tensors it does not sample pass as
+    one. The file's path is left out (a mount point may differ between nodes)."""
+    if plan.source is None:
+        return []
+    spans: dict[str, list[Span]] = {}
+    for a in plan.assignments:
+        for k in a.sources:
+            span = plan.source.span(k)
+            if span is not None:
+                spans.setdefault(span.path, []).append(span)
+    return [_fingerprint(path, sorted(found, key=lambda sp: sp.offset)) for path, found in sorted(spans.items())]
+
+
+def _fingerprint(path: str, spans: Sequence[Span]) -> str:
+    step = max(1, len(spans) // FINGERPRINT_SAMPLES)
+    h = hashlib.blake2b(digest_size=12)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            for span in spans[::step][:FINGERPRINT_SAMPLES]:
+                h.update(os.pread(f.fileno(), min(FINGERPRINT_BYTES, span.nbytes), span.offset))
+    except OSError as exc:
+        raise SourceError(f"cannot read the file for its fingerprint: {exc.strerror or exc}", where=path) from None
+    return f"file of {size} bytes, sampled tensors {h.hexdigest()}"
 
 
 def _digest(lines: Sequence[str]) -> str:
