@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CheckError, TargetError, UsageError
+from .meta import holds_dtensors
 from .planning.planner import Plan, make_plan
 from .rules.parse import Rules, load_rules, parse_rules
 
@@ -320,8 +321,6 @@ def load(
         from .loading.saving import check_savable
 
         check_savable(module, save_path, sharded=(max_shard_size or r.output.max_shard_size) is not None, what=save_what)
-    from .loading.sharded_saving import holds_dtensors
-
     sharded = _is_module(module) and holds_dtensors(module)
     if sharded and verify:
         raise UsageError("verify with a sharded (DTensor) target is not supported yet: save the loaded model "

@@ -243,9 +243,8 @@ def _identity(tensor: torch.Tensor) -> tuple[Shape, tuple[int, int, Shape, Shape
     ``untyped_storage().data_ptr()`` gives, without building a storage object per tensor).
     """
     shape = tuple(tensor.shape)
-    local = getattr(tensor, "_local_tensor", None) if tensor.__class__ not in (_PLAIN or _plain_classes()) else None
-    if local is not None:  # a DTensor (FSDP2, tensor parallel): global shape, its memory is this rank's shard
-        _, ident, extent = _identity(local)
+    if is_dtensor(tensor):  # FSDP2, tensor parallel: global shape, its memory is this rank's shard
+        _, ident, extent = _identity(tensor._local_tensor)  # type: ignore[attr-defined]
         return shape, (*ident[:2], shape, ident[3]), extent
     if tensor.is_meta:
         return shape, (id(tensor), tensor.storage_offset(), shape, tuple(tensor.stride())), None
@@ -257,17 +256,6 @@ def _identity(tensor: torch.Tensor) -> tuple[Shape, tuple[int, int, Shape, Shape
     return shape, (ptr, offset, shape, stride), (ptr, offset * size, (last + 1) * size)
 
 
-def _plain_classes() -> frozenset[type]:
-    """The tensor classes that are never DTensors (found once: torch is imported lazily here)."""
-    import torch
-
-    _PLAIN.update({torch.Tensor, torch.nn.Parameter, *([torch.nn.Buffer] if hasattr(torch.nn, "Buffer") else [])})
-    return frozenset(_PLAIN)
-
-
-_PLAIN: set[type] = set()
-
-
 def is_dtensor(tensor: Any) -> bool:
     """Whether ``tensor`` is a DTensor (FSDP2, tensor parallel), without importing torch.distributed.
 
@@ -276,6 +264,16 @@ def is_dtensor(tensor: Any) -> bool:
     (False, False)
     """
     return type(tensor).__name__ == "DTensor" and hasattr(tensor, "placements") and hasattr(tensor, "_local_tensor")
+
+
+def holds_dtensors(module: torch.nn.Module) -> bool:
+    """Whether any parameter or buffer of ``module`` is a DTensor (FSDP2, tensor parallel).
+
+    >>> import torch
+    >>> holds_dtensors(torch.nn.Linear(2, 2))
+    False
+    """
+    return any(map(is_dtensor, module.parameters())) or any(map(is_dtensor, module.buffers()))
 
 
 def _require_dense(key: str, tensor: torch.Tensor) -> None:

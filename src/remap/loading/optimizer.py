@@ -19,7 +19,7 @@ inside it, fails: a failed load leaves the module and the optimizer as they were
 >>> import torch
 >>> from remap.rules.steps import Op, Recipe
 >>> recipe = Recipe(Op("cat", "cat", lambda *t: torch.cat(t)), ("q", "k"))
->>> run_state_recipe(recipe, {"q": torch.zeros(1), "k": torch.ones(1)}).tolist()
+>>> run_recipe(recipe, {"q": torch.zeros(1), "k": torch.ones(1)}).tolist()
 [0.0, 1.0]
 """
 
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from ..rules.steps import Recipe
     from ..sources.readers import Source
 
-__all__ = ["carry_optimizer", "Carried", "run_state_recipe", "is_scalar_state", "LAYOUT_OPS"]
+__all__ = ["carry_optimizer", "Carried", "run_recipe", "is_scalar_state", "LAYOUT_OPS"]
 
 #: Ops that only move, pick or cast elements: a per-element state (a moment) follows its
 #: element through them exactly. Any other op computes new values, so no state can follow.
@@ -83,13 +83,13 @@ _NAMES_HINT = (
 # --------------------------------------------------------------------------- the recipe on state tensors
 
 
-def run_state_recipe(node: Recipe | str, leaves: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Run a plan's recipe on other tensors than the weights: ``leaves`` maps each source key
-    to the tensor that stands in for it (here: a state tensor of that parameter). The
+def run_recipe(node: Recipe | str, leaves: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Run a plan's recipe on given tensors: ``leaves`` maps each source key to the tensor that
+    stands in for it (a state tensor of that parameter; a sharded load's source tensor). The
     engine runs recipes the same way (``node.op.fn`` on its inputs, inputs first)."""
     if isinstance(node, str):
         return leaves[node]
-    return node.op.fn(*(run_state_recipe(i, leaves) for i in node.inputs))
+    return node.op.fn(*(run_recipe(i, leaves) for i in node.inputs))
 
 
 def _op_names(node: Recipe | str | None) -> list[str]:
@@ -586,7 +586,7 @@ class _Mapper:
                 out[k] = v.clone() if isinstance(v, torch.Tensor) else v
                 continue
             leaves = {e.name: e.state[k] for e in with_state}
-            value = leaves[first.name] if a.recipe is None else run_state_recipe(a.recipe, leaves)
+            value = leaves[first.name] if a.recipe is None else run_recipe(a.recipe, leaves)
             if tuple(value.shape) != shape:
                 raise InternalError(f"{a.target!r}: optimizer state {k!r} came out {list(value.shape)}, the parameter is {list(shape)}")
             out[k] = _own(value, leaves.values())

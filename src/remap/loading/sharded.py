@@ -25,6 +25,7 @@ source fed are initialised by their module's ``reset_parameters`` as for one pro
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -36,26 +37,28 @@ import torch
 from .. import errors
 from ..errors import CheckError, RemapError, SourceError, UsageError
 from ..meta import is_dtensor
-from .dtype_policy import DtypePolicy, RangeFailure, precision_changes
+from .dtype_policy import DtypePolicy, RangeFailure, check_range, precision_changes
 from .empty import initialise, init_owners
 from .engine import _check_same_target, _dry_op, _final_report, _meta_gaps, check_failed
 from .freeze import apply_freeze
+from .optimizer import run_recipe
 from ..rules.ops import CastOverflow
-from .streaming import ITEMSIZE, Rollback, _check_span, _pread_into, _writable_bytes, cast_failure, read_tensor
+from .streaming import ITEMSIZE, Rollback, _check_span, _contiguous, _order, _pread_into, _writable_bytes, cast_failure, read_tensor
 
 if TYPE_CHECKING:
     from ..planning.planner import Assignment, Plan
     from ..report.records import Report
-    from ..rules.steps import Recipe
     from ..sources.readers import Source, Span
 
 __all__ = ["agree", "agreed", "apply_sharded", "plan_lines"]
 
 
-def plan_lines(plan: Plan) -> list[str]:
+def plan_lines(plan: Plan, spans: Mapping[str, Span | None] | None = None) -> list[str]:
     """One line per assignment: what a rank's load depends on (target, shape, dtype, source keys
-    with theirs, ops), then the plan's failures. Equal on every rank that planned the same rules,
-    source and target; the first line that differs is what a mismatch error shows.
+    with theirs, ops), then the plan's failures, then a fingerprint of each file it reads
+    (``spans``: source key -> its span, from :func:`source_spans` when not given). Equal on every
+    rank that planned the same rules, source and target; the first line that differs is what a
+    mismatch error shows.
 
     >>> from remap import plan
     >>> plan_lines(plan({"fc.w": (2, 3)}, {"module.fc.w": (2, 3)}, {"version": 1, "rules": [{"strip_prefix": "module."}]}))
@@ -68,7 +71,14 @@ def plan_lines(plan: Plan) -> list[str]:
         ops = f" [{'; '.join(a.ops)}]" if a.ops else ""
         lines.append(f"{a.target} {list(m.shape)} {m.dtype} <- {fed}{ops}")
     lines += [f"failure ({f.kind}): {f.message}" for f in plan.report.failures]
-    return lines + _file_lines(plan)
+    return lines + _file_lines(source_spans(plan) if spans is None else spans)
+
+
+def source_spans(plan: Plan) -> dict[str, Span | None]:
+    """Source key -> where its bytes sit (None: no file span), for every key the plan reads."""
+    if plan.source is None:
+        return {}
+    return {k: plan.source.span(k) for a in plan.assignments for k in a.sources}
 
 
 #: The fingerprint of a checkpoint file (see :func:`_file_lines`): this many bytes from the start of
@@ -76,21 +86,17 @@ def plan_lines(plan: Plan) -> list[str]:
 FINGERPRINT_BYTES, FINGERPRINT_SAMPLES = 1024, 8
 
 
-def _file_lines(plan: Plan) -> list[str]:
-    """One line per checkpoint file the plan reads: its size and a hash of the first KiB of up to 8
+def _file_lines(spans: Mapping[str, Span | None]) -> list[str]:
+    """One line per checkpoint file of ``spans``: its size and a hash of the first KiB of up to 8
     of its tensors, spread over it. Two nodes holding different checkpoints with the same names and
     shapes (two fine-tunes) would otherwise plan alike and load a model mixed from both. A sample,
     not a hash of every byte: checkpoints that differ only in tensors it does not sample pass as
     one. The file's path is left out (a mount point may differ between nodes)."""
-    if plan.source is None:
-        return []
-    spans: dict[str, list[Span]] = {}
-    for a in plan.assignments:
-        for k in a.sources:
-            span = plan.source.span(k)
-            if span is not None:
-                spans.setdefault(span.path, []).append(span)
-    return [_fingerprint(path, sorted(found, key=lambda sp: sp.offset)) for path, found in sorted(spans.items())]
+    by_file: dict[str, list[Span]] = {}
+    for span in spans.values():
+        if span is not None:
+            by_file.setdefault(span.path, []).append(span)
+    return [_fingerprint(path, sorted(found, key=lambda sp: sp.offset)) for path, found in sorted(by_file.items())]
 
 
 def _fingerprint(path: str, spans: Sequence[Span]) -> str:
@@ -130,11 +136,12 @@ class _Outcome:
     failures: tuple[str, ...] = ()  # this rank's plan's failures (its checks)
 
 
-def _gather(outcome: _Outcome) -> list[_Outcome]:
+def _gather(value: Any) -> list[Any]:
+    """``value`` from every rank of the default group, in rank order (``all_gather_object``)."""
     import torch.distributed as dist
 
     everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, outcome)
+    dist.all_gather_object(everyone, value)
     return everyone
 
 
@@ -170,19 +177,11 @@ def _check_digests(everyone: Sequence[_Outcome], plan: Plan, lines: Sequence[str
 def _first_difference(first: _Outcome, other: _Outcome, lines: Sequence[str]) -> str:
     """The first plan line where rank ``other`` differs from rank ``first`` (one more gather of one part's lines)."""
     k = next((i for i, (a, b) in enumerate(zip(first.chunks, other.chunks)) if a != b), min(len(first.chunks), len(other.chunks)))
-    part = _gather_lines(list(lines[k * CHUNK:(k + 1) * CHUNK]))
+    part = _gather(list(lines[k * CHUNK:(k + 1) * CHUNK]))
     mine, theirs = part[first.rank], part[other.rank]
     i = next((j for j, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
     said = lambda side: f"`{side[i]}`" if i < len(side) else "nothing more"  # noqa: E731
     return f"first difference: rank {first.rank} has {said(mine)}, rank {other.rank} has {said(theirs)}"
-
-
-def _gather_lines(lines: list[str]) -> list[list[str]]:
-    import torch.distributed as dist
-
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, lines)
-    return everyone
 
 
 # ---------------------------------------------------------------------------- each rank's part
@@ -234,14 +233,10 @@ def _strided_box_holds(t: torch.Tensor, box: _Box) -> bool:
 def _runs(span: Span, box: _Box) -> list[tuple[int, int, int]] | None:
     """The byte runs of ``box`` in a row-major span: (file offset, bytes, destination offset), or
     None when the span is not row-major."""
-    shape, itemsize = span.shape, ITEMSIZE[span.dtype]
-    expected, stride = 1, []
-    for size in reversed(shape):
-        stride.append(expected)
-        expected *= size
-    stride.reverse()
-    if any(d != 1 and s != st for d, s, st in zip(shape, span.stride, stride)):
+    if not _contiguous(span):
         return None
+    shape, itemsize = span.shape, ITEMSIZE[span.dtype]
+    stride = [math.prod(shape[d + 1:]) for d in range(len(shape))]  # row-major, in elements
     if not shape:
         return [(span.offset + span.storage_offset * itemsize, itemsize, 0)]
     if 0 in box.shape:
@@ -302,7 +297,7 @@ class _RankStats:
 
 
 class _Values:
-    """Source tensors read whole (counted), the ops run on them, once per assignment."""
+    """Source tensors read whole, counted in this rank's stats."""
 
     def __init__(self, source: Source, stats: _RankStats) -> None:
         self.source, self.stats = source, stats
@@ -314,23 +309,13 @@ class _Values:
         self.stats.whole += 1
         return t
 
-    def evaluate(self, node: Recipe | str, memo: dict[int, torch.Tensor]) -> torch.Tensor:
-        if isinstance(node, str):
-            if node not in memo:  # type: ignore[comparison-overlap]
-                memo[node] = self.read(node)  # type: ignore[index]
-            return memo[node]  # type: ignore[index]
-        if id(node) not in memo:
-            memo[id(node)] = node.op.fn(*(self.evaluate(i, memo) for i in node.inputs))
-        return memo[id(node)]
 
-
-def _own_part(values: _Values, key: str, t: torch.Tensor, box: _Box, stats: _RankStats,
+def _own_part(values: _Values, key: str, span: Span | None, t: torch.Tensor, box: _Box, stats: _RankStats,
               into: torch.Tensor | None) -> torch.Tensor | None:  # fmt: skip
     """Only this rank's box of source tensor ``key``: byte runs of its file span (read straight
     into ``into`` where it can take them), or the source's own ``read_box`` (a DCP folder reads
     the chunks that overlap it); None when neither can."""
     source = values.source
-    span = source.span(key)
     if span is not None and span.shape == tuple(t.shape) and span.dtype in ITEMSIZE:
         fits = (into is not None and into.device.type == "cpu" and into.is_contiguous() and tuple(into.shape) == box.shape
                 and str(into.dtype).removeprefix("torch.") == span.dtype)  # fmt: skip
@@ -355,25 +340,26 @@ def _local_part(value: torch.Tensor, t: torch.Tensor, box: _Box | None) -> torch
     return distribute_tensor(value.to(t._local_tensor.device), t.device_mesh, t.placements, src_data_rank=None).to_local()
 
 
-def _load_one(a: Assignment, t: torch.Tensor, values: _Values, stats: _RankStats, checks: Mapping[str, str]) -> None:
+def _load_one(a: Assignment, t: torch.Tensor, values: _Values, spans: Mapping[str, Span | None], stats: _RankStats,
+              checks: Mapping[str, str]) -> None:  # fmt: skip
     """Write assignment ``a`` into target tensor ``t`` (a DTensor's local shard, or a plain tensor)."""
     sharded = is_dtensor(t)
     dest = t._local_tensor if sharded else t
     box = _box(t) if sharded else None
     part = None
     if box is not None and a.recipe is None and len(a.sources) == 1:
-        part = _own_part(values, a.sources[0], t, box, stats, dest.detach() if a.target not in checks else None)
+        key = a.sources[0]
+        part = _own_part(values, key, spans[key], t, box, stats, dest.detach() if a.target not in checks else None)
     if part is None:
         try:
-            value = values.read(a.sources[0]) if a.recipe is None else values.evaluate(a.recipe, {})
+            value = (values.read(a.sources[0]) if a.recipe is None
+                     else run_recipe(a.recipe, {k: values.read(k) for k in dict.fromkeys(a.sources)}))  # fmt: skip
         except CastOverflow as exc:
             raise cast_failure(a, exc) from None
         if tuple(value.shape) != tuple(t.shape):
             raise errors.InternalError(f"{a.target!r}: planned shape {list(t.shape)}, got {list(value.shape)} after {list(a.ops)}")
         part = _local_part(value, t, box) if sharded else value
     if a.target in checks:  # a narrowing cast: every value must fit the target dtype
-        from .dtype_policy import check_range
-
         check_range(a.target, part, getattr(torch, checks[a.target]), a.sources)
     if part.data_ptr() != dest.data_ptr() or part.numel() == 0:  # not read in place
         with torch.no_grad():
@@ -444,31 +430,33 @@ def apply_sharded(plan: Plan, module: torch.nn.Module, state: Mapping[str, Any],
         raise UsageError("mmap_weights maps a file as a meta-device target's weights; a sharded (DTensor) target "
                          "holds its own shard: leave mmap_weights out")  # fmt: skip
     on_meta = any(t.device.type == "meta" for t in state.values() if isinstance(t, torch.Tensor))
-    precision, checks = _agree_on_plan(plan, state, DtypePolicy.of(dtype, plan.rules.target.keep_fp32), dry_run)
+    precision, checks, spans = _agree_on_plan(plan, state, DtypePolicy.of(dtype, plan.rules.target.keep_fp32), dry_run)
     planned = plan.report.replace(precision=precision)
     if dry_run:
         return planned
     if plan.source is None or plan.source.description.get("kind") == "metadata":
         raise UsageError("this plan was made from metadata only; make it from a source with tensors to apply it")
     _agree_on_preflight(plan, module, on_meta)
-    stats = _load_all(plan, module, state, planned, checks, on_meta=on_meta, rollback=rollback,
+    stats = _load_all(plan, module, state, planned, checks, spans, on_meta=on_meta, rollback=rollback,
                       device=device or _shard_device(state))  # fmt: skip
     apply_freeze(module, plan.frozen, plan.rules.freeze.batchnorm, plan.batchnorm_modules)
     return _sharded_report(plan, module, stats, precision, planned.warnings, on_meta)
 
 
-def _agree_on_plan(plan: Plan, state: Mapping[str, Any], policy: DtypePolicy, dry_run: bool) -> tuple[Any, Mapping[str, str]]:
+def _agree_on_plan(plan: Plan, state: Mapping[str, Any], policy: DtypePolicy, dry_run: bool
+                   ) -> tuple[Any, Mapping[str, str], dict[str, Span | None]]:  # fmt: skip
     """Step 1, on every rank: the target is the planned one, the plans are the same (digests), the
-    plan passed its checks; returns the precision records and the narrowing casts to check."""
+    plan passed its checks; returns the precision records, the narrowing casts to check and the spans."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    digest, failure, lines = None, None, []
+    digest, failure, lines, spans = None, None, [], {}
     precision: Any = ()
     checks: Mapping[str, str] = {}
     try:
         _check_same_target(plan, state)
-        lines = plan_lines(plan)
+        spans = source_spans(plan)
+        lines = plan_lines(plan, spans)
         digest = _digest(lines)
         # Each shard keeps the dtype it has (a target remap builds is cast by target.dtype before it is
         # sharded): the load casts into it, as into any allocated target, range-checked where it narrows.
@@ -483,7 +471,7 @@ def _agree_on_plan(plan: Plan, state: Mapping[str, Any], policy: DtypePolicy, dr
     _check_digests(everyone, plan, lines)
     if not plan.ok:  # the same plan on every rank (digests agree): the same failures
         raise agreed(check_failed(plan.report.replace(dry_run=dry_run)))
-    return precision, checks
+    return precision, checks, spans
 
 
 def _agree_on_preflight(plan: Plan, module: torch.nn.Module, on_meta: bool) -> None:
@@ -501,7 +489,8 @@ def _agree_on_preflight(plan: Plan, module: torch.nn.Module, on_meta: bool) -> N
     agree(failure)
 
 
-def _load_all(plan: Plan, module: torch.nn.Module, state: Mapping[str, Any], planned: Report, checks: Mapping[str, str], *,
+def _load_all(plan: Plan, module: torch.nn.Module, state: Mapping[str, Any], planned: Report, checks: Mapping[str, str],
+              spans: Mapping[str, Span | None], *,
               on_meta: bool, rollback: bool, device: torch.device) -> _RankStats:  # fmt: skip
     """Step 3: this rank's part of every tensor, then every rank's outcome; on any rank's failure
     every rank puts its module back and raises the same error."""
@@ -525,8 +514,8 @@ def _load_all(plan: Plan, module: torch.nn.Module, state: Mapping[str, Any], pla
         if check is not None:
             check()
         values, loaded = _Values(plan.source, stats), set()
-        for a in _file_order(plan):
-            _load_one(a, state[a.target], values, stats, checks)
+        for a in _order(plan.assignments, spans, plan.source):  # in file order
+            _load_one(a, state[a.target], values, spans, stats, checks)
             loaded.add(a.target)
         if on_meta:
             stats.materialised = _initialise_rest(plan, module, loaded)
@@ -546,7 +535,7 @@ def _sharded_report(plan: Plan, module: torch.nn.Module, stats: _RankStats, prec
     """Step 4: the report, with every rank's stats (gathered) and how the target is sharded."""
     import torch.distributed as dist
 
-    ranks = [s.as_dict() for s in _gather_stats(stats)]
+    ranks = [s.as_dict() for s in _gather(stats)]
     report = _final_report(plan, module).replace(precision=precision)
     total = {"bytes_read": stats.bytes, "tensors": stats.tensors, "batches": 1, "load_calls": 0,
              "seconds": round(stats.seconds, 6), "bytes_per_second": stats.bytes / stats.seconds if stats.seconds else None,
@@ -570,14 +559,11 @@ def agree(failure: BaseException | None) -> None:
 
 
 def _raise_gathered(everyone: Sequence[_Outcome], rank: int, *, written: bool = False) -> None:
+    """Raise on every rank when any rank's outcome is a failure: this rank's own error class
+    where it failed (else the first failed rank's), the message naming the ranks that failed."""
     failed = [o for o in everyone if o.error is not None]
-    if failed:
-        mine = next((o for o in failed if o.rank == rank), failed[0])
-        _agree_from(everyone, mine, written=written)
-
-
-def _agree_from(everyone: Sequence[_Outcome], mine: _Outcome, *, written: bool) -> None:
-    failed = [o for o in everyone if o.error is not None]
+    if not failed:
+        return
     world = len(everyone)
     after = "every rank put its module back as it was" if written else "no rank wrote anything"
     if len(failed) == 1:
@@ -586,7 +572,7 @@ def _agree_from(everyone: Sequence[_Outcome], mine: _Outcome, *, written: bool) 
         message = f"{failed[0].message}\n(on every rank of {world}; {after})"
     else:
         message = f"{len(failed)} of {world} ranks failed; {after}:\n" + "\n".join(f"rank {o.rank}: {o.message}" for o in failed)
-    first = mine if mine.error is not None else failed[0]
+    first = next((o for o in failed if o.rank == rank), failed[0])
     if first.error == "KeyboardInterrupt":  # Ctrl-C on a rank: every rank stops as interrupted (exit 130)
         raise KeyboardInterrupt
     cls = getattr(errors, first.error or "", None)
@@ -601,19 +587,6 @@ def agreed(exc: RemapError) -> RemapError:
     """``exc``, marked as raised by every rank alike (the command line prints it on rank 0 only)."""
     exc.agreed = True  # type: ignore[attr-defined]
     return exc
-
-
-def _gather_stats(stats: _RankStats) -> list[_RankStats]:
-    import torch.distributed as dist
-
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, stats)
-    return everyone
-
-
-def _file_order(plan: Plan) -> list[Assignment]:
-    position = {k: n for n, k in enumerate(plan.source.meta)} if plan.source is not None else {}
-    return sorted(plan.assignments, key=lambda a: min((position.get(k, 0) for k in a.sources), default=0))
 
 
 def _shard_device(state: Mapping[str, Any]) -> torch.device:

@@ -15,8 +15,8 @@ Every decision is taken together: the ranks compare what they hold (names, globa
 dtypes, ties) before anything is written, and any rank's failure makes every rank raise the
 same UsageError, with the previous checkpoint left in place and no temporary left behind.
 
->>> holds_dtensors(__import__("torch").nn.Linear(2, 2))
-False
+>>> SAFETENSORS_DTYPES["bfloat16"]
+'BF16'
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from .saving import (
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["save_sharded", "holds_dtensors", "check_sharded_savable", "SAFETENSORS_DTYPES"]
+__all__ = ["save_sharded", "check_sharded_savable", "SAFETENSORS_DTYPES"]
 
 #: torch dtype name -> the dtype string of a safetensors header (the names the safetensors library writes).
 SAFETENSORS_DTYPES = {
@@ -66,16 +66,6 @@ SAFETENSORS_DTYPES = {
     "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ", "complex64": "C64", "uint64": "U64",
     "uint32": "U32", "uint16": "U16",
 }  # fmt: skip
-
-
-def holds_dtensors(module: torch.nn.Module) -> bool:
-    """Whether any parameter or buffer of ``module`` is a DTensor (FSDP2, tensor parallel).
-
-    >>> import torch
-    >>> holds_dtensors(torch.nn.Linear(2, 2))
-    False
-    """
-    return any(map(is_dtensor, module.parameters())) or any(map(is_dtensor, module.buffers()))
 
 
 def check_sharded_savable(path: str | os.PathLike[str], *, fmt: str | None = None, max_shard_size: int | str | None = None,

@@ -368,15 +368,22 @@ def _scan_pickle(data: Any) -> _ScanUnpickler:
 def _storage_itemsize(kind: Any) -> int | None:
     """Bytes per element of a pickled storage class (``torch.FloatStorage`` -> 4), None if unknown."""
     name = getattr(kind, "name", "")
+    if name.startswith("torch.") and name.rpartition(".")[2] == "UntypedStorage":  # torch.UntypedStorage, torch.storage.UntypedStorage
+        return 1
+    dtype = _storage_dtype(kind)
+    return dtype.itemsize if dtype is not None else None
+
+
+def _storage_dtype(kind: Any) -> torch.dtype | None:
+    """The dtype of a pickled typed storage class (``torch.FloatStorage`` -> float32), None if unknown."""
+    name = getattr(kind, "name", "")
     attr = name.rpartition(".")[2]
     if not (name.startswith("torch.") and attr.endswith("Storage")):
         return None
-    if attr == "UntypedStorage":
-        return 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TypedStorage is deprecated
         dtype = getattr(getattr(torch, attr, None), "dtype", None)
-    return dtype.itemsize if isinstance(dtype, torch.dtype) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def _numel(shape: Any) -> int | None:
@@ -760,9 +767,7 @@ class _MetaBuilder:
         if dtype is None:
             if not (isinstance(kind, type) and issubclass(kind, _Named) and kind.name in _PLAIN_STORAGES):
                 raise _NotPlain
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # TypedStorage is deprecated
-                dtype = self.dtypes[kind] = getattr(torch, kind.name.rpartition(".")[2]).dtype
+            dtype = self.dtypes[kind] = _storage_dtype(kind)
         return dtype
 
 
